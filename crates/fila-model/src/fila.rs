@@ -1,0 +1,271 @@
+//! FILA: hybrid encoder → projector → visual tokens spliced into the embedded text of a LLaMA-3.
+//! The loss is the mean next-token cross-entropy over labels that are not −100.
+
+use crate::clip_vit::ClipVisionConfig;
+use crate::convnext::ConvNextConfig;
+use crate::hybrid_encoder::{HybridConfig, HybridEncoder, ImageInput, Trace};
+use crate::llama::{LlamaConfig, LlamaForCausalLM};
+use crate::projector::{Projector, ProjectorKind};
+use crate::weights::{load_module, named_tensors, Checkpoint, KeyMap};
+use crate::ModelError;
+use burn::module::Module;
+use burn::prelude::*;
+use burn::tensor::{activation, TensorData};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Labels equal to this are not scored.
+pub const IGNORE_INDEX: i64 = -100;
+
+/// The whole architecture; saved as `config.json` in FILA checkpoints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilaConfig {
+    pub vision: ClipVisionConfig,
+    pub convnext: ConvNextConfig,
+    #[serde(default)]
+    pub hybrid: HybridConfig,
+    pub projector: ProjectorKind,
+    pub llm: LlamaConfig,
+    /// Token id of the `<image>` placeholder; each occurrence receives one visual token.
+    pub image_token_id: u32,
+}
+
+/// Which ConvNeXt checkpoint naming a folder uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ConvNextLayout {
+    /// `ConvNextModel` / `ConvNextForImageClassification`.
+    #[default]
+    Hf,
+    /// timm / OpenCLIP (`stem.0`, `stages.{i}.blocks.{j}.conv_dw`).
+    Timm,
+}
+
+/// Where the weights of a FILA model come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSource {
+    /// A FILA checkpoint folder (`config.json` + `model.safetensors`).
+    Checkpoint(PathBuf),
+    /// Components from Hugging Face folders (`None`: random initialisation from the config);
+    /// CVFM and projector start fresh.
+    Components { vision: Option<PathBuf>, convnext: Option<PathBuf>, convnext_layout: ConvNextLayout, llm: Option<PathBuf> },
+}
+
+impl FilaConfig {
+    /// Parameter count computed from the config alone.
+    pub fn num_params(&self) -> ParamCounts {
+        let d = self.vision.hidden_size;
+        let cvfm = if self.hybrid.use_convnext {
+            let strides = self.convnext.stage_strides();
+            (0..4)
+                .map(|k| {
+                    let c = self.convnext.hidden_sizes[k];
+                    let r = strides[3] / strides[k];
+                    let align = match self.hybrid.alignment {
+                        crate::cvfm::Alignment::Conv => c * c * r * r + c,
+                        crate::cvfm::Alignment::Pool => 0,
+                    };
+                    align + 2 * d + 2 * c + ((d + c) * d + d) + (d * d + d)
+                })
+                .sum()
+        } else {
+            0
+        };
+        ParamCounts {
+            vit: self.vision.num_params(),
+            convnext: if self.hybrid.use_convnext { self.convnext.num_params() } else { 0 },
+            cvfm,
+            projector: self.projector.num_params(d, self.llm.hidden_size),
+            llm: self.llm.num_params(),
+        }
+    }
+
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Fila<B> {
+        Fila {
+            encoder: self.hybrid.init(&self.vision, &self.convnext, device),
+            projector: self.projector.init(self.vision.hidden_size, self.llm.hidden_size, device),
+            llm: self.llm.init(device),
+            image_token_id: self.image_token_id,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        self.hybrid.validate(&self.vision, &self.convnext)?;
+        if self.image_token_id as usize >= self.llm.vocab_size {
+            return Err(format!("image_token_id {} is outside the vocabulary ({})", self.image_token_id, self.llm.vocab_size));
+        }
+        Ok(())
+    }
+
+    pub fn from_checkpoint_dir(dir: &Path) -> Result<Self, ModelError> {
+        let file = dir.join("config.json");
+        let text = std::fs::read_to_string(&file).map_err(|source| ModelError::Io { path: file.clone(), source })?;
+        serde_json::from_str(&text).map_err(|e| ModelError::Config { path: file, message: e.to_string() })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParamCounts {
+    pub vit: usize,
+    pub convnext: usize,
+    pub cvfm: usize,
+    pub projector: usize,
+    pub llm: usize,
+}
+
+impl ParamCounts {
+    pub fn total(&self) -> usize {
+        self.vit + self.convnext + self.cvfm + self.projector + self.llm
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Fila<B: Backend> {
+    pub encoder: HybridEncoder<B>,
+    pub projector: Projector<B>,
+    pub llm: LlamaForCausalLM<B>,
+    pub image_token_id: u32,
+}
+
+/// One batch as the model takes it: right-padded token ids with `<image>` placeholders, and the
+/// images in the order their placeholders appear (row by row).
+pub struct FilaInput<B: Backend> {
+    /// `[B, T]`.
+    pub input_ids: Tensor<B, 2, Int>,
+    /// `[B, T]`, 1 for tokens and 0 for padding.
+    pub attention_mask: Tensor<B, 2>,
+    /// `[B, T]` aligned with `input_ids` (the shift happens inside the loss), −100 = not scored.
+    pub labels: Option<Tensor<B, 2, Int>>,
+    pub images: Vec<ImageInput<B>>,
+}
+
+pub struct FilaOutput<B: Backend> {
+    pub logits: Tensor<B, 3>,
+    pub loss: Option<Tensor<B, 1>>,
+    /// Number of scored label positions (the loss denominator).
+    pub scored_tokens: usize,
+}
+
+/// FILA checkpoint names: Hugging Face names for the towers and the LLM, our names for the rest.
+pub fn fila_key_map() -> KeyMap {
+    KeyMap {
+        family: "FILA checkpoint",
+        prefixes: vec![""],
+        renames: vec![
+            ("^encoder.vit.", "vision_model."),
+            ("^encoder.convnext.", "convnext."),
+            ("^encoder.cvfm.", "cvfm."),
+            ("^llm.", ""),
+            ("downsampling_layer.norm.", "downsampling_layer.0."),
+            ("downsampling_layer.conv.", "downsampling_layer.1."),
+        ],
+        ignore: vec![],
+        ignore_outside_prefix: false,
+        optional: vec![],
+    }
+}
+
+impl<B: Backend> Fila<B> {
+    /// Builds the model and loads its weights.
+    pub fn load(config: &FilaConfig, source: &ModelSource, device: &B::Device) -> Result<Self, ModelError> {
+        config.validate().map_err(|message| ModelError::Config { path: PathBuf::from("<model config>"), message })?;
+        let mut model = config.init::<B>(device);
+        match source {
+            ModelSource::Checkpoint(dir) => {
+                let checkpoint = Checkpoint::open(dir)?;
+                model = load_module(model, &checkpoint, &fila_key_map())?;
+            }
+            ModelSource::Components { vision, convnext, convnext_layout, llm } => {
+                if let Some(dir) = vision {
+                    model.encoder.vit = load_module(model.encoder.vit, &Checkpoint::open(dir)?, &KeyMap::clip_vision())?;
+                }
+                if let (Some(dir), Some(tower)) = (convnext, model.encoder.convnext.take()) {
+                    let map = match convnext_layout {
+                        ConvNextLayout::Hf => KeyMap::convnext_hf(),
+                        ConvNextLayout::Timm => KeyMap::convnext_timm(),
+                    };
+                    model.encoder.convnext = Some(load_module(tower, &Checkpoint::open(dir)?, &map)?);
+                }
+                if let Some(dir) = llm {
+                    model.llm = load_module(model.llm, &Checkpoint::open(dir)?, &KeyMap::llama(config.llm.tie_word_embeddings))?;
+                }
+            }
+        }
+        Ok(model)
+    }
+
+    /// All parameters under FILA checkpoint names, in PyTorch layout.
+    pub fn named_tensors(&self) -> Vec<(String, TensorData)> {
+        named_tensors::<B, _>(self, &fila_key_map(), "")
+    }
+
+    /// Visual tokens for the images, `[Σ tokens, text_dim]`, and the projector input.
+    pub fn encode_images(&self, images: &[ImageInput<B>], trace: Option<&mut Trace>) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let features = self.encoder.forward(images, trace);
+        (self.projector.forward(features.clone()), features)
+    }
+
+    /// Token embeddings with the visual tokens written over the `<image>` positions.
+    pub fn splice(&self, input_ids: Tensor<B, 2, Int>, visual: Option<Tensor<B, 2>>) -> Tensor<B, 3> {
+        let [b, t] = input_ids.dims();
+        let ids: Vec<i64> = input_ids.to_data().convert::<i64>().to_vec().expect("integer ids");
+        let embeds = self.llm.embed(input_ids);
+        let placeholders: Vec<usize> = ids.iter().enumerate().filter(|(_, &id)| id == self.image_token_id as i64).map(|(i, _)| i).collect();
+        let visual_count = visual.as_ref().map(|v| v.dims()[0]).unwrap_or(0);
+        assert_eq!(
+            placeholders.len(),
+            visual_count,
+            "{} <image> placeholder tokens in the batch but {visual_count} visual tokens from its images",
+            placeholders.len()
+        );
+        let Some(visual) = visual else { return embeds };
+        let d = embeds.dims()[2];
+        // Gather rows from [text; visual]: placeholder i takes visual row k, others keep their own.
+        let mut index: Vec<i64> = (0..(b * t) as i64).collect();
+        for (k, &pos) in placeholders.iter().enumerate() {
+            index[pos] = (b * t + k) as i64;
+        }
+        let device = embeds.device();
+        let table = Tensor::cat(vec![embeds.reshape([b * t, d]), visual], 0);
+        let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [b * t]), &device);
+        table.select(0, index).reshape([b, t, d])
+    }
+
+    pub fn forward(&self, input: FilaInput<B>, trace: Option<&mut Trace>) -> FilaOutput<B> {
+        let visual = if input.images.is_empty() {
+            None
+        } else {
+            Some(self.encode_images(&input.images, trace).0)
+        };
+        let embeds = self.splice(input.input_ids, visual);
+        let logits = self.llm.forward_embeds(embeds, Some(input.attention_mask), false).logits;
+        let (loss, scored_tokens) = match input.labels {
+            Some(labels) => {
+                let (loss, n) = causal_lm_loss(logits.clone(), labels);
+                (Some(loss), n)
+            }
+            None => (None, 0),
+        };
+        FilaOutput { logits, loss, scored_tokens }
+    }
+}
+
+/// Mean cross-entropy of `logits[:, :-1]` against `labels[:, 1:]` over labels ≠ −100.
+/// `logits`: `[B, T, V]`, `labels`: `[B, T]`. Returns the loss `[1]` and the number of scored
+/// tokens (a batch with none gives a loss of 0).
+pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> (Tensor<B, 1>, usize) {
+    let [b, t, v] = logits.dims();
+    let device = logits.device();
+    let targets: Vec<i64> = labels.slice([0..b, 1..t]).to_data().convert::<i64>().to_vec().expect("integer labels");
+    let scored = targets.iter().filter(|&&l| l != IGNORE_INDEX).count();
+    let weights: Vec<f32> = targets.iter().map(|&l| if l == IGNORE_INDEX { 0.0 } else { 1.0 }).collect();
+    let safe: Vec<i64> = targets.iter().map(|&l| if l == IGNORE_INDEX { 0 } else { l }).collect();
+    let n = b * (t - 1);
+    let logp = activation::log_softmax(logits.slice([0..b, 0..t - 1, 0..v]).reshape([n, v]), 1);
+    let index = Tensor::<B, 2, Int>::from_data(TensorData::new(safe, [n, 1]), &device);
+    let picked = logp.gather(1, index).reshape([n]);
+    let weights = Tensor::<B, 1>::from_data(TensorData::new(weights, [n]), &device);
+    let total = (picked * weights).sum().neg();
+    (total / scored.max(1) as f64, scored)
+}

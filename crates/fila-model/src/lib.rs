@@ -1,0 +1,32 @@
+//! The FILA model: a CLIP-ViT + ConvNeXt hybrid vision encoder fused by CVFM, an MLP projector and
+//! a LLaMA-3 language model, with strict loading of Hugging Face safetensors checkpoints.
+//!
+//! The crate holds pure modules and weight I/O only; it knows nothing of data or training.
+
+pub mod clip_vit;
+pub mod config;
+pub mod convnext;
+pub mod cvfm;
+pub mod fila;
+pub mod hybrid_encoder;
+pub mod llama;
+pub mod nn;
+pub mod projector;
+pub mod spec;
+pub mod weights;
+
+use std::path::PathBuf;
+
+/// Errors from reading configs and checkpoints. Each names the file and, where there is one, the
+/// tensor.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("config {path}: {message}")]
+    Config { path: PathBuf, message: String },
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint { path: PathBuf, message: String },
+    #[error("loading {family} weights from {source_desc}:\n{problems}\nhint: {hint}")]
+    Weights { family: String, source_desc: String, problems: String, hint: String },
+}

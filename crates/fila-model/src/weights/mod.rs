@@ -1,0 +1,419 @@
+//! Strict loading and saving of safetensors checkpoints.
+//!
+//! Every model parameter must be found with the right shape, every tensor in the files must be
+//! used or deliberately ignored by the family's [`KeyMap`], and errors name the tensor and the
+//! file. Only safetensors is read (no pickle). Sharded checkpoints are read through
+//! `model.safetensors.index.json`; f32, f16 and bf16 files are converted to the model's float type.
+
+pub mod keys;
+
+pub use keys::KeyMap;
+
+use crate::ModelError;
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::prelude::*;
+use burn::tensor::TensorData;
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+/// One or more memory-mapped safetensors files seen as a single key → tensor map.
+pub struct Checkpoint {
+    files: Vec<(PathBuf, Mmap)>,
+    /// key → index into `files`.
+    index: BTreeMap<String, usize>,
+    description: String,
+}
+
+impl Checkpoint {
+    /// Opens a `.safetensors` file, or a folder with `model.safetensors.index.json` (shards) or
+    /// `model.safetensors`.
+    pub fn open(path: &Path) -> Result<Self, ModelError> {
+        let files: Vec<PathBuf> = if path.is_dir() {
+            let index = path.join("model.safetensors.index.json");
+            let single = path.join("model.safetensors");
+            if index.exists() {
+                let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io { path: index.clone(), source })?;
+                let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Checkpoint {
+                    path: index.clone(),
+                    message: format!("not valid JSON: {e}"),
+                })?;
+                let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::Checkpoint {
+                    path: index.clone(),
+                    message: "no `weight_map` object".into(),
+                })?;
+                let shards: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
+                shards.into_iter().map(|s| path.join(s)).collect()
+            } else if single.exists() {
+                vec![single]
+            } else {
+                let has_bin = path.join("pytorch_model.bin").exists();
+                return Err(ModelError::Checkpoint {
+                    path: path.to_path_buf(),
+                    message: if has_bin {
+                        "only pytorch_model.bin found; FILA loads safetensors only (no pickle). Convert it, or download the `*.safetensors` files of the same repository".into()
+                    } else {
+                        "no model.safetensors or model.safetensors.index.json in this folder".into()
+                    },
+                });
+            }
+        } else {
+            vec![path.to_path_buf()]
+        };
+        let mut mapped = Vec::with_capacity(files.len());
+        let mut index = BTreeMap::new();
+        for (i, file) in files.into_iter().enumerate() {
+            let handle = std::fs::File::open(&file).map_err(|source| ModelError::Io { path: file.clone(), source })?;
+            // SAFETY: checkpoints are read-only inputs; a file changed under the map is a user error
+            // that safetensors' own bounds checks still catch as a parse failure.
+            let mmap = unsafe { Mmap::map(&handle) }.map_err(|source| ModelError::Io { path: file.clone(), source })?;
+            let tensors = SafeTensors::deserialize(&mmap).map_err(|e| ModelError::Checkpoint {
+                path: file.clone(),
+                message: format!("not a valid safetensors file: {e}"),
+            })?;
+            for name in tensors.names() {
+                if let Some(prev) = index.insert(name.to_string(), i) {
+                    return Err(ModelError::Checkpoint {
+                        path: file.clone(),
+                        message: format!("tensor `{name}` also appears in {}", mapped_path(&mapped, prev).display()),
+                    });
+                }
+            }
+            mapped.push((file, mmap));
+        }
+        Ok(Self { files: mapped, index, description: path.display().to_string() })
+    }
+
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(|k| k.as_str())
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        self.index.contains_key(key)
+    }
+
+    /// The file that holds `key`.
+    pub fn file_of(&self, key: &str) -> Option<&Path> {
+        self.index.get(key).map(|&i| self.files[i].0.as_path())
+    }
+
+    /// Shape and f32 values of `key`, converting f16/bf16.
+    pub fn read_f32(&self, key: &str) -> Result<(Vec<usize>, Vec<f32>), ModelError> {
+        let &i = self.index.get(key).ok_or_else(|| ModelError::Checkpoint {
+            path: PathBuf::from(&self.description),
+            message: format!("no tensor `{key}`"),
+        })?;
+        let (path, mmap) = &self.files[i];
+        let tensors = SafeTensors::deserialize(mmap).map_err(|e| ModelError::Checkpoint {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let view = tensors.tensor(key).map_err(|e| ModelError::Checkpoint { path: path.clone(), message: e.to_string() })?;
+        let bytes = view.data();
+        let values: Vec<f32> = match view.dtype() {
+            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::F64 => bytes
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
+                .collect(),
+            other => {
+                return Err(ModelError::Checkpoint {
+                    path: path.clone(),
+                    message: format!("tensor `{key}` has dtype {other:?}; expected a float type (f32, f16, bf16)"),
+                })
+            }
+        };
+        Ok((view.shape().to_vec(), values))
+    }
+
+    /// Reads a tensor as a Burn tensor of rank `D`.
+    pub fn tensor<B: Backend, const D: usize>(&self, key: &str, device: &B::Device) -> Result<Tensor<B, D>, ModelError> {
+        let (shape, values) = self.read_f32(key)?;
+        if shape.len() != D {
+            return Err(ModelError::Checkpoint {
+                path: self.file_of(key).unwrap_or(Path::new("")).to_path_buf(),
+                message: format!("tensor `{key}` has shape {shape:?}, expected rank {D}"),
+            });
+        }
+        Ok(Tensor::from_data(TensorData::new(values, shape), device))
+    }
+}
+
+fn mapped_path(files: &[(PathBuf, Mmap)], i: usize) -> &Path {
+    &files[i].0
+}
+
+/// Walks a module with the path of each parameter (`encoder.layers.3.self_attn.q_proj.weight`)
+/// and whether it is the weight of a Burn `Linear` (stored transposed relative to PyTorch).
+struct PathTracker {
+    stack: Vec<(String, String)>,
+}
+
+impl PathTracker {
+    fn path(&self) -> String {
+        self.stack.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>().join(".")
+    }
+
+    fn is_linear_weight(&self) -> bool {
+        matches!(self.stack.last(), Some((name, container)) if name == "weight" && container == "Struct:Linear")
+    }
+}
+
+struct Loader<'a> {
+    tracker: PathTracker,
+    checkpoint: &'a Checkpoint,
+    map: &'a KeyMap,
+    prefix: String,
+    used: BTreeSet<String>,
+    problems: Vec<String>,
+}
+
+impl<B: Backend> ModuleMapper<B> for Loader<'_> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.tracker.stack.push((name.to_string(), container_type.to_string()));
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.tracker.stack.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let ours = self.tracker.path();
+        let key = format!("{}{}", self.prefix, self.map.file_key(&ours));
+        let transpose = D == 2 && self.tracker.is_linear_weight();
+        let (id, old, mapper) = param.consume();
+        if !self.checkpoint.contains(&key) {
+            if !self.map.is_optional(&ours) {
+                self.problems.push(format!("  missing tensor `{key}` (model parameter `{ours}`)"));
+            }
+            return Param::from_mapped_value(id, old, mapper);
+        }
+        self.used.insert(key.clone());
+        let (mut shape, mut values) = match self.checkpoint.read_f32(&key) {
+            Ok(read) => read,
+            Err(e) => {
+                self.problems.push(format!("  {e}"));
+                return Param::from_mapped_value(id, old, mapper);
+            }
+        };
+        if transpose && shape.len() == 2 {
+            values = transpose_2d(&values, shape[0], shape[1]);
+            shape.swap(0, 1);
+        }
+        let expected = old.dims().to_vec();
+        if shape != expected {
+            let file = self.checkpoint.file_of(&key).map(|p| p.display().to_string()).unwrap_or_default();
+            let (shown, wanted) = if transpose {
+                (vec![shape[1], shape[0]], vec![expected[1], expected[0]])
+            } else {
+                (shape, expected)
+            };
+            self.problems.push(format!("  tensor `{key}` in {file} has shape {shown:?}, the model expects {wanted:?}"));
+            return Param::from_mapped_value(id, old, mapper);
+        }
+        let require_grad = old.is_require_grad();
+        let tensor = Tensor::<B, D>::from_data(TensorData::new(values, shape), &old.device()).set_require_grad(require_grad);
+        Param::from_mapped_value(id, tensor, mapper)
+    }
+}
+
+fn transpose_2d(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = values[r * cols + c];
+        }
+    }
+    out
+}
+
+/// Names of all float parameters of a module, in visiting order, with their shapes.
+struct NameCollector {
+    tracker: PathTracker,
+    names: Vec<(String, Vec<usize>, bool)>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for NameCollector {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.tracker.stack.push((name.to_string(), container_type.to_string()));
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.tracker.stack.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        self.names.push((self.tracker.path(), param.val().dims().to_vec(), D == 2 && self.tracker.is_linear_weight()));
+    }
+}
+
+/// Parameter paths of a module (`layers.0.mlp.fc1.weight`, ...), in visiting order.
+pub fn parameter_paths<B: Backend, M: Module<B>>(module: &M) -> Vec<String> {
+    let mut collector = NameCollector { tracker: PathTracker { stack: Vec::new() }, names: Vec::new() };
+    module.visit(&mut collector);
+    collector.names.into_iter().map(|(n, _, _)| n).collect()
+}
+
+/// Loads every parameter of `module` from `checkpoint` through `map`; fails listing every missing,
+/// wrong-shaped and unused tensor with its file.
+pub fn load_module<B: Backend, M: Module<B>>(module: M, checkpoint: &Checkpoint, map: &KeyMap) -> Result<M, ModelError> {
+    let paths = parameter_paths::<B, M>(&module);
+    let prefix = map.detect_prefix(checkpoint, paths.first().map(String::as_str).unwrap_or(""));
+    let mut loader = Loader {
+        tracker: PathTracker { stack: Vec::new() },
+        checkpoint,
+        map,
+        prefix: prefix.clone(),
+        used: BTreeSet::new(),
+        problems: Vec::new(),
+    };
+    let module = module.map(&mut loader);
+    let mut problems = loader.problems;
+    for key in checkpoint.keys() {
+        if !loader.used.contains(key) && !map.is_ignored(key, &prefix) {
+            let file = checkpoint.file_of(key).map(|p| p.display().to_string()).unwrap_or_default();
+            problems.push(format!("  unused tensor `{key}` in {file}"));
+        }
+    }
+    if problems.is_empty() {
+        return Ok(module);
+    }
+    let shown = problems.len().min(20);
+    let mut text = problems[..shown].join("\n");
+    if problems.len() > shown {
+        text.push_str(&format!("\n  ... and {} more", problems.len() - shown));
+    }
+    Err(ModelError::Weights {
+        family: map.family.to_string(),
+        source_desc: checkpoint.description().to_string(),
+        problems: text,
+        hint: format!(
+            "check that the folder holds a {} checkpoint whose config.json matches the weights (key prefix used: `{prefix}`)",
+            map.family
+        ),
+    })
+}
+
+/// Float parameters of `module` under the checkpoint names of `map`, in PyTorch layout (Linear
+/// weights transposed back to `[out, in]`), ready to be written with [`write_safetensors`].
+pub fn named_tensors<B: Backend, M: Module<B>>(module: &M, map: &KeyMap, prefix: &str) -> Vec<(String, TensorData)> {
+    struct Exporter<'a> {
+        tracker: PathTracker,
+        map: &'a KeyMap,
+        prefix: &'a str,
+        out: Vec<(String, TensorData)>,
+    }
+    impl<B: Backend> ModuleVisitor<B> for Exporter<'_> {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.tracker.stack.push((name.to_string(), container_type.to_string()));
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.tracker.stack.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let key = format!("{}{}", self.prefix, self.map.file_key(&self.tracker.path()));
+            let value = param.val();
+            let data = if D == 2 && self.tracker.is_linear_weight() {
+                value.transpose().into_data()
+            } else {
+                value.into_data()
+            };
+            self.out.push((key, data));
+        }
+    }
+    let mut exporter = Exporter { tracker: PathTracker { stack: Vec::new() }, map, prefix, out: Vec::new() };
+    module.visit(&mut exporter);
+    exporter.out
+}
+
+/// Parameter ids by path, for code that addresses parameters by name (freezing, optimizer groups).
+pub fn parameter_ids<B: Backend, M: Module<B>>(module: &M) -> HashMap<String, ParamId> {
+    struct Ids {
+        tracker: PathTracker,
+        out: HashMap<String, ParamId>,
+    }
+    impl<B: Backend> ModuleVisitor<B> for Ids {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.tracker.stack.push((name.to_string(), container_type.to_string()));
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.tracker.stack.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.out.insert(self.tracker.path(), param.id);
+        }
+    }
+    let mut ids = Ids { tracker: PathTracker { stack: Vec::new() }, out: HashMap::new() };
+    module.visit(&mut ids);
+    ids.out
+}
+
+/// Writes named tensors as one f32 safetensors file (with optional string metadata), through a
+/// temporary file renamed into place so a crash never leaves a truncated file at `path`.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, TensorData)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<(), ModelError> {
+    let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
+    for (name, data) in tensors {
+        let values: Vec<f32> = data.clone().convert::<f32>().to_vec::<f32>().map_err(|e| ModelError::Checkpoint {
+            path: path.to_path_buf(),
+            message: format!("tensor `{name}`: {e:?}"),
+        })?;
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        owned.push((name.clone(), data.shape.to_vec(), bytes));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+        .iter()
+        .map(|(name, shape, bytes)| {
+            let view = safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytes).expect("consistent f32 view");
+            (name.clone(), view)
+        })
+        .collect();
+    let tmp = path.with_extension("safetensors.tmp");
+    safetensors::serialize_to_file(views, metadata, &tmp).map_err(|e| ModelError::Checkpoint {
+        path: tmp.clone(),
+        message: format!("could not write: {e}"),
+    })?;
+    std::fs::rename(&tmp, path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })
+}
+
+/// Gradients of the float parameters of `module` that received one, under checkpoint names.
+pub fn named_gradients<B: burn::tensor::backend::AutodiffBackend, M: Module<B>>(
+    module: &M,
+    grads: &B::Gradients,
+    map: &KeyMap,
+    prefix: &str,
+) -> Vec<(String, TensorData)> {
+    struct Collector<'a, B: burn::tensor::backend::AutodiffBackend> {
+        tracker: PathTracker,
+        grads: &'a B::Gradients,
+        map: &'a KeyMap,
+        prefix: &'a str,
+        out: Vec<(String, TensorData)>,
+    }
+    impl<B: burn::tensor::backend::AutodiffBackend> ModuleVisitor<B> for Collector<'_, B> {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.tracker.stack.push((name.to_string(), container_type.to_string()));
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.tracker.stack.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if let Some(grad) = param.val().grad(self.grads) {
+                let key = format!("{}{}", self.prefix, self.map.file_key(&self.tracker.path()));
+                let data = if D == 2 && self.tracker.is_linear_weight() { grad.transpose().into_data() } else { grad.into_data() };
+                self.out.push((key, data));
+            }
+        }
+    }
+    let mut collector = Collector::<B> { tracker: PathTracker { stack: Vec::new() }, grads, map, prefix, out: Vec::new() };
+    module.visit(&mut collector);
+    collector.out
+}

@@ -1,0 +1,67 @@
+//! Helpers shared by the parity tests: fixture paths, reference tensors, tolerance checks.
+#![allow(dead_code)]
+
+use burn::backend::{Autodiff, Flex};
+use burn::prelude::*;
+use burn::tensor::TensorData;
+use fila_model::weights::Checkpoint;
+use std::path::PathBuf;
+
+pub type Cpu = Flex;
+pub type CpuAutodiff = Autodiff<Flex>;
+
+/// f32 parity tolerance: the fixtures' own f32-vs-f64 error is below 4e-6 (fixtures/README.md).
+pub const TOL: f32 = 1e-4;
+
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+pub struct Reference(Checkpoint);
+
+impl Reference {
+    pub fn open(name: &str) -> Self {
+        Reference(Checkpoint::open(&fixture(name).join("reference.safetensors")).expect("reference file"))
+    }
+
+    pub fn f32(&self, key: &str) -> (Vec<usize>, Vec<f32>) {
+        self.0.read_f32(key).unwrap_or_else(|e| panic!("reference `{key}`: {e}"))
+    }
+
+    pub fn tensor<B: Backend, const D: usize>(&self, key: &str) -> Tensor<B, D> {
+        self.0.tensor::<B, D>(key, &Default::default()).unwrap()
+    }
+
+    /// Integer tensors (ids, masks, labels) are stored as int64.
+    pub fn ints<B: Backend>(&self, key: &str) -> Tensor<B, 2, Int> {
+        let data = self.raw_i64(key);
+        Tensor::from_data(TensorData::new(data.1, data.0), &Default::default())
+    }
+
+    pub fn raw_i64(&self, key: &str) -> (Vec<usize>, Vec<i64>) {
+        let path = fixture_path_of(&self.0);
+        let bytes = std::fs::read(&path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let view = st.tensor(key).unwrap();
+        let values = view.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect();
+        (view.shape().to_vec(), values)
+    }
+
+    pub fn keys(&self) -> Vec<String> {
+        self.0.keys().map(String::from).collect()
+    }
+}
+
+fn fixture_path_of(checkpoint: &Checkpoint) -> PathBuf {
+    PathBuf::from(checkpoint.description())
+}
+
+/// Largest absolute difference; panics naming the tensor if shapes differ or it exceeds `tol`.
+pub fn assert_close(name: &str, actual: TensorData, expected: &(Vec<usize>, Vec<f32>), tol: f32) -> f32 {
+    let shape = actual.shape.to_vec();
+    assert_eq!(shape, expected.0, "{name}: shape");
+    let values: Vec<f32> = actual.convert::<f32>().to_vec().unwrap();
+    let max = values.iter().zip(&expected.1).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(max <= tol, "{name}: max abs error {max:e} > {tol:e}");
+    max
+}

@@ -1,0 +1,174 @@
+//! The whole FILA model on the fixture towers: visual tokens land exactly on the `<image>`
+//! positions (in batch order), the loss is the masked next-token cross-entropy, and a FILA
+//! checkpoint written from the model loads back to the same outputs.
+
+mod common;
+
+use burn::prelude::*;
+use burn::tensor::{Distribution, TensorData};
+use common::*;
+use fila_model::clip_vit::ClipVisionConfig;
+use fila_model::convnext::ConvNextConfig;
+use fila_model::cvfm::TileGrid;
+use fila_model::fila::{causal_lm_loss, ConvNextLayout, Fila, FilaConfig, FilaInput, ModelSource};
+use fila_model::hybrid_encoder::{HybridConfig, ImageInput};
+use fila_model::llama::LlamaConfig;
+use fila_model::projector::ProjectorKind;
+use fila_model::weights::write_safetensors;
+
+const IMG: i64 = 95;
+
+fn config() -> FilaConfig {
+    FilaConfig {
+        vision: ClipVisionConfig::from_hf_file(&fixture("clip")).unwrap(),
+        convnext: ConvNextConfig::from_hf_file(&fixture("convnext")).unwrap(),
+        hybrid: HybridConfig { fusion_layers: vec![1, 2, 3, 4], ..HybridConfig::default() },
+        projector: "mlp2x_gelu".to_string().try_into().unwrap(),
+        llm: LlamaConfig::from_hf_file(&fixture("llama")).unwrap(),
+        image_token_id: IMG as u32,
+    }
+}
+
+fn components() -> ModelSource {
+    ModelSource::Components {
+        vision: Some(fixture("clip")),
+        convnext: Some(fixture("convnext")),
+        convnext_layout: ConvNextLayout::Hf,
+        llm: Some(fixture("llama")),
+    }
+}
+
+fn images() -> Vec<ImageInput<Cpu>> {
+    let device = Default::default();
+    let normal = Distribution::Normal(0.0, 1.0);
+    vec![
+        // Tiled 1×1: global + one tile = 2 views = 32 tokens.
+        ImageInput {
+            views: Tensor::random([2, 3, 56, 56], normal, &device),
+            hires: Some(Tensor::random([1, 3, 128, 128], normal, &device)),
+            grid: TileGrid::tiled(1, 1),
+        },
+        // Stage-1 style: one view = 16 tokens.
+        ImageInput {
+            views: Tensor::random([1, 3, 56, 56], normal, &device),
+            hires: Some(Tensor::random([1, 3, 128, 128], normal, &device)),
+            grid: TileGrid::untiled(),
+        },
+    ]
+}
+
+fn batch() -> (Vec<i64>, Vec<f32>, Vec<i64>, [usize; 2]) {
+    let t = 38;
+    let mut row0 = vec![1, 2];
+    row0.extend(std::iter::repeat(IMG).take(32));
+    row0.extend([3, 4, 5, 6]);
+    let mut row1 = vec![7];
+    row1.extend(std::iter::repeat(IMG).take(16));
+    row1.extend([8, 9, 10]);
+    let valid1 = row1.len();
+    row1.resize(t, 0);
+    let ids: Vec<i64> = row0.iter().chain(&row1).copied().collect();
+    let mask: Vec<f32> = (0..2 * t).map(|i| if i < t || i - t < valid1 { 1.0 } else { 0.0 }).collect();
+    let labels: Vec<i64> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| if id == IMG || mask[i] == 0.0 || i % t < 2 { -100 } else { id })
+        .collect();
+    (ids, mask, labels, [2, t])
+}
+
+fn input(images: Vec<ImageInput<Cpu>>, with_labels: bool) -> FilaInput<Cpu> {
+    let device = Default::default();
+    let (ids, mask, labels, shape) = batch();
+    FilaInput {
+        input_ids: Tensor::from_data(TensorData::new(ids, shape), &device),
+        attention_mask: Tensor::from_data(TensorData::new(mask, shape), &device),
+        labels: with_labels.then(|| Tensor::from_data(TensorData::new(labels, shape), &device)),
+        images,
+    }
+}
+
+#[test]
+fn visual_tokens_replace_placeholders_in_order_and_loss_matches() {
+    let config = config();
+    let model = Fila::<Cpu>::load(&config, &components(), &Default::default()).unwrap();
+    let images = images();
+    let out = model.forward(input(images.clone(), true), None);
+
+    // The same computation by hand: embed text, write visual rows at the placeholder positions.
+    let (visual, _) = model.encode_images(&images, None); // [48, 64]
+    assert_eq!(visual.dims(), [48, 64]);
+    let (ids, mask, labels, [b, t]) = batch();
+    let device = Default::default();
+    let embeds = model.llm.embed(Tensor::from_data(TensorData::new(ids.clone(), [b, t]), &device));
+    let mut rows = Vec::new();
+    let mut k = 0;
+    for (i, &id) in ids.iter().enumerate() {
+        if id == IMG {
+            rows.push(visual.clone().narrow(0, k, 1));
+            k += 1;
+        } else {
+            rows.push(embeds.clone().reshape([b * t, 64]).narrow(0, i, 1));
+        }
+    }
+    let manual = Tensor::cat(rows, 0).reshape([b, t, 64]);
+    let expected = model.llm.forward_embeds(manual, Some(Tensor::from_data(TensorData::new(mask, [b, t]), &device)), false).logits;
+    let expected_data = expected.to_data();
+    assert_close("logits", out.logits.to_data(), &(vec![b, t, 96], expected_data.to_vec().unwrap()), 1e-6);
+
+    let labels = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(labels, [b, t]), &device);
+    let (loss, scored) = causal_lm_loss(expected, labels);
+    // Row 0: positions 34..37 scored (4); row 1: 18..19 (2); position 2 / 1 follow unscored tokens.
+    assert_eq!(out.scored_tokens, scored);
+    assert_eq!(scored, 4 + 2 + 1);
+    let diff = (out.loss.unwrap() - loss).abs().into_scalar();
+    assert!(diff < 1e-6, "{diff}");
+}
+
+#[test]
+#[should_panic(expected = "<image> placeholder tokens in the batch but 16 visual tokens")]
+fn placeholder_count_must_match_the_images() {
+    let model = Fila::<Cpu>::load(&config(), &components(), &Default::default()).unwrap();
+    let mut images = images();
+    images.remove(0);
+    model.forward(input(images, false), None);
+}
+
+#[test]
+fn fila_checkpoint_round_trips() {
+    let config = config();
+    let model = Fila::<Cpu>::load(&config, &components(), &Default::default()).unwrap();
+    let dir = std::env::temp_dir().join(format!("fila-ckpt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    write_safetensors(&dir.join("model.safetensors"), &model.named_tensors(), None).unwrap();
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    let names: Vec<String> = model.named_tensors().into_iter().map(|(n, _)| n).collect();
+    assert!(names.contains(&"vision_model.encoder.layers.0.self_attn.q_proj.weight".to_string()));
+    assert!(names.contains(&"convnext.encoder.stages.1.downsampling_layer.0.weight".to_string()));
+    assert!(names.contains(&"cvfm.3.fc_out.weight".to_string()));
+    assert!(names.contains(&"projector.layers.1.bias".to_string()));
+    assert!(names.contains(&"model.layers.1.mlp.down_proj.weight".to_string()));
+
+    let loaded_config = FilaConfig::from_checkpoint_dir(&dir).unwrap();
+    assert_eq!(loaded_config, config);
+    let loaded = Fila::<Cpu>::load(&loaded_config, &ModelSource::Checkpoint(dir.clone()), &Default::default()).unwrap();
+    let images = images();
+    let a = model.forward(input(images.clone(), false), None).logits;
+    let b = loaded.forward(input(images, false), None).logits;
+    let diff: f32 = (a - b).abs().max().into_scalar();
+    assert_eq!(diff, 0.0);
+    let counts = config.num_params();
+    assert_eq!(counts.total(), names.iter().map(|_| 0).sum::<usize>() + model_param_count(&loaded));
+}
+
+fn model_param_count(model: &Fila<Cpu>) -> usize {
+    use burn::module::Module;
+    model.num_params()
+}
+
+#[test]
+fn projector_names_parse() {
+    assert_eq!(ProjectorKind::try_from("linear".to_string()).unwrap(), ProjectorKind::Linear);
+    assert_eq!(ProjectorKind::try_from("mlp3x_gelu".to_string()).unwrap(), ProjectorKind::Mlp { depth: 3 });
+    assert!(ProjectorKind::try_from("mlp_relu".to_string()).unwrap_err().contains("mlp<N>x_gelu"));
+}

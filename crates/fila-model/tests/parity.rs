@@ -1,0 +1,130 @@
+//! Parity with transformers: tiny random CLIP, ConvNeXt and Llama checkpoints written by
+//! `scripts/gen_parity_fixtures.py`, loaded through the production loader, compared at 1e-4.
+
+mod common;
+
+use burn::prelude::*;
+use common::*;
+use fila_model::clip_vit::ClipVisionConfig;
+use fila_model::convnext::ConvNextConfig;
+use fila_model::fila::causal_lm_loss;
+use fila_model::llama::LlamaConfig;
+use fila_model::weights::{load_module, named_gradients, Checkpoint, KeyMap};
+
+fn check_grads(reference: &Reference, grads: Vec<(String, burn::tensor::TensorData)>, prefix_in_ref: &str) -> usize {
+    let wanted: Vec<String> = reference.keys().into_iter().filter(|k| k.starts_with("grad.") && k != "grad.pixel_values").collect();
+    assert!(!wanted.is_empty());
+    for key in &wanted {
+        let name = &key["grad.".len()..];
+        let ours = name.strip_prefix(prefix_in_ref).unwrap_or(name);
+        let (_, data) = grads.iter().find(|(n, _)| n == ours).unwrap_or_else(|| panic!("no gradient for `{ours}`"));
+        assert_close(key, data.clone(), &reference.f32(key), TOL);
+    }
+    wanted.len()
+}
+
+#[test]
+fn clip_whole_model_hidden_states_pooler_and_gradients() {
+    let dir = fixture("clip");
+    let config = ClipVisionConfig::from_hf_file(&dir).unwrap();
+    assert_eq!((config.hidden_size, config.num_hidden_layers, config.image_size), (32, 5, 56));
+    let vit = load_module(config.init::<CpuAutodiff>(&Default::default()), &Checkpoint::open(&dir).unwrap(), &KeyMap::clip_vision()).unwrap();
+    let reference = Reference::open("clip");
+    let pixels = reference.tensor::<CpuAutodiff, 4>("pixel_values").require_grad();
+    let out = vit.forward(pixels.clone());
+    for (i, h) in out.hidden.iter().enumerate() {
+        assert_close(&format!("hidden.{i}"), h.to_data(), &reference.f32(&format!("hidden.{i}")), TOL);
+    }
+    assert_close("pooler_output", out.pooled.to_data(), &reference.f32("pooler_output"), TOL);
+    let loss = (out.hidden[5].clone() * reference.tensor::<CpuAutodiff, 3>("probe")).sum()
+        + (out.hidden[4].clone() * reference.tensor::<CpuAutodiff, 3>("probe2")).sum();
+    assert_close("loss", loss.to_data(), &reference.f32("loss"), TOL);
+    let grads = loss.backward();
+    assert_close("grad.pixel_values", pixels.grad(&grads).unwrap().into_data(), &reference.f32("grad.pixel_values"), TOL);
+    let n = check_grads(&reference, named_gradients(&vit, &grads, &KeyMap::clip_vision(), ""), "vision_model.");
+    assert_eq!(n, 7);
+}
+
+#[test]
+fn clip_bare_vision_model_with_exact_gelu() {
+    let dir = fixture("clip_gelu");
+    let config = ClipVisionConfig::from_hf_file(&dir).unwrap();
+    assert_eq!(config.hidden_act, fila_model::nn::Activation::Gelu);
+    let vit = load_module(config.init::<Cpu>(&Default::default()), &Checkpoint::open(&dir).unwrap(), &KeyMap::clip_vision()).unwrap();
+    let reference = Reference::open("clip_gelu");
+    let out = vit.forward(reference.tensor("pixel_values"));
+    for i in 0..=2 {
+        assert_close(&format!("hidden.{i}"), out.hidden[i].to_data(), &reference.f32(&format!("hidden.{i}")), TOL);
+    }
+    assert_close("pooler_output", out.pooled.to_data(), &reference.f32("pooler_output"), TOL);
+}
+
+#[test]
+fn convnext_stages_pooler_and_gradients() {
+    let dir = fixture("convnext");
+    let config = ConvNextConfig::from_hf_file(&dir).unwrap();
+    let model = load_module(config.init::<CpuAutodiff>(&Default::default()), &Checkpoint::open(&dir).unwrap(), &KeyMap::convnext_hf()).unwrap();
+    let reference = Reference::open("convnext");
+    let pixels = reference.tensor::<CpuAutodiff, 4>("pixel_values").require_grad();
+    let out = model.forward(pixels.clone());
+    assert_close("stem", out.stem.to_data(), &reference.f32("stem"), TOL);
+    let mut loss = None;
+    for (k, stage) in out.stages.iter().enumerate() {
+        let name = format!("stage.{}", k + 1);
+        assert_close(&name, stage.to_data(), &reference.f32(&name), TOL);
+        let term = (stage.clone() * reference.tensor::<CpuAutodiff, 4>(&format!("probe.{}", k + 1))).sum();
+        loss = Some(match loss { None => term, Some(l) => l + term });
+    }
+    assert_close("pooler_output", model.pool(out.stages[3].clone()).to_data(), &reference.f32("pooler_output"), TOL);
+    let loss = loss.unwrap();
+    assert_close("loss", loss.to_data(), &reference.f32("loss"), TOL);
+    let grads = loss.backward();
+    assert_close("grad.pixel_values", pixels.grad(&grads).unwrap().into_data(), &reference.f32("grad.pixel_values"), TOL);
+    let n = check_grads(&reference, named_gradients(&model, &grads, &KeyMap::convnext_hf(), ""), "convnext.");
+    assert_eq!(n, 7);
+}
+
+#[test]
+fn llama_sharded_gqa_llama3_rope_logits_loss_and_gradients() {
+    let dir = fixture("llama");
+    let config = LlamaConfig::from_hf_file(&dir).unwrap();
+    assert_eq!(config.num_key_value_heads, 2);
+    assert!(matches!(config.rope_scaling, Some(fila_model::llama::RopeScaling::Llama3 { .. })));
+    let llm = load_module(config.init::<CpuAutodiff>(&Default::default()), &Checkpoint::open(&dir).unwrap(), &KeyMap::llama(false)).unwrap();
+    let reference = Reference::open("llama");
+    let ids = reference.ints::<CpuAutodiff>("input_ids");
+    let mask = reference.ints::<CpuAutodiff>("attention_mask").float();
+    let out = llm.forward_embeds(llm.embed(ids), Some(mask), true);
+    // Every position, padded ones included: the padding mask changes those logits.
+    assert_close("logits", out.logits.to_data(), &reference.f32("logits"), TOL);
+    assert_close("hidden.0", out.hidden[0].to_data(), &reference.f32("hidden.0"), TOL);
+    assert_close("hidden.1", out.hidden[1].to_data(), &reference.f32("hidden.1"), TOL);
+    // transformers' last hidden state has the final norm applied.
+    assert_close("hidden.2", llm.model.norm.forward(out.hidden[2].clone()).to_data(), &reference.f32("hidden.2"), TOL);
+    let (loss, scored) = causal_lm_loss(out.logits, reference.ints::<CpuAutodiff>("labels"));
+    assert_eq!(scored, 8 + 4); // labels at positions 4..12 and 4..8, none at position 0
+    assert_close("loss", loss.to_data(), &reference.f32("loss"), TOL);
+    let grads = loss.backward();
+    let n = check_grads(&reference, named_gradients(&llm, &grads, &KeyMap::llama(false), ""), "");
+    assert_eq!(n, 8);
+}
+
+#[test]
+fn llama_tied_output_embedding() {
+    let dir = fixture("llama_tied");
+    let config = LlamaConfig::from_hf_file(&dir).unwrap();
+    assert!(config.tie_word_embeddings);
+    let llm = load_module(config.init::<Cpu>(&Default::default()), &Checkpoint::open(&dir).unwrap(), &KeyMap::llama(true)).unwrap();
+    assert!(llm.lm_head.is_none());
+    let reference = Reference::open("llama_tied");
+    let out = llm.forward_embeds(llm.embed(reference.ints("input_ids")), Some(reference.ints::<Cpu>("attention_mask").float()), false);
+    assert_close("logits", out.logits.to_data(), &reference.f32("logits"), TOL);
+}
+
+#[test]
+fn published_parameter_counts_from_configs() {
+    // Counted by transformers on the meta device from the same configs (scripts/gen_parity_fixtures.py notes).
+    assert_eq!(ClipVisionConfig::vit_large_patch14_336().num_params(), 303_507_456);
+    assert_eq!(ConvNextConfig::large().num_params(), 196_230_336);
+    assert_eq!(LlamaConfig::llama3_8b().num_params(), 8_030_261_248);
+}
