@@ -1,0 +1,400 @@
+//! The `[data]` section of the trainer's TOML: sources, geometry, normalisation, text template
+//! and loader settings. Unknown keys are rejected; every default is written out here.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{DataError, Result};
+
+/// CLIP's pixel mean and std (also OpenCLIP ConvNeXt's).
+pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+#[allow(clippy::excessive_precision)] // as published; f32 rounds the last digit
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+/// ImageNet's pixel mean and std (`facebook/convnext-*`).
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// `[[data.sources]]`: one entry per JSON/JSONL file.
+    pub sources: Vec<SourceConfig>,
+    /// Path of a Hugging Face `tokenizer.json`.
+    pub tokenizer: PathBuf,
+    #[serde(default)]
+    pub template: TemplateKind,
+    /// `square` (stage 1: pad to square, no tiling) or `tiled` (stage 2: dynamic tiling).
+    #[serde(default)]
+    pub image_mode: ImageMode,
+    #[serde(default)]
+    pub geometry: GeometryConfig,
+    /// Normalisation of the ViT input (tiles and global view).
+    #[serde(default = "Normalization::clip")]
+    pub vit_norm: Normalization,
+    /// Normalisation of the ConvNeXt (high-resolution) input.
+    #[serde(default = "Normalization::clip")]
+    pub hires_norm: Normalization,
+    /// Fill of the stage-1 square padding; default LLaVA's `int(255 * vit_norm.mean)`.
+    #[serde(default)]
+    pub square_pad_color: Option<[u8; 3]>,
+    /// Fill around the resized image on a stage-2 canvas; LLaVA-NeXT pads with black.
+    #[serde(default)]
+    pub canvas_pad_color: [u8; 3],
+    /// Images with more pixels are bad records (PIL's decompression-bomb threshold by default).
+    #[serde(default = "default_max_image_pixels")]
+    pub max_image_pixels: u64,
+    /// Longest token sequence; longer samples are truncated, never through visual tokens.
+    #[serde(default = "default_max_len")]
+    pub max_len: usize,
+    /// Text marking where an image's visual tokens go.
+    #[serde(default = "default_image_marker")]
+    pub image_marker: String,
+    /// Id written at every visual-token position. Default: the tokenizer's id for `image_marker`.
+    #[serde(default)]
+    pub image_token_id: Option<i64>,
+    /// Id used to right-pad `input_ids` (masked by the attention mask and labels).
+    #[serde(default)]
+    pub pad_token_id: i64,
+    /// Begin-of-sequence token put first by both templates; "" for none.
+    #[serde(default = "default_bos")]
+    pub bos_token: String,
+    /// Token closing the caption in the `plain` template.
+    #[serde(default = "default_plain_end")]
+    pub plain_end_token: String,
+    /// Optional system prompt of the `llama3` template (not supervised).
+    #[serde(default)]
+    pub system_prompt: Option<String>,
+    #[serde(default)]
+    pub on_bad_record: OnBadRecord,
+    /// Bad-record examples kept per reason.
+    #[serde(default = "default_bad_examples")]
+    pub bad_examples: usize,
+    #[serde(default)]
+    pub loader: LoaderConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// LLaVA JSON list (`.json`) or one record per line (`.jsonl`).
+    pub path: PathBuf,
+    /// Folder the records' `image` paths are relative to; they may not leave it.
+    pub image_folder: PathBuf,
+    /// Keep only the first N records.
+    #[serde(default)]
+    pub first: Option<usize>,
+    /// Keep N records drawn at random (seeded by `seed`), in file order.
+    #[serde(default)]
+    pub random: Option<usize>,
+    /// Keep this percentage of records drawn at random (seeded by `seed`), in file order.
+    #[serde(default)]
+    pub percent: Option<f64>,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+/// How many records of a source are used.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Sampling {
+    All,
+    First(usize),
+    Random { count: usize, seed: u64 },
+    Percent { percent: f64, seed: u64 },
+}
+
+impl SourceConfig {
+    pub fn sampling(&self) -> std::result::Result<Sampling, String> {
+        match (self.first, self.random, self.percent) {
+            (None, None, None) => Ok(Sampling::All),
+            (Some(n), None, None) => Ok(Sampling::First(n)),
+            (None, Some(n), None) => Ok(Sampling::Random {
+                count: n,
+                seed: self.seed,
+            }),
+            (None, None, Some(p)) if (0.0..=100.0).contains(&p) => Ok(Sampling::Percent {
+                percent: p,
+                seed: self.seed,
+            }),
+            (None, None, Some(p)) => Err(format!("percent = {p} is outside 0..=100")),
+            _ => Err("set at most one of `first`, `random`, `percent`".into()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TemplateKind {
+    /// Stage 1: visual tokens, caption, end token; loss on caption and end token.
+    #[default]
+    Plain,
+    /// Stage 2: Llama-3 chat; loss on assistant content and its `<|eot_id|>`.
+    Llama3,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageMode {
+    #[default]
+    Square,
+    Tiled,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnBadRecord {
+    #[default]
+    Skip,
+    Error,
+}
+
+/// Image geometry in pixels and tiles; the real model's values are the defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GeometryConfig {
+    /// Side of a ViT tile (and of the global view).
+    #[serde(default = "default_tile")]
+    pub tile_size: u32,
+    #[serde(default = "default_patch")]
+    pub patch_size: u32,
+    /// ConvNeXt pixels per ViT pixel as [numerator, denominator]: its stride-32 map then lands on
+    /// the ViT's patch-14 grid.
+    #[serde(default = "default_hires_factor")]
+    pub hires_factor: [u32; 2],
+    /// Stage-1 ViT input side.
+    #[serde(default = "default_tile")]
+    pub square_vit_size: u32,
+    /// Stage-1 ConvNeXt input side.
+    #[serde(default = "default_square_hires")]
+    pub square_hires_size: u32,
+    /// Stage-2 canvases as [columns, rows] in tiles (w × h).
+    #[serde(default = "default_canvases")]
+    pub canvases: Vec<[u32; 2]>,
+}
+
+impl Default for GeometryConfig {
+    fn default() -> Self {
+        Self {
+            tile_size: default_tile(),
+            patch_size: default_patch(),
+            hires_factor: default_hires_factor(),
+            square_vit_size: default_tile(),
+            square_hires_size: default_square_hires(),
+            canvases: default_canvases(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Normalization {
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Normalization {
+    pub fn clip() -> Self {
+        Self {
+            mean: CLIP_MEAN,
+            std: CLIP_STD,
+        }
+    }
+    pub fn imagenet() -> Self {
+        Self {
+            mean: IMAGENET_MEAN,
+            std: IMAGENET_STD,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoaderConfig {
+    /// Samples per batch on each rank.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// Seed of the per-epoch permutation.
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "default_true")]
+    pub shuffle: bool,
+    /// Preprocessing threads; 0 = all cores.
+    #[serde(default)]
+    pub workers: usize,
+    /// Batches prepared ahead of the training step.
+    #[serde(default = "default_prefetch")]
+    pub prefetch_batches: usize,
+    /// Drop an epoch's last, smaller batch.
+    #[serde(default)]
+    pub drop_last: bool,
+    /// Cut each epoch to a multiple of the world size so every rank sees as many records.
+    #[serde(default = "default_true")]
+    pub even_shards: bool,
+}
+
+impl Default for LoaderConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: default_batch(),
+            seed: 0,
+            shuffle: true,
+            workers: 0,
+            prefetch_batches: default_prefetch(),
+            drop_last: false,
+            even_shards: true,
+        }
+    }
+}
+
+fn default_tile() -> u32 {
+    336
+}
+fn default_patch() -> u32 {
+    14
+}
+fn default_hires_factor() -> [u32; 2] {
+    [32, 14]
+}
+fn default_square_hires() -> u32 {
+    768
+}
+fn default_canvases() -> Vec<[u32; 2]> {
+    vec![[1, 2], [2, 1], [2, 2], [3, 1], [1, 3]]
+}
+fn default_max_image_pixels() -> u64 {
+    89_478_485
+}
+fn default_max_len() -> usize {
+    2048
+}
+fn default_image_marker() -> String {
+    "<image>".into()
+}
+fn default_bos() -> String {
+    "<|begin_of_text|>".into()
+}
+fn default_plain_end() -> String {
+    "<|end_of_text|>".into()
+}
+fn default_bad_examples() -> usize {
+    5
+}
+fn default_batch() -> usize {
+    8
+}
+fn default_prefetch() -> usize {
+    4
+}
+fn default_true() -> bool {
+    true
+}
+
+impl DataConfig {
+    /// Reads the `[data]` table of a TOML file, ignoring its other tables. Relative paths in it are
+    /// resolved against the file's folder.
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
+        let mut cfg = Self::from_toml_str(&text, path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        cfg.resolve_paths(base);
+        Ok(cfg)
+    }
+
+    /// Parses the `[data]` table of TOML text; `file` only names the source in errors.
+    pub fn from_toml_str(text: &str, file: &Path) -> Result<Self> {
+        let config_error = |message: String, hint: &str| DataError::Config {
+            file: file.to_path_buf(),
+            message,
+            hint: hint.into(),
+        };
+        let mut doc: toml::Table = toml::from_str(text).map_err(|e| {
+            config_error(e.to_string(), "fix the TOML syntax at the position shown")
+        })?;
+        let data = doc
+            .remove("data")
+            .ok_or_else(|| config_error("no [data] table".into(), "add a [data] section"))?;
+        let cfg: DataConfig = data.try_into().map_err(|e: toml::de::Error| {
+            config_error(
+                format!("in [data]: {}", e.message()),
+                "check the key names and types against docs/data.md",
+            )
+        })?;
+        cfg.validate()
+            .map_err(|m| config_error(format!("in [data]: {m}"), "see docs/data.md"))?;
+        Ok(cfg)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let join = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        join(&mut self.tokenizer);
+        for s in &mut self.sources {
+            join(&mut s.path);
+            join(&mut s.image_folder);
+        }
+    }
+
+    /// Checks values serde cannot: geometry divisibility, sampling rules, non-empty lists.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.sources.is_empty() {
+            return Err("`sources` is empty: add at least one [[data.sources]]".into());
+        }
+        for (i, s) in self.sources.iter().enumerate() {
+            s.sampling().map_err(|m| format!("sources[{i}]: {m}"))?;
+        }
+        let g = &self.geometry;
+        let [num, den] = g.hires_factor;
+        if g.patch_size == 0 || num == 0 || den == 0 {
+            return Err("geometry: patch_size and hires_factor must be positive".into());
+        }
+        if g.tile_size == 0 || !g.tile_size.is_multiple_of(g.patch_size) {
+            return Err(format!(
+                "geometry.tile_size = {} is not a positive multiple of patch_size = {}",
+                g.tile_size, g.patch_size
+            ));
+        }
+        if !(g.tile_size * num).is_multiple_of(den) {
+            return Err(format!(
+                "geometry.tile_size = {} × {num}/{den} is not an integer",
+                g.tile_size
+            ));
+        }
+        if !g.square_vit_size.is_multiple_of(g.patch_size)
+            || g.square_vit_size as u64 * num as u64 != g.square_hires_size as u64 * den as u64
+        {
+            return Err(format!(
+                "geometry: square_hires_size = {} must equal square_vit_size = {} × {num}/{den}, \
+                 and square_vit_size must be a multiple of patch_size",
+                g.square_hires_size, g.square_vit_size
+            ));
+        }
+        if g.canvases.is_empty() || g.canvases.iter().any(|c| c[0] == 0 || c[1] == 0) {
+            return Err("geometry.canvases must be a non-empty list of [columns, rows] ≥ 1".into());
+        }
+        if self.loader.batch_size == 0 {
+            return Err("loader.batch_size must be ≥ 1".into());
+        }
+        if self.max_len == 0 {
+            return Err("max_len must be ≥ 1".into());
+        }
+        if self.image_marker.is_empty() {
+            return Err("image_marker must not be empty".into());
+        }
+        Ok(())
+    }
+
+    /// Fill of the stage-1 square padding: LLaVA's `tuple(int(x * 255) for x in image_mean)`.
+    pub fn square_fill(&self) -> [u8; 3] {
+        self.square_pad_color.unwrap_or_else(|| {
+            let m = self.vit_norm.mean;
+            [
+                (m[0] * 255.0) as u8,
+                (m[1] * 255.0) as u8,
+                (m[2] * 255.0) as u8,
+            ]
+        })
+    }
+}
