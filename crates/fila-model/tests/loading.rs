@@ -112,3 +112,77 @@ fn pickle_only_folder_is_refused_with_a_hint() {
     let err = Checkpoint::open(&dir).err().unwrap().to_string();
     assert!(err.contains("safetensors only"), "{err}");
 }
+
+/// HF ConvNeXt names → timm / OpenCLIP names, written out independently of `KeyMap::convnext_timm`.
+fn timm_name(hf: &str) -> Option<String> {
+    let k = hf.strip_prefix("convnext.")?;
+    if k.starts_with("layernorm.") {
+        return Some(format!("visual.trunk.head.norm.{}", &k["layernorm.".len()..]));
+    }
+    let k = k
+        .replace("embeddings.patch_embeddings.", "stem.0.")
+        .replace("embeddings.layernorm.", "stem.1.")
+        .replace("encoder.stages.", "stages.")
+        .replace("downsampling_layer.", "downsample.")
+        .replace(".layers.", ".blocks.")
+        .replace(".dwconv.", ".conv_dw.")
+        .replace(".layernorm.", ".norm.")
+        .replace(".pwconv1.", ".mlp.fc1.")
+        .replace(".pwconv2.", ".mlp.fc2.")
+        .replace(".layer_scale_parameter", ".gamma");
+    Some(format!("visual.trunk.{k}"))
+}
+
+#[test]
+fn openclip_convnext_names_load_to_the_same_network() {
+    use burn::tensor::TensorData;
+    use fila_model::convnext::ConvNextConfig;
+    let bytes = std::fs::read(fixture("convnext").join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        // The classifier has no counterpart in a headless trunk; an OpenCLIP text tower is ignored.
+        if let Some(timm) = timm_name(&name) {
+            owned.push((timm, view.dtype(), view.shape().to_vec(), view.data().to_vec()));
+        }
+    }
+    owned.push(("text.token_embedding.weight".into(), Dtype::F32, vec![2], vec![0; 8]));
+    let views: Vec<(String, TensorView)> = owned.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    let dir = temp_dir("timm");
+    std::fs::create_dir_all(&dir).unwrap();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+
+    let config = ConvNextConfig::from_hf_file(&fixture("convnext")).unwrap();
+    let model = load_module(config.init::<Cpu>(&Default::default()), &Checkpoint::open(&dir).unwrap(), &KeyMap::convnext_timm()).unwrap();
+    let reference = Reference::open("convnext");
+    let out = model.forward(reference.tensor("pixel_values"));
+    assert_close("stage.4", out.stages[3].to_data(), &reference.f32("stage.4"), TOL);
+    let pooled: TensorData = model.pool(out.stages[3].clone()).into_data();
+    assert_close("pooler_output", pooled, &reference.f32("pooler_output"), TOL);
+}
+
+#[test]
+fn model_spec_rejects_unknown_inline_keys_and_resolves_folders() {
+    use fila_model::spec::ModelSpec;
+    let spec: ModelSpec = serde_json::from_value(serde_json::json!({
+        "vision": { "hidden_size": 32, "num_hiden_layers": 2 },
+        "convnext": fixture("convnext"),
+        "llm": fixture("llama"),
+        "image_token_id": 5,
+    }))
+    .unwrap();
+    let err = spec.resolve(std::path::Path::new(".")).unwrap_err().to_string();
+    assert!(err.contains("unknown key `model.vision.num_hiden_layers`"), "{err}");
+
+    let spec: ModelSpec = serde_json::from_value(serde_json::json!({
+        "vision": "clip",
+        "convnext": "convnext",
+        "llm": "llama",
+        "image_token_id": 5,
+        "hybrid": { "fusion_layers": [1, 2, 3, 4] },
+    }))
+    .unwrap();
+    let (config, _) = spec.resolve(&fixture("")).unwrap();
+    assert_eq!((config.vision.num_hidden_layers, config.llm.num_key_value_heads, config.convnext.hidden_sizes[3]), (5, 2, 32));
+    assert_eq!(config.projector.to_string(), "mlp2x_gelu");
+}
