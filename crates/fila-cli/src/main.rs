@@ -2,9 +2,11 @@
 //! dataset checks and inspection, and speed benchmarks.
 
 mod bench;
+mod forward;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(name = "fila", version, about = "FILA model and data tools")]
@@ -15,6 +17,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the model on an image and a prompt; write named intermediate tensors (safetensors).
+    Forward {
+        /// Run config with `[model]` and `[data]` tables (tokenizer, geometry, normalisation).
+        #[arg(long)]
+        config: PathBuf,
+        /// Image file; without it the language model runs alone on the prompt.
+        #[arg(long)]
+        image: Option<PathBuf>,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value = "forward.safetensors")]
+        out: PathBuf,
+    },
+    /// Dataset tools.
+    #[command(subcommand)]
+    Data(DataCommand),
     /// Forward+backward time per sample on random weights (CPU unless built with `cuda`).
     Bench {
         #[arg(long, value_enum, default_value = "tiny")]
@@ -29,9 +47,41 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Scan the whole dataset: good and bad records by reason, token-length statistics.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Show how one record is tiled and tokenised; `--out` writes its tensors.
+    Inspect {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        index: usize,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Forward { config, image, prompt, out } => forward::run(&config, image.as_deref(), &prompt, &out)?,
+        Command::Data(DataCommand::Check { config }) => {
+            let (pipeline, records) = fila_data::Pipeline::open(&config)?;
+            println!("{}", fila_data::check(&pipeline, &records));
+        }
+        Command::Data(DataCommand::Inspect { config, index, out }) => {
+            let (pipeline, records) = fila_data::Pipeline::open(&config)?;
+            let inspection = fila_data::inspect(&pipeline, &records, index)?;
+            println!("{inspection}");
+            if let Some(out) = out {
+                inspection.write_safetensors(&out)?;
+                println!("wrote {}", out.display());
+            }
+        }
         Command::Bench { size, batch, steps, device } => {
             if device == "cpu" {
                 bench::run::<burn::backend::Autodiff<burn::backend::Flex>>(size, batch, steps, &Default::default());
