@@ -4,7 +4,7 @@
 use crate::clip_vit::ClipVisionConfig;
 use crate::convnext::ConvNextConfig;
 use crate::hybrid_encoder::{HybridConfig, HybridEncoder, ImageInput, Trace};
-use crate::llama::{LlamaConfig, LlamaForCausalLM};
+use crate::llama::{KvCache, LlamaConfig, LlamaForCausalLM};
 use crate::projector::{Projector, ProjectorKind};
 use crate::weights::{load_module, named_tensors, Checkpoint, KeyMap};
 use crate::ModelError;
@@ -230,6 +230,29 @@ impl<B: Backend> Fila<B> {
         let table = Tensor::cat(vec![embeds.reshape([b * t, d]), visual], 0);
         let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [b * t]), &device);
         table.select(0, index).reshape([b, t, d])
+    }
+
+    /// Greedy decoding with a KV cache for one prompt (`input_ids` `[1, T]` with its images):
+    /// returns the generated ids, stopping after a stop id (included) or `max_new_tokens`.
+    pub fn generate(&self, input_ids: Tensor<B, 2, Int>, images: &[ImageInput<B>], max_new_tokens: usize, stop_ids: &[i64]) -> Vec<i64> {
+        let visual = (!images.is_empty()).then(|| self.encode_images(images, None).0);
+        let embeds = self.splice(input_ids, visual);
+        let device = embeds.device();
+        let mut cache = KvCache::new(self.llm.model.layers.len());
+        let mut logits = self.llm.forward_cached(embeds, &mut cache);
+        let mut out = Vec::new();
+        for _ in 0..max_new_tokens {
+            let [_, t, v] = logits.dims();
+            let last = logits.slice([0..1, t - 1..t, 0..v]).reshape([v]);
+            let next = last.argmax(0).into_scalar().elem::<i64>();
+            out.push(next);
+            if stop_ids.contains(&next) {
+                break;
+            }
+            let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![next], [1, 1]), &device);
+            logits = self.llm.forward_cached(self.llm.embed(ids), &mut cache);
+        }
+        out
     }
 
     pub fn forward(&self, input: FilaInput<B>, trace: Option<&mut Trace>) -> FilaOutput<B> {

@@ -284,14 +284,53 @@ pub struct LlamaAttention<B: Backend> {
     pub num_kv_heads: usize,
 }
 
+/// Keys and values of the positions seen so far, one entry per layer (after RoPE, before the
+/// grouped-query repeat): `[B, Hkv, T_seen, hd]`.
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    len: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(num_layers: usize) -> Self {
+        Self { layers: vec![None; num_layers], len: 0 }
+    }
+
+    /// Positions already in the cache.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 impl<B: Backend> LlamaAttention<B> {
-    /// `x`: `[B, T, D]`, `bias`: additive mask `[B, 1, T, T]` → `[B, T, D]`.
-    pub fn forward(&self, x: Tensor<B, 3>, cos: Tensor<B, 4>, sin: Tensor<B, 4>, bias: Tensor<B, 4>) -> Tensor<B, 3> {
+    /// `x`: `[B, T, D]`, `bias`: additive mask `[B, 1, T, T_cache + T]` → `[B, T, D]`. With a cache
+    /// entry, the new keys/values are appended to it and attention covers all cached positions.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        cos: Tensor<B, 4>,
+        sin: Tensor<B, 4>,
+        bias: Tensor<B, 4>,
+        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    ) -> Tensor<B, 3> {
         let q = split_heads(self.q_proj.forward(x.clone()), self.num_heads);
         let k = split_heads(self.k_proj.forward(x.clone()), self.num_kv_heads);
         let v = split_heads(self.v_proj.forward(x), self.num_kv_heads);
         let q = apply_rope(q, cos.clone(), sin.clone());
-        let k = apply_rope(k, cos, sin);
+        let mut k = apply_rope(k, cos, sin);
+        let mut v = v;
+        if let Some(entry) = cache {
+            if let Some((k_old, v_old)) = entry.take() {
+                k = Tensor::cat(vec![k_old, k], 2);
+                v = Tensor::cat(vec![v_old, v], 2);
+            }
+            *entry = Some((k.clone(), v.clone()));
+        }
         let k = repeat_kv(k, self.num_heads / self.num_kv_heads);
         let v = repeat_kv(v, self.num_heads / self.num_kv_heads);
         self.o_proj.forward(merge_heads(attention(q, k, v, Some(bias))))
@@ -328,6 +367,20 @@ pub struct LlamaDecoderLayer<B: Backend> {
     pub mlp: LlamaMlp<B>,
     pub input_layernorm: RmsNorm<B>,
     pub post_attention_layernorm: RmsNorm<B>,
+}
+
+impl<B: Backend> LlamaDecoderLayer<B> {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        cos: Tensor<B, 4>,
+        sin: Tensor<B, 4>,
+        bias: Tensor<B, 4>,
+        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    ) -> Tensor<B, 3> {
+        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, bias, cache);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
 }
 
 #[derive(Module, Debug)]
@@ -388,15 +441,34 @@ impl<B: Backend> LlamaForCausalLM<B> {
             if keep_hidden {
                 hidden.push(x.clone());
             }
-            let h = x.clone()
-                + layer.self_attn.forward(layer.input_layernorm.forward(x), cos.clone(), sin.clone(), bias.clone());
-            x = h.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(h));
+            x = layer.forward(x, cos.clone(), sin.clone(), bias.clone(), None);
         }
         if keep_hidden {
             hidden.push(x.clone());
         }
         let logits = self.logits(self.model.norm.forward(x));
         LlamaOutput { hidden, logits }
+    }
+
+    /// Incremental decoding: runs `embeds` (`[B, T, D]`, no padding) at the positions after those
+    /// already in `cache`, appends their keys/values, and returns their logits `[B, T, vocab]`.
+    pub fn forward_cached(&self, embeds: Tensor<B, 3>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
+        let [b, t, _] = embeds.dims();
+        let device = embeds.device();
+        let past = cache.len;
+        let (cos, sin) = rope_tables::<B>(&self.inv_freq, past, t, &device);
+        // Query i (absolute position past+i) sees keys 0..=past+i.
+        let total = past + t;
+        let mask: Vec<f32> = (0..t * total)
+            .map(|n| if n % total > past + n / total { f32::NEG_INFINITY } else { 0.0 })
+            .collect();
+        let bias = Tensor::<B, 4>::from_data(TensorData::new(mask, [1, 1, t, total]), &device).expand([b, 1, t, total]);
+        let mut x = embeds;
+        for (layer, entry) in self.model.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward(x, cos.clone(), sin.clone(), bias.clone(), Some(entry));
+        }
+        cache.len = total;
+        self.logits(self.model.norm.forward(x))
     }
 
     /// Output projection; with tied embeddings it reuses `embed_tokens.weight` (`[V, D]`).

@@ -128,3 +128,27 @@ fn published_parameter_counts_from_configs() {
     assert_eq!(ConvNextConfig::large().num_params(), 196_230_336);
     assert_eq!(LlamaConfig::llama3_8b().num_params(), 8_030_261_248);
 }
+
+#[test]
+fn kv_cache_decoding_matches_the_full_forward() {
+    let dir = fixture("llama");
+    let config = LlamaConfig::from_hf_file(&dir).unwrap();
+    let llm = load_module(config.init::<Cpu>(&Default::default()), &Checkpoint::open(&dir).unwrap(), &KeyMap::llama(false)).unwrap();
+    let reference = Reference::open("llama");
+    let ids = reference.ints::<Cpu>("input_ids").narrow(0, 0, 1); // row 0 has no padding
+    let full = llm.forward_embeds(llm.embed(ids.clone()), None, false).logits; // [1, 12, V]
+    let mut cache = fila_model::llama::KvCache::new(config.num_hidden_layers);
+    let prefill = llm.forward_cached(llm.embed(ids.clone().narrow(1, 0, 5)), &mut cache);
+    let mut pieces = vec![prefill];
+    for t in 5..12 {
+        pieces.push(llm.forward_cached(llm.embed(ids.clone().narrow(1, t, 1)), &mut cache));
+    }
+    assert_eq!(cache.len(), 12);
+    let stepped = Tensor::cat(pieces, 1);
+    let diff: f32 = (stepped - full.clone()).abs().max().into_scalar();
+    assert!(diff < 1e-5, "cached decoding differs by {diff}");
+    assert_close("logits row 0", full.to_data(), &{
+        let (shape, values) = reference.f32("logits");
+        (vec![1, shape[1], shape[2]], values[..shape[1] * shape[2]].to_vec())
+    }, TOL);
+}
