@@ -3,6 +3,7 @@
 
 mod bench;
 mod forward;
+mod infer;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -29,6 +30,39 @@ enum Command {
         prompt: String,
         #[arg(long, default_value = "forward.safetensors")]
         out: PathBuf,
+    },
+    /// Answer a question about an image with a trained checkpoint (greedy decoding).
+    Generate {
+        /// FILA checkpoint folder (a run's `final/`).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long)]
+        image: Option<PathBuf>,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// Run config whose `[data]` table gives template and geometry (default: the checkpoint's data.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Exact-match accuracy per question type on a LLaVA-format file; writes a JSON report.
+    Eval {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// LLaVA JSON/JSONL records; the first question and answer of each are scored.
+        #[arg(long)]
+        data: PathBuf,
+        /// Folder the records' image paths are relative to (default: `images/` beside the data file).
+        #[arg(long)]
+        images: Option<PathBuf>,
+        /// JSON report path (default: `<checkpoint>/eval-<split>.json`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long, default_value_t = 16)]
+        max_new_tokens: usize,
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Dataset tools.
     #[command(subcommand)]
@@ -69,6 +103,20 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Forward { config, image, prompt, out } => forward::run(&config, image.as_deref(), &prompt, &out)?,
+        Command::Generate { checkpoint, image, prompt, max_new_tokens, config } => {
+            let inference = infer::Inference::open(&checkpoint, config.as_deref())?;
+            let image = image.map(|p| inference.load_image(&p)).transpose()?;
+            println!("{}", inference.answer(image.as_ref(), &prompt, max_new_tokens)?);
+        }
+        Command::Eval { checkpoint, data, images, out, max_new_tokens, config } => {
+            let inference = infer::Inference::open(&checkpoint, config.as_deref())?;
+            let images = images.unwrap_or_else(|| data.parent().unwrap_or(std::path::Path::new(".")).join("images"));
+            let report = infer::evaluate(&inference, &checkpoint, &data, &images, max_new_tokens)?;
+            print!("{report}");
+            let out = out.unwrap_or_else(|| checkpoint.join(format!("eval-{}.json", report.split)));
+            std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
+            println!("wrote {}", out.display());
+        }
         Command::Data(DataCommand::Check { config }) => {
             let (pipeline, records) = fila_data::Pipeline::open(&config)?;
             println!("{}", fila_data::check(&pipeline, &records));
