@@ -10,7 +10,6 @@ use anyhow::{Context, Result};
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use fila_data::{DataConfig, ImageViews, TextEncoder};
-use fila_model::cvfm::TileGrid;
 use fila_model::fila::Fila;
 use fila_model::hybrid_encoder::{ImageInput, Trace};
 use fila_model::spec::ModelSpec;
@@ -32,31 +31,15 @@ pub fn read_model_spec(path: &Path) -> Result<ModelSpec> {
 
 /// One preprocessed image as the model takes it.
 pub fn image_input(image: &ImageViews, device: &burn::tensor::Device<B>) -> ImageInput<B> {
-    let views = Tensor::from_data(TensorData::new(image.views.data.clone(), image.views.shape.clone()), device);
-    let mut hires_shape = vec![1];
-    hires_shape.extend(&image.hires.shape);
-    let hires = Tensor::from_data(TensorData::new(image.hires.data.clone(), hires_shape), device);
-    let grid = match image.grid {
-        Some(g) => TileGrid::tiled(g.rows as usize, g.cols as usize),
-        None => TileGrid::untiled(),
-    };
-    ImageInput { views, hires: Some(hires), grid }
+    let s = &image.views.shape;
+    fila_train::batch::image_input(&image.views.data, [s[0], s[1], s[2], s[3]], &image.hires, image.grid, device)
 }
 
 pub fn run(config_path: &Path, image: Option<&Path>, prompt: &str, out: &Path) -> Result<()> {
     let base = config_path.parent().unwrap_or(Path::new("."));
     let (config, source) = read_model_spec(config_path)?.resolve(base)?;
     let data = DataConfig::from_toml_file(config_path)?;
-    if data.geometry.tile_size as usize != config.vision.image_size || data.geometry.patch_size as usize != config.vision.patch_size {
-        anyhow::bail!(
-            "{}: data.geometry tile_size/patch_size {}/{} do not match the ViT's image_size/patch_size {}/{}",
-            config_path.display(),
-            data.geometry.tile_size,
-            data.geometry.patch_size,
-            config.vision.image_size,
-            config.vision.patch_size
-        );
-    }
+    fila_train::trainer::check_geometry(&data, &config).with_context(|| config_path.display().to_string())?;
     let device = Default::default();
     let model = Fila::<B>::load(&config, &source, &device)?;
     let text = TextEncoder::from_config(&data)?;

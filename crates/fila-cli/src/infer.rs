@@ -25,12 +25,12 @@ pub struct Inference {
 
 impl Inference {
     /// `checkpoint` is a FILA checkpoint folder (`final/`); the `[data]` settings come from its
-    /// `data.toml`, or from `data_config` when given.
+    /// `run.toml` (the training run's resolved config), or from `data_config` when given.
     pub fn open(checkpoint: &Path, data_config: Option<&Path>) -> Result<Self> {
         let config = FilaConfig::from_checkpoint_dir(checkpoint)?;
         let device = Default::default();
         let model = Fila::<B>::load(&config, &ModelSource::Checkpoint(checkpoint.to_path_buf()), &device)?;
-        let data_file = data_config.map(Path::to_path_buf).unwrap_or_else(|| checkpoint.join("data.toml"));
+        let data_file = data_config.map(Path::to_path_buf).unwrap_or_else(|| checkpoint.join("run.toml"));
         let mut data = DataConfig::from_toml_file(&data_file)
             .with_context(|| format!("reading the [data] settings (pass --config RUN.toml if {} is missing)", data_file.display()))?;
         let tokenizer = checkpoint.join("tokenizer.json");

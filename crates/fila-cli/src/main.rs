@@ -42,7 +42,7 @@ enum Command {
         prompt: String,
         #[arg(long, default_value_t = 64)]
         max_new_tokens: usize,
-        /// Run config whose `[data]` table gives template and geometry (default: the checkpoint's data.toml).
+        /// Run config whose `[data]` table gives template and geometry (default: the checkpoint's run.toml).
         #[arg(long)]
         config: Option<PathBuf>,
     },

@@ -109,5 +109,5 @@ fn forward_refuses_mismatched_geometry() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("tile_size/patch_size 28/14 do not match the ViT's image_size/patch_size 56/14"), "{err}");
+    assert!(err.contains("tile_size 28 / patch_size 14 differ from the ViT's image_size 56 / patch_size 14"), "{err}");
 }

@@ -324,7 +324,8 @@ impl DataConfig {
         Ok(cfg)
     }
 
-    fn resolve_paths(&mut self, base: &Path) {
+    /// Makes the tokenizer and source paths absolute, relative to `base` (the config's folder).
+    pub fn resolve_paths(&mut self, base: &Path) {
         let join = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = base.join(&*p);

@@ -180,12 +180,15 @@ impl<B: Backend> Fila<B> {
                 if let Some(dir) = vision {
                     model.encoder.vit = load_module(model.encoder.vit, &Checkpoint::open(dir)?, &KeyMap::clip_vision())?;
                 }
-                if let (Some(dir), Some(tower)) = (convnext, model.encoder.convnext.take()) {
-                    let map = match convnext_layout {
-                        ConvNextLayout::Hf => KeyMap::convnext_hf(),
-                        ConvNextLayout::Timm => KeyMap::convnext_timm(),
-                    };
-                    model.encoder.convnext = Some(load_module(tower, &Checkpoint::open(dir)?, &map)?);
+                // With the ConvNeXt branch off there is no tower to load.
+                if let Some(dir) = convnext {
+                    if let Some(tower) = model.encoder.convnext.take() {
+                        let map = match convnext_layout {
+                            ConvNextLayout::Hf => KeyMap::convnext_hf(),
+                            ConvNextLayout::Timm => KeyMap::convnext_timm(),
+                        };
+                        model.encoder.convnext = Some(load_module(tower, &Checkpoint::open(dir)?, &map)?);
+                    }
                 }
                 if let Some(dir) = llm {
                     model.llm = load_module(model.llm, &Checkpoint::open(dir)?, &KeyMap::llama(config.llm.tie_word_embeddings))?;

@@ -1,0 +1,241 @@
+//! Checkpoint I/O, in one place.
+//!
+//! `<output_dir>/step-<N>/` holds `trainable.safetensors` (the trainable parameters under their
+//! model paths, Burn layout: resume state, not an interchange format), `optimizer.safetensors`,
+//! `state.json` and `config.toml`. It is written into `.tmp-step-<N>/` and renamed into place,
+//! so a crash while writing leaves the previous checkpoints intact and no half-written `step-*`.
+//! `final/` is the interchange export: the whole model under FILA checkpoint names
+//! (`model.safetensors`), `config.json` (the `FilaConfig`) and `tokenizer.json`, loadable with
+//! `Fila::load(.., &ModelSource::Checkpoint(final))`.
+
+use crate::trainable::TrainableSet;
+use anyhow::{anyhow, bail, Context, Result};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::prelude::*;
+use burn::tensor::TensorData;
+use fila_data::{BadRecordCounts, DataCursor};
+use fila_model::fila::{Fila, FilaConfig};
+use fila_model::weights::{write_safetensors, Checkpoint};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const STATE_FILE: &str = "state.json";
+pub const WEIGHTS_FILE: &str = "trainable.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const CONFIG_FILE: &str = "config.toml";
+
+/// Everything besides tensors needed to continue a run exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimizer steps taken (including skipped non-finite ones: they consumed their data).
+    pub step: u64,
+    pub epoch: u64,
+    /// Where the data loader resumes.
+    pub cursor: DataCursor,
+    /// The schedule's length, fixed at the start of the run.
+    pub total_steps: u64,
+    /// Seeds: `seed` initialised fresh parameters; the data order depends only on
+    /// `data_seed` and the cursor. Training itself draws no random numbers (no dropout), so these
+    /// two are the whole RNG state.
+    pub seed: u64,
+    pub data_seed: u64,
+    pub samples_seen: u64,
+    pub tokens_seen: u64,
+    pub nonfinite_total: u64,
+    pub nonfinite_in_a_row: u64,
+    /// Bad records skipped so far, by reason.
+    pub skipped: BadRecordCounts,
+    /// Why the run stopped here (`interval`, `signal`, `stop_after`, `nonfinite`, `end`).
+    pub reason: String,
+}
+
+/// The step checkpoints in `output_dir`, oldest first.
+pub fn list(output_dir: &Path) -> Vec<(u64, PathBuf)> {
+    let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(output_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let n: u64 = name.strip_prefix("step-")?.parse().ok()?;
+            e.path().join(STATE_FILE).is_file().then(|| (n, e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+pub fn latest(output_dir: &Path) -> Option<PathBuf> {
+    list(output_dir).pop().map(|(_, p)| p)
+}
+
+/// Trainable parameters by path, in Burn layout.
+fn trainable_tensors<B: Backend>(model: &Fila<B>, set: &TrainableSet) -> Vec<(String, TensorData)> {
+    struct Collect<'a> {
+        stack: Vec<String>,
+        set: &'a TrainableSet,
+        out: Vec<(String, TensorData)>,
+    }
+    impl<B: Backend> ModuleVisitor<B> for Collect<'_> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.stack.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.stack.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let path = self.stack.join(".");
+            if self.set.contains(&path) {
+                self.out.push((path, param.val().to_data()));
+            }
+        }
+    }
+    let mut c = Collect { stack: Vec::new(), set, out: Vec::new() };
+    model.visit(&mut c);
+    c.out
+}
+
+/// Writes `step-<step>/` atomically and prunes to the newest `keep_last` (0 keeps all).
+pub fn save<B: Backend>(
+    output_dir: &Path,
+    model: &Fila<B>,
+    set: &TrainableSet,
+    optimizer: &crate::optim::AdamW<B::InnerBackend>,
+    state: &TrainState,
+    config_toml: &str,
+    keep_last: usize,
+) -> Result<PathBuf>
+where
+    B: burn::tensor::backend::AutodiffBackend,
+{
+    std::fs::create_dir_all(output_dir).with_context(|| format!("creating {}", output_dir.display()))?;
+    let name = format!("step-{}", state.step);
+    let tmp = output_dir.join(format!(".tmp-{name}"));
+    let dest = output_dir.join(&name);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
+    }
+    std::fs::create_dir_all(&tmp)?;
+    write_safetensors(&tmp.join(WEIGHTS_FILE), &trainable_tensors(model, set), None).map_err(|e| anyhow!("{e}"))?;
+    optimizer.save(&tmp.join(OPTIMIZER_FILE))?;
+    std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(state)?)?;
+    std::fs::write(tmp.join(CONFIG_FILE), config_toml)?;
+    sync_dir(&tmp);
+    if dest.exists() {
+        // Same step written again (a resumed run that stopped at once): replace it.
+        std::fs::remove_dir_all(&dest)?;
+    }
+    std::fs::rename(&tmp, &dest).with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
+    sync_dir(output_dir);
+    if keep_last > 0 {
+        let all = list(output_dir);
+        for (_, old) in all.iter().take(all.len().saturating_sub(keep_last)) {
+            std::fs::remove_dir_all(old).with_context(|| format!("pruning {}", old.display()))?;
+        }
+    }
+    Ok(dest)
+}
+
+/// Flushes a folder's entries (file contents are flushed by the writers' close); best effort.
+fn sync_dir(dir: &Path) {
+    if let Ok(f) = std::fs::File::open(dir) {
+        let _ = f.sync_all();
+    }
+}
+
+pub fn read_state(dir: &Path) -> Result<TrainState> {
+    let file = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))
+}
+
+pub fn read_config(dir: &Path) -> Result<toml::Table> {
+    let file = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    toml::from_str(&text).map_err(|e| anyhow!("parsing {}: {e}", file.display()))
+}
+
+/// Loads `trainable.safetensors` into the model: every trainable parameter must be there with
+/// its shape, and nothing else may be.
+pub fn load_trainable<B: Backend>(model: Fila<B>, set: &TrainableSet, dir: &Path) -> Result<Fila<B>> {
+    let path = dir.join(WEIGHTS_FILE);
+    let file = Checkpoint::open(&path).map_err(|e| anyhow!("{e}"))?;
+    if let Some(extra) = file.keys().find(|k| !set.contains(k)) {
+        bail!("{}: `{extra}` is not a trainable parameter of this run (different stage or trainable list?)", path.display());
+    }
+    struct Load<'a> {
+        stack: Vec<String>,
+        file: &'a Checkpoint,
+        set: &'a TrainableSet,
+        problems: Vec<String>,
+    }
+    impl<B: Backend> ModuleMapper<B> for Load<'_> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.stack.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.stack.pop();
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let path = self.stack.join(".");
+            if !self.set.contains(&path) {
+                return param;
+            }
+            match self.file.read_f32(&path) {
+                Ok((shape, values)) => {
+                    let (id, old, mapper) = param.consume();
+                    if shape != old.dims().to_vec() {
+                        self.problems.push(format!("`{path}` has shape {shape:?}, the model {:?}", old.dims()));
+                        return Param::from_mapped_value(id, old, mapper);
+                    }
+                    let grad = old.is_require_grad();
+                    let t = Tensor::<B, D>::from_data(TensorData::new(values, shape), &old.device()).set_require_grad(grad);
+                    Param::from_mapped_value(id, t, mapper)
+                }
+                Err(e) => {
+                    self.problems.push(format!("{e}"));
+                    param
+                }
+            }
+        }
+    }
+    let mut loader = Load { stack: Vec::new(), file: &file, set, problems: Vec::new() };
+    let model = model.map(&mut loader);
+    if !loader.problems.is_empty() {
+        bail!("{}:\n  {}", path.display(), loader.problems.join("\n  "));
+    }
+    Ok(model)
+}
+
+/// Writes `final/`: the whole model, its config, the tokenizer and the run config whose `[data]`
+/// table `fila generate` and `fila eval` read (through a temporary folder).
+pub fn export_final<B: Backend>(
+    output_dir: &Path,
+    model: &Fila<B>,
+    config: &FilaConfig,
+    tokenizer: &Path,
+    run_config: &str,
+) -> Result<PathBuf> {
+    let dest = output_dir.join("final");
+    let tmp = output_dir.join(".tmp-final");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp)?;
+    write_safetensors(&tmp.join("model.safetensors"), &model.named_tensors(), None).map_err(|e| anyhow!("{e}"))?;
+    std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(config)?)?;
+    std::fs::copy(tokenizer, tmp.join("tokenizer.json")).with_context(|| format!("copying {}", tokenizer.display()))?;
+    std::fs::write(tmp.join("run.toml"), run_config)?;
+    sync_dir(&tmp);
+    if dest.exists() {
+        std::fs::remove_dir_all(&dest)?;
+    }
+    std::fs::rename(&tmp, &dest)?;
+    Ok(dest)
+}
+
+/// Parameter values by path (tests compare runs with this).
+pub fn all_tensors<B: Backend>(model: &Fila<B>) -> BTreeMap<String, Vec<f32>> {
+    model.named_tensors().into_iter().map(|(k, d)| (k, d.convert::<f32>().to_vec().expect("f32"))).collect()
+}

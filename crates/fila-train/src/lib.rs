@@ -1,0 +1,17 @@
+//! FILA-train: the training framework of FILA (a LLaVA-style VLM with a CLIP-ViT + ConvNeXt hybrid
+//! encoder), with a custom loop (DESIGN §2): TOML configs with `--set` overrides, per-stage
+//! trainable sets, AdamW with warmup-cosine, gradient accumulation, global-norm clipping, atomic
+//! step checkpoints with exact resume, TensorBoard scalars and a `final/` export.
+
+pub mod batch;
+pub mod checkpoint;
+pub mod config;
+pub mod logging;
+pub mod optim;
+pub mod plan;
+pub mod precision;
+pub mod trainable;
+pub mod trainer;
+
+pub use config::{LoadedConfig, TrainConfig};
+pub use trainer::{run, Resume, RunOptions, RunOutcome};

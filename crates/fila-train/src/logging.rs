@@ -1,0 +1,98 @@
+//! TensorBoard scalars (tensorboard-rs) and the progress display: a bar with loss, rate and ETA
+//! on a terminal, plain periodic lines otherwise.
+
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::time::Instant;
+use tensorboard_rs::summary_writer::SummaryWriter;
+
+/// What one optimizer step reports.
+#[derive(Debug, Clone)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub loss: f64,
+    /// The base learning rate (multiplier 1).
+    pub lr: f64,
+    /// `(multiplier, lr)` per LR group.
+    pub lrs: Vec<(f64, f64)>,
+    pub grad_norm: f64,
+    pub tokens_per_s: f64,
+    pub samples_per_s: f64,
+    pub step_time_s: f64,
+    /// Skipped records so far by reason.
+    pub skipped: Vec<(String, u64)>,
+    pub nonfinite: bool,
+}
+
+pub struct Logger {
+    writer: SummaryWriter,
+    terminal: bool,
+    total_steps: u64,
+    started: Instant,
+    first_step: u64,
+}
+
+impl Logger {
+    pub fn new(dir: &Path, total_steps: u64, first_step: u64) -> Self {
+        std::fs::create_dir_all(dir).ok();
+        Self { writer: SummaryWriter::new(dir), terminal: std::io::stderr().is_terminal(), total_steps, started: Instant::now(), first_step }
+    }
+
+    /// Writes the step's scalars and, every `every` steps (or always on a terminal), the progress.
+    pub fn log(&mut self, m: &StepMetrics, every: u64) {
+        let step = m.step as usize;
+        let w = &mut self.writer;
+        w.add_scalar("train/loss", m.loss as f32, step);
+        if m.lrs.len() == 1 {
+            w.add_scalar("train/lr", m.lrs[0].1 as f32, step);
+        } else {
+            for (mult, lr) in &m.lrs {
+                w.add_scalar(&format!("train/lr/x{mult}"), *lr as f32, step);
+            }
+        }
+        w.add_scalar("train/grad_norm", m.grad_norm as f32, step);
+        w.add_scalar("train/tokens_per_s", m.tokens_per_s as f32, step);
+        w.add_scalar("train/samples_per_s", m.samples_per_s as f32, step);
+        w.add_scalar("train/step_time_s", m.step_time_s as f32, step);
+        for (reason, count) in &m.skipped {
+            w.add_scalar(&format!("data/skipped/{reason}"), *count as f32, step);
+        }
+        let done = m.step.saturating_sub(self.first_step).max(1) as f64;
+        let eta = self.started.elapsed().as_secs_f64() / done * self.total_steps.saturating_sub(m.step) as f64;
+        let flag = if m.nonfinite { "  (non-finite: update skipped)" } else { "" };
+        let lr = m.lr;
+        if self.terminal {
+            let width = 30usize;
+            let filled = (width as f64 * m.step as f64 / self.total_steps.max(1) as f64).round() as usize;
+            eprint!(
+                "\r[{}{}] {}/{} loss {:.4} lr {:.2e} {:.1} samples/s ETA {}{flag}   ",
+                "#".repeat(filled.min(width)),
+                ".".repeat(width - filled.min(width)),
+                m.step,
+                self.total_steps,
+                m.loss,
+                lr,
+                m.samples_per_s,
+                hms(eta)
+            );
+            let _ = std::io::stderr().flush();
+        } else if m.step % every == 0 || m.step == self.total_steps || m.nonfinite {
+            println!(
+                "step {}/{} loss {:.6} lr {:.3e} grad_norm {:.4} {:.1} tokens/s {:.2} samples/s {:.3} s/step ETA {}{flag}",
+                m.step, self.total_steps, m.loss, lr, m.grad_norm, m.tokens_per_s, m.samples_per_s, m.step_time_s, hms(eta)
+            );
+        }
+    }
+
+    pub fn flush(&mut self) {
+        self.writer.flush();
+        if self.terminal {
+            eprintln!();
+        }
+    }
+}
+
+fn hms(seconds: f64) -> String {
+    let s = seconds.max(0.0) as u64;
+    format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}

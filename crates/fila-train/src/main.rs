@@ -1,0 +1,77 @@
+//! `fila-train --config C [--set k=v]... [--resume [DIR]] [--plan]`.
+
+use anyhow::{bail, Result};
+use clap::Parser;
+use fila_train::config::LoadedConfig;
+use fila_train::trainer::{self, Resume, RunOptions};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "fila-train", version, about = "Train FILA (stage 1 or 2) from a TOML config")]
+struct Cli {
+    /// The run config (see configs/).
+    #[arg(long)]
+    config: PathBuf,
+    /// Override a config key, e.g. `--set optimizer.lr=1e-4` (repeatable, applied in order).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Continue from the newest checkpoint in the output folder, or from DIR.
+    #[arg(long, value_name = "DIR", num_args = 0..=1)]
+    resume: Option<Option<PathBuf>>,
+    /// Print the memory plan and exit (allocates nothing).
+    #[arg(long)]
+    plan: bool,
+    /// Check the config and exit.
+    #[arg(long)]
+    check: bool,
+    /// Stop with a checkpoint after this many steps in this invocation (as a signal would).
+    #[arg(long, value_name = "STEPS")]
+    stop_after: Option<u64>,
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    let cli = Cli::parse();
+    let loaded = LoadedConfig::load(&cli.config, &cli.overrides)?;
+    if cli.plan {
+        print!("{}", fila_train::plan::plan(&loaded)?);
+        return Ok(());
+    }
+    if cli.check {
+        println!("config {} is valid", cli.config.display());
+        return Ok(());
+    }
+    let resume = match cli.resume {
+        None => Resume::No,
+        Some(None) => Resume::Latest,
+        Some(Some(p)) => Resume::Dir(p),
+    };
+    trainer::install_signal_handler()?;
+    let options = RunOptions { resume, stop_after: cli.stop_after };
+    let device = loaded.config.device.clone();
+    if device == "cpu" {
+        trainer::run::<burn::backend::Autodiff<burn::backend::Flex>>(loaded, options, &Default::default())?;
+    } else {
+        run_cuda(&device, loaded, options)?;
+    }
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn run_cuda(device: &str, loaded: LoadedConfig, options: RunOptions) -> Result<()> {
+    let index: usize = device.strip_prefix("cuda:").and_then(|i| i.parse().ok()).expect("validated device");
+    let device = burn::backend::cuda::CudaDevice::new(index);
+    trainer::run::<burn::backend::Autodiff<burn::backend::Cuda>>(loaded, options, &device)?;
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda(device: &str, _: LoadedConfig, _: RunOptions) -> Result<()> {
+    bail!("device `{device}` needs a build with `--features cuda`; this build runs on `cpu` only")
+}

@@ -1,0 +1,144 @@
+//! `--plan`: memory per device for the configured stage, batch and precision, computed from the
+//! configs alone (no tensor is allocated).
+//!
+//! Activations are an estimate: per transformer layer `s·b·h·(34 + 5·a·s/h)` bytes at 16 bits
+//! (Korthikanti et al. 2022, no recomputation; doubled for f32), ConvNeXt blocks ~12 maps of
+//! their stage size, plus the logits and their log-softmax. Frozen parts before the first
+//! trainable one record nothing (autodiff tracks no tensor there).
+
+use crate::config::LoadedConfig;
+use crate::trainable::apply_trainable;
+use anyhow::{anyhow, Result};
+use burn::backend::Flex;
+use fila_model::clip_vit::ClipVisionConfig;
+use fila_model::convnext::ConvNextConfig;
+use fila_model::fila::FilaConfig;
+use fila_model::llama::LlamaConfig;
+use std::fmt::Write;
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+fn gib(bytes: f64) -> String {
+    format!("{:>9.2} GiB", bytes / GIB)
+}
+
+/// The architecture for the plan: the configured one, or the reference components (CLIP ViT-L/14
+/// 336, ConvNeXt-L, Llama-3-8B) where a component folder is not downloaded yet.
+pub fn plan_architecture(loaded: &LoadedConfig) -> (FilaConfig, Option<String>) {
+    let base = loaded.source.parent().unwrap_or(std::path::Path::new("."));
+    match loaded.config.model.resolve(base) {
+        Ok((config, _)) => (config, None),
+        Err(e) => {
+            let config = FilaConfig {
+                vision: ClipVisionConfig::vit_large_patch14_336(),
+                convnext: ConvNextConfig::large(),
+                hybrid: loaded.config.model.hybrid.clone(),
+                projector: loaded.config.model.projector,
+                llm: LlamaConfig::llama3_8b(),
+                image_token_id: loaded.config.model.image_token_id.unwrap_or(128_256 - 1),
+            };
+            (config, Some(format!("the configured model could not be read ({e}); planning for the reference components")))
+        }
+    }
+}
+
+/// The plan as printable text.
+pub fn plan(loaded: &LoadedConfig) -> Result<String> {
+    let c = &loaded.config;
+    let (arch, note) = plan_architecture(loaded);
+    let counts = arch.num_params();
+    // Which components train: the trainable set's prefixes, checked on a zero-size stand-in is not
+    // possible without allocating, so decide per component from the config.
+    let trains = |component: &str| -> bool {
+        match c.stage {
+            1 => matches!(component, "cvfm" | "projector"),
+            _ => match &c.trainable.modules {
+                None => true,
+                Some(list) => list.iter().any(|m| {
+                    m == "all"
+                        || m == component
+                        || (component == "vit" && m.starts_with("encoder.vit"))
+                        || (component == "convnext" && m.starts_with("encoder.convnext"))
+                        || (component == "llm" && m.starts_with("llm"))
+                }),
+            },
+        }
+    };
+    let parts = [
+        ("vit", counts.vit),
+        ("convnext", counts.convnext),
+        ("cvfm", counts.cvfm),
+        ("projector", counts.projector),
+        ("llm", counts.llm),
+    ];
+    let p = c.precision;
+    let trainable: usize = parts.iter().filter(|(n, _)| trains(n)).map(|(_, k)| k).sum();
+    let frozen = counts.total() - trainable;
+    let weights = (counts.total() * p.compute_bytes() + trainable * p.master_bytes()) as f64;
+    let grads = (trainable * p.grad_bytes()) as f64;
+    let optimizer = (trainable * p.optimizer_bytes()) as f64;
+
+    // Activation estimate for one micro-batch.
+    let data = &loaded.data;
+    let b = c.batch.micro_batch_size as f64;
+    let act_scale = if p.compute_bytes() == 4 { 2.0 } else { 1.0 };
+    let layer = |s: f64, batch: f64, h: f64, a: f64| s * batch * h * (34.0 + 5.0 * a * s / h) * act_scale;
+    let g = (arch.vision.image_size / arch.vision.patch_size) as f64;
+    let (views, hires_side_w, hires_side_h) = match c.stage {
+        1 => (1.0, data.geometry.square_hires_size as f64, data.geometry.square_hires_size as f64),
+        _ => {
+            let tile_hires = data.geometry.tile_size as f64 * data.geometry.hires_factor[0] as f64 / data.geometry.hires_factor[1] as f64;
+            let most = data.geometry.canvases.iter().max_by_key(|cv| cv[0] * cv[1]).copied().unwrap_or([1, 1]);
+            (1.0 + (most[0] * most[1]) as f64, most[0] as f64 * tile_hires, most[1] as f64 * tile_hires)
+        }
+    };
+    let s_text = data.max_len as f64;
+    let llm_act = arch.llm.num_hidden_layers as f64
+        * layer(s_text, b, arch.llm.hidden_size as f64, arch.llm.num_attention_heads as f64)
+        + 3.0 * b * s_text * arch.llm.vocab_size as f64 * 4.0;
+    let feature_layer = arch.hybrid.feature_layer(arch.vision.num_hidden_layers);
+    let first_tracked = if trains("vit") { 0 } else { arch.hybrid.fusion_layers.first().copied().unwrap_or(feature_layer) };
+    let vit_layers = feature_layer.saturating_sub(first_tracked) as f64;
+    let vit_act = vit_layers * layer(1.0 + g * g, b * views, arch.vision.hidden_size as f64, arch.vision.num_attention_heads as f64);
+    let convnext_act = if trains("convnext") && arch.hybrid.use_convnext {
+        let strides = arch.convnext.stage_strides();
+        (0..4)
+            .map(|k| {
+                let cells = (hires_side_w / strides[k] as f64) * (hires_side_h / strides[k] as f64);
+                12.0 * cells * arch.convnext.hidden_sizes[k] as f64 * arch.convnext.depths[k] as f64 * b
+            })
+            .sum::<f64>()
+            * p.compute_bytes() as f64
+    } else {
+        0.0
+    };
+    let activations = llm_act + vit_act + convnext_act;
+    let total = weights + grads + optimizer + activations;
+
+    let mut out = String::new();
+    let _ = writeln!(out, "memory plan: stage {} on {} ({:?}), micro-batch {} × accumulation {}, max_len {}", c.stage, c.device, p, c.batch.micro_batch_size, c.batch.accumulation_steps, data.max_len);
+    if let Some(n) = note {
+        let _ = writeln!(out, "note: {n}");
+    }
+    let _ = writeln!(out, "parameters:");
+    for (name, k) in parts {
+        let _ = writeln!(out, "  {name:<10} {k:>14} {}", if trains(name) { "trainable" } else { "frozen" });
+    }
+    let _ = writeln!(out, "  {:<10} {:>14} ({} trainable, {} frozen)", "total", counts.total(), trainable, frozen);
+    let _ = writeln!(out, "memory per device (one device; no sharding):");
+    let _ = writeln!(out, "  weights           {}  ({} B/param compute + {} B/trainable master)", gib(weights), p.compute_bytes(), p.master_bytes());
+    let _ = writeln!(out, "  gradients         {}", gib(grads));
+    let _ = writeln!(out, "  optimizer state   {}  (AdamW moments, f32)", gib(optimizer));
+    let _ = writeln!(out, "  activations       {}  (estimate; {} views/image, ConvNeXt {}x{}, {} tracked ViT layers)", gib(activations), views, hires_side_w, hires_side_h, vit_layers);
+    let _ = writeln!(out, "  total             {}", gib(total));
+    Ok(out)
+}
+
+/// The exact trainable element count on a built tiny model (used by tests to check `plan`).
+pub fn trainable_elements_of(loaded: &LoadedConfig) -> Result<usize> {
+    let base = loaded.source.parent().unwrap_or(std::path::Path::new("."));
+    let (config, _) = loaded.config.model.resolve(base).map_err(|e| anyhow!("{e}"))?;
+    let model = config.init::<Flex>(&Default::default());
+    let (_, set) = apply_trainable(model, loaded.config.stage, &loaded.config.trainable)?;
+    Ok(set.num_elements())
+}

@@ -1,0 +1,175 @@
+//! Which parameters train, in one function: [`apply_trainable`].
+//!
+//! Stage 1 trains CVFM and the projector; stage 2 trains the configured modules (everything by
+//! default). Frozen parameters get `require_grad = false`, so autodiff computes no gradient for
+//! them (backward still flows *through* them to trainable parameters upstream), and the
+//! optimizer never sees them: they stay bit-identical.
+
+use crate::config::TrainableConfig;
+use anyhow::{bail, Result};
+use burn::module::{Module, ModuleMapper, Param};
+use burn::prelude::*;
+use fila_model::fila::Fila;
+use std::collections::BTreeMap;
+
+/// Module names usable in `trainable.modules` and `trainable.lr_multipliers`, and the model
+/// parameter-path prefix each stands for.
+pub const MODULES: [(&str, &str); 6] = [
+    ("all", ""),
+    ("vit", "encoder.vit."),
+    ("convnext", "encoder.convnext."),
+    ("cvfm", "encoder.cvfm."),
+    ("projector", "projector."),
+    ("llm", "llm."),
+];
+
+/// Stage 1's trainable modules.
+pub const STAGE1_MODULES: [&str; 2] = ["cvfm", "projector"];
+
+/// One trainable parameter as the optimizer sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainableParam {
+    pub shape: Vec<usize>,
+    pub lr_multiplier: f64,
+    /// AdamW weight decay applies: rank ≥ 2 and not an embedding (norms and biases are rank 1).
+    pub decay: bool,
+}
+
+/// The trainable parameters by model path (`encoder.cvfm.0.fc_in.weight`), sorted.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TrainableSet {
+    pub params: BTreeMap<String, TrainableParam>,
+    /// Parameters in the model, trainable or not.
+    pub total_params: usize,
+}
+
+impl TrainableSet {
+    pub fn contains(&self, path: &str) -> bool {
+        self.params.contains_key(path)
+    }
+
+    pub fn num_elements(&self) -> usize {
+        self.params.values().map(|p| p.shape.iter().product::<usize>()).sum()
+    }
+
+    /// Distinct LR multipliers, for per-group `train/lr` logging.
+    pub fn lr_groups(&self) -> Vec<f64> {
+        let mut m: Vec<f64> = self.params.values().map(|p| p.lr_multiplier).collect();
+        m.sort_by(f64::total_cmp);
+        m.dedup();
+        m
+    }
+}
+
+/// A module name or a raw path prefix → the prefix it matches.
+fn prefix_of(name: &str) -> String {
+    MODULES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, p)| p.to_string())
+        .unwrap_or_else(|| if name.ends_with('.') { name.to_string() } else { format!("{name}.") })
+}
+
+fn matches(path: &str, prefix: &str) -> bool {
+    prefix.is_empty() || path.starts_with(prefix) || format!("{path}.") == prefix
+}
+
+fn is_embedding(path: &str) -> bool {
+    path.contains("embed")
+}
+
+/// Applies the stage's trainable set to `model` and returns what trains. Every parameter is
+/// initialised here (in visiting order, so seeded random initialisation is reproducible).
+pub fn apply_trainable<B: Backend>(model: Fila<B>, stage: u8, config: &TrainableConfig) -> Result<(Fila<B>, TrainableSet)> {
+    let shapes = param_shapes(&model);
+    let names: Vec<String> = match (stage, &config.modules) {
+        (1, _) => STAGE1_MODULES.iter().map(|s| s.to_string()).collect(),
+        (_, Some(list)) => list.clone(),
+        (_, None) => vec!["all".to_string()],
+    };
+    for name in names.iter().chain(config.lr_multipliers.keys()) {
+        let prefix = prefix_of(name);
+        if !shapes.keys().any(|p| matches(p, &prefix)) {
+            let known: Vec<&str> = MODULES.iter().map(|(n, _)| *n).collect();
+            bail!(
+                "`trainable`: `{name}` matches no parameter; use one of {known:?} or a parameter-path prefix such as `llm.model.layers.0`"
+            );
+        }
+    }
+    let prefixes: Vec<String> = names.iter().map(|n| prefix_of(n)).collect();
+    let multipliers: Vec<(String, f64)> = config.lr_multipliers.iter().map(|(n, m)| (prefix_of(n), *m)).collect();
+    let mut set = TrainableSet { params: BTreeMap::new(), total_params: shapes.len() };
+    for (path, shape) in &shapes {
+        if !prefixes.iter().any(|p| matches(path, p)) {
+            continue;
+        }
+        // The longest matching prefix decides the multiplier.
+        let lr_multiplier = multipliers
+            .iter()
+            .filter(|(p, _)| matches(path, p))
+            .max_by_key(|(p, _)| p.len())
+            .map(|(_, m)| *m)
+            .unwrap_or(1.0);
+        let decay = shape.len() >= 2 && !is_embedding(path);
+        set.params.insert(path.clone(), TrainableParam { shape: shape.clone(), lr_multiplier, decay });
+    }
+    if set.params.is_empty() {
+        bail!("`trainable`: no parameter is trainable");
+    }
+    let model = model.map(&mut Freezer { stack: Vec::new(), set: &set });
+    Ok((model, set))
+}
+
+/// Parameter shapes by path, initialising lazy parameters in visiting order.
+pub fn param_shapes<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String, Vec<usize>> {
+    struct Shapes {
+        stack: Vec<String>,
+        out: BTreeMap<String, Vec<usize>>,
+    }
+    impl<B: Backend> burn::module::ModuleVisitor<B> for Shapes {
+        fn enter_module(&mut self, name: &str, _container_type: &str) {
+            self.stack.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.stack.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.out.insert(self.stack.join("."), param.val().dims().to_vec());
+        }
+    }
+    let mut v = Shapes { stack: Vec::new(), out: BTreeMap::new() };
+    module.visit(&mut v);
+    v.out
+}
+
+struct Freezer<'a> {
+    stack: Vec<String>,
+    set: &'a TrainableSet,
+}
+
+impl<B: Backend> ModuleMapper<B> for Freezer<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.stack.push(name.to_string());
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.stack.pop();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let trainable = self.set.contains(&self.stack.join("."));
+        param.set_require_grad(trainable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_match_whole_segments() {
+        assert!(matches("encoder.cvfm.0.fc_in.weight", &prefix_of("cvfm")));
+        assert!(!matches("encoder.vit.x", &prefix_of("cvfm")));
+        assert!(matches("llm.model.layers.1.mlp.weight", &prefix_of("llm.model.layers.1")));
+        assert!(!matches("llm.model.layers.10.mlp.weight", &prefix_of("llm.model.layers.1")));
+        assert!(matches("anything", &prefix_of("all")));
+    }
+}

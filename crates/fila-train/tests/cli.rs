@@ -1,0 +1,200 @@
+//! The trainer through its CLI on the tiny configs: resume, accumulation, freezing, config errors,
+//! TensorBoard, stage 1 → stage 2, signals.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+
+/// Shorter than the config's run: 4 steps of micro 2 × accumulation 2 (the 8 captions, 2 epochs
+/// capped), a checkpoint every step, no warmup so every step moves the weights.
+const FOUR_STEPS: &[&str] = &["train.max_steps=4", "checkpoint.every_steps=1", "checkpoint.keep_last=0", "schedule.warmup_steps=0"];
+
+#[test]
+fn two_steps_then_resume_equals_four_straight_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (straight, split) = (tmp.path().join("straight"), tmp.path().join("split"));
+    ok(&fila_train(&tiny(1), &straight, FOUR_STEPS, &[]));
+    ok(&fila_train(&tiny(1), &split, FOUR_STEPS, &["--stop-after", "2"]));
+    assert!(!split.join("final").exists(), "a stopped run exports nothing");
+    assert!(split.join("step-2").is_dir());
+    // A fresh start into a folder with checkpoints is refused.
+    let refused = failed(&fila_train(&tiny(1), &split, FOUR_STEPS, &[]));
+    assert!(refused.contains("--resume"), "{refused}");
+    let text = ok(&fila_train(&tiny(1), &split, FOUR_STEPS, &["--resume"]));
+    assert!(text.contains("resumed from") && text.contains("at step 2"), "{text}");
+    let (a, b) = (losses(&straight), losses(&split));
+    assert_eq!(a.len(), 4);
+    assert_eq!(a, b, "loss sequences differ");
+    // Losses fall on the tiny data (the run really trains).
+    assert!(a[&4] < a[&1], "{a:?}");
+    let fa = std::fs::read(straight.join("final/model.safetensors")).unwrap();
+    let fb = std::fs::read(split.join("final/model.safetensors")).unwrap();
+    assert!(fa == fb, "final weights differ");
+    let oa = std::fs::read(straight.join("step-4/optimizer.safetensors")).unwrap();
+    let ob = std::fs::read(split.join("step-4/optimizer.safetensors")).unwrap();
+    assert!(oa == ob, "optimizer states differ");
+    // --resume DIR from an older checkpoint replays the same steps 3 and 4.
+    let again = tmp.path().join("again");
+    std::fs::create_dir_all(&again).unwrap();
+    ok(&fila_train(&tiny(1), &again, FOUR_STEPS, &["--resume", straight.join("step-2").to_str().unwrap()]));
+    assert_eq!(losses(&again)[&4], a[&4]);
+}
+
+#[test]
+fn accumulation_4x1_equals_1x4() {
+    // Micro-batch 4 with 1 accumulation step against micro-batch 1 with 4: the same 4 samples per
+    // step and the same token-weighted mean loss. Only float summation order differs (padding to
+    // the longest sample changes matmul shapes; per-sample vs batched reductions), so losses agree
+    // to ~1e-6 relative and weights after 2 AdamW steps to a small fraction of lr = 1e-3.
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("4x1"), tmp.path().join("1x4"));
+    let common = ["train.max_steps=2", "schedule.warmup_steps=0", "checkpoint.every_steps=0"];
+    let run = |out: &Path, micro: &str, acc: &str| {
+        let sets: Vec<&str> = common.iter().copied().chain([micro, acc]).collect();
+        ok(&fila_train(&tiny(1), out, &sets, &[]));
+    };
+    run(&a, "batch.micro_batch_size=4", "batch.accumulation_steps=1");
+    run(&b, "batch.micro_batch_size=1", "batch.accumulation_steps=4");
+    let (la, lb) = (losses(&a), losses(&b));
+    assert_eq!(la.len(), 2);
+    for (step, x) in &la {
+        let y = lb[step];
+        assert!((x - y).abs() <= 1e-5 * x.abs(), "step {step}: loss {x} vs {y}");
+    }
+    let (wa, wb) = (tensors(&a.join("final/model.safetensors")), tensors(&b.join("final/model.safetensors")));
+    let mut worst = 0.0f32;
+    for (name, (_, va)) in &wa {
+        worst = worst.max(max_abs_diff(va, &wb[name].1));
+    }
+    assert!(worst <= 2e-5, "largest weight difference {worst}");
+}
+
+#[test]
+fn config_errors_name_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let unknown = failed(&fila_train(&tiny(1), &out, &["optimizer.lrr=1e-3"], &["--check"]));
+    assert!(unknown.contains("optimizer") && unknown.contains("lrr"), "{unknown}");
+    let bad_type = failed(&fila_train(&tiny(1), &out, &["optimizer.lr=fast"], &["--check"]));
+    assert!(bad_type.contains("`optimizer.lr`"), "{bad_type}");
+    let bad_value = failed(&fila_train(&tiny(1), &out, &["optimizer.lr=-1.0"], &["--check"]));
+    assert!(bad_value.contains("`optimizer.lr`") && bad_value.contains("positive"), "{bad_value}");
+    let top = failed(&fila_train(&tiny(1), &out, &["stagee=1"], &["--check"]));
+    assert!(top.contains("stagee"), "{top}");
+    let data = failed(&fila_train(&tiny(1), &out, &["data.max_lenn=3"], &["--check"]));
+    assert!(data.contains("data") && data.contains("max_lenn"), "{data}");
+    let stage = failed(&fila_train(&tiny(1), &out, &["stage=3"], &["--check"]));
+    assert!(stage.contains("`stage`"), "{stage}");
+    let module = failed(&fila_train(&tiny(2), &out, &["trainable.modules=[\"vision\"]", "model.checkpoint=/nonexistent"], &["--check"]));
+    assert!(module.contains("`trainable.modules`") && module.contains("`vision`"), "{module}");
+    assert!(!out.exists(), "--check writes nothing");
+    ok(&fila_train(&tiny(1), &out, &[], &["--check"]));
+}
+
+#[test]
+fn resume_refuses_a_changed_geometry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    ok(&fila_train(&tiny(1), &out, &["train.max_steps=1"], &["--stop-after", "1"]));
+    let e = failed(&fila_train(&tiny(1), &out, &["train.max_steps=1", "batch.micro_batch_size=1"], &["--resume"]));
+    assert!(e.contains("`batch.micro_batch_size`") && e.contains("checkpoint has 2"), "{e}");
+    let e = failed(&fila_train(&tiny(1), &out, &["train.max_steps=1", "model.llm.hidden_size=64"], &["--resume"]));
+    assert!(e.contains("`model.llm.hidden_size`"), "{e}");
+    // Loader threads are not geometry.
+    ok(&fila_train(&tiny(1), &out, &["train.max_steps=1", "data.loader.workers=1"], &["--resume"]));
+}
+
+#[test]
+fn stage1_then_stage2_and_tensorboard_scalars() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (s1, s2) = (tmp.path().join("s1"), tmp.path().join("s2"));
+    ok(&fila_train(&tiny(1), &s1, &[], &[]));
+    let final1 = s1.join("final");
+    for f in ["model.safetensors", "config.json", "tokenizer.json"] {
+        assert!(final1.join(f).is_file(), "final/{f}");
+    }
+    let init = format!("model.checkpoint={}", final1.display());
+    ok(&fila_train(&tiny(2), &s2, &[&init], &[]));
+    assert_eq!(losses(&s2).len(), 5, "9 instructions, micro 1 × accumulation 2 → 5 steps");
+    let tags = tensorboard_tags(&s2.join("tensorboard"));
+    for tag in ["train/loss", "train/grad_norm", "train/tokens_per_s", "train/samples_per_s", "train/step_time_s"] {
+        let n = tags.get(tag).unwrap_or_else(|| panic!("no `{tag}` in {tags:?}"));
+        assert_eq!(*n, 5, "{tag}");
+    }
+    // Stage 2 has LR groups (×0.1 towers, ×1 the rest).
+    assert!(tags.contains_key("train/lr/x0.1") && tags.contains_key("train/lr/x1"), "{tags:?}");
+    let tags1 = tensorboard_tags(&s1.join("tensorboard"));
+    assert!(tags1.contains_key("train/lr"), "{tags1:?}");
+}
+
+/// Scalar tags and their number of points, read back by Python's `tensorboard` package.
+fn tensorboard_tags(dir: &Path) -> std::collections::BTreeMap<String, usize> {
+    let script = r#"
+import json, sys
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+acc = EventAccumulator(sys.argv[1]); acc.Reload()
+print(json.dumps({t: len(acc.Scalars(t)) for t in acc.Tags()["scalars"]}))
+"#;
+    let out = std::process::Command::new("python3").arg("-c").arg(script).arg(dir).output().expect("python3 runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn sigint_finishes_the_step_checkpoints_and_exits_0() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_fila-train"))
+        .arg("--config")
+        .arg(tiny(1))
+        .args(["--set", &format!("checkpoint.output_dir={}", out.display())])
+        .args(["--set", "train.max_steps=1000", "--set", "checkpoint.every_steps=0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = out.join("metrics.jsonl");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map(|t| t.lines().count()).unwrap_or(0) < 2 {
+        assert!(t0.elapsed().as_secs() < 60, "no progress");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let status = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let output = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{text}");
+    let steps = losses(&out).len() as u64;
+    let dir = out.join(format!("step-{steps}"));
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("state.json")).unwrap()).unwrap();
+    assert_eq!(state["reason"], "signal");
+    assert_eq!(state["step"].as_u64(), Some(steps));
+}
+
+#[test]
+fn sigkill_then_resume_goes_on_from_the_last_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (killed, straight) = (tmp.path().join("killed"), tmp.path().join("straight"));
+    let sets = ["train.max_steps=6", "checkpoint.every_steps=2", "checkpoint.keep_last=0", "schedule.warmup_steps=0"];
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_fila-train"));
+    cmd.arg("--config").arg(tiny(1)).args(["--set", &format!("checkpoint.output_dir={}", killed.display())]);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let mut child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let t0 = std::time::Instant::now();
+    while !killed.join("step-2/state.json").exists() {
+        assert!(t0.elapsed().as_secs() < 60, "no checkpoint");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    // Whatever it was doing, no half-written checkpoint is visible and the newest one loads.
+    let text = ok(&fila_train(&tiny(1), &killed, &sets, &["--resume"]));
+    assert!(text.contains("resumed from"), "{text}");
+    ok(&fila_train(&tiny(1), &straight, &sets, &[]));
+    let (a, b) = (losses(&straight), losses(&killed));
+    assert_eq!(a, b, "after the kill and resume the losses follow the uninterrupted run");
+    assert!(std::fs::read(straight.join("final/model.safetensors")).unwrap() == std::fs::read(killed.join("final/model.safetensors")).unwrap());
+}

@@ -1,0 +1,67 @@
+//! Helpers for the CLI tests: run `fila-train` on the tiny configs in a temporary output folder
+//! and read back what it wrote.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+pub fn tiny(stage: u8) -> PathBuf {
+    repo().join(format!("configs/tiny/stage{stage}.toml"))
+}
+
+/// Runs the binary; `sets` are `--set` overrides, `extra` more arguments.
+pub fn fila_train(config: &Path, out: &Path, sets: &[&str], extra: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fila-train"));
+    cmd.arg("--config").arg(config).arg("--set").arg(format!("checkpoint.output_dir={}", out.display()));
+    for s in sets {
+        cmd.arg("--set").arg(s);
+    }
+    cmd.args(extra);
+    cmd.output().expect("fila-train runs")
+}
+
+pub fn ok(output: &Output) -> String {
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "fila-train failed ({:?}):\n{text}", output.status);
+    text
+}
+
+pub fn failed(output: &Output) -> String {
+    let text = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(1), "expected exit 1, got {:?}:\n{text}", output.status);
+    text
+}
+
+/// Loss per step from `metrics.jsonl` (the last entry of a step wins, as after a crash).
+pub fn losses(out: &Path) -> BTreeMap<u64, f64> {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+/// Every tensor of a safetensors file as f32.
+pub fn tensors(file: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let values = view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+            (name, (view.shape().to_vec(), values))
+        })
+        .collect()
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
