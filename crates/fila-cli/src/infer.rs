@@ -168,6 +168,15 @@ pub fn evaluate(inference: &Inference, checkpoint: &Path, data: &Path, image_fol
     Ok(report)
 }
 
+impl EvalReport {
+    /// TensorBoard tags and values: overall and per question type.
+    pub fn scalars(&self) -> Vec<(String, f32)> {
+        let mut out = vec![(format!("eval/{}/accuracy", self.split), self.overall.accuracy as f32)];
+        out.extend(self.by_type.iter().map(|(kind, s)| (format!("eval/{}/{kind}", self.split), s.accuracy as f32)));
+        out
+    }
+}
+
 impl std::fmt::Display for EvalReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "split {}: {}/{} correct ({:.1}%)", self.split, self.overall.correct, self.overall.total, 100.0 * self.overall.accuracy)?;

@@ -53,7 +53,7 @@ enum Command {
         /// LLaVA JSON/JSONL records; the first question and answer of each are scored.
         #[arg(long)]
         data: PathBuf,
-        /// Folder the records' image paths are relative to (default: `images/` beside the data file).
+        /// Folder the records' image paths are relative to (default: the data file's folder).
         #[arg(long)]
         images: Option<PathBuf>,
         /// JSON report path (default: `<checkpoint>/eval-<split>.json`).
@@ -63,6 +63,9 @@ enum Command {
         max_new_tokens: usize,
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Also write the accuracies as TensorBoard scalars (`eval/<split>/accuracy`, `eval/<split>/<type>`) here.
+        #[arg(long)]
+        logdir: Option<PathBuf>,
     },
     /// Dataset tools.
     #[command(subcommand)]
@@ -88,6 +91,24 @@ enum DataCommand {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Generate the built-in synthetic dataset (codes, shapes, colours, counts; a `fine` split).
+    Synth {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// ViT tile side of the configs that will read it (image sizes scale with it).
+        #[arg(long, default_value_t = 56)]
+        tile_size: u32,
+        #[arg(long, default_value_t = 600)]
+        stage1: usize,
+        #[arg(long, default_value_t = 600)]
+        stage2: usize,
+        #[arg(long, default_value_t = 100)]
+        heldout: usize,
+        #[arg(long, default_value_t = 100)]
+        fine: usize,
+    },
     /// Show how one record is tiled and tokenised; `--out` writes its tensors.
     Inspect {
         #[arg(long)]
@@ -108,18 +129,35 @@ fn main() -> Result<()> {
             let image = image.map(|p| inference.load_image(&p)).transpose()?;
             println!("{}", inference.answer(image.as_ref(), &prompt, max_new_tokens)?);
         }
-        Command::Eval { checkpoint, data, images, out, max_new_tokens, config } => {
+        Command::Eval { checkpoint, data, images, out, max_new_tokens, config, logdir } => {
             let inference = infer::Inference::open(&checkpoint, config.as_deref())?;
-            let images = images.unwrap_or_else(|| data.parent().unwrap_or(std::path::Path::new(".")).join("images"));
+            let images = images.unwrap_or_else(|| data.parent().unwrap_or(std::path::Path::new(".")).to_path_buf());
             let report = infer::evaluate(&inference, &checkpoint, &data, &images, max_new_tokens)?;
             print!("{report}");
             let out = out.unwrap_or_else(|| checkpoint.join(format!("eval-{}.json", report.split)));
             std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
             println!("wrote {}", out.display());
+            if let Some(dir) = logdir {
+                fila_train::logging::write_scalars(&dir, 0, &report.scalars());
+            }
         }
         Command::Data(DataCommand::Check { config }) => {
             let (pipeline, records) = fila_data::Pipeline::open(&config)?;
             println!("{}", fila_data::check(&pipeline, &records));
+        }
+        Command::Data(DataCommand::Synth { out, seed, tile_size, stage1, stage2, heldout, fine }) => {
+            let options = fila_data::synth::SynthOptions { seed, tile_size, stage1, stage2, heldout, fine, ..Default::default() };
+            let start = std::time::Instant::now();
+            let summary = fila_data::synth::generate(&out, &options)?;
+            println!(
+                "wrote {} images and {} records to {} ({:.1} MB, tokenizer of {} ids) in {:.1} s",
+                summary.images,
+                summary.splits.iter().map(|s| s.records).sum::<usize>(),
+                out.display(),
+                summary.bytes as f64 / 1e6,
+                summary.vocab_size,
+                start.elapsed().as_secs_f64()
+            );
         }
         Command::Data(DataCommand::Inspect { config, index, out }) => {
             let (pipeline, records) = fila_data::Pipeline::open(&config)?;

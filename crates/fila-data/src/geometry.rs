@@ -1,4 +1,4 @@
-//! Tiling geometry (DESIGN §1.1): canvas choice, tile grid, padded placement, visual-token counts.
+//! Tiling geometry: canvas choice, tile grid, padded placement, visual-token counts.
 //! Pure integer/float arithmetic, no pixels.
 
 use crate::config::GeometryConfig;
@@ -27,7 +27,7 @@ pub struct Placement {
     pub offset: (u32, u32),
 }
 
-/// Geometry derived from the config, with the alignment DESIGN §1.1 requires checked once.
+/// Geometry derived from the config, with the 32/14 ViT-ConvNeXt alignment checked once.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Geometry {
     pub tile: u32,

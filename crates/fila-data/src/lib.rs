@@ -1,7 +1,7 @@
 //! FILA data pipeline: LLaVA-format records, stage-1 square padding and stage-2 dynamic tiling at
 //! both tower resolutions, chat templates with turn-by-turn labels, and a deterministic, resumable,
 //! shardable loader. Knows nothing of the model: every size comes from [`DataConfig`].
-//! See `docs/data.md` and DESIGN §1.1, §1.3.
+//! See `docs/data.md`.
 
 pub mod bad;
 pub mod commands;
@@ -13,6 +13,7 @@ pub mod pipeline;
 pub mod pixels;
 pub mod records;
 pub mod sampler;
+pub mod synth;
 pub mod text;
 
 pub use bad::{BadReason, BadRecord, BadRecordCounts, ReasonCount};

@@ -1,5 +1,5 @@
 //! FILA-train: the training framework of FILA (a LLaVA-style VLM with a CLIP-ViT + ConvNeXt hybrid
-//! encoder), with a custom loop (DESIGN §2): TOML configs with `--set` overrides, per-stage
+//! encoder), with a custom loop: TOML configs with `--set` overrides, per-stage
 //! trainable sets, AdamW with warmup-cosine, gradient accumulation, global-norm clipping, atomic
 //! step checkpoints with exact resume, TensorBoard scalars and a `final/` export.
 

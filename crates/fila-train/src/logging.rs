@@ -92,6 +92,15 @@ impl Logger {
     }
 }
 
+/// Writes scalars at one step into a TensorBoard event file in `dir` (evaluation reports).
+pub fn write_scalars(dir: &Path, step: usize, scalars: &[(String, f32)]) {
+    let mut writer = SummaryWriter::new(dir);
+    for (tag, value) in scalars {
+        writer.add_scalar(tag, *value, step);
+    }
+    writer.flush();
+}
+
 fn hms(seconds: f64) -> String {
     let s = seconds.max(0.0) as u64;
     format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)

@@ -1,4 +1,4 @@
-//! The precision policy (DESIGN §2), in one place.
+//! The precision policy, in one place.
 //!
 //! - `f32`: everything in f32. The only mode on CPU, and the default.
 //! - `bf16_mixed` (CUDA only): the intended policy is bf16 compute with f32 master weights and f32

@@ -23,7 +23,7 @@ fn every_config_parses_and_validates() {
             }
         }
     }
-    assert_eq!(found, 4);
+    assert_eq!(found, 6);
 }
 
 #[test]
