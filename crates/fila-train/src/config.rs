@@ -132,11 +132,21 @@ pub struct LoopConfig {
     /// Stop (with a checkpoint) after this many non-finite steps in a row.
     #[serde(default = "default_nonfinite")]
     pub max_nonfinite_steps: u64,
+    /// Burn's balanced activation checkpointing: recompute cheap activations in the backward
+    /// pass instead of keeping them (less memory, more compute).
+    #[serde(default)]
+    pub activation_checkpointing: bool,
 }
 
 impl Default for LoopConfig {
     fn default() -> Self {
-        Self { epochs: 1, max_steps: None, max_grad_norm: default_clip(), max_nonfinite_steps: default_nonfinite() }
+        Self {
+            epochs: 1,
+            max_steps: None,
+            max_grad_norm: default_clip(),
+            max_nonfinite_steps: default_nonfinite(),
+            activation_checkpointing: false,
+        }
     }
 }
 

@@ -1,6 +1,8 @@
 //! `fila-train --config C [--set k=v]... [--resume [DIR]] [--plan]`.
 
 use anyhow::{bail, Result};
+use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+use burn::backend::{Autodiff, Flex};
 use clap::Parser;
 use fila_train::config::LoadedConfig;
 use fila_train::trainer::{self, Resume, RunOptions};
@@ -55,23 +57,33 @@ fn real_main() -> Result<()> {
     trainer::install_signal_handler()?;
     let options = RunOptions { resume, stop_after: cli.stop_after };
     let device = loaded.config.device.clone();
-    if device == "cpu" {
-        trainer::run::<burn::backend::Autodiff<burn::backend::Flex>>(loaded, options, &Default::default())?;
-    } else {
-        run_cuda(&device, loaded, options)?;
+    let checkpointing = loaded.config.train.activation_checkpointing;
+    match (device.as_str(), checkpointing) {
+        ("cpu", false) => {
+            trainer::run::<Autodiff<Flex>>(loaded, options, &Default::default())?;
+        }
+        ("cpu", true) => {
+            trainer::run::<Autodiff<Flex, BalancedCheckpointing>>(loaded, options, &Default::default())?;
+        }
+        _ => run_cuda(&device, checkpointing, loaded, options)?,
     }
     Ok(())
 }
 
 #[cfg(feature = "cuda")]
-fn run_cuda(device: &str, loaded: LoadedConfig, options: RunOptions) -> Result<()> {
+fn run_cuda(device: &str, checkpointing: bool, loaded: LoadedConfig, options: RunOptions) -> Result<()> {
+    use burn::backend::Cuda;
     let index: usize = device.strip_prefix("cuda:").and_then(|i| i.parse().ok()).expect("validated device");
     let device = burn::backend::cuda::CudaDevice::new(index);
-    trainer::run::<burn::backend::Autodiff<burn::backend::Cuda>>(loaded, options, &device)?;
+    if checkpointing {
+        trainer::run::<Autodiff<Cuda, BalancedCheckpointing>>(loaded, options, &device)?;
+        return Ok(());
+    }
+    trainer::run::<Autodiff<Cuda>>(loaded, options, &device)?;
     Ok(())
 }
 
 #[cfg(not(feature = "cuda"))]
-fn run_cuda(device: &str, _: LoadedConfig, _: RunOptions) -> Result<()> {
+fn run_cuda(device: &str, _: bool, _: LoadedConfig, _: RunOptions) -> Result<()> {
     bail!("device `{device}` needs a build with `--features cuda`; this build runs on `cpu` only")
 }
