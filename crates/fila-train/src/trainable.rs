@@ -83,7 +83,12 @@ fn is_embedding(path: &str) -> bool {
 pub fn apply_trainable<B: Backend>(model: Fila<B>, stage: u8, config: &TrainableConfig) -> Result<(Fila<B>, TrainableSet)> {
     let shapes = param_shapes(&model);
     let names: Vec<String> = match (stage, &config.modules) {
-        (1, _) => STAGE1_MODULES.iter().map(|s| s.to_string()).collect(),
+        // Without the ConvNeXt branch there is no CVFM: stage 1 then trains the projector alone.
+        (1, _) => STAGE1_MODULES
+            .iter()
+            .filter(|m| shapes.keys().any(|p| matches(p, &prefix_of(m))))
+            .map(|s| s.to_string())
+            .collect(),
         (_, Some(list)) => list.clone(),
         (_, None) => vec!["all".to_string()],
     };

@@ -47,3 +47,11 @@ fn stage1_changes_only_cvfm_and_projector_and_final_loads() {
     }
     assert!(final_dir.join("tokenizer.json").is_file());
 }
+
+#[test]
+fn stage1_without_convnext_trains_the_projector_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("vit-only");
+    let text = ok(&fila_train(&tiny(1), &out, &["train.max_steps=1", "model.hybrid.use_convnext=false"], &[]));
+    assert!(text.contains("stage 1: 4 of"), "{text}");
+}
