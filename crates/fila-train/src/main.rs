@@ -1,6 +1,6 @@
 //! `fila-train --config C [--set k=v]... [--resume [DIR]] [--plan]`.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::{Autodiff, Flex};
 use clap::Parser;
@@ -85,5 +85,5 @@ fn run_cuda(device: &str, checkpointing: bool, loaded: LoadedConfig, options: Ru
 
 #[cfg(not(feature = "cuda"))]
 fn run_cuda(device: &str, _: bool, _: LoadedConfig, _: RunOptions) -> Result<()> {
-    bail!("device `{device}` needs a build with `--features cuda`; this build runs on `cpu` only")
+    anyhow::bail!("device `{device}` needs a build with `--features cuda`; this build runs on `cpu` only")
 }

@@ -1,4 +1,4 @@
-//! The built-in synthetic dataset (issue 5): images of shapes and short codes in a bitmap font,
+//! The built-in synthetic dataset: images of shapes and short codes in a bitmap font,
 //! generated from a seed with no external assets, in LLaVA format, plus its tokenizer. The `fine`
 //! split puts codes where only the ConvNeXt resolution can read them. See `datasets/synth/README.md`.
 //!

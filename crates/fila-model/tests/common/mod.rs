@@ -63,5 +63,6 @@ pub fn assert_close(name: &str, actual: TensorData, expected: &(Vec<usize>, Vec<
     let values: Vec<f32> = actual.convert::<f32>().to_vec().unwrap();
     let max = values.iter().zip(&expected.1).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
     assert!(max <= tol, "{name}: max abs error {max:e} > {tol:e}");
+    eprintln!("{name}: max abs error {max:.2e}");
     max
 }
