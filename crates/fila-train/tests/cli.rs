@@ -211,3 +211,34 @@ fn activation_checkpointing_keeps_the_losses() {
     // Recomputing activations runs the same kernels on the same inputs: identical values.
     assert_eq!(a, b);
 }
+
+#[test]
+fn non_finite_steps_are_skipped_then_stop_the_run_with_a_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("blowup");
+    // A huge learning rate makes the first real update overflow the weights.
+    let output = fila_train(
+        &tiny(1),
+        &out,
+        &["train.max_steps=20", "optimizer.lr=1e30", "train.max_grad_norm=0.0", "train.max_nonfinite_steps=2", "schedule.warmup_ratio=0.0"],
+        &[],
+    );
+    let err = failed(&output);
+    assert!(err.contains("2 steps in a row had a non-finite loss or gradient"), "{err}");
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let finite: Vec<bool> = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["finite"].as_bool().unwrap()).collect();
+    assert_eq!(&finite[finite.len() - 2..], &[false, false]);
+    assert!(finite.len() < 20, "the run must stop early, ran {} steps", finite.len());
+    let newest = std::fs::read_dir(&out)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter_map(|p| {
+            let step = p.file_name()?.to_str()?.strip_prefix("step-")?.parse::<u64>().ok()?;
+            Some((step, p))
+        })
+        .max_by_key(|(step, _)| *step)
+        .map(|(_, p)| p)
+        .expect("a checkpoint was written");
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(newest.join("state.json")).unwrap()).unwrap();
+    assert_eq!(state["reason"], "nonfinite");
+}
