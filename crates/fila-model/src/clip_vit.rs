@@ -98,7 +98,11 @@ impl ClipVisionConfig {
                 .with_stride([self.patch_size, self.patch_size])
                 .with_bias(false)
                 .init(device),
-                position_embedding: EmbeddingConfig::new(self.num_positions(), d).init(device),
+                // transformers' CLIP initialisation (initializer_range 0.02): a unit-variance
+                // table would drown the patch content of a fresh tower.
+                position_embedding: EmbeddingConfig::new(self.num_positions(), d)
+                    .with_initializer(burn::nn::Initializer::Normal { mean: 0.0, std: 0.02 })
+                    .init(device),
                 patch_size: self.patch_size,
             },
             pre_layrnorm: LayerNorm::new(d, self.layer_norm_eps, device),

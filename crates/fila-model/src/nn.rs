@@ -81,9 +81,15 @@ impl Activation {
 }
 
 /// A `Linear` layer; Burn stores the weight as `[d_in, d_out]`, the transpose of PyTorch's
-/// layout, and the weight loader transposes at the file boundary.
+/// layout, and the weight loader transposes at the file boundary. A fresh bias starts at zero, as
+/// in transformers: Burn's default draws it at random, which adds a large input-independent
+/// component to every residual stream of a freshly initialised tower.
 pub fn linear<B: Backend>(d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> Linear<B> {
-    LinearConfig::new(d_in, d_out).with_bias(bias).init(device)
+    let mut layer = LinearConfig::new(d_in, d_out).with_bias(bias).init(device);
+    if bias {
+        layer.bias = Some(Param::from_tensor(Tensor::zeros([d_out], device)));
+    }
+    layer
 }
 
 /// A linear layer whose weight and bias start at zero (residual branches that must be inert at
