@@ -406,19 +406,27 @@ pub struct LlamaOutput<B: Backend> {
     pub logits: Tensor<B, 3>,
 }
 
-/// Causal plus key-padding additive mask `[B, 1, T, T]`; `valid` is `[B, T]` with 1 for real
+/// Causal plus key-padding additive mask `[B, 1, T, past + T]` for `T` queries at positions
+/// `past..past+T`: query i sees keys `0..=past+i`. `valid` is `[B, past + T]` with 1 for real
 /// tokens and 0 for padding.
-pub fn attention_bias<B: Backend>(valid: Option<Tensor<B, 2>>, batch: usize, len: usize, device: &B::Device) -> Tensor<B, 4> {
-    let causal: Vec<f32> = (0..len * len)
-        .map(|i| if i % len > i / len { f32::NEG_INFINITY } else { 0.0 })
+pub fn attention_bias<B: Backend>(
+    valid: Option<Tensor<B, 2>>,
+    batch: usize,
+    len: usize,
+    past: usize,
+    device: &B::Device,
+) -> Tensor<B, 4> {
+    let total = past + len;
+    let causal: Vec<f32> = (0..len * total)
+        .map(|n| if n % total > past + n / total { f32::NEG_INFINITY } else { 0.0 })
         .collect();
-    let causal = Tensor::<B, 4>::from_data(TensorData::new(causal, [1, 1, len, len]), device);
+    let causal = Tensor::<B, 4>::from_data(TensorData::new(causal, [1, 1, len, total]), device);
     match valid {
-        None => causal.expand([batch, 1, len, len]),
+        None => causal.expand([batch, 1, len, total]),
         Some(valid) => {
-            let padding = Tensor::<B, 2>::zeros([batch, len], device)
+            let padding = Tensor::<B, 2>::zeros([batch, total], device)
                 .mask_fill(valid.equal_elem(0.0), f32::NEG_INFINITY)
-                .reshape([batch, 1, 1, len]);
+                .reshape([batch, 1, 1, total]);
             causal + padding
         }
     }
@@ -434,7 +442,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
         let [b, t, _] = embeds.dims();
         let device = embeds.device();
         let (cos, sin) = rope_tables::<B>(&self.inv_freq, 0, t, &device);
-        let bias = attention_bias(valid, b, t, &device);
+        let bias = attention_bias(valid, b, t, 0, &device);
         let mut hidden = Vec::new();
         let mut x = embeds;
         for layer in &self.model.layers {
@@ -457,17 +465,12 @@ impl<B: Backend> LlamaForCausalLM<B> {
         let device = embeds.device();
         let past = cache.len;
         let (cos, sin) = rope_tables::<B>(&self.inv_freq, past, t, &device);
-        // Query i (absolute position past+i) sees keys 0..=past+i.
-        let total = past + t;
-        let mask: Vec<f32> = (0..t * total)
-            .map(|n| if n % total > past + n / total { f32::NEG_INFINITY } else { 0.0 })
-            .collect();
-        let bias = Tensor::<B, 4>::from_data(TensorData::new(mask, [1, 1, t, total]), &device).expand([b, 1, t, total]);
+        let bias = attention_bias(None, b, t, past, &device);
         let mut x = embeds;
         for (layer, entry) in self.model.layers.iter().zip(cache.layers.iter_mut()) {
             x = layer.forward(x, cos.clone(), sin.clone(), bias.clone(), Some(entry));
         }
-        cache.len = total;
+        cache.len = past + t;
         self.logits(self.model.norm.forward(x))
     }
 
