@@ -9,6 +9,7 @@ use fila_model::fila::{FilaConfig, FilaInput};
 use fila_model::hybrid_encoder::{HybridConfig, ImageInput};
 use fila_model::llama::LlamaConfig;
 use fila_model::projector::ProjectorKind;
+use fila_train::precision::Precision;
 use std::time::Instant;
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -56,8 +57,9 @@ pub fn preset(size: BenchSize) -> FilaConfig {
 }
 
 /// Runs `steps` forward+backward passes on a stage-2 style batch (one 2×2-canvas image per sample,
-/// 5 views, 32 text tokens) and prints the mean time per sample.
-pub fn run<B: burn::tensor::backend::AutodiffBackend>(size: BenchSize, batch: usize, steps: usize, device: &B::Device) {
+/// 5 views, 32 text tokens) under `precision` and prints the mean time per sample. Each timed
+/// step ends with a device sync, so asynchronous backends are timed to completion.
+pub fn run<B: burn::tensor::backend::AutodiffBackend>(size: BenchSize, batch: usize, steps: usize, precision: Precision, device: &B::Device) {
     let config = preset(size);
     config.validate().expect("preset is valid");
     let model = config.init::<B>(device);
@@ -91,19 +93,24 @@ pub fn run<B: burn::tensor::backend::AutodiffBackend>(size: BenchSize, batch: us
     };
     let counts = config.num_params();
     println!(
-        "fila bench {size:?}: {:.1}M parameters, batch {batch}, {len} tokens per sample ({visual} visual), {} ViT views of {t}px",
+        "fila bench {size:?}: {:.1}M parameters, batch {batch}, {len} tokens per sample ({visual} visual), {} ViT views of {t}px, {precision:?}",
         counts.total() as f64 / 1e6,
         grid.num_views()
     );
+    let step = |input| {
+        let loss = precision.forward(|| model.forward(input, None)).loss.unwrap();
+        let grads = loss.backward();
+        drop(grads);
+        B::sync(device).expect("device sync");
+    };
     // One warm-up step, not timed.
-    let _ = model.forward(make_input(), None).loss.unwrap().backward();
+    step(make_input());
     let mut times = Vec::with_capacity(steps);
     for _ in 0..steps {
         let input = make_input();
+        B::sync(device).expect("device sync");
         let start = Instant::now();
-        let loss = model.forward(input, None).loss.unwrap();
-        let grads = loss.backward();
-        drop(grads);
+        step(input);
         times.push(start.elapsed().as_secs_f64());
     }
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());

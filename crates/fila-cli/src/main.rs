@@ -6,6 +6,7 @@ mod forward;
 mod infer;
 
 use anyhow::Result;
+use fila_train::precision::Precision;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -81,6 +82,9 @@ enum Command {
         /// `cpu` or `cuda:N` (needs the `cuda` feature).
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// `f32` or `bf16_mixed` (bf16 matrix products, f32 weights; see fila-train's precision).
+        #[arg(long, default_value = "f32", value_parser = parse_precision)]
+        precision: Precision,
     },
 }
 
@@ -168,29 +172,37 @@ fn main() -> Result<()> {
                 println!("wrote {}", out.display());
             }
         }
-        Command::Bench { size, batch, steps, device } => {
+        Command::Bench { size, batch, steps, device, precision } => {
             if device == "cpu" {
-                bench::run::<burn::backend::Autodiff<burn::backend::Flex>>(size, batch, steps, &Default::default());
+                bench::run::<burn::backend::Autodiff<burn::backend::Flex>>(size, batch, steps, precision, &Default::default());
             } else {
-                run_cuda_bench(&device, size, batch, steps)?;
+                run_cuda_bench(&device, size, batch, steps, precision)?;
             }
         }
     }
     Ok(())
 }
 
+fn parse_precision(text: &str) -> Result<Precision, String> {
+    match text {
+        "f32" => Ok(Precision::F32),
+        "bf16_mixed" => Ok(Precision::Bf16Mixed),
+        other => Err(format!("`{other}`: expected `f32` or `bf16_mixed`")),
+    }
+}
+
 #[cfg(feature = "cuda")]
-fn run_cuda_bench(device: &str, size: bench::BenchSize, batch: usize, steps: usize) -> Result<()> {
+fn run_cuda_bench(device: &str, size: bench::BenchSize, batch: usize, steps: usize, precision: Precision) -> Result<()> {
     let index: usize = device
         .strip_prefix("cuda:")
         .and_then(|i| i.parse().ok())
         .ok_or_else(|| anyhow::anyhow!("device `{device}`: expected `cpu` or `cuda:N`"))?;
     let device = burn::backend::cuda::CudaDevice::new(index);
-    bench::run::<burn::backend::Autodiff<burn::backend::Cuda>>(size, batch, steps, &device);
+    bench::run::<burn::backend::Autodiff<burn::backend::Cuda>>(size, batch, steps, precision, &device);
     Ok(())
 }
 
 #[cfg(not(feature = "cuda"))]
-fn run_cuda_bench(device: &str, _: bench::BenchSize, _: usize, _: usize) -> Result<()> {
+fn run_cuda_bench(device: &str, _: bench::BenchSize, _: usize, _: usize, _: Precision) -> Result<()> {
     anyhow::bail!("device `{device}` needs a build with `--features cuda`; this build runs on `cpu` only")
 }

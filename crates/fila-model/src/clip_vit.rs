@@ -3,6 +3,7 @@
 //! `models/clip/modeling_clip.py`). Field names equal checkpoint tensor names, so the struct
 //! tree is the key map: `embeddings.patch_embedding.weight`, `encoder.layers.{i}.self_attn.q_proj`.
 
+use crate::autocast;
 use crate::config::read_hf_config;
 use crate::nn::{attention, linear, merge_heads, split_heads, Activation, LayerNorm};
 use crate::ModelError;
@@ -143,7 +144,7 @@ impl<B: Backend> ClipVisionEmbeddings<B> {
     /// `pixels`: `[N, 3, S, S]` → `[N, 1 + (S/p)², D]` (class token first, patches row-major).
     pub fn forward(&self, pixels: Tensor<B, 4>) -> Tensor<B, 3> {
         let [n, _, h, w] = pixels.dims();
-        let patches = self.patch_embedding.forward(pixels); // [N, D, g, g]
+        let patches = autocast::conv2d(&self.patch_embedding, pixels); // [N, D, g, g]
         let d = patches.dims()[1];
         let patches = patches.flatten::<3>(2, 3).swap_dims(1, 2); // [N, g², D]
         let cls = self.class_embedding.val().reshape([1, 1, d]).expand([n, 1, d]);
@@ -171,10 +172,10 @@ pub struct ClipAttention<B: Backend> {
 impl<B: Backend> ClipAttention<B> {
     /// `x`: `[N, T, D]` → `[N, T, D]`; bidirectional, no mask.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let q = split_heads(self.q_proj.forward(x.clone()), self.num_heads);
-        let k = split_heads(self.k_proj.forward(x.clone()), self.num_heads);
-        let v = split_heads(self.v_proj.forward(x), self.num_heads);
-        self.out_proj.forward(merge_heads(attention(q, k, v, None)))
+        let q = split_heads(autocast::linear(&self.q_proj, x.clone()), self.num_heads);
+        let k = split_heads(autocast::linear(&self.k_proj, x.clone()), self.num_heads);
+        let v = split_heads(autocast::linear(&self.v_proj, x), self.num_heads);
+        autocast::linear(&self.out_proj, merge_heads(attention(q, k, v, None)))
     }
 }
 
@@ -198,8 +199,8 @@ impl<B: Backend> ClipEncoderLayer<B> {
     /// Pre-LN block: `[N, T, D]` → `[N, T, D]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x));
-        let h = self.mlp.fc1.forward(self.layer_norm2.forward(x.clone()));
-        x + self.mlp.fc2.forward(self.mlp.act.apply(h))
+        let h = autocast::linear(&self.mlp.fc1, self.layer_norm2.forward(x.clone()));
+        x + autocast::linear(&self.mlp.fc2, self.mlp.act.apply(h))
     }
 }
 

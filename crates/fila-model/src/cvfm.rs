@@ -9,6 +9,7 @@
 //! - fuse each patch token: `h' = h + W_out · GELU(W_in · [LN(h) ; LN(ĉ)])`; the class token
 //!   passes unchanged. `W_out` starts at zero, so an untrained CVFM leaves the ViT unchanged.
 
+use crate::autocast;
 use crate::nn::{linear, zero_linear, Activation, LayerNorm};
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
@@ -93,7 +94,7 @@ impl<B: Backend> CvfmBlock<B> {
             self.ratio
         );
         let aligned = match &self.align {
-            Some(conv) => conv.forward(map),
+            Some(conv) => autocast::conv2d(conv, map),
             None if self.ratio == 1 => map,
             None => avg_pool2d(map, [self.ratio, self.ratio], [self.ratio, self.ratio], [0, 0], true, false),
         }; // [1, C, rows·g, cols·g]
@@ -118,7 +119,7 @@ impl<B: Backend> CvfmBlock<B> {
         let cls = h.clone().slice([0..v, 0..1, 0..d]);
         let patches = h.slice([0..v, 1..t, 0..d]);
         let joined = Tensor::cat(vec![self.norm_vit.forward(patches.clone()), self.norm_conv.forward(conv)], 2);
-        let delta = self.fc_out.forward(Activation::Gelu.apply(self.fc_in.forward(joined)));
+        let delta = autocast::linear(&self.fc_out, Activation::Gelu.apply(autocast::linear(&self.fc_in, joined)));
         Tensor::cat(vec![cls, patches + delta], 1)
     }
 }

@@ -3,6 +3,7 @@
 //! Grouped-query attention, RoPE in `rotate_half` form (the layout Hugging Face's q/k weights
 //! assume) with the `llama3` frequency scaling, RMSNorm, SwiGLU, tied or untied output embedding.
 
+use crate::autocast;
 use crate::config::read_hf_config;
 use crate::nn::{attention, linear, merge_heads, split_heads, Activation, RmsNorm};
 use crate::ModelError;
@@ -318,9 +319,9 @@ impl<B: Backend> LlamaAttention<B> {
         bias: Tensor<B, 4>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     ) -> Tensor<B, 3> {
-        let q = split_heads(self.q_proj.forward(x.clone()), self.num_heads);
-        let k = split_heads(self.k_proj.forward(x.clone()), self.num_kv_heads);
-        let v = split_heads(self.v_proj.forward(x), self.num_kv_heads);
+        let q = split_heads(autocast::linear(&self.q_proj, x.clone()), self.num_heads);
+        let k = split_heads(autocast::linear(&self.k_proj, x.clone()), self.num_kv_heads);
+        let v = split_heads(autocast::linear(&self.v_proj, x), self.num_kv_heads);
         let q = apply_rope(q, cos.clone(), sin.clone());
         let mut k = apply_rope(k, cos, sin);
         let mut v = v;
@@ -333,7 +334,7 @@ impl<B: Backend> LlamaAttention<B> {
         }
         let k = repeat_kv(k, self.num_heads / self.num_kv_heads);
         let v = repeat_kv(v, self.num_heads / self.num_kv_heads);
-        self.o_proj.forward(merge_heads(attention(q, k, v, Some(bias))))
+        autocast::linear(&self.o_proj, merge_heads(attention(q, k, v, Some(bias))))
     }
 }
 
@@ -356,8 +357,8 @@ pub struct LlamaMlp<B: Backend> {
 
 impl<B: Backend> LlamaMlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = burn::tensor::activation::silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        let gate = burn::tensor::activation::silu(autocast::linear(&self.gate_proj, x.clone()));
+        autocast::linear(&self.down_proj, gate * autocast::linear(&self.up_proj, x))
     }
 }
 
@@ -477,10 +478,10 @@ impl<B: Backend> LlamaForCausalLM<B> {
     /// Output projection; with tied embeddings it reuses `embed_tokens.weight` (`[V, D]`).
     pub fn logits(&self, normed: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
-            Some(head) => head.forward(normed),
+            Some(head) => autocast::linear(head, normed),
             None => {
                 let w = self.model.embed_tokens.weight.val(); // [V, D]
-                normed.matmul(w.transpose().unsqueeze::<3>())
+                autocast::matmul(normed, w.transpose().unsqueeze::<3>())
             }
         }
     }

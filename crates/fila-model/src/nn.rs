@@ -1,5 +1,6 @@
 //! Small building blocks shared by the towers, with parameter names as in PyTorch checkpoints.
 
+use crate::autocast;
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
@@ -35,7 +36,10 @@ impl<B: Backend> LayerNorm<B> {
 
     /// `x`: `[N, C, H, W]`, normalised over channels (ConvNeXt's `channels_first`).
     pub fn forward_channels_first(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        self.forward(x.permute([0, 2, 3, 1])).permute([0, 3, 1, 2])
+        let [n, c, h, w] = x.dims();
+        // Normalised as a contiguous [N·H·W, C] matrix (see `ConvNextLayer::forward`).
+        let rows = x.permute([0, 2, 3, 1]).reshape([n * h * w, c]);
+        self.forward(rows).reshape([n, h, w, c]).permute([0, 3, 1, 2])
     }
 }
 
@@ -112,11 +116,11 @@ pub fn attention<B: Backend>(
 ) -> Tensor<B, 4> {
     let hd = q.dims()[3];
     let scale = (hd as f64).powf(-0.5);
-    let mut scores = q.matmul(k.swap_dims(2, 3)) * scale; // [B, H, Tq, Tk]
+    let mut scores = autocast::matmul(q, k.swap_dims(2, 3)) * scale; // [B, H, Tq, Tk]
     if let Some(bias) = bias {
         scores = scores + bias;
     }
-    activation::softmax(scores, 3).matmul(v)
+    autocast::matmul(activation::softmax(scores, 3), v)
 }
 
 /// `[B, T, H*hd]` → `[B, H, T, hd]`.

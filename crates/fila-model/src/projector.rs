@@ -1,5 +1,6 @@
 //! The vision-language projector (LLaVA's `mm_projector_type`: `linear` or `mlp{N}x_gelu`).
 
+use crate::autocast;
 use crate::nn::{linear, Activation};
 use burn::module::Module;
 use burn::nn::Linear;
@@ -78,7 +79,7 @@ impl<B: Backend> Projector<B> {
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let last = self.layers.len() - 1;
         self.layers.iter().enumerate().fold(x, |x, (i, layer)| {
-            let y = layer.forward(x);
+            let y = autocast::linear(layer, x);
             if i < last {
                 Activation::Gelu.apply(y)
             } else {

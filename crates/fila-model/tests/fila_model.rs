@@ -38,7 +38,7 @@ fn components() -> ModelSource {
     }
 }
 
-fn images() -> Vec<ImageInput<Cpu>> {
+fn images<B: Backend>() -> Vec<ImageInput<B>> {
     let device = Default::default();
     let normal = Distribution::Normal(0.0, 1.0);
     vec![
@@ -77,7 +77,7 @@ fn batch() -> (Vec<i64>, Vec<f32>, Vec<i64>, [usize; 2]) {
     (ids, mask, labels, [2, t])
 }
 
-fn input(images: Vec<ImageInput<Cpu>>, with_labels: bool) -> FilaInput<Cpu> {
+fn input<B: Backend>(images: Vec<ImageInput<B>>, with_labels: bool) -> FilaInput<B> {
     let device = Default::default();
     let (ids, mask, labels, shape) = batch();
     FilaInput {
@@ -91,8 +91,8 @@ fn input(images: Vec<ImageInput<Cpu>>, with_labels: bool) -> FilaInput<Cpu> {
 #[test]
 fn visual_tokens_replace_placeholders_in_order_and_loss_matches() {
     let config = config();
-    let model = Fila::<Cpu>::load(&config, &components(), &Default::default()).unwrap();
-    let images = images();
+    let model = Fila::<Dev>::load(&config, &components(), &Default::default()).unwrap();
+    let images = images::<Dev>();
     let out = model.forward(input(images.clone(), true), None);
 
     // The same computation by hand: embed text, write visual rows at the placeholder positions.
@@ -116,7 +116,7 @@ fn visual_tokens_replace_placeholders_in_order_and_loss_matches() {
     let expected_data = expected.to_data();
     assert_close("logits", out.logits.to_data(), &(vec![b, t, 96], expected_data.to_vec().unwrap()), 1e-6);
 
-    let labels = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(labels, [b, t]), &device);
+    let labels = Tensor::<Dev, 2, Int>::from_data(TensorData::new(labels, [b, t]), &device);
     let (loss, scored) = causal_lm_loss(expected, labels);
     // Row 0: positions 34..37 scored (4); row 1: 18..19 (2); position 2 / 1 follow unscored tokens.
     assert_eq!(out.scored_tokens, scored);
@@ -128,8 +128,8 @@ fn visual_tokens_replace_placeholders_in_order_and_loss_matches() {
 #[test]
 #[should_panic(expected = "<image> placeholder tokens in the batch but 16 visual tokens")]
 fn placeholder_count_must_match_the_images() {
-    let model = Fila::<Cpu>::load(&config(), &components(), &Default::default()).unwrap();
-    let mut images = images();
+    let model = Fila::<Dev>::load(&config(), &components(), &Default::default()).unwrap();
+    let mut images = images::<Dev>();
     images.remove(0);
     model.forward(input(images, false), None);
 }
@@ -137,7 +137,7 @@ fn placeholder_count_must_match_the_images() {
 #[test]
 fn fila_checkpoint_round_trips() {
     let config = config();
-    let model = Fila::<Cpu>::load(&config, &components(), &Default::default()).unwrap();
+    let model = Fila::<Dev>::load(&config, &components(), &Default::default()).unwrap();
     let dir = std::env::temp_dir().join(format!("fila-ckpt-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     write_safetensors(&dir.join("model.safetensors"), &model.named_tensors(), None).unwrap();
@@ -151,8 +151,8 @@ fn fila_checkpoint_round_trips() {
 
     let loaded_config = FilaConfig::from_checkpoint_dir(&dir).unwrap();
     assert_eq!(loaded_config, config);
-    let loaded = Fila::<Cpu>::load(&loaded_config, &ModelSource::Checkpoint(dir.clone()), &Default::default()).unwrap();
-    let images = images();
+    let loaded = Fila::<Dev>::load(&loaded_config, &ModelSource::Checkpoint(dir.clone()), &Default::default()).unwrap();
+    let images = images::<Dev>();
     let a = model.forward(input(images.clone(), false), None).logits;
     let b = loaded.forward(input(images, false), None).logits;
     let diff: f32 = (a - b).abs().max().into_scalar();
@@ -161,7 +161,7 @@ fn fila_checkpoint_round_trips() {
     assert_eq!(counts.total(), names.iter().map(|_| 0).sum::<usize>() + model_param_count(&loaded));
 }
 
-fn model_param_count(model: &Fila<Cpu>) -> usize {
+fn model_param_count(model: &Fila<Dev>) -> usize {
     use burn::module::Module;
     model.num_params()
 }
@@ -171,4 +171,62 @@ fn projector_names_parse() {
     assert_eq!(ProjectorKind::try_from("linear".to_string()).unwrap(), ProjectorKind::Linear);
     assert_eq!(ProjectorKind::try_from("mlp3x_gelu".to_string()).unwrap(), ProjectorKind::Mlp { depth: 3 });
     assert!(ProjectorKind::try_from("mlp_relu".to_string()).unwrap_err().contains("mlp<N>x_gelu"));
+}
+
+/// Relative L2 distance of two equally shaped tensors' values.
+fn relative_l2(a: &TensorData, b: &TensorData) -> f64 {
+    let a: Vec<f32> = a.clone().convert::<f32>().to_vec().unwrap();
+    let b: Vec<f32> = b.clone().convert::<f32>().to_vec().unwrap();
+    assert_eq!(a.len(), b.len());
+    let diff: f64 = a.iter().zip(&b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let norm: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (diff / norm.max(1e-30)).sqrt()
+}
+
+#[test]
+fn bf16_compute_stays_near_f32_and_gradients_reach_the_f32_weights() {
+    use fila_model::autocast::{with_compute, Compute};
+    use fila_model::fila::fila_key_map;
+    use fila_model::weights::named_gradients;
+    let model = Fila::<DevAutodiff>::load(&config(), &components(), &Default::default()).unwrap();
+    let images = images::<DevAutodiff>();
+    let run = |mode| {
+        let out = with_compute(mode, || model.forward(input(images.clone(), true), None));
+        let loss = out.loss.unwrap();
+        let value = loss.clone().into_scalar().elem::<f64>();
+        let grads = loss.backward();
+        (out.logits.into_data(), value, named_gradients(&model, &grads, &fila_key_map(), ""))
+    };
+    let (logits32, loss32, grads32) = run(Compute::F32);
+    let (logits16, loss16, grads16) = run(Compute::Bf16);
+
+    // bf16 has an 8-bit mantissa: the results move (so bf16 was used), but not far.
+    assert_eq!(logits16.dtype, burn::tensor::DType::F32, "logits come back in f32");
+    let logits_err = relative_l2(&logits16, &logits32);
+    let loss_err = (loss16 - loss32).abs() / loss32.abs();
+    eprintln!("bf16 vs f32: logits rel. L2 {logits_err:.2e}, loss rel. {loss_err:.2e} ({loss16} vs {loss32})");
+    assert!(logits_err > 1e-5 && logits_err < 6e-2, "logits rel. L2 {logits_err:e}");
+    assert!(loss_err > 0.0 && loss_err < 1e-2, "loss rel. {loss_err:e}");
+
+    // Every parameter on the path to the loss gets an f32 gradient close to the f32 one. Errors
+    // are relative to the gradient's norm, floored at 1e-4 of the largest. Attention key biases
+    // are skipped: they cannot change a softmax, so their gradient is rounding noise in both.
+    assert_eq!(grads16.len(), grads32.len());
+    assert!(grads16.len() > 100);
+    let norm = |g: &TensorData| -> f64 { g.clone().convert::<f32>().to_vec::<f32>().unwrap().iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt() };
+    let floor = 1e-4 * grads32.iter().map(|(_, g)| norm(g)).fold(0.0, f64::max);
+    let mut worst = (String::new(), 0.0f64);
+    for ((name, g16), (name32, g32)) in grads16.iter().zip(&grads32) {
+        assert_eq!(name, name32);
+        assert_eq!(g16.dtype, burn::tensor::DType::F32, "{name}: gradient dtype");
+        if name.ends_with("k_proj.bias") {
+            continue;
+        }
+        let err = relative_l2(g16, g32) * norm(g32) / norm(g32).max(floor);
+        if err > worst.1 {
+            worst = (name.clone(), err);
+        }
+    }
+    eprintln!("bf16 vs f32: worst gradient rel. L2 {:.2e} ({})", worst.1, worst.0);
+    assert!(worst.1 < 0.1, "gradient `{}` rel. L2 {:e}", worst.0, worst.1);
 }

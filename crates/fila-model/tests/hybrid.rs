@@ -13,14 +13,14 @@ use fila_model::cvfm::TileGrid;
 use fila_model::hybrid_encoder::{HybridConfig, HybridEncoder, ImageInput};
 use fila_model::weights::{load_module, Checkpoint, KeyMap};
 
-fn encoder() -> HybridEncoder<Cpu> {
+fn encoder() -> HybridEncoder<Dev> {
     let device = Default::default();
     let vit_config = ClipVisionConfig::from_hf_file(&fixture("clip")).unwrap();
     let conv_config = ConvNextConfig::from_hf_file(&fixture("convnext")).unwrap();
     // 5 ViT layers; the projector reads layer 4 (select −2), fusion after layers 1-4.
     let hybrid = HybridConfig { fusion_layers: vec![1, 2, 3, 4], ..HybridConfig::default() };
     hybrid.validate(&vit_config, &conv_config).unwrap();
-    let mut encoder = hybrid.init::<Cpu>(&vit_config, &conv_config, &device);
+    let mut encoder = hybrid.init::<Dev>(&vit_config, &conv_config, &device);
     encoder.vit = load_module(encoder.vit, &Checkpoint::open(&fixture("clip")).unwrap(), &KeyMap::clip_vision()).unwrap();
     encoder.convnext = Some(
         load_module(encoder.convnext.take().unwrap(), &Checkpoint::open(&fixture("convnext")).unwrap(), &KeyMap::convnext_hf()).unwrap(),
@@ -30,10 +30,10 @@ fn encoder() -> HybridEncoder<Cpu> {
 
 /// The fixture's two 56×56 images as one image with a 1×1 tiled canvas (global view + 1 tile),
 /// with a random 128×128 ConvNeXt input (g = 4 cells × 32).
-fn one_tiled_image() -> (ImageInput<Cpu>, Reference) {
+fn one_tiled_image() -> (ImageInput<Dev>, Reference) {
     let reference = Reference::open("clip");
-    let views = reference.tensor::<Cpu, 4>("pixel_values");
-    let hires = Tensor::<Cpu, 4>::random([1, 3, 128, 128], burn::tensor::Distribution::Normal(0.0, 1.0), &Default::default());
+    let views = reference.tensor::<Dev, 4>("pixel_values");
+    let hires = Tensor::<Dev, 4>::random([1, 3, 128, 128], burn::tensor::Distribution::Normal(0.0, 1.0), &Default::default());
     (ImageInput { views, hires: Some(hires), grid: TileGrid::tiled(1, 1) }, reference)
 }
 
@@ -72,9 +72,9 @@ fn view_features_cut_tile_windows_and_pool_the_global_view() {
     use fila_model::cvfm::{Alignment, CvfmBlock};
     let device = Default::default();
     // g = 2 cells per tile, ratio 2, canvas 1 row × 2 cols → map 4 × 8, value = 10·row + col.
-    let block = CvfmBlock::<Cpu>::new(8, 1, 2, Alignment::Pool, &device);
+    let block = CvfmBlock::<Dev>::new(8, 1, 2, Alignment::Pool, &device);
     let values: Vec<f32> = (0..4).flat_map(|r| (0..8).map(move |c| (10 * r + c) as f32)).collect();
-    let map = Tensor::<Cpu, 4>::from_data(burn::tensor::TensorData::new(values, [1, 1, 4, 8]), &device);
+    let map = Tensor::<Dev, 4>::from_data(burn::tensor::TensorData::new(values, [1, 1, 4, 8]), &device);
     let out = block.view_features(map, TileGrid::tiled(1, 2), 2); // [3, 4, 1]
     let got: Vec<f32> = out.into_data().to_vec().unwrap();
     // Cells after 2×2 pooling: row r, col c holds 10·(2r+0.5) + (2c+0.5).
@@ -92,7 +92,7 @@ fn view_features_cut_tile_windows_and_pool_the_global_view() {
 fn wrong_convnext_resolution_is_rejected() {
     let encoder = encoder();
     let (image, _) = one_tiled_image();
-    let wrong = Tensor::<Cpu, 4>::zeros([1, 3, 96, 96], &Default::default());
+    let wrong = Tensor::<Dev, 4>::zeros([1, 3, 96, 96], &Default::default());
     encoder.forward(&[ImageInput { hires: Some(wrong), ..image }], None);
 }
 

@@ -30,7 +30,7 @@ fn rewrite(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Ve
 fn try_load(dir: &Path) -> Result<(), String> {
     let config = ClipVisionConfig::from_hf_file(&fixture("clip_gelu")).unwrap();
     let checkpoint = Checkpoint::open(dir).map_err(|e| e.to_string())?;
-    load_module(config.init::<Cpu>(&Default::default()), &checkpoint, &KeyMap::clip_vision()).map(|_| ()).map_err(|e| e.to_string())
+    load_module(config.init::<Dev>(&Default::default()), &checkpoint, &KeyMap::clip_vision()).map(|_| ()).map_err(|e| e.to_string())
 }
 
 fn temp_dir(name: &str) -> std::path::PathBuf {
@@ -95,7 +95,7 @@ fn bf16_and_f16_files_load_within_their_precision() {
                     .collect();
             }
         });
-        let vit = load_module(config.init::<Cpu>(&Default::default()), &Checkpoint::open(&dir).unwrap(), &KeyMap::clip_vision()).unwrap();
+        let vit = load_module(config.init::<Dev>(&Default::default()), &Checkpoint::open(&dir).unwrap(), &KeyMap::clip_vision()).unwrap();
         let out = vit.forward(reference.tensor("pixel_values"));
         // Weights rounded to 8 (bf16) or 11 (f16) mantissa bits; the error stays well below the signal (|x| ≈ 1).
         let tol = if dtype == Dtype::BF16 { 0.1 } else { 0.01 };
@@ -153,7 +153,7 @@ fn openclip_convnext_names_load_to_the_same_network() {
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
 
     let config = ConvNextConfig::from_hf_file(&fixture("convnext")).unwrap();
-    let model = load_module(config.init::<Cpu>(&Default::default()), &Checkpoint::open(&dir).unwrap(), &KeyMap::convnext_timm()).unwrap();
+    let model = load_module(config.init::<Dev>(&Default::default()), &Checkpoint::open(&dir).unwrap(), &KeyMap::convnext_timm()).unwrap();
     let reference = Reference::open("convnext");
     let out = model.forward(reference.tensor("pixel_values"));
     assert_close("stage.4", out.stages[3].to_data(), &reference.f32("stage.4"), TOL);

@@ -1,5 +1,5 @@
 //! Parity with transformers: tiny random CLIP, ConvNeXt and Llama checkpoints written by
-//! `scripts/gen_parity_fixtures.py`, loaded through the production loader, compared at 1e-4.
+//! `scripts/gen_parity_fixtures.py`, loaded through the production loader, compared at 1e-4 on CPU (see `common::TOL` for CUDA).
 
 mod common;
 
@@ -28,16 +28,16 @@ fn clip_whole_model_hidden_states_pooler_and_gradients() {
     let dir = fixture("clip");
     let config = ClipVisionConfig::from_hf_file(&dir).unwrap();
     assert_eq!((config.hidden_size, config.num_hidden_layers, config.image_size), (32, 5, 56));
-    let vit = load_module(config.init::<CpuAutodiff>(&Default::default()), &Checkpoint::open(&dir).unwrap(), &KeyMap::clip_vision()).unwrap();
+    let vit = load_module(config.init::<DevAutodiff>(&Default::default()), &Checkpoint::open(&dir).unwrap(), &KeyMap::clip_vision()).unwrap();
     let reference = Reference::open("clip");
-    let pixels = reference.tensor::<CpuAutodiff, 4>("pixel_values").require_grad();
+    let pixels = reference.tensor::<DevAutodiff, 4>("pixel_values").require_grad();
     let out = vit.forward(pixels.clone());
     for (i, h) in out.hidden.iter().enumerate() {
         assert_close(&format!("hidden.{i}"), h.to_data(), &reference.f32(&format!("hidden.{i}")), TOL);
     }
     assert_close("pooler_output", out.pooled.to_data(), &reference.f32("pooler_output"), TOL);
-    let loss = (out.hidden[5].clone() * reference.tensor::<CpuAutodiff, 3>("probe")).sum()
-        + (out.hidden[4].clone() * reference.tensor::<CpuAutodiff, 3>("probe2")).sum();
+    let loss = (out.hidden[5].clone() * reference.tensor::<DevAutodiff, 3>("probe")).sum()
+        + (out.hidden[4].clone() * reference.tensor::<DevAutodiff, 3>("probe2")).sum();
     assert_close("loss", loss.to_data(), &reference.f32("loss"), TOL);
     let grads = loss.backward();
     assert_close("grad.pixel_values", pixels.grad(&grads).unwrap().into_data(), &reference.f32("grad.pixel_values"), TOL);
@@ -50,7 +50,7 @@ fn clip_bare_vision_model_with_exact_gelu() {
     let dir = fixture("clip_gelu");
     let config = ClipVisionConfig::from_hf_file(&dir).unwrap();
     assert_eq!(config.hidden_act, fila_model::nn::Activation::Gelu);
-    let vit = load_module(config.init::<Cpu>(&Default::default()), &Checkpoint::open(&dir).unwrap(), &KeyMap::clip_vision()).unwrap();
+    let vit = load_module(config.init::<Dev>(&Default::default()), &Checkpoint::open(&dir).unwrap(), &KeyMap::clip_vision()).unwrap();
     let reference = Reference::open("clip_gelu");
     let out = vit.forward(reference.tensor("pixel_values"));
     for i in 0..=2 {
@@ -63,16 +63,16 @@ fn clip_bare_vision_model_with_exact_gelu() {
 fn convnext_stages_pooler_and_gradients() {
     let dir = fixture("convnext");
     let config = ConvNextConfig::from_hf_file(&dir).unwrap();
-    let model = load_module(config.init::<CpuAutodiff>(&Default::default()), &Checkpoint::open(&dir).unwrap(), &KeyMap::convnext_hf()).unwrap();
+    let model = load_module(config.init::<DevAutodiff>(&Default::default()), &Checkpoint::open(&dir).unwrap(), &KeyMap::convnext_hf()).unwrap();
     let reference = Reference::open("convnext");
-    let pixels = reference.tensor::<CpuAutodiff, 4>("pixel_values").require_grad();
+    let pixels = reference.tensor::<DevAutodiff, 4>("pixel_values").require_grad();
     let out = model.forward(pixels.clone());
     assert_close("stem", out.stem.to_data(), &reference.f32("stem"), TOL);
     let mut loss = None;
     for (k, stage) in out.stages.iter().enumerate() {
         let name = format!("stage.{}", k + 1);
         assert_close(&name, stage.to_data(), &reference.f32(&name), TOL);
-        let term = (stage.clone() * reference.tensor::<CpuAutodiff, 4>(&format!("probe.{}", k + 1))).sum();
+        let term = (stage.clone() * reference.tensor::<DevAutodiff, 4>(&format!("probe.{}", k + 1))).sum();
         loss = Some(match loss { None => term, Some(l) => l + term });
     }
     assert_close("pooler_output", model.pool(out.stages[3].clone()).to_data(), &reference.f32("pooler_output"), TOL);
@@ -90,10 +90,10 @@ fn llama_sharded_gqa_llama3_rope_logits_loss_and_gradients() {
     let config = LlamaConfig::from_hf_file(&dir).unwrap();
     assert_eq!(config.num_key_value_heads, 2);
     assert!(matches!(config.rope_scaling, Some(fila_model::llama::RopeScaling::Llama3 { .. })));
-    let llm = load_module(config.init::<CpuAutodiff>(&Default::default()), &Checkpoint::open(&dir).unwrap(), &KeyMap::llama(false)).unwrap();
+    let llm = load_module(config.init::<DevAutodiff>(&Default::default()), &Checkpoint::open(&dir).unwrap(), &KeyMap::llama(false)).unwrap();
     let reference = Reference::open("llama");
-    let ids = reference.ints::<CpuAutodiff>("input_ids");
-    let mask = reference.ints::<CpuAutodiff>("attention_mask").float();
+    let ids = reference.ints::<DevAutodiff>("input_ids");
+    let mask = reference.ints::<DevAutodiff>("attention_mask").float();
     let out = llm.forward_embeds(llm.embed(ids), Some(mask), true);
     // Every position, padded ones included: the padding mask changes those logits.
     assert_close("logits", out.logits.to_data(), &reference.f32("logits"), TOL);
@@ -101,7 +101,7 @@ fn llama_sharded_gqa_llama3_rope_logits_loss_and_gradients() {
     assert_close("hidden.1", out.hidden[1].to_data(), &reference.f32("hidden.1"), TOL);
     // transformers' last hidden state has the final norm applied.
     assert_close("hidden.2", llm.model.norm.forward(out.hidden[2].clone()).to_data(), &reference.f32("hidden.2"), TOL);
-    let (loss, scored) = causal_lm_loss(out.logits, reference.ints::<CpuAutodiff>("labels"));
+    let (loss, scored) = causal_lm_loss(out.logits, reference.ints::<DevAutodiff>("labels"));
     assert_eq!(scored, 8 + 4); // labels at positions 4..12 and 4..8, none at position 0
     assert_close("loss", loss.to_data(), &reference.f32("loss"), TOL);
     let grads = loss.backward();
@@ -114,10 +114,10 @@ fn llama_tied_output_embedding() {
     let dir = fixture("llama_tied");
     let config = LlamaConfig::from_hf_file(&dir).unwrap();
     assert!(config.tie_word_embeddings);
-    let llm = load_module(config.init::<Cpu>(&Default::default()), &Checkpoint::open(&dir).unwrap(), &KeyMap::llama(true)).unwrap();
+    let llm = load_module(config.init::<Dev>(&Default::default()), &Checkpoint::open(&dir).unwrap(), &KeyMap::llama(true)).unwrap();
     assert!(llm.lm_head.is_none());
     let reference = Reference::open("llama_tied");
-    let out = llm.forward_embeds(llm.embed(reference.ints("input_ids")), Some(reference.ints::<Cpu>("attention_mask").float()), false);
+    let out = llm.forward_embeds(llm.embed(reference.ints("input_ids")), Some(reference.ints::<Dev>("attention_mask").float()), false);
     assert_close("logits", out.logits.to_data(), &reference.f32("logits"), TOL);
 }
 
@@ -133,9 +133,9 @@ fn published_parameter_counts_from_configs() {
 fn kv_cache_decoding_matches_the_full_forward() {
     let dir = fixture("llama");
     let config = LlamaConfig::from_hf_file(&dir).unwrap();
-    let llm = load_module(config.init::<Cpu>(&Default::default()), &Checkpoint::open(&dir).unwrap(), &KeyMap::llama(false)).unwrap();
+    let llm = load_module(config.init::<Dev>(&Default::default()), &Checkpoint::open(&dir).unwrap(), &KeyMap::llama(false)).unwrap();
     let reference = Reference::open("llama");
-    let ids = reference.ints::<Cpu>("input_ids").narrow(0, 0, 1); // row 0 has no padding
+    let ids = reference.ints::<Dev>("input_ids").narrow(0, 0, 1); // row 0 has no padding
     let full = llm.forward_embeds(llm.embed(ids.clone()), None, false).logits; // [1, 12, V]
     let mut cache = fila_model::llama::KvCache::new(config.num_hidden_layers);
     let prefill = llm.forward_cached(llm.embed(ids.clone().narrow(1, 0, 5)), &mut cache);

@@ -10,12 +10,12 @@
 
 use crate::trainable::TrainableSet;
 use anyhow::{anyhow, bail, Context, Result};
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use fila_data::{BadRecordCounts, DataCursor};
 use fila_model::fila::{Fila, FilaConfig};
-use fila_model::weights::{write_safetensors, Checkpoint};
+use fila_model::weights::{map_params, visit_params, with_value, write_safetensors, Checkpoint, ParamPath, PathMapper, PathVisitor};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -73,26 +73,19 @@ pub fn latest(output_dir: &Path) -> Option<PathBuf> {
 /// Trainable parameters by path, in Burn layout.
 fn trainable_tensors<B: Backend>(model: &Fila<B>, set: &TrainableSet) -> Vec<(String, TensorData)> {
     struct Collect<'a> {
-        stack: Vec<String>,
         set: &'a TrainableSet,
         out: Vec<(String, TensorData)>,
     }
-    impl<B: Backend> ModuleVisitor<B> for Collect<'_> {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.stack.push(name.to_string());
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.stack.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            let path = self.stack.join(".");
+    impl<B: Backend> PathVisitor<B> for Collect<'_> {
+        fn visit<const D: usize>(&mut self, at: &ParamPath, param: &Param<Tensor<B, D>>) {
+            let path = at.path();
             if self.set.contains(&path) {
                 self.out.push((path, param.val().to_data()));
             }
         }
     }
-    let mut c = Collect { stack: Vec::new(), set, out: Vec::new() };
-    model.visit(&mut c);
+    let mut c = Collect { set, out: Vec::new() };
+    visit_params(model, &mut c);
     c.out
 }
 
@@ -165,33 +158,24 @@ pub fn load_trainable<B: Backend>(model: Fila<B>, set: &TrainableSet, dir: &Path
         bail!("{}: `{extra}` is not a trainable parameter of this run (different stage or trainable list?)", path.display());
     }
     struct Load<'a> {
-        stack: Vec<String>,
         file: &'a Checkpoint,
         set: &'a TrainableSet,
         problems: Vec<String>,
     }
-    impl<B: Backend> ModuleMapper<B> for Load<'_> {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.stack.push(name.to_string());
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.stack.pop();
-        }
-        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-            let path = self.stack.join(".");
+    impl<B: Backend> PathMapper<B> for Load<'_> {
+        fn map<const D: usize>(&mut self, at: &ParamPath, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let path = at.path();
             if !self.set.contains(&path) {
                 return param;
             }
             match self.file.read_f32(&path) {
                 Ok((shape, values)) => {
-                    let (id, old, mapper) = param.consume();
-                    if shape != old.dims().to_vec() {
-                        self.problems.push(format!("`{path}` has shape {shape:?}, the model {:?}", old.dims()));
-                        return Param::from_mapped_value(id, old, mapper);
+                    let dims = param.val().dims();
+                    if shape != dims.to_vec() {
+                        self.problems.push(format!("`{path}` has shape {shape:?}, the model {dims:?}"));
+                        return param;
                     }
-                    let grad = old.is_require_grad();
-                    let t = Tensor::<B, D>::from_data(TensorData::new(values, shape), &old.device()).set_require_grad(grad);
-                    Param::from_mapped_value(id, t, mapper)
+                    with_value(param, values, shape)
                 }
                 Err(e) => {
                     self.problems.push(format!("{e}"));
@@ -200,8 +184,8 @@ pub fn load_trainable<B: Backend>(model: Fila<B>, set: &TrainableSet, dir: &Path
             }
         }
     }
-    let mut loader = Load { stack: Vec::new(), file: &file, set, problems: Vec::new() };
-    let model = model.map(&mut loader);
+    let mut loader = Load { file: &file, set, problems: Vec::new() };
+    let model = map_params(model, &mut loader);
     if !loader.problems.is_empty() {
         bail!("{}:\n  {}", path.display(), loader.problems.join("\n  "));
     }

@@ -8,11 +8,11 @@
 use crate::config::{OptimizerConfig, ScheduleConfig};
 use crate::trainable::TrainableSet;
 use anyhow::{anyhow, bail, Context, Result};
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{Module, Param};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::TensorData;
-use fila_model::weights::{write_safetensors, Checkpoint};
+use fila_model::weights::{map_params, visit_params, write_safetensors, Checkpoint, ParamPath, PathMapper, PathVisitor};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
@@ -27,20 +27,13 @@ pub fn accumulate_grads<B: AutodiffBackend, M: Module<B>>(
     acc: &mut Grads<B::InnerBackend>,
 ) {
     struct Collector<'a, B: AutodiffBackend> {
-        stack: Vec<String>,
         grads: &'a B::Gradients,
         set: &'a TrainableSet,
         acc: &'a mut Grads<B::InnerBackend>,
     }
-    impl<B: AutodiffBackend> ModuleVisitor<B> for Collector<'_, B> {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.stack.push(name.to_string());
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.stack.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            let path = self.stack.join(".");
+    impl<B: AutodiffBackend> PathVisitor<B> for Collector<'_, B> {
+        fn visit<const D: usize>(&mut self, at: &ParamPath, param: &Param<Tensor<B, D>>) {
+            let path = at.path();
             if !self.set.contains(&path) {
                 return;
             }
@@ -55,7 +48,7 @@ pub fn accumulate_grads<B: AutodiffBackend, M: Module<B>>(
             }
         }
     }
-    model.visit(&mut Collector::<B> { stack: Vec::new(), grads, set, acc });
+    visit_params(model, &mut Collector::<B> { grads, set, acc });
 }
 
 /// The global L2 norm of all gradients, as `clip_grad_norm_` computes it (f32 per-tensor sums of
@@ -137,7 +130,6 @@ impl<I: Backend> AdamW<I> {
         let t = self.step as i32;
         let [beta1, beta2] = self.config.betas;
         let mut updater = Updater::<B> {
-            stack: Vec::new(),
             grads,
             set,
             state: &mut self.state,
@@ -149,7 +141,7 @@ impl<I: Backend> AdamW<I> {
             bias_correction1: 1.0 - beta1.powi(t),
             bias_correction2: 1.0 - beta2.powi(t),
         };
-        model.map(&mut updater)
+        map_params(model, &mut updater)
     }
 
     /// Writes `optimizer.safetensors`: `exp_avg.<path>`, `exp_avg_sq.<path>` (flat f32) and the
@@ -200,7 +192,6 @@ impl<I: Backend> AdamW<I> {
 }
 
 struct Updater<'a, B: AutodiffBackend> {
-    stack: Vec<String>,
     grads: &'a Grads<B::InnerBackend>,
     set: &'a TrainableSet,
     state: &'a mut BTreeMap<String, Moments<B::InnerBackend>>,
@@ -213,15 +204,9 @@ struct Updater<'a, B: AutodiffBackend> {
     bias_correction2: f64,
 }
 
-impl<B: AutodiffBackend> ModuleMapper<B> for Updater<'_, B> {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.stack.push(name.to_string());
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.stack.pop();
-    }
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let path = self.stack.join(".");
+impl<B: AutodiffBackend> PathMapper<B> for Updater<'_, B> {
+    fn map<const D: usize>(&mut self, at: &ParamPath, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let path = at.path();
         let (Some(info), Some(grad)) = (self.set.params.get(&path), self.grads.get(&path)) else {
             return param;
         };

@@ -74,14 +74,15 @@ pub fn plan(loaded: &LoadedConfig) -> Result<String> {
     let p = c.precision;
     let trainable: usize = parts.iter().filter(|(n, _)| trains(n)).map(|(_, k)| k).sum();
     let frozen = counts.total() - trainable;
-    let weights = (counts.total() * p.compute_bytes() + trainable * p.master_bytes()) as f64;
+    let weights = (counts.total() * p.weight_bytes()) as f64;
+    let cast_copies = (counts.total() * p.cast_copy_bytes()) as f64;
     let grads = (trainable * p.grad_bytes()) as f64;
     let optimizer = (trainable * p.optimizer_bytes()) as f64;
 
     // Activation estimate for one micro-batch.
     let data = &loaded.data;
     let b = c.batch.micro_batch_size as f64;
-    let act_scale = if p.compute_bytes() == 4 { 2.0 } else { 1.0 };
+    let act_scale = p.activation_scale();
     let layer = |s: f64, batch: f64, h: f64, a: f64| s * batch * h * (34.0 + 5.0 * a * s / h) * act_scale;
     let g = (arch.vision.image_size / arch.vision.patch_size) as f64;
     let (views, hires_side_w, hires_side_h) = match c.stage {
@@ -108,12 +109,13 @@ pub fn plan(loaded: &LoadedConfig) -> Result<String> {
                 12.0 * cells * arch.convnext.hidden_sizes[k] as f64 * arch.convnext.depths[k] as f64 * b
             })
             .sum::<f64>()
-            * p.compute_bytes() as f64
+            * 2.0
+            * act_scale
     } else {
         0.0
     };
     let activations = llm_act + vit_act + convnext_act;
-    let total = weights + grads + optimizer + activations;
+    let total = weights + cast_copies + grads + optimizer + activations;
 
     let mut out = String::new();
     let _ = writeln!(out, "memory plan: stage {} on {} ({:?}), micro-batch {} × accumulation {}, max_len {}", c.stage, c.device, p, c.batch.micro_batch_size, c.batch.accumulation_steps, data.max_len);
@@ -126,7 +128,10 @@ pub fn plan(loaded: &LoadedConfig) -> Result<String> {
     }
     let _ = writeln!(out, "  {:<10} {:>14} ({} trainable, {} frozen)", "total", counts.total(), trainable, frozen);
     let _ = writeln!(out, "memory per device (one device; no sharding):");
-    let _ = writeln!(out, "  weights           {}  ({} B/param compute + {} B/trainable master)", gib(weights), p.compute_bytes(), p.master_bytes());
+    let _ = writeln!(out, "  weights           {}  (f32)", gib(weights));
+    if cast_copies > 0.0 {
+        let _ = writeln!(out, "  bf16 weight casts {}  (made in the forward, kept for the backward)", gib(cast_copies));
+    }
     let _ = writeln!(out, "  gradients         {}", gib(grads));
     let _ = writeln!(out, "  optimizer state   {}  (AdamW moments, f32)", gib(optimizer));
     let _ = writeln!(out, "  activations       {}  (estimate; {} views/image, ConvNeXt {}x{}, {} tracked ViT layers)", gib(activations), views, hires_side_w, hires_side_h, vit_layers);

@@ -1,14 +1,12 @@
 //! The precision policy, in one place.
 //!
 //! - `f32`: everything in f32. The only mode on CPU, and the default.
-//! - `bf16_mixed` (CUDA only): the intended policy is bf16 compute with f32 master weights and f32
-//!   optimizer state for the trainable parameters, frozen towers held in bf16, and norms, softmax
-//!   and the loss in f32. **What this build does:** the switch is parsed, validated (refused on
-//!   CPU) and recorded with the run, and the memory plan (`--plan`) counts it; the training step
-//!   itself still runs in f32 and says so at start-up. Burn 0.21 has no autocast, so the bf16 path
-//!   needs casts inside fila-model's blocks (norm/softmax/loss back to f32), which that crate
-//!   does not offer yet.
+//! - `bf16_mixed` (CUDA only): matrix products and convolutions compute in bf16
+//!   ([`fila_model::autocast`]); weights stay in f32 as the master copy, gradients arrive in f32,
+//!   optimizer state is f32; norms, softmax, activations, residual sums and the loss are f32.
+//!   Frozen towers are held in f32 too (a bf16 copy of them is made per forward).
 
+use fila_model::autocast::Compute;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -28,26 +26,46 @@ impl Precision {
         }
     }
 
-    /// Bytes per element of the compute copy of a weight (trainable or frozen).
-    pub fn compute_bytes(self) -> usize {
+    /// The compute mode the model's forward runs under.
+    pub fn compute(self) -> Compute {
         match self {
-            Precision::F32 => 4,
+            Precision::F32 => Compute::F32,
+            Precision::Bf16Mixed => Compute::Bf16,
+        }
+    }
+
+    /// Runs the model's forward (and with it the recorded graph for backward) under this policy.
+    pub fn forward<R>(self, f: impl FnOnce() -> R) -> R {
+        fila_model::autocast::with_compute(self.compute(), f)
+    }
+
+    /// Bytes per element of a stored weight (trainable or frozen): f32 in every mode.
+    pub fn weight_bytes(self) -> usize {
+        4
+    }
+
+    /// Bytes per element of the bf16 copies of the weights made during a forward and kept for
+    /// the backward (0 in f32).
+    pub fn cast_copy_bytes(self) -> usize {
+        match self {
+            Precision::F32 => 0,
             Precision::Bf16Mixed => 2,
         }
     }
 
-    /// Bytes per element of the f32 master copy kept for trainable weights (0 if the compute copy
-    /// is the master).
-    pub fn master_bytes(self) -> usize {
-        match self {
-            Precision::F32 => 0,
-            Precision::Bf16Mixed => 4,
-        }
+    /// Bytes per gradient element: gradients reach the f32 weights in f32.
+    pub fn grad_bytes(self) -> usize {
+        4
     }
 
-    /// Bytes per gradient element (gradients come out in the compute dtype).
-    pub fn grad_bytes(self) -> usize {
-        self.compute_bytes()
+    /// Saved activations relative to an all-16-bit model: 2 in f32; 1.5 under `bf16_mixed`, where
+    /// the operands of matrix products are saved in bf16 and the rest (norm inputs, softmax
+    /// outputs, activations) in f32 — an estimate, taking about half of them to be bf16.
+    pub fn activation_scale(self) -> f64 {
+        match self {
+            Precision::F32 => 2.0,
+            Precision::Bf16Mixed => 1.5,
+        }
     }
 
     /// Optimizer state is f32 in every mode: two moments per trainable element.
@@ -59,9 +77,7 @@ impl Precision {
     pub fn effective_note(self) -> &'static str {
         match self {
             Precision::F32 => "f32 weights, compute and optimizer state",
-            Precision::Bf16Mixed => {
-                "bf16_mixed requested: this build still computes in f32 (bf16 casts are not implemented yet; see precision.rs)"
-            }
+            Precision::Bf16Mixed => "bf16 matrix products and convolutions; f32 weights, gradients, optimizer state, norms, softmax and loss"
         }
     }
 }

@@ -7,9 +7,10 @@
 
 use crate::config::TrainableConfig;
 use anyhow::{bail, Result};
-use burn::module::{Module, ModuleMapper, Param};
+use burn::module::{Module, Param};
 use burn::prelude::*;
 use fila_model::fila::Fila;
+use fila_model::weights::{map_params, visit_params, ParamPath, PathMapper, PathVisitor};
 use std::collections::BTreeMap;
 
 /// Module names usable in `trainable.modules` and `trainable.lr_multipliers`, and the model
@@ -121,47 +122,30 @@ pub fn apply_trainable<B: Backend>(model: Fila<B>, stage: u8, config: &Trainable
     if set.params.is_empty() {
         bail!("`trainable`: no parameter is trainable");
     }
-    let model = model.map(&mut Freezer { stack: Vec::new(), set: &set });
+    let model = map_params(model, &mut Freezer { set: &set });
     Ok((model, set))
 }
 
 /// Parameter shapes by path, initialising lazy parameters in visiting order.
 pub fn param_shapes<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String, Vec<usize>> {
-    struct Shapes {
-        stack: Vec<String>,
-        out: BTreeMap<String, Vec<usize>>,
-    }
-    impl<B: Backend> burn::module::ModuleVisitor<B> for Shapes {
-        fn enter_module(&mut self, name: &str, _container_type: &str) {
-            self.stack.push(name.to_string());
-        }
-        fn exit_module(&mut self, _name: &str, _container_type: &str) {
-            self.stack.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            self.out.insert(self.stack.join("."), param.val().dims().to_vec());
+    struct Shapes(BTreeMap<String, Vec<usize>>);
+    impl<B: Backend> PathVisitor<B> for Shapes {
+        fn visit<const D: usize>(&mut self, at: &ParamPath, param: &Param<Tensor<B, D>>) {
+            self.0.insert(at.path(), param.val().dims().to_vec());
         }
     }
-    let mut v = Shapes { stack: Vec::new(), out: BTreeMap::new() };
-    module.visit(&mut v);
-    v.out
+    let mut v = Shapes(BTreeMap::new());
+    visit_params(module, &mut v);
+    v.0
 }
 
 struct Freezer<'a> {
-    stack: Vec<String>,
     set: &'a TrainableSet,
 }
 
-impl<B: Backend> ModuleMapper<B> for Freezer<'_> {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.stack.push(name.to_string());
-    }
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.stack.pop();
-    }
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let trainable = self.set.contains(&self.stack.join("."));
-        param.set_require_grad(trainable)
+impl<B: Backend> PathMapper<B> for Freezer<'_> {
+    fn map<const D: usize>(&mut self, at: &ParamPath, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        param.set_require_grad(self.set.contains(&at.path()))
     }
 }
 

@@ -225,7 +225,7 @@ pub fn run<B: AutodiffBackend>(loaded: LoadedConfig, options: RunOptions, device
         let mut finite = true;
         for batch in &window {
             let share = scored_tokens(batch) as f64 / tokens.max(1) as f64;
-            let output = model.forward(to_input::<B>(batch, device), None);
+            let output = c.precision.forward(|| model.forward(to_input::<B>(batch, device), None));
             let loss = output.loss.expect("labels given").mul_scalar(share);
             let value = loss.clone().into_scalar().elem::<f64>();
             if !value.is_finite() {

@@ -150,24 +150,86 @@ fn mapped_path(files: &[(PathBuf, Mmap)], i: usize) -> &Path {
     &files[i].0
 }
 
-/// Walks a module with the path of each parameter (`encoder.layers.3.self_attn.q_proj.weight`)
-/// and whether it is the weight of a Burn `Linear` (stored transposed relative to PyTorch).
-struct PathTracker {
+/// Where a walk over a module's parameters is: the dotted path of the current parameter
+/// (`encoder.layers.3.self_attn.q_proj.weight`) and the Burn containers around it.
+#[derive(Debug, Default)]
+pub struct ParamPath {
     stack: Vec<(String, String)>,
 }
 
-impl PathTracker {
-    fn path(&self) -> String {
+impl ParamPath {
+    pub fn path(&self) -> String {
         self.stack.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>().join(".")
     }
 
-    fn is_linear_weight(&self) -> bool {
+    /// Whether the parameter is the weight of a Burn `Linear`, stored `[in, out]`: the transpose
+    /// of PyTorch's layout.
+    pub fn is_linear_weight(&self) -> bool {
         matches!(self.stack.last(), Some((name, container)) if name == "weight" && container == "Struct:Linear")
     }
 }
 
+/// Reads each float parameter of a module together with its path (see [`visit_params`]).
+pub trait PathVisitor<B: Backend> {
+    fn visit<const D: usize>(&mut self, at: &ParamPath, param: &Param<Tensor<B, D>>);
+}
+
+/// Replaces each float parameter of a module, told its path (see [`map_params`]).
+pub trait PathMapper<B: Backend> {
+    fn map<const D: usize>(&mut self, at: &ParamPath, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>>;
+}
+
+/// Burn's visitor/mapper interface with the path kept up to date around a [`PathVisitor`] or
+/// [`PathMapper`].
+struct Walk<'a, V> {
+    at: ParamPath,
+    inner: &'a mut V,
+}
+
+impl<B: Backend, V: PathVisitor<B>> ModuleVisitor<B> for Walk<'_, V> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.at.stack.push((name.to_string(), container_type.to_string()));
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.at.stack.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        self.inner.visit(&self.at, param);
+    }
+}
+
+impl<B: Backend, V: PathMapper<B>> ModuleMapper<B> for Walk<'_, V> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.at.stack.push((name.to_string(), container_type.to_string()));
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.at.stack.pop();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        self.inner.map(&self.at, param)
+    }
+}
+
+/// Calls `visitor` with every float parameter of `module` and its path, in visiting order.
+pub fn visit_params<B: Backend, M: Module<B>, V: PathVisitor<B>>(module: &M, visitor: &mut V) {
+    module.visit(&mut Walk { at: ParamPath::default(), inner: visitor });
+}
+
+/// Rebuilds `module` with every float parameter passed through `mapper` with its path.
+pub fn map_params<B: Backend, M: Module<B>, V: PathMapper<B>>(module: M, mapper: &mut V) -> M {
+    module.map(&mut Walk { at: ParamPath::default(), inner: mapper })
+}
+
+/// `param` with its value replaced by `values` of `shape` (on the same device, keeping its id and
+/// whether it requires a gradient).
+pub fn with_value<B: Backend, const D: usize>(param: Param<Tensor<B, D>>, values: Vec<f32>, shape: Vec<usize>) -> Param<Tensor<B, D>> {
+    let (id, old, mapper) = param.consume();
+    let require_grad = old.is_require_grad();
+    let tensor = Tensor::<B, D>::from_data(TensorData::new(values, shape), &old.device()).set_require_grad(require_grad);
+    Param::from_mapped_value(id, tensor, mapper)
+}
+
 struct Loader<'a> {
-    tracker: PathTracker,
     checkpoint: &'a Checkpoint,
     map: &'a KeyMap,
     prefix: String,
@@ -175,39 +237,30 @@ struct Loader<'a> {
     problems: Vec<String>,
 }
 
-impl<B: Backend> ModuleMapper<B> for Loader<'_> {
-    fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.tracker.stack.push((name.to_string(), container_type.to_string()));
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.tracker.stack.pop();
-    }
-
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let ours = self.tracker.path();
+impl<B: Backend> PathMapper<B> for Loader<'_> {
+    fn map<const D: usize>(&mut self, at: &ParamPath, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let ours = at.path();
         let key = format!("{}{}", self.prefix, self.map.file_key(&ours));
-        let transpose = D == 2 && self.tracker.is_linear_weight();
-        let (id, old, mapper) = param.consume();
+        let transpose = D == 2 && at.is_linear_weight();
         if !self.checkpoint.contains(&key) {
             if !self.map.is_optional(&ours) {
                 self.problems.push(format!("  missing tensor `{key}` (model parameter `{ours}`)"));
             }
-            return Param::from_mapped_value(id, old, mapper);
+            return param;
         }
         self.used.insert(key.clone());
         let (mut shape, mut values) = match self.checkpoint.read_f32(&key) {
             Ok(read) => read,
             Err(e) => {
                 self.problems.push(format!("  {e}"));
-                return Param::from_mapped_value(id, old, mapper);
+                return param;
             }
         };
         if transpose && shape.len() == 2 {
             values = transpose_2d(&values, shape[0], shape[1]);
             shape.swap(0, 1);
         }
-        let expected = old.dims().to_vec();
+        let expected = param.val().dims().to_vec();
         if shape != expected {
             let file = self.checkpoint.file_of(&key).map(|p| p.display().to_string()).unwrap_or_default();
             let (shown, wanted) = if transpose {
@@ -216,11 +269,9 @@ impl<B: Backend> ModuleMapper<B> for Loader<'_> {
                 (shape, expected)
             };
             self.problems.push(format!("  tensor `{key}` in {file} has shape {shown:?}, the model expects {wanted:?}"));
-            return Param::from_mapped_value(id, old, mapper);
+            return param;
         }
-        let require_grad = old.is_require_grad();
-        let tensor = Tensor::<B, D>::from_data(TensorData::new(values, shape), &old.device()).set_require_grad(require_grad);
-        Param::from_mapped_value(id, tensor, mapper)
+        with_value(param, values, shape)
     }
 }
 
@@ -234,29 +285,17 @@ fn transpose_2d(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-/// Names of all float parameters of a module, in visiting order, with their shapes.
-struct NameCollector {
-    tracker: PathTracker,
-    names: Vec<(String, Vec<usize>, bool)>,
-}
-
-impl<B: Backend> ModuleVisitor<B> for NameCollector {
-    fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.tracker.stack.push((name.to_string(), container_type.to_string()));
-    }
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.tracker.stack.pop();
-    }
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        self.names.push((self.tracker.path(), param.val().dims().to_vec(), D == 2 && self.tracker.is_linear_weight()));
-    }
-}
-
 /// Parameter paths of a module (`layers.0.mlp.fc1.weight`, ...), in visiting order.
 pub fn parameter_paths<B: Backend, M: Module<B>>(module: &M) -> Vec<String> {
-    let mut collector = NameCollector { tracker: PathTracker { stack: Vec::new() }, names: Vec::new() };
-    module.visit(&mut collector);
-    collector.names.into_iter().map(|(n, _, _)| n).collect()
+    struct Paths(Vec<String>);
+    impl<B: Backend> PathVisitor<B> for Paths {
+        fn visit<const D: usize>(&mut self, at: &ParamPath, _: &Param<Tensor<B, D>>) {
+            self.0.push(at.path());
+        }
+    }
+    let mut paths = Paths(Vec::new());
+    visit_params(module, &mut paths);
+    paths.0
 }
 
 /// Loads every parameter of `module` from `checkpoint` through `map`; fails listing every missing,
@@ -265,14 +304,13 @@ pub fn load_module<B: Backend, M: Module<B>>(module: M, checkpoint: &Checkpoint,
     let paths = parameter_paths::<B, M>(&module);
     let prefix = map.detect_prefix(checkpoint, paths.first().map(String::as_str).unwrap_or(""));
     let mut loader = Loader {
-        tracker: PathTracker { stack: Vec::new() },
         checkpoint,
         map,
         prefix: prefix.clone(),
         used: BTreeSet::new(),
         problems: Vec::new(),
     };
-    let module = module.map(&mut loader);
+    let module = map_params(module, &mut loader);
     let mut problems = loader.problems;
     for key in checkpoint.keys() {
         if !loader.used.contains(key) && !map.is_ignored(key, &prefix) {
@@ -303,54 +341,41 @@ pub fn load_module<B: Backend, M: Module<B>>(module: M, checkpoint: &Checkpoint,
 /// weights transposed back to `[out, in]`), ready to be written with [`write_safetensors`].
 pub fn named_tensors<B: Backend, M: Module<B>>(module: &M, map: &KeyMap, prefix: &str) -> Vec<(String, TensorData)> {
     struct Exporter<'a> {
-        tracker: PathTracker,
         map: &'a KeyMap,
         prefix: &'a str,
         out: Vec<(String, TensorData)>,
     }
-    impl<B: Backend> ModuleVisitor<B> for Exporter<'_> {
-        fn enter_module(&mut self, name: &str, container_type: &str) {
-            self.tracker.stack.push((name.to_string(), container_type.to_string()));
-        }
-        fn exit_module(&mut self, _name: &str, _container_type: &str) {
-            self.tracker.stack.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            let key = format!("{}{}", self.prefix, self.map.file_key(&self.tracker.path()));
-            let value = param.val();
-            let data = if D == 2 && self.tracker.is_linear_weight() {
-                value.transpose().into_data()
-            } else {
-                value.into_data()
-            };
-            self.out.push((key, data));
+    impl<B: Backend> PathVisitor<B> for Exporter<'_> {
+        fn visit<const D: usize>(&mut self, at: &ParamPath, param: &Param<Tensor<B, D>>) {
+            let key = format!("{}{}", self.prefix, self.map.file_key(&at.path()));
+            self.out.push((key, pytorch_layout(at, param.val())));
         }
     }
-    let mut exporter = Exporter { tracker: PathTracker { stack: Vec::new() }, map, prefix, out: Vec::new() };
-    module.visit(&mut exporter);
+    let mut exporter = Exporter { map, prefix, out: Vec::new() };
+    visit_params(module, &mut exporter);
     exporter.out
+}
+
+/// A parameter (or its gradient) in PyTorch layout: Linear weights transposed back to `[out, in]`.
+fn pytorch_layout<B: Backend, const D: usize>(at: &ParamPath, value: Tensor<B, D>) -> TensorData {
+    if D == 2 && at.is_linear_weight() {
+        value.transpose().into_data()
+    } else {
+        value.into_data()
+    }
 }
 
 /// Parameter ids by path, for code that addresses parameters by name (freezing, optimizer groups).
 pub fn parameter_ids<B: Backend, M: Module<B>>(module: &M) -> HashMap<String, ParamId> {
-    struct Ids {
-        tracker: PathTracker,
-        out: HashMap<String, ParamId>,
-    }
-    impl<B: Backend> ModuleVisitor<B> for Ids {
-        fn enter_module(&mut self, name: &str, container_type: &str) {
-            self.tracker.stack.push((name.to_string(), container_type.to_string()));
-        }
-        fn exit_module(&mut self, _name: &str, _container_type: &str) {
-            self.tracker.stack.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            self.out.insert(self.tracker.path(), param.id);
+    struct Ids(HashMap<String, ParamId>);
+    impl<B: Backend> PathVisitor<B> for Ids {
+        fn visit<const D: usize>(&mut self, at: &ParamPath, param: &Param<Tensor<B, D>>) {
+            self.0.insert(at.path(), param.id);
         }
     }
-    let mut ids = Ids { tracker: PathTracker { stack: Vec::new() }, out: HashMap::new() };
-    module.visit(&mut ids);
-    ids.out
+    let mut ids = Ids(HashMap::new());
+    visit_params(module, &mut ids);
+    ids.0
 }
 
 /// Writes named tensors as one f32 safetensors file (with optional string metadata), through a
@@ -392,28 +417,20 @@ pub fn named_gradients<B: burn::tensor::backend::AutodiffBackend, M: Module<B>>(
     prefix: &str,
 ) -> Vec<(String, TensorData)> {
     struct Collector<'a, B: burn::tensor::backend::AutodiffBackend> {
-        tracker: PathTracker,
         grads: &'a B::Gradients,
         map: &'a KeyMap,
         prefix: &'a str,
         out: Vec<(String, TensorData)>,
     }
-    impl<B: burn::tensor::backend::AutodiffBackend> ModuleVisitor<B> for Collector<'_, B> {
-        fn enter_module(&mut self, name: &str, container_type: &str) {
-            self.tracker.stack.push((name.to_string(), container_type.to_string()));
-        }
-        fn exit_module(&mut self, _name: &str, _container_type: &str) {
-            self.tracker.stack.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+    impl<B: burn::tensor::backend::AutodiffBackend> PathVisitor<B> for Collector<'_, B> {
+        fn visit<const D: usize>(&mut self, at: &ParamPath, param: &Param<Tensor<B, D>>) {
             if let Some(grad) = param.val().grad(self.grads) {
-                let key = format!("{}{}", self.prefix, self.map.file_key(&self.tracker.path()));
-                let data = if D == 2 && self.tracker.is_linear_weight() { grad.transpose().into_data() } else { grad.into_data() };
-                self.out.push((key, data));
+                let key = format!("{}{}", self.prefix, self.map.file_key(&at.path()));
+                self.out.push((key, pytorch_layout(at, grad)));
             }
         }
     }
-    let mut collector = Collector::<B> { tracker: PathTracker { stack: Vec::new() }, grads, map, prefix, out: Vec::new() };
-    module.visit(&mut collector);
+    let mut collector = Collector::<B> { grads, map, prefix, out: Vec::new() };
+    visit_params(module, &mut collector);
     collector.out
 }

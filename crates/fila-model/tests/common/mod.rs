@@ -1,17 +1,29 @@
 //! Helpers shared by the parity tests: fixture paths, reference tensors, tolerance checks.
 #![allow(dead_code)]
 
-use burn::backend::{Autodiff, Flex};
+use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use fila_model::weights::Checkpoint;
 use std::path::PathBuf;
 
-pub type Cpu = Flex;
-pub type CpuAutodiff = Autodiff<Flex>;
+/// The backend the tests run on: the CPU backend, or CUDA device 0 in a build with
+/// `--features cuda` (`cargo test -p fila-model --features cuda` checks parity on the GPU).
+#[cfg(not(feature = "cuda"))]
+pub type Dev = burn::backend::Flex;
+#[cfg(feature = "cuda")]
+pub type Dev = burn::backend::Cuda;
+pub type DevAutodiff = Autodiff<Dev>;
 
-/// f32 parity tolerance: the fixtures' own f32-vs-f64 error is below 4e-6 (fixtures/README.md).
+/// f32 parity tolerance on CPU, absolute: the fixtures' own f32-vs-f64 error is below 4e-6
+/// (fixtures/README.md).
+#[cfg(not(feature = "cuda"))]
 pub const TOL: f32 = 1e-4;
+/// On CUDA, relative to the tensor's largest value: Burn's CUDA backend multiplies f32 matrices
+/// with reduced internal precision (errors of 1e-3 to 5e-3 after one transformer layer, as with
+/// TF32 tensor cores).
+#[cfg(feature = "cuda")]
+pub const TOL: f32 = 1e-2;
 
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
@@ -62,6 +74,9 @@ pub fn assert_close(name: &str, actual: TensorData, expected: &(Vec<usize>, Vec<
     assert_eq!(shape, expected.0, "{name}: shape");
     let values: Vec<f32> = actual.convert::<f32>().to_vec().unwrap();
     let max = values.iter().zip(&expected.1).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    // On CUDA the tolerance scales with the tensor (see `TOL`).
+    let scale = if cfg!(feature = "cuda") { expected.1.iter().fold(1.0f32, |m, v| m.max(v.abs())) } else { 1.0 };
+    let tol = tol * scale;
     assert!(max <= tol, "{name}: max abs error {max:e} > {tol:e}");
     eprintln!("{name}: max abs error {max:.2e}");
     max

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# CUDA checks of a `--features cuda` build, on a machine with an NVIDIA GPU (no Rust toolchain is
+# needed there: build here, copy the binaries).
+#   1. fila-model's test binaries on CUDA (parity with transformers, bf16 autocast), when given;
+#      build them with `cargo test --release --features cuda -p fila-model --no-run`
+#   2. `fila bench` on cuda:0, f32 and bf16_mixed, tiny and mid
+#   3. the tiny synthetic stage 1 on cuda:0 in f32 and bf16_mixed (losses in metrics.jsonl, to
+#      compare with the same run on CPU)
+# Usage (from the repository root):
+#   bash scripts/cuda_check.sh BIN_DIR OUT_DIR [TEST_BINARY...]
+set -u
+bin=$1
+out=$(mkdir -p "$2" && cd "$2" && pwd)
+shift 2
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+for t in "$@"; do
+  echo "== $(basename "$t") on CUDA"
+  "$t" --test-threads=1 --nocapture 2>&1 | grep -E "max abs error|rel\. |test result|panicked|FAILED|^test " | tail -n 60
+done
+for precision in f32 bf16_mixed; do
+  for size in tiny mid; do
+    "$bin/fila" bench --device cuda:0 --size "$size" --batch 4 --steps 10 --precision "$precision"
+  done
+done
+data=datasets/synth/generated
+[ -f "$data/tokenizer.json" ] || "$bin/fila" data synth --out "$data" --tile-size 56 > /dev/null
+for precision in f32 bf16_mixed; do
+  echo "== tiny synthetic stage 1 on cuda:0, $precision"
+  SECONDS=0
+  "$bin/fila-train" --config configs/tiny/synth-stage1.toml --set 'device="cuda:0"' \
+    --set "precision=\"$precision\"" --set "checkpoint.output_dir=\"$out/stage1-$precision\"" 2>&1 | tail -n 3
+  echo "wall ${SECONDS} s"
+done
