@@ -158,7 +158,8 @@ impl LoaderOptions {
 /// Iterator over batches, prepared by a producer thread `prefetch_batches` ahead.
 pub struct DataLoader {
     rx: Option<Receiver<Result<Batch>>>,
-    producer: Option<JoinHandle<()>>,
+    /// Returns the bad records that ended an epoch without a batch to carry them.
+    producer: Option<JoinHandle<Vec<BadRecord>>>,
     /// Bad records of the batches yielded so far (not those prepared ahead), for logging and checkpoints.
     bad: BadRecordCounts,
     pub sampler: EpochSampler,
@@ -194,7 +195,7 @@ impl DataLoader {
                     sampler: producer_sampler,
                     opts,
                 };
-                producer.run(|item| tx.send(item).is_ok());
+                producer.run(|item| tx.send(item).is_ok())
             })
             .map_err(|e| DataError::io("fila-data-producer thread", e))?;
         Ok(Self {
@@ -220,8 +221,10 @@ impl Iterator for DataLoader {
     fn next(&mut self) -> Option<Self::Item> {
         let Ok(item) = self.rx.as_ref()?.recv() else {
             // The producer is gone: the data ended, or it panicked, which must not look like an end.
-            if let Some(Err(panic)) = self.producer.take().map(|h| h.join()) {
-                std::panic::resume_unwind(panic);
+            match self.producer.take().map(|h| h.join()) {
+                Some(Err(panic)) => std::panic::resume_unwind(panic),
+                Some(Ok(trailing)) => trailing.iter().for_each(|b| self.bad.add(b)),
+                None => {}
             }
             return None;
         };
@@ -315,7 +318,10 @@ impl Producer {
         }
     }
 
-    fn run(&mut self, mut send: impl FnMut(Result<Batch>) -> bool) {
+    /// Sends the batches; returns the bad records that no batch carried (an epoch whose remaining
+    /// records were all bad, or a dropped last batch), which the loader counts when the data ends.
+    fn run(&mut self, mut send: impl FnMut(Result<Batch>) -> bool) -> Vec<BadRecord> {
+        let mut trailing = vec![];
         let error_mode = self.pipeline.config.on_bad_record == OnBadRecord::Error;
         let pad = self.pipeline.config.pad_token_id;
         let side = self.view_side();
@@ -346,7 +352,7 @@ impl Producer {
                         Ok(s) => samples.push(s),
                         Err(bad) if error_mode => {
                             send(Err(DataError::BadRecord(Box::new(bad))));
-                            return;
+                            return trailing;
                         }
                         Err(bad) => skipped.push(bad),
                     }
@@ -360,6 +366,7 @@ impl Producer {
                 }
                 let full = samples.len() == self.opts.batch_size;
                 if samples.is_empty() || (!full && self.opts.drop_last) {
+                    trailing.extend(skipped);
                     break;
                 }
                 let mut batch = collate(samples, pad, side);
@@ -376,9 +383,10 @@ impl Producer {
                     }
                 };
                 if !send(Ok(batch)) {
-                    return;
+                    return trailing;
                 }
             }
         }
+        trailing
     }
 }

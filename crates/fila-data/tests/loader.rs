@@ -106,6 +106,21 @@ fn batches_follow_the_sampler_and_skip_bad_records() {
 }
 
 #[test]
+fn bad_records_no_batch_carries_are_still_counted() {
+    let d = tempfile::tempdir().unwrap();
+    dataset(d.path());
+    for i in 0..20 {
+        let _ = std::fs::remove_file(d.path().join("images").join(format!("{i}.png")));
+    }
+    let (p, r) = open(d.path(), "template = \"llama3\"\nimage_mode = \"tiled\"");
+    // Every record is bad: no batch is made to carry them, and the loader still counts them all.
+    let records: Arc<dyn burn_dataset::Dataset<Record>> = r.clone();
+    let mut loader = DataLoader::start(records, p.clone(), opts(DataCursor::default(), 4, 0, 1)).unwrap();
+    assert_eq!(loader.by_ref().count(), 0);
+    assert_eq!(loader.bad_counts().count(BadReason::MissingImage), 40, "20 records × 2 epochs");
+}
+
+#[test]
 fn resumed_loader_continues_exactly() {
     let d = tempfile::tempdir().unwrap();
     dataset(d.path());

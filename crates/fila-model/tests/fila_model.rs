@@ -228,5 +228,7 @@ fn bf16_compute_stays_near_f32_and_gradients_reach_the_f32_weights() {
         }
     }
     eprintln!("bf16 vs f32: worst gradient rel. L2 {:.2e} ({})", worst.1, worst.0);
-    assert!(worst.1 < 0.1, "gradient `{}` rel. L2 {:e}", worst.0, worst.1);
+    // On CUDA the f32 reference itself uses reduced-precision products (see common::TOL).
+    let bound = if cfg!(feature = "cuda") { 0.2 } else { 0.1 };
+    assert!(worst.1 < bound, "gradient `{}` rel. L2 {:e}", worst.0, worst.1);
 }

@@ -301,6 +301,19 @@ pub fn run<B: AutodiffBackend>(loaded: LoadedConfig, options: RunOptions, device
         }
     }
 
+    // Skipped records are never silent: they are logged as `data/skipped/<reason>` and listed here.
+    let bad = loader.bad_counts().clone();
+    if state.step == 0 {
+        bail!(
+            "no training step ran: none of the {} records gave a usable sample; skipped by reason:\n{bad}\
+             Run `fila data check --config {}` to see every bad record",
+            records.records.len(),
+            loaded.source.display()
+        );
+    }
+    if bad.total() > 0 {
+        eprintln!("skipped {} bad records (run `fila data check --config {}` for all of them):\n{bad}", bad.total(), loaded.source.display());
+    }
     state.reason = "end".into();
     let dir = save(&model, &optimizer, &state)?;
     last_checkpoint.replace(dir);

@@ -242,3 +242,16 @@ fn non_finite_steps_are_skipped_then_stop_the_run_with_a_checkpoint() {
     let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(newest.join("state.json")).unwrap()).unwrap();
     assert_eq!(state["reason"], "nonfinite");
 }
+
+#[test]
+fn a_run_whose_every_record_is_bad_fails_naming_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let empty = tmp.path().join("no-images");
+    std::fs::create_dir_all(&empty).unwrap();
+    let folder = format!("data.sources.0.image_folder=\"{}\"", empty.display());
+    let e = failed(&fila_train(&tiny(1), &out, &[folder.as_str()], &[]));
+    assert!(e.contains("no training step ran") && e.contains("none of the 8 records"), "{e}");
+    assert!(e.contains("missing_image") && e.contains("fila data check"), "{e}");
+    assert!(!out.join("final").exists());
+}

@@ -162,12 +162,8 @@ impl Scene {
         );
 
         // Rejection sampling of non-overlapping shapes; shrink and retry when the image is full.
-        // Shapes are sized on the image's geometric mean side (capped by the short side), so
-        // elongated images get shapes as large as square ones: each shape spans one to three ViT
-        // patches at the tile resolution.
         let min_side = width.min(height) as f64;
-        let mean_side = ((width as f64) * (height as f64)).sqrt();
-        let mut side = (mean_side * rng.uniform(0.22, 0.34)).min(min_side * 0.6);
+        let mut side = min_side * rng.uniform(0.14, 0.26);
         let mut attempts = 0;
         let shapes = 'layout: loop {
             attempts += 1;
