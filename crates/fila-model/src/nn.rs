@@ -36,11 +36,23 @@ impl<B: Backend> LayerNorm<B> {
 
     /// `x`: `[N, C, H, W]`, normalised over channels (ConvNeXt's `channels_first`).
     pub fn forward_channels_first(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [n, c, h, w] = x.dims();
-        // Normalised as a contiguous [N·H·W, C] matrix (see `ConvNextLayer::forward`).
-        let rows = x.permute([0, 2, 3, 1]).reshape([n * h * w, c]);
-        self.forward(rows).reshape([n, h, w, c]).permute([0, 3, 1, 2])
+        let dims = x.dims();
+        from_pixel_rows(self.forward(to_pixel_rows(x)), dims)
     }
+}
+
+/// `[N, C, H, W]` → a contiguous `[N·H·W, C]` matrix, one row per pixel. Per-pixel work (norms,
+/// pointwise layers) runs on it: element-wise ops over a permuted view walk it with strided
+/// indexing, several times slower on the CPU backend.
+pub fn to_pixel_rows<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 2> {
+    let [n, c, h, w] = x.dims();
+    x.permute([0, 2, 3, 1]).reshape([n * h * w, c])
+}
+
+/// The inverse of [`to_pixel_rows`] for a map of `dims` (`[N, C, H, W]`).
+pub fn from_pixel_rows<B: Backend>(rows: Tensor<B, 2>, dims: [usize; 4]) -> Tensor<B, 4> {
+    let [n, c, h, w] = dims;
+    rows.reshape([n, h, w, c]).permute([0, 3, 1, 2])
 }
 
 /// RMSNorm as in `LlamaRMSNorm`: `x / sqrt(mean(x²) + eps) * weight`.

@@ -173,14 +173,19 @@ fn projector_names_parse() {
     assert!(ProjectorKind::try_from("mlp_relu".to_string()).unwrap_err().contains("mlp<N>x_gelu"));
 }
 
-/// Relative L2 distance of two equally shaped tensors' values.
-fn relative_l2(a: &TensorData, b: &TensorData) -> f64 {
-    let a: Vec<f32> = a.clone().convert::<f32>().to_vec().unwrap();
-    let b: Vec<f32> = b.clone().convert::<f32>().to_vec().unwrap();
+fn values(t: &TensorData) -> Vec<f64> {
+    t.clone().convert::<f32>().to_vec::<f32>().unwrap().into_iter().map(f64::from).collect()
+}
+
+fn l2(v: &[f64]) -> f64 {
+    v.iter().map(|x| x * x).sum::<f64>().sqrt()
+}
+
+/// L2 norm of the difference of two equally shaped tensors.
+fn l2_distance(a: &TensorData, b: &TensorData) -> f64 {
+    let (a, b) = (values(a), values(b));
     assert_eq!(a.len(), b.len());
-    let diff: f64 = a.iter().zip(&b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let norm: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (diff / norm.max(1e-30)).sqrt()
+    l2(&a.iter().zip(&b).map(|(x, y)| x - y).collect::<Vec<_>>())
 }
 
 #[test]
@@ -202,7 +207,7 @@ fn bf16_compute_stays_near_f32_and_gradients_reach_the_f32_weights() {
 
     // bf16 has an 8-bit mantissa: the results move (so bf16 was used), but not far.
     assert_eq!(logits16.dtype, burn::tensor::DType::F32, "logits come back in f32");
-    let logits_err = relative_l2(&logits16, &logits32);
+    let logits_err = l2_distance(&logits16, &logits32) / l2(&values(&logits32));
     let loss_err = (loss16 - loss32).abs() / loss32.abs();
     eprintln!("bf16 vs f32: logits rel. L2 {logits_err:.2e}, loss rel. {loss_err:.2e} ({loss16} vs {loss32})");
     assert!(logits_err > 1e-5 && logits_err < 6e-2, "logits rel. L2 {logits_err:e}");
@@ -213,8 +218,7 @@ fn bf16_compute_stays_near_f32_and_gradients_reach_the_f32_weights() {
     // are skipped: they cannot change a softmax, so their gradient is rounding noise in both.
     assert_eq!(grads16.len(), grads32.len());
     assert!(grads16.len() > 100);
-    let norm = |g: &TensorData| -> f64 { g.clone().convert::<f32>().to_vec::<f32>().unwrap().iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt() };
-    let floor = 1e-4 * grads32.iter().map(|(_, g)| norm(g)).fold(0.0, f64::max);
+    let floor = 1e-4 * grads32.iter().map(|(_, g)| l2(&values(g))).fold(0.0, f64::max);
     let mut worst = (String::new(), 0.0f64);
     for ((name, g16), (name32, g32)) in grads16.iter().zip(&grads32) {
         assert_eq!(name, name32);
@@ -222,7 +226,7 @@ fn bf16_compute_stays_near_f32_and_gradients_reach_the_f32_weights() {
         if name.ends_with("k_proj.bias") {
             continue;
         }
-        let err = relative_l2(g16, g32) * norm(g32) / norm(g32).max(floor);
+        let err = l2_distance(g16, g32) / l2(&values(g32)).max(floor);
         if err > worst.1 {
             worst = (name.clone(), err);
         }

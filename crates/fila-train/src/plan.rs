@@ -109,7 +109,7 @@ pub fn plan(loaded: &LoadedConfig) -> Result<String> {
                 12.0 * cells * arch.convnext.hidden_sizes[k] as f64 * arch.convnext.depths[k] as f64 * b
             })
             .sum::<f64>()
-            * 2.0
+            * 2.0 // bytes per element of an all-16-bit model, scaled like the other activations
             * act_scale
     } else {
         0.0

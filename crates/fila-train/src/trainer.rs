@@ -302,7 +302,7 @@ pub fn run<B: AutodiffBackend>(loaded: LoadedConfig, options: RunOptions, device
     }
 
     // Skipped records are never silent: they are logged as `data/skipped/<reason>` and listed here.
-    let bad = loader.bad_counts().clone();
+    let bad = loader.bad_counts();
     if state.step == 0 {
         bail!(
             "no training step ran: none of the {} records gave a usable sample; skipped by reason:\n{bad}\
