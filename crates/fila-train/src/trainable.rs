@@ -93,7 +93,12 @@ pub fn apply_trainable<B: Backend>(model: Fila<B>, stage: u8, config: &Trainable
         (_, Some(list)) => list.clone(),
         (_, None) => vec!["all".to_string()],
     };
-    for name in names.iter().chain(config.lr_multipliers.keys()) {
+    // With the ConvNeXt branch off (`model.hybrid.use_convnext = false`) the model has no
+    // `convnext` or `cvfm`: a config written for the full model still applies to the ablation.
+    let branch_off = !shapes.keys().any(|p| p.starts_with("encoder.convnext."));
+    let absent_branch = |name: &str| branch_off && matches!(name, "convnext" | "cvfm");
+    let names: Vec<String> = names.into_iter().filter(|n| !absent_branch(n)).collect();
+    for name in names.iter().chain(config.lr_multipliers.keys().filter(|n| !absent_branch(n))) {
         let prefix = prefix_of(name);
         if !shapes.keys().any(|p| matches(p, &prefix)) {
             let known: Vec<&str> = MODULES.iter().map(|(n, _)| *n).collect();
