@@ -176,8 +176,9 @@ def main():
             im = Image.open(os.path.join(data, r["image"])).convert("RGB")
             square_vit.append(square_view(im, TILE))
             square_conv.append(square_view(im, HIRES))
-            views, hires = tiled_views(im, select_canvas(*im.size))
-            group = by_canvas[select_canvas(*im.size)]
+            grid = select_canvas(*im.size)
+            views, hires = tiled_views(im, grid)
+            group = by_canvas[grid]
             group[0].append(views), group[1].append(hires), group[2].append(y)
     log(f"{len(records)} images (seed {args.seed}); canvases " + ", ".join(f"{c}x{r}: {len(g[2])}" for (c, r), g in by_canvas.items()))
     tensor = lambda y: torch.from_numpy(np.array(y))

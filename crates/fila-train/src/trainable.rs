@@ -84,17 +84,13 @@ fn is_embedding(path: &str) -> bool {
 pub fn apply_trainable<B: Backend>(model: Fila<B>, stage: u8, config: &TrainableConfig) -> Result<(Fila<B>, TrainableSet)> {
     let shapes = param_shapes(&model);
     let names: Vec<String> = match (stage, &config.modules) {
-        // Without the ConvNeXt branch there is no CVFM: stage 1 then trains the projector alone.
-        (1, _) => STAGE1_MODULES
-            .iter()
-            .filter(|m| shapes.keys().any(|p| matches(p, &prefix_of(m))))
-            .map(|s| s.to_string())
-            .collect(),
+        (1, _) => STAGE1_MODULES.iter().map(|s| s.to_string()).collect(),
         (_, Some(list)) => list.clone(),
         (_, None) => vec!["all".to_string()],
     };
     // With the ConvNeXt branch off (`model.hybrid.use_convnext = false`) the model has no
-    // `convnext` or `cvfm`: a config written for the full model still applies to the ablation.
+    // `convnext` or `cvfm`: stage 1 then trains the projector alone, and a stage-2 config written
+    // for the full model still applies to the ablation.
     let branch_off = !shapes.keys().any(|p| p.starts_with("encoder.convnext."));
     let absent_branch = |name: &str| branch_off && matches!(name, "convnext" | "cvfm");
     let names: Vec<String> = names.into_iter().filter(|n| !absent_branch(n)).collect();
