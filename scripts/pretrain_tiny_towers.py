@@ -16,7 +16,7 @@ FILA reads them), and saves both towers as Hugging Face folders (`config.json` +
 The committed towers were made by this script with its defaults (CPU, 2 threads). Usage:
 
     cargo build --release -p fila-cli
-    python scripts/pretrain_tiny_towers.py [--images 4000] [--steps 1500]
+    python scripts/pretrain_tiny_towers.py [--images 6000] [--steps 4000] [--batch 32]
 
 Needs torch, transformers, safetensors, pillow, numpy.
 """
@@ -154,9 +154,9 @@ def train(name, tower, features, groups, steps, batch, lr, log):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--images", type=int, default=4000)
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--images", type=int, default=6000)
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seed", type=int, default=1, help="synthetic-data seed (the quick start uses 0)")
     p.add_argument("--out", default=os.path.join(ROOT, "datasets", "synth", "towers"))
     p.add_argument("--fila", default=os.path.join(ROOT, "target", "release", "fila"))

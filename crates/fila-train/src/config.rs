@@ -49,9 +49,9 @@ pub struct TrainConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct TrainableConfig {
-    /// Stage 2 only (stage 1 always trains `cvfm` and `projector`). Names: `all`, `vit`,
-    /// `convnext`, `cvfm`, `projector`, `llm`, or a parameter-path prefix such as
-    /// `llm.model.layers.0`. Default: `["all"]`.
+    /// Names: `all`, `vit`, `convnext`, `cvfm`, `projector`, `llm`, or a parameter-path prefix
+    /// such as `llm.model.layers.0`. Default: stage 1 `["cvfm", "projector"]` (the recipe: towers
+    /// and LLM frozen), stage 2 `["all"]`.
     #[serde(default)]
     pub modules: Option<Vec<String>>,
     /// Module name (as in `modules`) → LR multiplier; the longest matching prefix wins.
@@ -407,9 +407,6 @@ impl TrainConfig {
             if !known.contains(&name.as_str()) && !name.contains('.') {
                 bail!("`{key}`: unknown module `{name}`; use one of {known:?} or a parameter-path prefix such as `llm.model.layers.0`");
             }
-        }
-        if self.stage == 1 && self.trainable.modules.is_some() {
-            bail!("`trainable.modules` is for stage 2; stage 1 always trains `cvfm` and `projector`");
         }
         self.precision.check_device(&self.device).map_err(|m| anyhow!("`precision`: {m}"))?;
         Ok(())

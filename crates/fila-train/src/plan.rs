@@ -49,20 +49,15 @@ pub fn plan(loaded: &LoadedConfig) -> Result<String> {
     let counts = arch.num_params();
     // Which components train: the trainable set's prefixes, checked on a zero-size stand-in is not
     // possible without allocating, so decide per component from the config.
+    let modules = crate::trainable::stage_modules(c.stage, &c.trainable);
     let trains = |component: &str| -> bool {
-        match c.stage {
-            1 => matches!(component, "cvfm" | "projector"),
-            _ => match &c.trainable.modules {
-                None => true,
-                Some(list) => list.iter().any(|m| {
-                    m == "all"
-                        || m == component
-                        || (component == "vit" && m.starts_with("encoder.vit"))
-                        || (component == "convnext" && m.starts_with("encoder.convnext"))
-                        || (component == "llm" && m.starts_with("llm"))
-                }),
-            },
-        }
+        modules.iter().any(|m| {
+            m == "all"
+                || m == component
+                || (component == "vit" && m.starts_with("encoder.vit"))
+                || (component == "convnext" && m.starts_with("encoder.convnext"))
+                || (component == "llm" && m.starts_with("llm"))
+        })
     };
     let parts = [
         ("vit", counts.vit),

@@ -1,7 +1,7 @@
 //! Which parameters train, in one function: [`apply_trainable`].
 //!
-//! Stage 1 trains CVFM and the projector; stage 2 trains the configured modules (everything by
-//! default). Frozen parameters get `require_grad = false`, so autodiff computes no gradient for
+//! Stage 1 trains CVFM and the projector by default, stage 2 everything; `trainable.modules`
+//! overrides either. Frozen parameters get `require_grad = false`, so autodiff computes no gradient for
 //! them (backward still flows *through* them to trainable parameters upstream), and the
 //! optimizer never sees them: they stay bit-identical.
 
@@ -24,8 +24,18 @@ pub const MODULES: [(&str, &str); 6] = [
     ("llm", "llm."),
 ];
 
-/// Stage 1's trainable modules.
+/// Stage 1's trainable modules unless `trainable.modules` says otherwise.
 pub const STAGE1_MODULES: [&str; 2] = ["cvfm", "projector"];
+
+/// The module names that train in `stage`: `trainable.modules` when given, else the stage's default
+/// (stage 1: [`STAGE1_MODULES`]; later stages: `all`).
+pub fn stage_modules(stage: u8, config: &TrainableConfig) -> Vec<String> {
+    match (stage, &config.modules) {
+        (_, Some(list)) => list.clone(),
+        (1, None) => STAGE1_MODULES.iter().map(|s| s.to_string()).collect(),
+        (_, None) => vec!["all".to_string()],
+    }
+}
 
 /// One trainable parameter as the optimizer sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -83,11 +93,7 @@ fn is_embedding(path: &str) -> bool {
 /// initialised here (in visiting order, so seeded random initialisation is reproducible).
 pub fn apply_trainable<B: Backend>(model: Fila<B>, stage: u8, config: &TrainableConfig) -> Result<(Fila<B>, TrainableSet)> {
     let shapes = param_shapes(&model);
-    let names: Vec<String> = match (stage, &config.modules) {
-        (1, _) => STAGE1_MODULES.iter().map(|s| s.to_string()).collect(),
-        (_, Some(list)) => list.clone(),
-        (_, None) => vec!["all".to_string()],
-    };
+    let names = stage_modules(stage, config);
     // With the ConvNeXt branch off (`model.hybrid.use_convnext = false`) the model has no
     // `convnext` or `cvfm`: stage 1 then trains the projector alone, and a stage-2 config written
     // for the full model still applies to the ablation.

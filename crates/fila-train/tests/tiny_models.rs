@@ -1,5 +1,6 @@
 //! The models the tiny configs build: the synthetic quick start starts from the committed tiny
-//! towers, and a stage-2 trainable list written for the full model applies to the ViT-only
+//! towers, stage 1 trains what `trainable.modules` lists (CVFM and projector by default), and a
+//! stage-2 trainable list written for the full model applies to the ViT-only
 //! ablation. (Own test binary: building models seeds Burn's global RNG, which `frozen.rs` relies on.)
 
 mod common;
@@ -13,7 +14,9 @@ use fila_train::trainer::build_model;
 fn the_synthetic_quick_start_starts_from_the_committed_tiny_towers() {
     let loaded = LoadedConfig::load(&repo().join("configs/tiny/synth-stage1.toml"), &[]).unwrap();
     let (model, _, set) = build_model::<Autodiff<Flex>>(&loaded, &Default::default()).unwrap();
-    assert!(set.params.keys().all(|p| p.starts_with("encoder.cvfm.") || p.starts_with("projector.")));
+    // The towers stay frozen; the random tiny LLM trains with CVFM and the projector.
+    assert!(set.params.keys().all(|p| ["encoder.cvfm.", "projector.", "llm."].iter().any(|m| p.starts_with(m))));
+    assert!(set.params.keys().any(|p| p.starts_with("llm.")));
     let towers = repo().join("datasets/synth/towers");
     let clip = tensors(&towers.join("clip/model.safetensors"));
     let convnext = tensors(&towers.join("convnext/model.safetensors"));
@@ -53,4 +56,21 @@ fn a_stage2_list_naming_the_convnext_branch_applies_to_the_vit_only_ablation() {
     // A misspelt module is still an error.
     let err = apply_trainable(model, 2, &list(&["cvfn"])).unwrap_err().to_string();
     assert!(err.contains("`cvfn` matches no parameter"), "{err}");
+}
+
+#[test]
+fn stage1_trains_cvfm_and_projector_unless_the_config_lists_modules() {
+    let prefixes = |overrides: &[&str]| {
+        let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        let loaded = LoadedConfig::load(&tiny(1), &overrides).unwrap();
+        let (_, _, set) = build_model::<Autodiff<Flex>>(&loaded, &Default::default()).unwrap();
+        let mut p: Vec<String> = set.params.keys().map(|k| k.split('.').take(2).collect::<Vec<_>>().join(".")).collect();
+        p.dedup();
+        p
+    };
+    assert_eq!(prefixes(&[]), ["encoder.cvfm", "projector.layers"]);
+    assert_eq!(
+        prefixes(&["trainable.modules=[\"cvfm\", \"projector\", \"llm\"]"]),
+        ["encoder.cvfm", "llm.lm_head", "llm.model", "projector.layers"]
+    );
 }
