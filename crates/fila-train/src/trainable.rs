@@ -1,9 +1,9 @@
 //! Which parameters train, in one function: [`apply_trainable`].
 //!
 //! Stage 1 trains CVFM and the projector by default, stage 2 everything; `trainable.modules`
-//! overrides either. Frozen parameters get `require_grad = false`, so autodiff computes no gradient for
-//! them (backward still flows *through* them to trainable parameters upstream), and the
-//! optimizer never sees them: they stay bit-identical.
+//! overrides either. Frozen parameters get `require_grad = false`, so autodiff computes no
+//! gradient for them (backward still flows *through* them to trainable parameters upstream), and
+//! the optimizer never sees them: they stay bit-identical.
 
 use crate::config::TrainableConfig;
 use anyhow::{bail, Result};
