@@ -1,0 +1,120 @@
+"""Linear probes: how much of the synthetic images' colour, shape and count a checkpoint's features carry.
+
+Runs `fila forward` on synthetic images (a stage-1 caption file, whose captions name each image's
+count, colour and shape), mean-pools every traced feature (ConvNeXt stages over space, ViT layers
+over the patch tokens of all views, the projector output over its tokens), fits a multinomial
+logistic regression per label on the first 3/4 of the images and reports test accuracy on the rest.
+It answers where information is lost between the towers, the CVFM fusion and the projector:
+
+    cargo build --release -p fila-cli
+    python scripts/probe_features.py --config configs/tiny/synth-stage2.toml \\
+        --checkpoint checkpoints/synth-stage2/final --data datasets/synth/generated/stage1.jsonl
+
+`--config` supplies the data side (tokenizer, geometry, tiling); its `[model]` is replaced by
+`--checkpoint`. Needs torch, safetensors, numpy.
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
+SHAPES = ["square", "circle", "triangle"]
+LABELS = [("colour", len(COLOURS)), ("shape", len(SHAPES)), ("count", 5)]
+
+
+def labels_of(caption):
+    m = re.search(r"\b([1-5]) (" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r")", caption)
+    if not m:
+        raise ValueError(f"caption without count, colour and shape: {caption!r}")
+    return COLOURS.index(m.group(2)), SHAPES.index(m.group(3)), int(m.group(1)) - 1
+
+
+def pooled(name, t):
+    """Mean-pooled feature vector of one traced tensor, or None for tensors that are not features."""
+    if name.startswith("convnext.stage."):
+        return t[0].mean((1, 2))  # [1, C, H, W]
+    if name.startswith("vit.hidden."):
+        return t[:, 1:].mean((0, 1))  # [views, 1 + g², D], CLS dropped
+    if name in ("image_features", "visual_tokens"):
+        return t.mean(0)
+    return None
+
+
+def probe(x, y, classes, steps=500):
+    """Test accuracy of a standardised multinomial logistic regression (L2 1e-3, L-BFGS)."""
+    n = len(y) * 3 // 4
+    x = torch.from_numpy(x).double()
+    mean, std = x[:n].mean(0), x[:n].std(0) + 1e-6
+    x = (x - mean) / std
+    y = torch.from_numpy(y)
+    w = torch.zeros(x.shape[1], classes, dtype=torch.double, requires_grad=True)
+    b = torch.zeros(classes, dtype=torch.double, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x[:n] @ w + b, y[:n]) + 1e-3 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return ((x[n:] @ w + b).argmax(1) == y[n:]).double().mean().item()
+
+
+def config_for(config, checkpoint):
+    """The config's text with its `[model]` table replaced by `checkpoint = ...` (paths in the rest
+    stay relative to the config's folder, so the copy is written next to it)."""
+    text = open(config).read()
+    tables = re.split(r"(?m)^(?=\[)", text)
+    kept = [t for t in tables if not re.match(r"\[model[.\]]", t)]
+    return "".join(kept) + f'\n[model]\ncheckpoint = "{os.path.abspath(checkpoint)}"\n'
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True, help="stage-1 caption JSONL of the synthetic dataset")
+    p.add_argument("-n", type=int, default=600, help="images (3/4 fit, 1/4 test)")
+    p.add_argument("--fila", default=os.path.join(ROOT, "target", "release", "fila"))
+    args = p.parse_args()
+    folder = os.path.dirname(os.path.abspath(args.data))
+    records = [json.loads(line) for line in open(args.data)][: args.n]
+    y = np.array([labels_of(r["conversations"][1]["value"]) for r in records])
+    feats = {}
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", dir=os.path.dirname(os.path.abspath(args.config)),
+                                     prefix=".probe-") as cfg, tempfile.TemporaryDirectory() as tmp:
+        cfg.write(config_for(args.config, args.checkpoint))
+        cfg.flush()
+        out = os.path.join(tmp, "trace.safetensors")
+        for i, r in enumerate(records):
+            subprocess.run([args.fila, "forward", "--config", cfg.name, "--image", os.path.join(folder, r["image"]),
+                            "--prompt", "What is shown?", "--out", out], check=True, capture_output=True)
+            for name, t in load_file(out).items():
+                v = pooled(name, t)
+                if v is not None:
+                    feats.setdefault(name, []).append(v)
+            if (i + 1) % 100 == 0:
+                print(f"traced {i + 1}/{len(records)} images", file=sys.stderr, flush=True)
+    print(f"linear-probe test accuracy ({len(y) - len(y) * 3 // 4} images), " + " / ".join(n for n, _ in LABELS))
+    # Data-flow order: ConvNeXt stages, ViT layers (fused where CVFM acts), projector output.
+    order = lambda n: (not n.startswith("convnext"), not n.startswith("vit"), int(n.rsplit(".", 1)[-1]) if n[-1].isdigit() else 0, n)
+    for name, vs in sorted(feats.items(), key=lambda kv: order(kv[0])):
+        x = np.stack(vs)
+        accs = [probe(x, y[:, k], c) for k, (_, c) in enumerate(LABELS)]
+        print(f"  {name:18s} dim {x.shape[1]:4d}  " + " / ".join(f"{a:.2f}" for a in accs))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
