@@ -368,18 +368,21 @@ fn resize_one_pass(src: &[u8], sw: u32, sh: u32, dw: u32, dh: u32) -> Vec<u8> {
     out
 }
 
+/// Typed to RGB8: the untyped `Resizer::resize` would instantiate the kernels of every pixel type
+/// in this crate (most of its build time).
 fn resize_one_pass_into(src: &[u8], sw: u32, sh: u32, dw: u32, dh: u32, out: &mut Vec<u8>) {
-    let src_img = fr::images::ImageRef::new(sw, sh, src, fr::PixelType::U8x3)
+    type Rgb8 = fr::pixels::U8x3;
+    let src_img = fr::images::TypedImageRef::<Rgb8>::from_buffer(sw, sh, src)
         .expect("source buffer holds sw×sh RGB pixels");
     out.resize((dw * dh * 3) as usize, 0);
-    let mut dst = fr::images::Image::from_slice_u8(dw, dh, out, fr::PixelType::U8x3)
+    let mut dst = fr::images::TypedImage::<Rgb8>::from_buffer(dw, dh, out)
         .expect("destination buffer holds dw×dh RGB pixels");
     let options =
         fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::CatmullRom));
     RESIZER.with(|r| {
         r.borrow_mut()
-            .resize(&src_img, &mut dst, &options)
-            .expect("same pixel type on both sides")
+            .resize_typed(&src_img, &mut dst, &options)
+            .expect("resizing RGB8 into RGB8 cannot fail")
     });
 }
 
