@@ -47,18 +47,10 @@ pub fn plan(loaded: &LoadedConfig) -> Result<String> {
     let c = &loaded.config;
     let (arch, note) = plan_architecture(loaded);
     let counts = arch.num_params();
-    // Which components train: the trainable set's prefixes, checked on a zero-size stand-in is not
-    // possible without allocating, so decide per component from the config.
+    // Which components train, decided per component from the config's module names (the trainable
+    // set itself needs the allocated model).
     let modules = crate::trainable::stage_modules(c.stage, &c.trainable);
-    let trains = |component: &str| -> bool {
-        modules.iter().any(|m| {
-            m == "all"
-                || m == component
-                || (component == "vit" && m.starts_with("encoder.vit"))
-                || (component == "convnext" && m.starts_with("encoder.convnext"))
-                || (component == "llm" && m.starts_with("llm"))
-        })
-    };
+    let trains = |component: &str| modules.iter().any(|m| crate::trainable::trains_part_of(m, component));
     let parts = [
         ("vit", counts.vit),
         ("convnext", counts.convnext),

@@ -37,6 +37,13 @@ pub fn stage_modules(stage: u8, config: &TrainableConfig) -> Vec<String> {
     }
 }
 
+/// Whether the `trainable.modules` entry `name` trains all or part of `component` (a name in
+/// [`MODULES`]): `all`, the component itself, or a parameter-path prefix inside it.
+pub fn trains_part_of(name: &str, component: &str) -> bool {
+    let (m, c) = (prefix_of(name), prefix_of(component));
+    c.starts_with(&m) || m.starts_with(&c)
+}
+
 /// One trainable parameter as the optimizer sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainableParam {
@@ -167,5 +174,13 @@ mod tests {
         assert!(matches("llm.model.layers.1.mlp.weight", &prefix_of("llm.model.layers.1")));
         assert!(!matches("llm.model.layers.10.mlp.weight", &prefix_of("llm.model.layers.1")));
         assert!(matches("anything", &prefix_of("all")));
+    }
+
+    #[test]
+    fn a_module_trains_part_of_the_components_it_overlaps() {
+        assert!(trains_part_of("all", "vit") && trains_part_of("llm", "llm"));
+        assert!(trains_part_of("llm.model.layers.0", "llm") && trains_part_of("encoder.vit.encoder.layers.3", "vit"));
+        assert!(!trains_part_of("cvfm", "projector") && !trains_part_of("llm.model", "vit"));
+        assert!(!trains_part_of("encoder.vit", "convnext"));
     }
 }
