@@ -1,5 +1,5 @@
 //! Inference from a FILA checkpoint: `fila generate` (greedy decoding with a KV cache) and
-//! `fila eval` (exact-match accuracy per question type).
+//! `fila eval` (exact-match accuracy and character similarity per question type).
 
 use crate::forward::image_input;
 use anyhow::{Context, Result};
@@ -71,19 +71,63 @@ fn normalise(answer: &str) -> String {
     answer.trim().trim_end_matches('.').trim().to_lowercase()
 }
 
+/// Levenshtein distance in characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let next = (row[j + 1] + 1).min(row[j] + 1).min(diagonal + (ca != cb) as usize);
+            diagonal = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
+}
+
+/// `1 − edit distance / length of the longer answer` of two normalised answers: 1 for an exact
+/// match, 0.75 for one wrong character in four. This is ANLS without its 0.5 cut-off, so a partly
+/// read code still counts for what it got right.
+fn similarity(predicted: &str, expected: &str) -> f64 {
+    let longest = predicted.chars().count().max(expected.chars().count());
+    if longest == 0 {
+        return 1.0;
+    }
+    1.0 - edit_distance(predicted, expected) as f64 / longest as f64
+}
+
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct Score {
     pub correct: usize,
     pub total: usize,
+    /// Exact match after normalising.
     pub accuracy: f64,
+    /// Mean character similarity (see [`similarity`]).
+    pub similarity: f64,
+    #[serde(skip)]
+    similarity_sum: f64,
 }
 
 impl Score {
-    fn add(&mut self, ok: bool) {
+    fn add(&mut self, ok: bool, similarity: f64) {
         self.total += 1;
         self.correct += ok as usize;
+        self.similarity_sum += similarity;
         self.accuracy = self.correct as f64 / self.total as f64;
+        self.similarity = self.similarity_sum / self.total as f64;
     }
+}
+
+/// One evaluated question.
+#[derive(Debug, Clone, Serialize)]
+pub struct Prediction {
+    pub id: String,
+    pub qtype: String,
+    pub expected: String,
+    pub predicted: String,
+    pub correct: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -94,6 +138,8 @@ pub struct EvalReport {
     pub by_type: BTreeMap<String, Score>,
     /// Records that could not be evaluated (bad image, no question/answer), by id.
     pub skipped: Vec<String>,
+    /// Every evaluated question with the model's answer, in file order.
+    pub predictions: Vec<Prediction>,
 }
 
 /// The question type of a record: its `qtype` field when the file has one, else the last `-`
@@ -142,6 +188,7 @@ pub fn evaluate(inference: &Inference, checkpoint: &Path, data: &Path, image_fol
         overall: Score::default(),
         by_type: BTreeMap::new(),
         skipped: records.load_bad.counts().keys().map(|k| format!("<load: {k}>")).collect(),
+        predictions: Vec::new(),
     };
     for record in &records.records {
         let question = record.turns.iter().find(|t| t.role == Role::User);
@@ -161,27 +208,38 @@ pub fn evaluate(inference: &Inference, checkpoint: &Path, data: &Path, image_fol
             None => None,
         };
         let predicted = inference.answer(image.as_ref(), &question.text, max_new_tokens)?;
-        let ok = normalise(&predicted) == normalise(&answer.text);
-        report.overall.add(ok);
-        report.by_type.entry(question_type(&record.id, &qtypes)).or_default().add(ok);
+        let (got, expected) = (normalise(&predicted), normalise(&answer.text));
+        let (ok, sim) = (got == expected, similarity(&got, &expected));
+        let qtype = question_type(&record.id, &qtypes);
+        report.overall.add(ok, sim);
+        report.by_type.entry(qtype.clone()).or_default().add(ok, sim);
+        report.predictions.push(Prediction { id: record.id.clone(), qtype, expected: answer.text.clone(), predicted, correct: ok });
     }
     Ok(report)
 }
 
 impl EvalReport {
-    /// TensorBoard tags and values: overall and per question type.
+    /// TensorBoard tags and values: accuracy and similarity, overall and per question type.
     pub fn scalars(&self) -> Vec<(String, f32)> {
-        let mut out = vec![(format!("eval/{}/accuracy", self.split), self.overall.accuracy as f32)];
-        out.extend(self.by_type.iter().map(|(kind, s)| (format!("eval/{}/{kind}", self.split), s.accuracy as f32)));
+        let split = &self.split;
+        let mut out = vec![
+            (format!("eval/{split}/accuracy"), self.overall.accuracy as f32),
+            (format!("eval/{split}/similarity"), self.overall.similarity as f32),
+        ];
+        for (kind, s) in &self.by_type {
+            out.push((format!("eval/{split}/{kind}"), s.accuracy as f32));
+            out.push((format!("eval/{split}/{kind}_similarity"), s.similarity as f32));
+        }
         out
     }
 }
 
 impl std::fmt::Display for EvalReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "split {}: {}/{} correct ({:.1}%)", self.split, self.overall.correct, self.overall.total, 100.0 * self.overall.accuracy)?;
-        for (kind, score) in &self.by_type {
-            writeln!(f, "  {kind:<10} {:>4}/{:<4} {:.1}%", score.correct, score.total, 100.0 * score.accuracy)?;
+        let o = &self.overall;
+        writeln!(f, "split {}: {}/{} correct ({:.1}%), character similarity {:.3}", self.split, o.correct, o.total, 100.0 * o.accuracy, o.similarity)?;
+        for (kind, s) in &self.by_type {
+            writeln!(f, "  {kind:<10} {:>4}/{:<4} {:>5.1}%   similarity {:.3}", s.correct, s.total, 100.0 * s.accuracy, s.similarity)?;
         }
         if !self.skipped.is_empty() {
             writeln!(f, "  skipped: {}", self.skipped.len())?;
@@ -198,6 +256,21 @@ mod tests {
     fn answers_match_after_normalising() {
         assert_eq!(normalise(" Red. "), "red");
         assert_ne!(normalise("K7Q"), normalise("K7O"));
+    }
+
+    #[test]
+    fn similarity_counts_the_characters_read() {
+        assert_eq!(edit_distance("k7qz", "k7oz"), 1);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(similarity("k7qz", "k7oz"), 0.75);
+        assert_eq!(similarity("k7q", "k7qz"), 0.75);
+        assert_eq!(similarity("red", "red"), 1.0);
+        assert_eq!(similarity("ab", "ba"), 0.0);
+        let mut score = Score::default();
+        score.add(true, 1.0);
+        score.add(false, 0.5);
+        assert_eq!((score.correct, score.total, score.accuracy, score.similarity), (1, 2, 0.5, 0.75));
     }
 
     #[test]

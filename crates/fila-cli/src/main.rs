@@ -47,7 +47,8 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Exact-match accuracy per question type on a LLaVA-format file; writes a JSON report.
+    /// Exact-match accuracy and character similarity per question type on a LLaVA-format file;
+    /// writes a JSON report with every prediction.
     Eval {
         #[arg(long)]
         checkpoint: PathBuf,
@@ -64,7 +65,8 @@ enum Command {
         max_new_tokens: usize,
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Also write the accuracies as TensorBoard scalars (`eval/<split>/accuracy`, `eval/<split>/<type>`) here.
+        /// Also write the scores as TensorBoard scalars (`eval/<split>/accuracy`, `eval/<split>/<type>`,
+        /// `..._similarity`) here.
         #[arg(long)]
         logdir: Option<PathBuf>,
     },
