@@ -24,7 +24,6 @@ Needs torch, transformers, safetensors, pillow, numpy.
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -35,22 +34,14 @@ import torch
 from PIL import Image
 from transformers import CLIPVisionConfig, CLIPVisionModel, ConvNextConfig, ConvNextModel
 
+from synth_labels import COLOURS, SHAPES, labels_of
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
-SHAPES = ["square", "circle", "triangle"]
 # The data pipeline normalises both towers' inputs with CLIP's statistics (`vit_norm`, `hires_norm`).
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 TILE, HIRES = 56, 128  # ViT tile and ConvNeXt pixels per tile (56 x 32/14)
 CANVASES = [(1, 2), (2, 1), (2, 2), (3, 1), (1, 3)]  # (cols, rows), the stage-2 default
-
-
-def labels_of(caption):
-    """(colour, shape, count - 1) from a stage-1 caption such as "3 red circles and the code K7QZ."."""
-    m = re.search(r"\b([1-5]) (" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r")", caption)
-    if not m:
-        raise ValueError(f"caption without count, colour and shape: {caption!r}")
-    return COLOURS.index(m.group(2)), SHAPES.index(m.group(3)), int(m.group(1)) - 1
 
 
 def normalise(pixels):

@@ -26,17 +26,10 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file
 
+from synth_labels import COLOURS, SHAPES, labels_of
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
-SHAPES = ["square", "circle", "triangle"]
 LABELS = [("colour", len(COLOURS)), ("shape", len(SHAPES)), ("count", 5)]
-
-
-def labels_of(caption):
-    m = re.search(r"\b([1-5]) (" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r")", caption)
-    if not m:
-        raise ValueError(f"caption without count, colour and shape: {caption!r}")
-    return COLOURS.index(m.group(2)), SHAPES.index(m.group(3)), int(m.group(1)) - 1
 
 
 def pooled(name, t):
