@@ -168,6 +168,15 @@ fn read_qtypes(path: &Path) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// The image folder `fila eval` uses when none is given: the data file's folder. A bare file name
+/// (`heldout.jsonl`) has an empty parent, which names no directory; that is the current one.
+pub fn default_image_folder(data: &Path) -> PathBuf {
+    match data.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
 /// Exact-match evaluation of the first question of every record in `data` (images relative to
 /// `image_folder`).
 pub fn evaluate(inference: &Inference, checkpoint: &Path, data: &Path, image_folder: &Path, max_new_tokens: usize) -> Result<EvalReport> {
@@ -251,6 +260,13 @@ impl std::fmt::Display for EvalReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn images_default_to_the_data_files_folder() {
+        assert_eq!(default_image_folder(Path::new("data/heldout.jsonl")), PathBuf::from("data"));
+        assert_eq!(default_image_folder(Path::new("/d/heldout.jsonl")), PathBuf::from("/d"));
+        assert_eq!(default_image_folder(Path::new("heldout.jsonl")), PathBuf::from("."));
+    }
 
     #[test]
     fn answers_match_after_normalising() {

@@ -137,7 +137,7 @@ fn main() -> Result<()> {
         }
         Command::Eval { checkpoint, data, images, out, max_new_tokens, config, logdir } => {
             let inference = infer::Inference::open(&checkpoint, config.as_deref())?;
-            let images = images.unwrap_or_else(|| data.parent().unwrap_or(std::path::Path::new(".")).to_path_buf());
+            let images = images.unwrap_or_else(|| infer::default_image_folder(&data));
             let report = infer::evaluate(&inference, &checkpoint, &data, &images, max_new_tokens)?;
             print!("{report}");
             let out = out.unwrap_or_else(|| checkpoint.join(format!("eval-{}.json", report.split)));
