@@ -264,6 +264,48 @@ fn ink_rows(img: &image::RgbImage) -> u32 {
 }
 
 #[test]
+fn code_box_bounds_the_ink_of_every_split() {
+    let dir = tempfile::tempdir().unwrap();
+    synth::generate(dir.path(), &small(6)).unwrap();
+    for split in ["stage1", "stage2_train", "heldout", "fine"] {
+        for r in records(dir.path(), split).iter().take(12) {
+            let img = image::open(dir.path().join(r["image"].as_str().unwrap()))
+                .unwrap()
+                .to_rgb8();
+            let b: Vec<u32> = r["code_box"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            let (x0, y0, w, h) = (b[0], b[1], b[2], b[3]);
+            let k = r["glyph_px"].as_u64().unwrap() as u32 / 7;
+            assert_eq!(h, 7 * k, "{}", r["id"]);
+            // Every ink pixel lies in the box; the ink reaches its top and bottom rows and its
+            // first and last characters' cells (a glyph may leave its cell's outer columns blank).
+            let (mut min_x, mut max_x, mut min_y, mut max_y) = (u32::MAX, 0, u32::MAX, 0);
+            for (x, y, p) in img.enumerate_pixels() {
+                if p.0.iter().all(|&c| c < INK_MAX) {
+                    assert!(
+                        (x0..x0 + w).contains(&x) && (y0..y0 + h).contains(&y),
+                        "{}: ink at ({x}, {y}) outside {b:?}",
+                        r["id"]
+                    );
+                    (min_x, max_x, min_y, max_y) =
+                        (min_x.min(x), max_x.max(x), min_y.min(y), max_y.max(y));
+                }
+            }
+            assert_eq!((min_y, max_y), (y0, y0 + h - 1), "{}", r["id"]);
+            assert!(
+                min_x < x0 + 5 * k && max_x >= x0 + w - 5 * k,
+                "{}: ink x {min_x}..{max_x} in {b:?}",
+                r["id"]
+            );
+        }
+    }
+}
+
+#[test]
 fn fine_codes_are_sub_pixel_in_the_global_view_and_readable_at_convnext_resolution() {
     let dir = tempfile::tempdir().unwrap();
     synth::generate(dir.path(), &small(4)).unwrap();
@@ -404,7 +446,14 @@ fn default_sizes_and_time() {
 #[test]
 fn smallest_tile_size_fits_codes_into_small_images() {
     let dir = tempfile::tempdir().unwrap();
-    let options = synth::SynthOptions { tile_size: 56, stage1: 40, stage2: 40, heldout: 20, fine: 10, ..Default::default() };
+    let options = synth::SynthOptions {
+        tile_size: 56,
+        stage1: 40,
+        stage2: 40,
+        heldout: 20,
+        fine: 10,
+        ..Default::default()
+    };
     let summary = synth::generate(dir.path(), &options).unwrap();
     assert_eq!(summary.images, 110);
 }

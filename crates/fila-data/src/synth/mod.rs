@@ -253,6 +253,10 @@ struct RecordOut {
     layout: &'static str,
     /// Code glyph height in image pixels.
     glyph_px: u32,
+    /// Where the code is drawn, in image pixels: left, top, width, height. Each character takes a
+    /// `5k × 7k` cell followed by a `k`-pixel gap (`k = glyph_px / 7`), so character `i` starts
+    /// at `left + 6k·i`.
+    code_box: [u32; 4],
 }
 
 #[derive(Clone, Copy)]
@@ -506,6 +510,7 @@ fn plan_record(
         qtypes: vec![],
         layout: layout.name(),
         glyph_px: scene.glyph_px(),
+        code_box: scene.code_box(),
     };
     let ask = |q: QuestionType, rng: &mut Rng| q.templates()[rng.below(2)].to_string();
     match split {

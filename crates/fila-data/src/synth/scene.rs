@@ -101,6 +101,11 @@ impl Scene {
     pub fn glyph_px(&self) -> u32 {
         GLYPH_H * self.code_scale
     }
+    /// The code's box in image pixels: left, top, width, height.
+    pub fn code_box(&self) -> [u32; 4] {
+        let (w, h) = font::text_size(&self.code, self.code_scale);
+        [self.code_pos.0, self.code_pos.1, w, h]
+    }
 
     /// Samples a scene; `code` is drawn by the caller (which keeps codes unique across splits).
     pub fn sample(
@@ -127,7 +132,8 @@ impl Scene {
                 let (w, h) = (w.max(16), h.max(16));
                 // Small tiles: shrink the code until it fits with its margins (at least scale 1).
                 let (unit_w, unit_h) = font::text_size(&code, 1);
-                let fits = |k: u32| unit_w * k + 2 * k.max(2) <= w && unit_h * k + 2 * k.max(2) <= h;
+                let fits =
+                    |k: u32| unit_w * k + 2 * k.max(2) <= w && unit_h * k + 2 * k.max(2) <= h;
                 let scale = (1..=scale).rev().find(|&k| fits(k)).unwrap_or(1);
                 (w, h, scale)
             }
