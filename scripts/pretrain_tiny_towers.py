@@ -74,15 +74,20 @@ def select_canvas(w, h):
     return best
 
 
-def on_canvas(im, cw, ch):
-    """The image fitted into a `cw x ch` canvas (aspect kept, centred, black padding)."""
-    w, h = im.size
+def placement(w, h, cw, ch):
+    """Where a `w x h` image lands in a `cw x ch` canvas (aspect kept, centred): (size, offset)."""
     if cw / w < ch / h:
         size = (cw, min(ch, max(1, int(np.ceil(h * cw / w)))))
     else:
         size = (min(cw, max(1, int(np.ceil(w * ch / h)))), ch)
+    return size, ((cw - size[0]) // 2, (ch - size[1]) // 2)
+
+
+def on_canvas(im, cw, ch):
+    """The image fitted into a `cw x ch` canvas (aspect kept, centred, black padding)."""
+    size, offset = placement(*im.size, cw, ch)
     canvas = Image.new("RGB", (cw, ch))
-    canvas.paste(im.resize(size, Image.BICUBIC), ((cw - size[0]) // 2, (ch - size[1]) // 2))
+    canvas.paste(im.resize(size, Image.BICUBIC), offset)
     return canvas
 
 
