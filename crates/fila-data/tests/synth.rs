@@ -36,6 +36,13 @@ fn files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     out
 }
 
+/// The image of a generated record.
+fn image_of(dir: &Path, record: &Value) -> image::RgbImage {
+    image::open(dir.join(record["image"].as_str().unwrap()))
+        .unwrap()
+        .to_rgb8()
+}
+
 fn records(dir: &Path, split: &str) -> Vec<Value> {
     std::fs::read_to_string(dir.join(format!("{split}.jsonl")))
         .unwrap()
@@ -269,9 +276,7 @@ fn code_box_bounds_the_ink_of_every_split() {
     synth::generate(dir.path(), &small(6)).unwrap();
     for split in ["stage1", "stage2_train", "heldout", "fine"] {
         for r in records(dir.path(), split).iter().take(12) {
-            let img = image::open(dir.path().join(r["image"].as_str().unwrap()))
-                .unwrap()
-                .to_rgb8();
+            let img = image_of(dir.path(), r);
             let b: Vec<u32> = r["code_box"]
                 .as_array()
                 .unwrap()
@@ -313,9 +318,7 @@ fn fine_codes_are_sub_pixel_in_the_global_view_and_readable_at_convnext_resoluti
     let geo = synth::geometry_for(112);
     let mut seen = BTreeMap::new();
     for r in records(dir.path(), "fine") {
-        let img = image::open(dir.path().join(r["image"].as_str().unwrap()))
-            .unwrap()
-            .to_rgb8();
+        let img = image_of(dir.path(), &r);
         let (w, h) = img.dimensions();
         let glyph = r["glyph_px"].as_u64().unwrap() as u32;
         assert_eq!(glyph, 7);
@@ -353,9 +356,7 @@ fn fine_codes_are_sub_pixel_in_the_global_view_and_readable_at_convnext_resoluti
     assert!(seen.len() >= 2, "{seen:?}");
     // A normal-layout caption image has codes several pixels tall even after stage-1 squaring.
     let r = &records(dir.path(), "stage1")[0];
-    let img = image::open(dir.path().join(r["image"].as_str().unwrap()))
-        .unwrap()
-        .to_rgb8();
+    let img = image_of(dir.path(), r);
     let glyph = r["glyph_px"].as_u64().unwrap() as u32;
     assert_eq!(ink_rows(&img), glyph);
     assert!(glyph >= 14);
