@@ -27,7 +27,6 @@ Needs torch, transformers, safetensors, pillow, numpy.
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -39,9 +38,10 @@ from PIL import Image
 from transformers import ConvNextConfig, ConvNextModel
 
 from pretrain_tiny_towers import HIRES, ROOT, normalise, on_canvas, placement, select_canvas
+from synth_labels import CODE_ALPHABET
+from synth_labels import code_of as caption_code
 
-ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ0123456789"  # the generator's CODE_ALPHABET
-NONE = len(ALPHABET)  # end of a cell's characters / no character
+NONE = len(CODE_ALPHABET)  # end of a cell's characters / no character
 SLOTS = 4
 
 
@@ -56,7 +56,7 @@ def code_of(record):
     answer = record["conversations"][1]["value"]
     if record["layout"] == "fine":
         return answer  # a `code` question
-    return re.search(r"code (?:is )?([A-Z0-9]+)", answer).group(1)  # a stage-1 caption
+    return caption_code(answer)  # a stage-1 caption
 
 
 def prepare(record, folder, hires):
@@ -73,9 +73,9 @@ def prepare(record, folder, hires):
         cell = (min(int(y // 32), ch // 32 - 1), min(int(x // 32), cw // 32 - 1))
         slot = filled.get(cell, 0)
         if slot < SLOTS:
-            cells4[cell + (slot,)] = ALPHABET.index(c)
+            cells4[cell + (slot,)] = CODE_ALPHABET.index(c)
             filled[cell] = slot + 1
-        cells2[min(int(y // 8), ch // 8 - 1), min(int(x // 8), cw // 8 - 1)] = ALPHABET.index(c)
+        cells2[min(int(y // 8), ch // 8 - 1), min(int(x // 8), cw // 8 - 1)] = CODE_ALPHABET.index(c)
     return (cols, rows), np.asarray(on_canvas(im, cw, ch)), cells4, cells2
 
 
