@@ -109,6 +109,22 @@ fn check_data_matches_model(loaded: &LoadedConfig, model: &FilaConfig) -> Result
     Ok(())
 }
 
+/// The length of a resumed run: the checkpoint's, unless the config now asks for another
+/// (`train.max_steps` or `train.epochs` changed), which then sets the schedule from here on.
+fn resumed_length(saved: u64, configured: u64, step: u64) -> Result<u64> {
+    if configured == saved {
+        return Ok(saved);
+    }
+    if configured < step {
+        bail!(
+            "cannot resume at step {step}: the config now ends the run at step {configured} (`train.max_steps` / \
+             `train.epochs`; the checkpoint's run had {saved}). Set `train.max_steps` to {step} or more"
+        );
+    }
+    eprintln!("run length changed from {saved} to {configured} steps: the learning-rate schedule follows the new length");
+    Ok(configured)
+}
+
 /// Steps in the run: `train.max_steps`, or all micro-batches of `epochs` epochs in windows of
 /// `accumulation_steps` (the last window may be short).
 pub fn total_steps(loaded: &LoadedConfig, records: usize) -> u64 {
@@ -182,6 +198,7 @@ pub fn run<B: AutodiffBackend>(loaded: LoadedConfig, options: RunOptions, device
         let inner_device = Tensor::<B, 1>::zeros([1], device).inner().device();
         optimizer.load(&dir.join(checkpoint::OPTIMIZER_FILE), &set, &inner_device)?;
         eprintln!("resumed from {} at step {} (data epoch {}, position {})", dir.display(), state.step, state.cursor.epoch, state.cursor.position);
+        state.total_steps = resumed_length(state.total_steps, total, state.step)?;
     }
     let schedule = Schedule::new(c.optimizer.lr, &c.schedule, state.total_steps);
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;

@@ -106,6 +106,32 @@ fn resume_refuses_a_changed_geometry() {
 }
 
 #[test]
+fn resume_with_a_new_run_length_follows_its_schedule() {
+    // Stopped at step 2 of an 8-step run, resumed as a 4-step run: steps 3 and 4 take the
+    // learning rates of a 4-step run, and the run ends at 4 with its export.
+    let tmp = tempfile::tempdir().unwrap();
+    let (four, cut) = (tmp.path().join("four"), tmp.path().join("cut"));
+    ok(&fila_train(&tiny(1), &four, FOUR_STEPS, &[]));
+    let eight: Vec<&str> = FOUR_STEPS.iter().copied().chain(["train.max_steps=8"]).collect();
+    ok(&fila_train(&tiny(1), &cut, &eight, &["--stop-after", "2"]));
+    let text = ok(&fila_train(&tiny(1), &cut, FOUR_STEPS, &["--resume"]));
+    assert!(text.contains("run length changed from 8 to 4 steps"), "{text}");
+    let (lr4, lr_cut) = (metric(&four, "lr"), metric(&cut, "lr"));
+    assert_eq!(lr_cut.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+    assert!(lr_cut[&2] > lr4[&2], "steps 1-2 ran on the 8-step schedule: {lr_cut:?} vs {lr4:?}");
+    for step in [3, 4] {
+        assert!((lr_cut[&step] - lr4[&step]).abs() <= 1e-12, "step {step}: {lr_cut:?} vs {lr4:?}");
+    }
+    assert!(cut.join("final/model.safetensors").is_file());
+    // A length below the checkpoint's step is refused, naming the key and the smallest value.
+    let short = tmp.path().join("short");
+    ok(&fila_train(&tiny(1), &short, &eight, &["--stop-after", "3"]));
+    let two: Vec<&str> = FOUR_STEPS.iter().copied().chain(["train.max_steps=2"]).collect();
+    let e = failed(&fila_train(&tiny(1), &short, &two, &["--resume"]));
+    assert!(e.contains("`train.max_steps`") && e.contains("step 3"), "{e}");
+}
+
+#[test]
 fn stage1_then_stage2_and_tensorboard_scalars() {
     let tmp = tempfile::tempdir().unwrap();
     let (s1, s2) = (tmp.path().join("s1"), tmp.path().join("s2"));

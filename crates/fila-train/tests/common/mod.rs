@@ -39,11 +39,17 @@ pub fn failed(output: &Output) -> String {
 
 /// Loss per step from `metrics.jsonl` (the last entry of a step wins, as after a crash).
 pub fn losses(out: &Path) -> BTreeMap<u64, f64> {
+    metric(out, "loss")
+}
+
+/// One number per step from `metrics.jsonl` (`loss`, `lr`, `grad_norm`...), the last entry of a
+/// step winning.
+pub fn metric(out: &Path, key: &str) -> BTreeMap<u64, f64> {
     let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     text.lines()
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+            (v["step"].as_u64().unwrap(), v[key].as_f64().unwrap())
         })
         .collect()
 }
