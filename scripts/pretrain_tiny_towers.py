@@ -102,49 +102,65 @@ def tiled_views(im, grid):
     return np.stack(views), np.asarray(on_canvas(im, cols * HIRES, rows * HIRES))
 
 
-def train(name, tower, features, groups, steps, batch, lr, log):
-    """Trains `tower` with three linear heads (colour, shape, count) on `features(tower, x)`.
-    `groups`: (uint8 inputs, labels) of equal view shapes (the square views, then one per canvas);
-    each step draws one group in proportion to its size, then a batch from its first 90 %.
-    Held-out accuracy is measured on the last 10 % of every group."""
-    dim = features(tower, normalise(groups[0][0][:1])).shape[-1]
-    heads = torch.nn.Linear(dim, len(COLOURS) + len(SHAPES) + 5)
-    params = list(tower.parameters()) + list(heads.parameters())
+def fit(params, loss_of, groups, steps, batch, lr, report):
+    """AdamW (no weight decay) with a one-cycle schedule on `params`. `groups`: tuples of tensors
+    whose first dimension is the example (one tuple per input shape); each step draws one group in
+    proportion to its size, then a batch from its first 90 %, and minimises `loss_of(*batch)`.
+    `report(step, loss)` runs every 250 steps and at the end; the last 10 % of each group is left
+    for it to score."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(0)
-    sizes = torch.tensor([float(len(y)) for _, y in groups])
-    splits = [0, len(COLOURS), len(COLOURS) + len(SHAPES), len(COLOURS) + len(SHAPES) + 5]
-
-    def losses_and_hits(x, y):
-        z = heads(features(tower, normalise(x)))
-        parts = [z[:, splits[k]:splits[k + 1]] for k in range(3)]
-        loss = sum(torch.nn.functional.cross_entropy(parts[k], y[:, k]) for k in range(3))
-        hits = [(parts[k].argmax(1) == y[:, k]).float().sum().item() for k in range(3)]
-        return loss, hits
-
-    start = time.time()
+    sizes = torch.tensor([float(len(g[0])) for g in groups])
     for step in range(1, steps + 1):
-        x, y = groups[torch.multinomial(sizes, 1, generator=gen).item()]
-        idx = torch.randint(0, max(1, len(y) * 9 // 10), (batch,), generator=gen).numpy()
-        loss, _ = losses_and_hits(x[idx], y[idx])
+        group = groups[torch.multinomial(sizes, 1, generator=gen).item()]
+        idx = torch.randint(0, max(1, len(group[0]) * 9 // 10), (batch,), generator=gen)
+        loss = loss_of(*(t[idx] for t in group))
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
         if step % 250 == 0 or step == steps:
-            total, hits = 0, [0.0, 0.0, 0.0]
-            with torch.no_grad():
-                for x, y in groups[1:]:
-                    held = slice(len(y) * 9 // 10, len(y))
-                    for i in range(held.start, held.stop, 64):
-                        j = min(i + 64, held.stop)
-                        _, h = losses_and_hits(x[i:j], y[i:j])
-                        hits = [a + b for a, b in zip(hits, h)]
-                    total += held.stop - held.start
-            hits = [h / total for h in hits]
-            log(f"{name} step {step}/{steps} loss {loss.item():.3f} held-out (tiled views) colour/shape/count "
-                f"{hits[0]:.2f}/{hits[1]:.2f}/{hits[2]:.2f} ({time.time() - start:.0f} s)")
+            report(step, loss.item())
+
+
+def held_out(group, size=64):
+    """The last 10 % of a group's tensors, in slices of `size`."""
+    n = len(group[0])
+    for i in range(n * 9 // 10, n, size):
+        yield tuple(t[i:i + size] for t in group)
+
+
+def train(name, tower, features, groups, steps, batch, lr, log):
+    """Trains `tower` with three linear heads (colour, shape, count) on `features(tower, x)`.
+    `groups`: (uint8 inputs, labels) tensors of equal view shapes (the square views, then one per
+    canvas). Held-out accuracy is measured on the tiled groups (all but the first)."""
+    dim = features(tower, normalise(groups[0][0][:1].numpy())).shape[-1]
+    heads = torch.nn.Linear(dim, len(COLOURS) + len(SHAPES) + 5)
+    splits = [0, len(COLOURS), len(COLOURS) + len(SHAPES), len(COLOURS) + len(SHAPES) + 5]
+    hits = [0.0, 0.0, 0.0]
+
+    def losses_and_hits(x, y):
+        z = heads(features(tower, normalise(x.numpy())))
+        parts = [z[:, splits[k]:splits[k + 1]] for k in range(3)]
+        loss = sum(torch.nn.functional.cross_entropy(parts[k], y[:, k]) for k in range(3))
+        return loss, [(parts[k].argmax(1) == y[:, k]).float().sum().item() for k in range(3)]
+
+    start = time.time()
+
+    def report(step, loss):
+        total, sums = 0, [0.0, 0.0, 0.0]
+        with torch.no_grad():
+            for group in groups[1:]:
+                for x, y in held_out(group):
+                    sums = [a + b for a, b in zip(sums, losses_and_hits(x, y)[1])]
+                    total += len(y)
+        hits[:] = [h / total for h in sums]
+        log(f"{name} step {step}/{steps} loss {loss:.3f} held-out (tiled views) colour/shape/count "
+            f"{hits[0]:.2f}/{hits[1]:.2f}/{hits[2]:.2f} ({time.time() - start:.0f} s)")
+
+    params = list(tower.parameters()) + list(heads.parameters())
+    fit(params, lambda x, y: losses_and_hits(x, y)[0], groups, steps, batch, lr, report)
     return tower, hits
 
 
@@ -179,8 +195,8 @@ def main():
     log(f"{len(records)} images (seed {args.seed}); canvases " + ", ".join(f"{c}x{r}: {len(g[2])}" for (c, r), g in by_canvas.items()))
     tensor = lambda y: torch.from_numpy(np.array(y))
     canvas_groups = [g for g in by_canvas.values() if g[2]]
-    vit_groups = [(np.stack(square_vit)[:, None], tensor(labels))] + [(np.stack(v), tensor(y)) for v, _, y in canvas_groups]
-    conv_groups = [(np.stack(square_conv), tensor(labels))] + [(np.stack(h), tensor(y)) for _, h, y in canvas_groups]
+    vit_groups = [(tensor(np.stack(square_vit)[:, None]), tensor(labels))] + [(tensor(np.stack(v)), tensor(y)) for v, _, y in canvas_groups]
+    conv_groups = [(tensor(np.stack(square_conv)), tensor(labels))] + [(tensor(np.stack(h)), tensor(y)) for _, h, y in canvas_groups]
 
     clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=5,
                                             num_attention_heads=4, image_size=TILE, patch_size=14))

@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 from transformers import ConvNextConfig, ConvNextModel
 
-from pretrain_tiny_towers import HIRES, ROOT, normalise, on_canvas, placement, select_canvas
+from pretrain_tiny_towers import HIRES, ROOT, fit, held_out, normalise, on_canvas, placement, select_canvas
 from synth_labels import CODE_ALPHABET
 from synth_labels import code_of as caption_code
 
@@ -125,9 +125,6 @@ def main():
     widths = tower.config.hidden_sizes
     head4 = torch.nn.Linear(widths[3], SLOTS * (NONE + 1))
     head2 = torch.nn.Linear(widths[1], NONE + 1)
-    params = list(tower.parameters()) + list(head4.parameters()) + list(head2.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
     ce = torch.nn.functional.cross_entropy
 
     def loss_and_scores(x, t4, t2):
@@ -149,27 +146,21 @@ def main():
         ])
         return l4 + l2, scores
 
-    gen = torch.Generator().manual_seed(0)
-    weights = torch.tensor([float(len(g[1])) for g in groups])
     start = time.time()
-    for step in range(1, args.steps + 1):
-        _, x, t4, t2 = groups[torch.multinomial(weights, 1, generator=gen).item()]
-        idx = torch.randint(0, max(1, len(x) * 9 // 10), (args.batch,), generator=gen)
-        loss, _ = loss_and_scores(x[idx], t4[idx], t2[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 250 == 0 or step == args.steps:
-            totals = {}
-            with torch.no_grad():
-                for (_, layout), x, t4, t2 in groups:
-                    for i in range(len(x) * 9 // 10, len(x), 64):
-                        j = min(i + 64, len(x))
-                        totals[layout] = totals.get(layout, 0) + loss_and_scores(x[i:j], t4[i:j], t2[i:j])[1]
-            report = "  ".join(f"{layout}: c4 {s[0] / s[1]:.2f} cells {s[2] / s[3]:.2f} c2 {s[4] / s[5]:.2f}"
-                               for layout, s in sorted(totals.items()))
-            log(f"step {step}/{args.steps} loss {loss.item():.3f}  held-out {report}  ({time.time() - start:.0f} s)")
+
+    def report(step, loss):
+        totals = {}
+        with torch.no_grad():
+            for (_, layout), *group in groups:
+                for batch in held_out(group):
+                    totals[layout] = totals.get(layout, 0) + loss_and_scores(*batch)[1]
+        scores = "  ".join(f"{layout}: c4 {s[0] / s[1]:.2f} cells {s[2] / s[3]:.2f} c2 {s[4] / s[5]:.2f}"
+                           for layout, s in sorted(totals.items()))
+        log(f"step {step}/{args.steps} loss {loss:.3f}  held-out {scores}  ({time.time() - start:.0f} s)")
+
+    params = list(tower.parameters()) + list(head4.parameters()) + list(head2.parameters())
+    fit(params, lambda *batch: loss_and_scores(*batch)[0], [g for _, *g in groups], args.steps, args.batch, args.lr,
+        report)
     if args.save:
         tower.save_pretrained(args.save, safe_serialization=True)
         log(f"wrote {args.save}")
