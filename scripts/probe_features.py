@@ -12,6 +12,13 @@ It answers where information is lost between the towers, the CVFM fusion and the
 
 `--config` supplies the data side (tokenizer, geometry, tiling); its `[model]` is replaced by
 `--checkpoint`. Needs torch, safetensors, numpy.
+
+`--target codes` asks the same question of the codes, cell by cell: for every stage-4 cell (one
+ViT patch token of a tile) where a code character is centred (placed by the records' `code_box`),
+the features of that cell alone (ConvNeXt stages averaged over the cell, the tile's patch token
+after each ViT layer, its row of the projector input and output) are probed for the character
+(the leftmost one centred there; chance 1/34). Images split 3/4 fit, 1/4 test. Works on stage-1
+captions (normal layout) and on `fine.jsonl` (fine layout). Needs pillow too.
 """
 
 import argparse
@@ -26,10 +33,10 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file
 
+from pretrain_tiny_towers import HIRES
 from synth_labels import COLOURS, SHAPES, labels_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LABELS = [("colour", len(COLOURS)), ("shape", len(SHAPES)), ("count", 5)]
 
 
 def pooled(name, t):
@@ -40,6 +47,21 @@ def pooled(name, t):
         return t[:, 1:].mean((0, 1))  # [views, 1 + g², D], CLS dropped
     if name in ("image_features", "visual_tokens"):
         return t.mean(0)
+    return None
+
+
+def cell_features(name, t, grid, cell, g=4):
+    """Features of one stage-4 cell `(row, col)` of a `grid = (cols, rows)` canvas, or None."""
+    cols, rows = grid
+    r, c = cell
+    if name.startswith("convnext.stage."):
+        f = t.shape[2] // (rows * g)  # map pixels per cell
+        return t[0, :, r * f:(r + 1) * f, c * f:(c + 1) * f].mean((1, 2))
+    tile, token = 1 + (r // g) * cols + c // g, (r % g) * g + c % g  # the global view is view 0
+    if name.startswith("vit.hidden."):
+        return t[tile, 1 + token]  # CLS first
+    if name in ("image_features", "visual_tokens"):
+        return t[tile * g * g + token]
     return None
 
 
@@ -78,34 +100,50 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True)
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", required=True, help="stage-1 caption JSONL of the synthetic dataset")
+    p.add_argument("--data", required=True, help="stage-1 caption JSONL of the synthetic dataset (or fine.jsonl for codes)")
+    p.add_argument("--target", choices=["labels", "codes"], default="labels",
+                   help="colour / shape / count of whole images, or code characters cell by cell")
     p.add_argument("-n", type=int, default=600, help="images (3/4 fit, 1/4 test)")
     p.add_argument("--fila", default=os.path.join(ROOT, "target", "release", "fila"))
     args = p.parse_args()
     folder = os.path.dirname(os.path.abspath(args.data))
     records = [json.loads(line) for line in open(args.data)][: args.n]
-    y = np.array([labels_of(r["conversations"][1]["value"]) for r in records])
+    if args.target == "labels":
+        labels = [("colour", len(COLOURS)), ("shape", len(SHAPES)), ("count", 5)]
+        samples = [[(None, labels_of(r["conversations"][1]["value"]))] for r in records]
+        features = lambda name, t, _: pooled(name, t)
+    else:
+        from reading_tower import NONE, prepare  # noqa: E402 (transformers is imported only here)
+        labels = [("character", NONE)]
+        samples = []
+        for r in records:
+            grid, _, cells4, _ = prepare(r, folder, HIRES)
+            samples.append([((grid, (i, j)), [cells4[i, j, 0]]) for i, j in zip(*np.nonzero(cells4[:, :, 0] != NONE))])
+        features = lambda name, t, where: cell_features(name, t, *where)
+    y = np.array([label for cells in samples for _, label in cells])
     feats = {}
     with tempfile.NamedTemporaryFile("w", suffix=".toml", dir=os.path.dirname(os.path.abspath(args.config)),
                                      prefix=".probe-") as cfg, tempfile.TemporaryDirectory() as tmp:
         cfg.write(config_for(args.config, args.checkpoint))
         cfg.flush()
         out = os.path.join(tmp, "trace.safetensors")
-        for i, r in enumerate(records):
+        for i, (r, cells) in enumerate(zip(records, samples)):
             subprocess.run([args.fila, "forward", "--config", cfg.name, "--image", os.path.join(folder, r["image"]),
                             "--prompt", "What is shown?", "--out", out], check=True, capture_output=True)
             for name, t in load_file(out).items():
-                v = pooled(name, t)
-                if v is not None:
-                    feats.setdefault(name, []).append(v)
+                for where, _ in cells:
+                    v = features(name, t, where)
+                    if v is not None:
+                        feats.setdefault(name, []).append(v)
             if (i + 1) % 100 == 0:
                 print(f"traced {i + 1}/{len(records)} images", file=sys.stderr, flush=True)
-    print(f"linear-probe test accuracy ({len(y) - len(y) * 3 // 4} images), " + " / ".join(n for n, _ in LABELS))
+    unit = "images" if args.target == "labels" else "code cells"
+    print(f"linear-probe test accuracy ({len(y) - len(y) * 3 // 4} {unit}), " + " / ".join(n for n, _ in labels))
     # Data-flow order: ConvNeXt stages, ViT layers (fused where CVFM acts), projector output.
     order = lambda n: (not n.startswith("convnext"), not n.startswith("vit"), int(n.rsplit(".", 1)[-1]) if n[-1].isdigit() else 0, n)
     for name, vs in sorted(feats.items(), key=lambda kv: order(kv[0])):
         x = np.stack(vs)
-        accs = [probe(x, y[:, k], c) for k, (_, c) in enumerate(LABELS)]
+        accs = [probe(x, y[:, k], c) for k, (_, c) in enumerate(labels)]
         print(f"  {name:18s} dim {x.shape[1]:4d}  " + " / ".join(f"{a:.2f}" for a in accs))
 
 
