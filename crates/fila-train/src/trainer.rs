@@ -22,14 +22,22 @@ use std::time::Instant;
 /// Set by SIGINT/SIGTERM: the loop finishes its step, checkpoints and returns.
 pub static STOP: AtomicBool = AtomicBool::new(false);
 
-/// Installs the SIGINT/SIGTERM handler (once per process).
+/// A signal this soon after the first is the same stop request: `timeout` and a terminal's
+/// process group can deliver one stop twice.
+const REPEAT_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Installs the SIGINT/SIGTERM handler (once per process). The first signal stops the run at the
+/// end of its step with a checkpoint; a second one, a second or more later, exits at once.
 pub fn install_signal_handler() -> Result<()> {
-    ctrlc::set_handler(|| {
-        if STOP.swap(true, Ordering::SeqCst) {
+    let first = std::sync::OnceLock::new();
+    ctrlc::set_handler(move || {
+        let at = *first.get_or_init(Instant::now);
+        if !STOP.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsignal received: finishing the current step, then writing a checkpoint (signal again to exit at once)");
+        } else if at.elapsed() >= REPEAT_WINDOW {
             eprintln!("\nsecond signal: exiting now without a checkpoint");
             std::process::exit(130);
         }
-        eprintln!("\nsignal received: finishing the current step, then writing a checkpoint");
     })
     .map_err(|e| anyhow!("cannot install the SIGINT/SIGTERM handler: {e}"))
 }
