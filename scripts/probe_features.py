@@ -65,9 +65,9 @@ def cell_features(name, t, grid, cell, g=4):
     return None
 
 
-def probe(x, y, classes, steps=500):
-    """Test accuracy of a standardised multinomial logistic regression (L2 1e-3, L-BFGS)."""
-    n = len(y) * 3 // 4
+def probe(x, y, classes, n, steps=500):
+    """Test accuracy on rows `n..` of a standardised multinomial logistic regression (L2 1e-3,
+    L-BFGS) fitted on rows `..n`."""
     x = torch.from_numpy(x).double()
     mean, std = x[:n].mean(0), x[:n].std(0) + 1e-6
     x = (x - mean) / std
@@ -113,7 +113,7 @@ def main():
         samples = [[(None, labels_of(r["conversations"][1]["value"]))] for r in records]
         features = lambda name, t, _: pooled(name, t)
     else:
-        from reading_tower import NONE, prepare  # noqa: E402 (transformers is imported only here)
+        from reading_tower import NONE, prepare  # imported here: only codes need it
         labels = [("character", NONE)]
         samples = []
         for r in records:
@@ -121,6 +121,7 @@ def main():
             samples.append([((grid, (i, j)), [cells4[i, j, 0]]) for i, j in zip(*np.nonzero(cells4[:, :, 0] != NONE))])
         features = lambda name, t, where: cell_features(name, t, *where)
     y = np.array([label for cells in samples for _, label in cells])
+    fit = sum(len(cells) for cells in samples[: len(samples) * 3 // 4])  # rows of the first 3/4 of the images
     feats = {}
     with tempfile.NamedTemporaryFile("w", suffix=".toml", dir=os.path.dirname(os.path.abspath(args.config)),
                                      prefix=".probe-") as cfg, tempfile.TemporaryDirectory() as tmp:
@@ -138,12 +139,12 @@ def main():
             if (i + 1) % 100 == 0:
                 print(f"traced {i + 1}/{len(records)} images", file=sys.stderr, flush=True)
     unit = "images" if args.target == "labels" else "code cells"
-    print(f"linear-probe test accuracy ({len(y) - len(y) * 3 // 4} {unit}), " + " / ".join(n for n, _ in labels))
+    print(f"linear-probe test accuracy ({len(y) - fit} {unit}), " + " / ".join(n for n, _ in labels))
     # Data-flow order: ConvNeXt stages, ViT layers (fused where CVFM acts), projector output.
     order = lambda n: (not n.startswith("convnext"), not n.startswith("vit"), int(n.rsplit(".", 1)[-1]) if n[-1].isdigit() else 0, n)
     for name, vs in sorted(feats.items(), key=lambda kv: order(kv[0])):
         x = np.stack(vs)
-        accs = [probe(x, y[:, k], c) for k, (_, c) in enumerate(labels)]
+        accs = [probe(x, y[:, k], c, fit) for k, (_, c) in enumerate(labels)]
         print(f"  {name:18s} dim {x.shape[1]:4d}  " + " / ".join(f"{a:.2f}" for a in accs))
 
 
