@@ -236,3 +236,114 @@ fn bf16_compute_stays_near_f32_and_gradients_reach_the_f32_weights() {
     let bound = if cfg!(feature = "cuda") { 0.2 } else { 0.1 };
     assert!(worst.1 < bound, "gradient `{}` rel. L2 {:e}", worst.0, worst.1);
 }
+
+/// `n` values spread uniformly over `[-half_width, half_width)` by a fixed linear congruential
+/// generator.
+fn uniform(n: usize, half_width: f32, seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * half_width
+        })
+        .collect()
+}
+
+/// Writes `tensors` as a FILA checkpoint folder and loads it on `B`.
+fn load_tensors<B: Backend>(tensors: &[(String, TensorData)], dir: &std::path::Path) -> Fila<B> {
+    std::fs::create_dir_all(dir).unwrap();
+    write_safetensors(&dir.join("model.safetensors"), tensors, None).unwrap();
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config()).unwrap()).unwrap();
+    Fila::load(&config(), &ModelSource::Checkpoint(dir.to_path_buf()), &Default::default()).unwrap()
+}
+
+/// Autodiff through the whole model (ConvNeXt → CVFM → ViT → projector → splice → LLaMA → loss)
+/// agrees with central differences of the loss, one element per checked tensor. The loss is f32
+/// (about 4.6, in steps of 5e-7), so with ε = 1e-2 a difference quotient is good to about 5e-5;
+/// the bound is that plus 1 % (measured: relative errors 4e-5 to 6e-3).
+#[test]
+fn gradients_through_the_whole_model_match_central_differences() {
+    use fila_model::fila::fila_key_map;
+    use fila_model::weights::named_gradients;
+    // CVFM's `fc_out` starts at zero, which blocks every gradient behind it (`fc_in`, the
+    // alignment convolutions): give it random weights so the whole fusion path is checked.
+    let dir = std::env::temp_dir().join(format!("fila-fd-{}", std::process::id()));
+    Dev::seed(&Default::default(), 11); // CVFM and the projector are initialised at random
+    let base = Fila::<Dev>::load(&config(), &components(), &Default::default()).unwrap();
+    let mut tensors: Vec<(String, TensorData)> = base
+        .named_tensors()
+        .into_iter()
+        .map(|(name, data)| {
+            if !(name.starts_with("cvfm.") && name.contains("fc_out.weight")) {
+                return (name, data);
+            }
+            let values = uniform(data.num_elements(), 0.1, name.len() as u64);
+            (name, TensorData::new(values, data.shape.clone()))
+        })
+        .collect();
+
+    // The same images on both backends: `images()` with fixed pseudo-random pixels.
+    let device = Default::default();
+    let pixels = |shape: [usize; 4], seed| Tensor::<Dev, 4>::from_data(TensorData::new(uniform(shape.iter().product(), 1.7, seed), shape), &device);
+    let images_plain: Vec<ImageInput<Dev>> = images::<Dev>()
+        .into_iter()
+        .enumerate()
+        .map(|(i, im)| ImageInput {
+            views: pixels(im.views.dims(), 2 * i as u64),
+            hires: im.hires.map(|h| pixels(h.dims(), 2 * i as u64 + 1)),
+            grid: im.grid,
+        })
+        .collect();
+    let images_ad: Vec<ImageInput<DevAutodiff>> = images_plain
+        .iter()
+        .map(|im| ImageInput {
+            views: Tensor::from_inner(im.views.clone()),
+            hires: im.hires.clone().map(Tensor::from_inner),
+            grid: im.grid,
+        })
+        .collect();
+    let model = load_tensors::<DevAutodiff>(&tensors, &dir);
+    let loss = model.forward(input(images_ad, true), None).loss.unwrap();
+    let grads = loss.backward();
+    let grads = named_gradients(&model, &grads, &fila_key_map(), "");
+    let loss_at = |tensors: &[(String, TensorData)]| -> f64 {
+        let m = load_tensors::<Dev>(tensors, &dir);
+        m.forward(input(images_plain.clone(), true), None).loss.unwrap().into_scalar().elem::<f64>()
+    };
+
+    // One element per tensor along the fusion path and into the LLM: the largest gradient.
+    let checked = [
+        "cvfm.0.align.weight",
+        "cvfm.0.fc_in.weight",
+        "cvfm.2.norm_conv.weight",
+        "cvfm.3.fc_in.weight",
+        "cvfm.3.fc_out.weight",
+        "projector.layers.0.weight",
+        "projector.layers.1.weight",
+        "convnext.encoder.stages.3.layers.0.dwconv.weight",
+        "vision_model.encoder.layers.2.mlp.fc1.weight",
+        "model.layers.0.self_attn.v_proj.weight",
+    ];
+    let eps = 1e-2f32;
+    for name in checked {
+        let g = values(&grads.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no gradient for {name}")).1);
+        let (k, &analytic) = g.iter().enumerate().max_by(|a, b| a.1.abs().total_cmp(&b.1.abs())).unwrap();
+        let slot = tensors.iter().position(|(n, _)| n == name).unwrap();
+        let original = tensors[slot].1.clone();
+        let mut shifted = |delta: f32| {
+            let mut v = values(&original).into_iter().map(|x| x as f32).collect::<Vec<_>>();
+            v[k] += delta;
+            tensors[slot].1 = TensorData::new(v, original.shape.clone());
+            loss_at(&tensors)
+        };
+        let numeric = (shifted(eps) - shifted(-eps)) / (2.0 * eps as f64);
+        tensors[slot].1 = original;
+        let err = (numeric - analytic).abs();
+        eprintln!("{name}[{k}]: autodiff {analytic:.6e}, central difference {numeric:.6e}, rel. {:.1e}", err / analytic.abs());
+        assert!(analytic.abs() > 1e-3, "{name}: largest gradient {analytic:e} is too small to check");
+        // On CUDA the products themselves carry errors of about 1e-2 (see common::TOL).
+        let relative = if cfg!(feature = "cuda") { 0.1 } else { 1e-2 };
+        assert!(err < 5e-5 + relative * analytic.abs(), "{name}[{k}]: autodiff {analytic:e} against central difference {numeric:e}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
