@@ -23,14 +23,17 @@ say() { echo "[$(( $(date +%s) - start )) s] $*"; }
   > "$out/synth.log" 2>&1 || { cat "$out/synth.log"; exit 1; }
 say "dataset: $(tail -n 1 "$out/synth.log")"
 
-large="--set model.llm.hidden_size=256 --set model.llm.intermediate_size=768 --set model.llm.num_hidden_layers=4 --set model.llm.num_attention_heads=8 --set model.llm.num_key_value_heads=4"
-reading="--set model.convnext=\"$root/datasets/synth/towers/convnext-reading\""
-declare -A variant=(
-  [fila-reading-L]="$reading $large"
-  [vit-only-L]="$large --set model.hybrid.use_convnext=false"
-  [fila-L]="$large"
-  [fila-reading-S]="$reading"
-)
+large=(--set model.llm.hidden_size=256 --set model.llm.intermediate_size=768 --set model.llm.num_hidden_layers=4
+  --set model.llm.num_attention_heads=8 --set model.llm.num_key_value_heads=4)
+reading=(--set "model.convnext=\"$root/datasets/synth/towers/convnext-reading\"")
+variant_args() { # variant name: sets the array `extra` to its overrides
+  case $1 in
+    fila-reading-L) extra=("${reading[@]}" "${large[@]}") ;;
+    vit-only-L) extra=("${large[@]}" --set model.hybrid.use_convnext=false) ;;
+    fila-L) extra=("${large[@]}") ;;
+    fila-reading-S) extra=("${reading[@]}") ;;
+  esac
+}
 names="fila-reading-L vit-only-L fila-L fila-reading-S"
 on_data() { # stage-file name: the device and data overrides
   printf '%s\n' --set "device=\"$device\"" --set "data.tokenizer=\"$data/tokenizer.json\"" \
@@ -40,7 +43,7 @@ mapfile -t data1 < <(on_data stage1.jsonl)
 mapfile -t data2 < <(on_data stage2_train.jsonl)
 
 for n in $names; do
-  eval "extra=(${variant[$n]})"
+  variant_args "$n"
   "$bin/fila-train" --config configs/tiny/synth-stage1.toml "${data1[@]}" "${extra[@]}" \
     --set "checkpoint.output_dir=\"$out/$n/s1\"" > "$out/$n.s1.log" 2>&1 &
 done
