@@ -2,8 +2,9 @@
 
 Runs `fila forward` on synthetic images (a stage-1 caption file, whose captions name each image's
 count, colour and shape), mean-pools every traced feature (ConvNeXt stages over space, ViT layers
-over the patch tokens of all views, the projector output over its tokens), fits a multinomial
-logistic regression per label on the first 3/4 of the images and reports test accuracy on the rest.
+over the patch tokens of all views, the projector output over its tokens; the ConvNeXt stages
+max-pooled as well, rows `max:`), fits a multinomial logistic regression per label on the first 3/4
+of the images and reports test accuracy on the rest.
 It answers where information is lost between the towers, the CVFM fusion and the projector:
 
     cargo build --release -p fila-cli
@@ -19,6 +20,10 @@ the features of that cell alone (ConvNeXt stages averaged over the cell, the til
 after each ViT layer, its row of the projector input and output) are probed for the character
 (the leftmost one centred there; chance 1/34). Images split 3/4 fit, 1/4 test. Works on stage-1
 captions (normal layout) and on `fine.jsonl` (fine layout). Needs pillow too.
+
+`--target first` probes the pooled features (as for labels) for the answer to "What is the first
+character of the code?" in a file made by `scripts/code_variants.py --mode first` or `--mode one`
+(records without that question are left out; use the stage-2 config, the views are tiled).
 """
 
 import argparse
@@ -34,7 +39,7 @@ import torch
 from safetensors.numpy import load_file
 
 from pretrain_tiny_towers import HIRES
-from synth_labels import COLOURS, SHAPES, labels_of
+from synth_labels import CODE_ALPHABET, COLOURS, SHAPES, labels_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,6 +48,8 @@ def pooled(name, t):
     """Mean-pooled feature vector of one traced tensor, or None for tensors that are not features."""
     if name.startswith("convnext.stage."):
         return t[0].mean((1, 2))  # [1, C, H, W]
+    if name.startswith("max:convnext.stage."):
+        return t[0].max((1, 2))
     if name.startswith("vit.hidden."):
         return t[:, 1:].mean((0, 1))  # [views, 1 + g², D], CLS dropped
     if name in ("image_features", "visual_tokens"):
@@ -96,13 +103,23 @@ def config_for(config, checkpoint):
     return "".join(kept) + f'\n[model]\ncheckpoint = "{os.path.abspath(checkpoint)}"\n'
 
 
+FIRST = "What is the first character of the code?"  # scripts/code_variants.py
+
+
+def first_answer(record):
+    """The answer to a record's first-character question."""
+    conv = record["conversations"]
+    return next(conv[i + 1]["value"] for i in range(0, len(conv), 2) if conv[i]["value"].endswith(FIRST))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="stage-1 caption JSONL of the synthetic dataset (or fine.jsonl for codes)")
-    p.add_argument("--target", choices=["labels", "codes"], default="labels",
-                   help="colour / shape / count of whole images, or code characters cell by cell")
+    p.add_argument("--target", choices=["labels", "codes", "first"], default="labels",
+                   help="colour / shape / count of whole images, code characters cell by cell, or the "
+                        "answer to the first-character question of scripts/code_variants.py (pooled)")
     p.add_argument("-n", type=int, default=600, help="images (3/4 fit, 1/4 test)")
     p.add_argument("--fila", default=os.path.join(ROOT, "target", "release", "fila"))
     args = p.parse_args()
@@ -111,6 +128,11 @@ def main():
     if args.target == "labels":
         labels = [("colour", len(COLOURS)), ("shape", len(SHAPES)), ("count", 5)]
         samples = [[(None, labels_of(r["conversations"][1]["value"]))] for r in records]
+        features = lambda name, t, _: pooled(name, t)
+    elif args.target == "first":
+        labels = [("first character", len(CODE_ALPHABET))]
+        records = [r for r in records if any(t["value"].endswith(FIRST) for t in r["conversations"][::2])]
+        samples = [[(None, [CODE_ALPHABET.index(first_answer(r))])] for r in records]
         features = lambda name, t, _: pooled(name, t)
     else:
         from reading_tower import NONE, prepare  # imported here: only codes need it
@@ -131,17 +153,23 @@ def main():
         for i, (r, cells) in enumerate(zip(records, samples)):
             subprocess.run([args.fila, "forward", "--config", cfg.name, "--image", os.path.join(folder, r["image"]),
                             "--prompt", "What is shown?", "--out", out], check=True, capture_output=True)
-            for name, t in load_file(out).items():
+            traced = load_file(out)
+            if args.target != "codes":  # max-pooled ConvNeXt maps too
+                traced.update({"max:" + n: t for n, t in traced.items() if n.startswith("convnext.stage.")})
+            for name, t in traced.items():
                 for where, _ in cells:
                     v = features(name, t, where)
                     if v is not None:
                         feats.setdefault(name, []).append(v)
             if (i + 1) % 100 == 0:
                 print(f"traced {i + 1}/{len(records)} images", file=sys.stderr, flush=True)
-    unit = "images" if args.target == "labels" else "code cells"
+    unit = "code cells" if args.target == "codes" else "images"
     print(f"linear-probe test accuracy ({len(y) - fit} {unit}), " + " / ".join(n for n, _ in labels))
     # Data-flow order: ConvNeXt stages, ViT layers (fused where CVFM acts), projector output.
-    order = lambda n: (not n.startswith("convnext"), not n.startswith("vit"), int(n.rsplit(".", 1)[-1]) if n[-1].isdigit() else 0, n)
+    def order(name):
+        n = name.split(":")[-1]
+        return (not n.startswith("convnext"), not n.startswith("vit"), int(n.rsplit(".", 1)[-1]) if n[-1].isdigit() else 0, name)
+
     for name, vs in sorted(feats.items(), key=lambda kv: order(kv[0])):
         x = np.stack(vs)
         accs = [probe(x, y[:, k], c, fit) for k, (_, c) in enumerate(labels)]
