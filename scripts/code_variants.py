@@ -36,6 +36,12 @@ THIRDS_DOWN = ["top", "", "bottom"]
 THIRDS_ACROSS = ["left", "", "right"]
 
 
+def first_answer(record):
+    """The answer to a record's first-character question, or None if it has none."""
+    conv = record["conversations"]
+    return next((conv[i + 1]["value"] for i in range(0, len(conv) - 1, 2) if conv[i]["value"].endswith(FIRST)), None)
+
+
 def region(box, width, height):
     """The 3×3 region name of the centre of `box = [x, y, w, h]` in a `width × height` image."""
     cx, cy = box[0] + box[2] / 2, box[1] + box[3] / 2

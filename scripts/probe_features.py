@@ -103,15 +103,6 @@ def config_for(config, checkpoint):
     return "".join(kept) + f'\n[model]\ncheckpoint = "{os.path.abspath(checkpoint)}"\n'
 
 
-FIRST = "What is the first character of the code?"  # scripts/code_variants.py
-
-
-def first_answer(record):
-    """The answer to a record's first-character question."""
-    conv = record["conversations"]
-    return next(conv[i + 1]["value"] for i in range(0, len(conv), 2) if conv[i]["value"].endswith(FIRST))
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True)
@@ -120,7 +111,7 @@ def main():
     p.add_argument("--target", choices=["labels", "codes", "first"], default="labels",
                    help="colour / shape / count of whole images, code characters cell by cell, or the "
                         "answer to the first-character question of scripts/code_variants.py (pooled)")
-    p.add_argument("-n", type=int, default=600, help="images (3/4 fit, 1/4 test)")
+    p.add_argument("-n", type=int, default=600, help="records read from --data (3/4 of the images fit, 1/4 test)")
     p.add_argument("--fila", default=os.path.join(ROOT, "target", "release", "fila"))
     args = p.parse_args()
     folder = os.path.dirname(os.path.abspath(args.data))
@@ -130,8 +121,9 @@ def main():
         samples = [[(None, labels_of(r["conversations"][1]["value"]))] for r in records]
         features = lambda name, t, _: pooled(name, t)
     elif args.target == "first":
+        from code_variants import first_answer  # imported here: it needs pillow
         labels = [("first character", len(CODE_ALPHABET))]
-        records = [r for r in records if any(t["value"].endswith(FIRST) for t in r["conversations"][::2])]
+        records = [r for r in records if first_answer(r) is not None]
         samples = [[(None, [CODE_ALPHABET.index(first_answer(r))])] for r in records]
         features = lambda name, t, _: pooled(name, t)
     else:
