@@ -74,7 +74,7 @@ def main():
     p.add_argument("--glyph-px", type=int, help="keep only images with glyphs this many pixels tall")
     args = p.parse_args()
     folder = os.path.dirname(os.path.abspath(args.data))
-    os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
+    os.makedirs(os.path.join(args.out, "images") if args.mode == "one" else args.out, exist_ok=True)
     rng = np.random.default_rng(0)
     kept, skipped, painted = 0, {"layout or glyph size": 0, "no code question": 0}, set()
     lines = []
@@ -84,10 +84,9 @@ def main():
             skipped["layout or glyph size"] += 1
             continue
         types = r["qtypes"] if "qtypes" in r else [r["qtype"]]
-        if "code" not in types:
-            if args.only_code:
-                skipped["no code question"] += 1
-                continue
+        if "code" not in types and args.only_code:
+            skipped["no code question"] += 1
+            continue
         conv = r["conversations"]
         image = os.path.join(folder, r["image"])
         if "code" in types:
@@ -102,8 +101,9 @@ def main():
                 new_q, new_a = FIRST, answer[0]
             conv[2 * i]["value"], conv[2 * i + 1]["value"] = CODE_QUESTION.sub(new_q, question), new_a
             if args.mode == "where":  # scored as its own question type by `fila eval`
-                types[i] = "where"
-                r["qtypes" if "qtypes" in r else "qtype"] = types if "qtypes" in r else "where"
+                types[i] = "where"  # `types` is the record's own `qtypes` list where it has one
+                if "qtype" in r:
+                    r["qtype"] = "where"
             if args.only_code:
                 r["conversations"] = [{"from": "human", "value": "<image>\n" + new_q}, conv[2 * i + 1]]
                 if "qtypes" in r:
