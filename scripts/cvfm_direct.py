@@ -9,10 +9,17 @@ mean-pooled over all views (what an LLM attending evenly would see) and a linear
 answer to "What is the first character of the code?". The same head on the plain ViT tokens is
 the baseline. Steps, batch, optimiser and rate follow the tiny stage 2 (Adam 2e-3, batches of 4).
 
+`--readout llm` replaces the pooled head by the checkpoint's projector and LLM (loaded into
+transformers' Llama): the block's tokens go through the projector into the `<image>` positions of
+the question in the llama3 template (the `input_ids` that `fila forward` traces), and all three
+train on the answer and `<|eot_id|>` as stage 2 does (gradient norm clipped at 1). That is stage 2
+of the one-character task re-implemented outside Burn, with fusion at the feature layer only.
+
     python scripts/cvfm_direct.py --config configs/tiny/synth-stage2.toml \\
         --checkpoint checkpoints/synth-stage1/final --data /tmp/one-char/stage2_train.jsonl
 
-Needs torch, safetensors, numpy, pillow (through code_variants).
+Needs torch, safetensors, numpy, pillow (through code_variants); transformers and tokenizers for
+`--readout llm`.
 """
 
 import argparse
@@ -27,7 +34,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
-from code_variants import first_answer
+from code_variants import FIRST, first_answer
 from probe_features import ROOT, config_for
 from synth_labels import CODE_ALPHABET
 
@@ -82,6 +89,58 @@ def train(h, c, y, fit, fuse, steps, seed=0):
     return right[:fit].mean(), right[fit:].mean()
 
 
+def train_through_llm(h, c, ids, answers, fit, steps, checkpoint, tokenizer, seed=0):
+    """(train, test) accuracy of the first answer token when the block's tokens reach the answer
+    through the checkpoint's projector and LLM, all three trained (stage 2 in PyTorch)."""
+    from tokenizers import Tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = json.load(open(os.path.join(checkpoint, "config.json")))
+    llm_config, image_id = config["llm"], config["image_token_id"]
+    weights = load_file(os.path.join(checkpoint, "model.safetensors"))
+    llm = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in llm_config.items() if v is not None}, attn_implementation="eager"))
+    llm.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items() if k.startswith(("model.", "lm_head."))})
+    layers = sorted({int(k.split(".")[2]) for k in weights if k.startswith("projector.layers.")})
+    linears = [torch.nn.Linear(*weights[f"projector.layers.{i}.weight"].shape[::-1]) for i in layers]
+    for i, lin in zip(layers, linears):
+        lin.weight.data, lin.bias.data = (torch.from_numpy(weights[f"projector.layers.{i}.{n}"]) for n in ("weight", "bias"))
+    projector = torch.nn.Sequential(*[m for lin in linears for m in (lin, torch.nn.GELU())][:-1])
+    d, k = h[0].shape[-1], c[0].shape[-1]
+    ln_h, ln_c, fc_in, fc_out = torch.nn.LayerNorm(d), torch.nn.LayerNorm(k), torch.nn.Linear(d + k, d), torch.nn.Linear(d, d)
+    torch.nn.init.zeros_(fc_out.weight)
+    torch.nn.init.zeros_(fc_out.bias)
+    params = [p for m in (llm, projector, ln_h, ln_c, fc_in, fc_out) for p in m.parameters()]
+    opt = torch.optim.Adam(params, lr=2e-3)
+    tok = Tokenizer.from_file(tokenizer)
+    answer_ids = [tok.token_to_id(a) for a in answers]
+    eot = tok.token_to_id("<|eot_id|>")
+
+    def logits(i, with_answer):
+        x = torch.from_numpy(h[i])
+        x = x + fc_out(torch.nn.functional.gelu(fc_in(torch.cat([ln_h(x), ln_c(torch.from_numpy(c[i]))], -1))))
+        seq = torch.from_numpy(ids[i])
+        if with_answer:
+            seq = torch.cat([seq, torch.tensor([answer_ids[i], eot])])
+        places = (seq == image_id).nonzero()[:, 0]
+        embeds = llm.model.embed_tokens(seq).index_put((places,), projector(x.reshape(-1, d)))
+        return llm(inputs_embeds=embeds[None]).logits[0], seq
+
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        loss = 0
+        for i in rng.integers(0, fit, 4):
+            out, seq = logits(i, True)
+            loss = loss + torch.nn.functional.cross_entropy(out[-3:-1], seq[-2:]) / 4
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+    with torch.no_grad():
+        right = np.array([logits(i, False)[0][-1].argmax().item() == answer_ids[i] for i in range(len(ids))])
+    return right[:fit].mean(), right[fit:].mean()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="the stage-2 config (tiled views)")
@@ -89,11 +148,13 @@ def main():
     p.add_argument("--data", required=True, help="records from scripts/code_variants.py --mode one|first")
     p.add_argument("-n", type=int, default=1000, help="records with the question (3/4 fit, 1/4 test)")
     p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--readout", choices=["pooled", "llm"], default="pooled",
+                   help="a linear head on the mean-pooled tokens, or the checkpoint's projector and LLM")
     p.add_argument("--fila", default=os.path.join(ROOT, "target", "release", "fila"))
     args = p.parse_args()
     folder = os.path.dirname(os.path.abspath(args.data))
     records = [r for r in map(json.loads, open(args.data)) if first_answer(r) is not None][: args.n]
-    h, c = [], []
+    h, c, ids = [], [], []
     y = np.array([CODE_ALPHABET.index(first_answer(r)) for r in records])
     with tempfile.TemporaryDirectory() as tmp, tempfile.NamedTemporaryFile(
             "w", suffix=".toml", dir=os.path.dirname(os.path.abspath(args.config)), prefix=".probe-") as cfg:
@@ -103,13 +164,19 @@ def main():
         out = os.path.join(tmp, "trace.safetensors")
         for r in records:
             subprocess.run([args.fila, "forward", "--config", cfg.name, "--image", os.path.join(folder, r["image"]),
-                            "--prompt", "What is shown?", "--out", out], check=True, capture_output=True)
+                            "--prompt", FIRST, "--out", out], check=True, capture_output=True)
             t = load_file(out)
             layers = sorted(int(n.rsplit(".", 1)[1]) for n in t if n.startswith("vit.hidden."))
             h.append(t[f"vit.hidden.{layers[-1]}"][:, 1:])  # the feature layer's patch tokens
             c.append(view_cells(t["convnext.stage.4"][0]))
+            ids.append(t["input_ids"][0].astype(np.int64))  # the question in the config's template
     fit = len(y) * 3 // 4
     print(f"{len(y)} records ({fit} fit, {len(y) - fit} test), {args.steps} steps of 4; chance 1/{len(CODE_ALPHABET)}")
+    if args.readout == "llm":
+        tokenizer = os.path.join(args.checkpoint, "tokenizer.json")
+        tr, te = train_through_llm(h, c, ids, [first_answer(r) for r in records], fit, args.steps, args.checkpoint, tokenizer)
+        print(f"  CVFM block + projector + LLM: train {tr:.1%}, test {te:.1%}")
+        return
     for fuse in (False, True):
         tr, te = train(h, c, y, fit, fuse, args.steps)
         print(f"  {'CVFM block + head' if fuse else 'ViT tokens + head'}: train {tr:.1%}, test {te:.1%}", flush=True)
