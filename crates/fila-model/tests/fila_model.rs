@@ -139,9 +139,7 @@ fn fila_checkpoint_round_trips() {
     let config = config();
     let model = Fila::<Dev>::load(&config, &components(), &Default::default()).unwrap();
     let dir = std::env::temp_dir().join(format!("fila-ckpt-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    write_safetensors(&dir.join("model.safetensors"), &model.named_tensors(), None).unwrap();
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    write_checkpoint(&model.named_tensors(), &dir);
     let names: Vec<String> = model.named_tensors().into_iter().map(|(n, _)| n).collect();
     assert!(names.contains(&"vision_model.encoder.layers.0.self_attn.q_proj.weight".to_string()));
     assert!(names.contains(&"convnext.encoder.stages.1.downsampling_layer.0.weight".to_string()));
@@ -249,11 +247,16 @@ fn uniform(n: usize, half_width: f32, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// Writes `tensors` as a FILA checkpoint folder and loads it on `B`.
-fn load_tensors<B: Backend>(tensors: &[(String, TensorData)], dir: &std::path::Path) -> Fila<B> {
+/// Writes `tensors` and `config()` as a FILA checkpoint folder.
+fn write_checkpoint(tensors: &[(String, TensorData)], dir: &std::path::Path) {
     std::fs::create_dir_all(dir).unwrap();
     write_safetensors(&dir.join("model.safetensors"), tensors, None).unwrap();
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config()).unwrap()).unwrap();
+}
+
+/// Writes `tensors` as a FILA checkpoint folder and loads it on `B`.
+fn load_tensors<B: Backend>(tensors: &[(String, TensorData)], dir: &std::path::Path) -> Fila<B> {
+    write_checkpoint(tensors, dir);
     Fila::load(&config(), &ModelSource::Checkpoint(dir.to_path_buf()), &Default::default()).unwrap()
 }
 
