@@ -60,21 +60,32 @@ def view_cells(stage4):
     return np.stack([v.reshape(c, G * G).T for v in views])
 
 
+class CvfmBlock(torch.nn.Module):
+    """One fresh CVFM block on aligned cells: `h + W_out · GELU(W_in · [LN(h) ; LN(c)])`, `W_out` zero."""
+
+    def __init__(self, d, k):
+        super().__init__()
+        self.ln_h, self.ln_c, self.fc_in, self.fc_out = torch.nn.LayerNorm(d), torch.nn.LayerNorm(k), torch.nn.Linear(d + k, d), torch.nn.Linear(d, d)
+        torch.nn.init.zeros_(self.fc_out.weight)
+        torch.nn.init.zeros_(self.fc_out.bias)
+
+    def forward(self, h, c):
+        return h + self.fc_out(torch.nn.functional.gelu(self.fc_in(torch.cat([self.ln_h(h), self.ln_c(c)], -1))))
+
+
 def train(h, c, y, fit, fuse, steps, seed=0):
     """(train, test) accuracy of the mean-pooled tokens' linear head, with or without a CVFM block."""
     torch.manual_seed(seed)
-    d, k = h[0].shape[-1], c[0].shape[-1]
-    ln_h, ln_c, fc_in, fc_out = torch.nn.LayerNorm(d), torch.nn.LayerNorm(k), torch.nn.Linear(d + k, d), torch.nn.Linear(d, d)
-    torch.nn.init.zeros_(fc_out.weight)
-    torch.nn.init.zeros_(fc_out.bias)
+    d = h[0].shape[-1]
+    block = CvfmBlock(d, c[0].shape[-1])
     head = torch.nn.Linear(d, len(CODE_ALPHABET))
-    modules = [head] + ([ln_h, ln_c, fc_in, fc_out] if fuse else [])
+    modules = [head] + ([block] if fuse else [])
     opt = torch.optim.Adam([p for m in modules for p in m.parameters()], lr=2e-3)
 
     def pooled(i):
-        x, conv = torch.from_numpy(h[i]), torch.from_numpy(c[i])
+        x = torch.from_numpy(h[i])
         if fuse:
-            x = x + fc_out(torch.nn.functional.gelu(fc_in(torch.cat([ln_h(x), ln_c(conv)], -1))))
+            x = block(x, torch.from_numpy(c[i]))
         return x.mean((0, 1))
 
     rng = np.random.default_rng(seed)
@@ -106,19 +117,16 @@ def train_through_llm(h, c, ids, answers, fit, steps, checkpoint, tokenizer, see
     for i, lin in zip(layers, linears):
         lin.weight.data, lin.bias.data = (torch.from_numpy(weights[f"projector.layers.{i}.{n}"]) for n in ("weight", "bias"))
     projector = torch.nn.Sequential(*[m for lin in linears for m in (lin, torch.nn.GELU())][:-1])
-    d, k = h[0].shape[-1], c[0].shape[-1]
-    ln_h, ln_c, fc_in, fc_out = torch.nn.LayerNorm(d), torch.nn.LayerNorm(k), torch.nn.Linear(d + k, d), torch.nn.Linear(d, d)
-    torch.nn.init.zeros_(fc_out.weight)
-    torch.nn.init.zeros_(fc_out.bias)
-    params = [p for m in (llm, projector, ln_h, ln_c, fc_in, fc_out) for p in m.parameters()]
+    d = h[0].shape[-1]
+    block = CvfmBlock(d, c[0].shape[-1])
+    params = [p for m in (llm, projector, block) for p in m.parameters()]
     opt = torch.optim.Adam(params, lr=2e-3)
     tok = Tokenizer.from_file(tokenizer)
     answer_ids = [tok.token_to_id(a) for a in answers]
     eot = tok.token_to_id("<|eot_id|>")
 
     def logits(i, with_answer):
-        x = torch.from_numpy(h[i])
-        x = x + fc_out(torch.nn.functional.gelu(fc_in(torch.cat([ln_h(x), ln_c(torch.from_numpy(c[i]))], -1))))
+        x = block(torch.from_numpy(h[i]), torch.from_numpy(c[i]))
         seq = torch.from_numpy(ids[i])
         if with_answer:
             seq = torch.cat([seq, torch.tensor([answer_ids[i], eot])])
