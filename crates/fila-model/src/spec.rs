@@ -32,9 +32,6 @@ pub enum Component<C> {
     Inline(C),
 }
 
-fn default_projector() -> ProjectorKind {
-    ProjectorKind::Mlp { depth: 2 }
-}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -47,13 +44,15 @@ pub struct ModelSpec {
     #[serde(default)]
     pub convnext: Option<Component<serde_json::Value>>,
     #[serde(default)]
-    pub convnext_layout: ConvNextLayout,
+    pub convnext_layout: Option<ConvNextLayout>,
     #[serde(default)]
     pub llm: Option<Component<serde_json::Value>>,
+    /// Absent: `HybridConfig::default()`.
     #[serde(default)]
-    pub hybrid: HybridConfig,
-    #[serde(default = "default_projector")]
-    pub projector: ProjectorKind,
+    pub hybrid: Option<HybridConfig>,
+    /// Absent: `mlp2x_gelu`.
+    #[serde(default)]
+    pub projector: Option<ProjectorKind>,
     #[serde(default)]
     pub image_token_id: Option<u32>,
 }
@@ -76,13 +75,37 @@ fn inline<C: Serialize + for<'de> Deserialize<'de>>(key: &str, value: &serde_jso
 }
 
 impl ModelSpec {
+    /// The fusion settings: `model.hybrid`, or the defaults.
+    pub fn hybrid_config(&self) -> HybridConfig {
+        self.hybrid.clone().unwrap_or_default()
+    }
+
+    /// The projector: `model.projector`, or `mlp2x_gelu`.
+    pub fn projector_kind(&self) -> ProjectorKind {
+        self.projector.unwrap_or(ProjectorKind::Mlp { depth: 2 })
+    }
+
     /// The architecture and where its weights come from. Relative paths are taken from `base`
     /// (the folder of the config file).
     pub fn resolve(&self, base: &Path) -> Result<(FilaConfig, ModelSource), ModelError> {
         let abs = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
         if let Some(dir) = &self.checkpoint {
-            if self.vision.is_some() || self.convnext.is_some() || self.llm.is_some() {
-                return Err(spec_error("`model.checkpoint` defines the whole model: remove `vision`, `convnext` and `llm`".into()));
+            let given = [
+                ("vision", self.vision.is_some()),
+                ("convnext", self.convnext.is_some()),
+                ("convnext_layout", self.convnext_layout.is_some()),
+                ("llm", self.llm.is_some()),
+                ("hybrid", self.hybrid.is_some()),
+                ("projector", self.projector.is_some()),
+                ("image_token_id", self.image_token_id.is_some()),
+            ];
+            let given: Vec<String> = given.iter().filter(|(_, set)| *set).map(|(k, _)| format!("`model.{k}`")).collect();
+            if !given.is_empty() {
+                return Err(spec_error(format!(
+                    "`model.checkpoint` defines the whole model (its config.json): remove {}. To train without the \
+                     ConvNeXt branch, set `model.hybrid.use_convnext = false` in the run that makes the checkpoint",
+                    given.join(", ")
+                )));
             }
             let dir = abs(dir);
             let config = FilaConfig::from_checkpoint_dir(&dir)?;
@@ -104,9 +127,10 @@ impl ModelSpec {
         let image_token_id = self.image_token_id.ok_or_else(|| {
             spec_error("`model.image_token_id` is required: the id of the `<image>` placeholder token in the tokenizer".into())
         })?;
-        let config = FilaConfig { vision, convnext, hybrid: self.hybrid.clone(), projector: self.projector, llm, image_token_id };
+        let config = FilaConfig { vision, convnext, hybrid: self.hybrid_config(), projector: self.projector_kind(), llm, image_token_id };
         config.validate().map_err(spec_error)?;
-        let source = ModelSource::Components { vision: vision_dir, convnext: convnext_dir, convnext_layout: self.convnext_layout, llm: llm_dir };
+        let convnext_layout = self.convnext_layout.unwrap_or_default();
+        let source = ModelSource::Components { vision: vision_dir, convnext: convnext_dir, convnext_layout, llm: llm_dir };
         Ok((config, source))
     }
 }

@@ -186,3 +186,23 @@ fn model_spec_rejects_unknown_inline_keys_and_resolves_folders() {
     assert_eq!((config.vision.num_hidden_layers, config.llm.num_key_value_heads, config.convnext.hidden_sizes[3]), (5, 2, 32));
     assert_eq!(config.projector.to_string(), "mlp2x_gelu");
 }
+
+#[test]
+fn model_spec_with_a_checkpoint_refuses_architecture_keys_it_would_ignore() {
+    use fila_model::spec::ModelSpec;
+    // A FILA checkpoint's config.json defines the architecture: a `model.hybrid` beside it (the
+    // ViT-only ablation asked for at stage 2, say) would be silently ignored, so it is an error.
+    let spec: ModelSpec = serde_json::from_value(serde_json::json!({
+        "checkpoint": "checkpoints/stage1/final",
+        "hybrid": { "use_convnext": false },
+        "image_token_id": 5,
+    }))
+    .unwrap();
+    let err = spec.resolve(std::path::Path::new(".")).unwrap_err().to_string();
+    assert!(err.contains("remove `model.hybrid`, `model.image_token_id`"), "{err}");
+    assert!(err.contains("use_convnext = false` in the run that makes the checkpoint"), "{err}");
+    // The checkpoint alone goes on to read its folder.
+    let spec: ModelSpec = serde_json::from_value(serde_json::json!({ "checkpoint": "/nonexistent/fila" })).unwrap();
+    let err = spec.resolve(std::path::Path::new(".")).unwrap_err().to_string();
+    assert!(err.contains("/nonexistent/fila"), "{err}");
+}

@@ -32,8 +32,8 @@ pub fn plan_architecture(loaded: &LoadedConfig) -> (FilaConfig, Option<String>) 
             let config = FilaConfig {
                 vision: ClipVisionConfig::vit_large_patch14_336(),
                 convnext: ConvNextConfig::large(),
-                hybrid: loaded.config.model.hybrid.clone(),
-                projector: loaded.config.model.projector,
+                hybrid: loaded.config.model.hybrid_config(),
+                projector: loaded.config.model.projector_kind(),
                 llm: LlamaConfig::llama3_8b(),
                 image_token_id: loaded.config.model.image_token_id.unwrap_or(128_256 - 1),
             };
