@@ -23,6 +23,7 @@ Needs torch, safetensors, numpy, pillow (through code_variants); transformers an
 """
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -35,6 +36,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from code_variants import FIRST, first_answer
+from copy_llm import copy_pretrain, load_llm
 from probe_features import ROOT, config_for
 from synth_labels import CODE_ALPHABET
 
@@ -73,20 +75,31 @@ class CvfmBlock(torch.nn.Module):
         return h + self.fc_out(torch.nn.functional.gelu(self.fc_in(torch.cat([self.ln_h(h), self.ln_c(c)], -1))))
 
 
-def train(h, c, y, fit, fuse, steps, seed=0):
-    """(train, test) accuracy of the mean-pooled tokens' linear head, with or without a CVFM block."""
+def checkpoint_projector(weights):
+    """The checkpoint's MLP projector (Linear, GELU, ..., Linear) as a torch module."""
+    layers = sorted({int(k.split(".")[2]) for k in weights if k.startswith("projector.layers.")})
+    linears = [torch.nn.Linear(*weights[f"projector.layers.{i}.weight"].shape[::-1]) for i in layers]
+    for i, lin in zip(layers, linears):
+        lin.weight.data, lin.bias.data = (torch.from_numpy(weights[f"projector.layers.{i}.{n}"]) for n in ("weight", "bias"))
+    return torch.nn.Sequential(*[m for lin in linears for m in (lin, torch.nn.GELU())][:-1])
+
+
+def train(h, c, y, fit, fuse, steps, seed=0, projector=None):
+    """(train, test) accuracy of the mean-pooled tokens' linear head, with or without a CVFM block,
+    and with or without the checkpoint's projector (trained too) between the tokens and the pooling."""
     torch.manual_seed(seed)
     d = h[0].shape[-1]
     block = CvfmBlock(d, c[0].shape[-1])
-    head = torch.nn.Linear(d, len(CODE_ALPHABET))
-    modules = [head] + ([block] if fuse else [])
+    tail = projector if projector is not None else torch.nn.Identity()
+    head = torch.nn.Linear(tail(torch.zeros(1, d)).shape[-1], len(CODE_ALPHABET))
+    modules = [head, tail] + ([block] if fuse else [])
     opt = torch.optim.Adam([p for m in modules for p in m.parameters()], lr=2e-3)
 
     def pooled(i):
         x = torch.from_numpy(h[i])
         if fuse:
             x = block(x, torch.from_numpy(c[i]))
-        return x.mean((0, 1))
+        return tail(x.reshape(-1, d)).mean(0)
 
     rng = np.random.default_rng(seed)
     for _ in range(steps):
@@ -100,41 +113,45 @@ def train(h, c, y, fit, fuse, steps, seed=0):
     return right[:fit].mean(), right[fit:].mean()
 
 
-def train_through_llm(h, c, ids, answers, fit, steps, checkpoint, tokenizer, seed=0):
+def train_through_llm(h, c, ids, answers, fit, steps, checkpoint, tokenizer, seed=0, one_token=False, copy_steps=0,
+                      freeze_llm=False):
     """(train, test) accuracy of the first answer token when the block's tokens reach the answer
-    through the checkpoint's projector and LLM, all three trained (stage 2 in PyTorch)."""
+    through the checkpoint's projector and LLM, all three trained (stage 2 in PyTorch). With
+    `one_token`, the `<image>` span shrinks to one position holding the mean of the projected tokens.
+    With `copy_steps`, the LLM first learns to copy (`copy_llm.copy_pretrain`). With
+    `freeze_llm`, only the block and the projector train in the stage-2 part."""
     from tokenizers import Tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = json.load(open(os.path.join(checkpoint, "config.json")))
-    llm_config, image_id = config["llm"], config["image_token_id"]
-    weights = load_file(os.path.join(checkpoint, "model.safetensors"))
-    llm = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in llm_config.items() if v is not None}, attn_implementation="eager"))
-    llm.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items() if k.startswith(("model.", "lm_head."))})
-    layers = sorted({int(k.split(".")[2]) for k in weights if k.startswith("projector.layers.")})
-    linears = [torch.nn.Linear(*weights[f"projector.layers.{i}.weight"].shape[::-1]) for i in layers]
-    for i, lin in zip(layers, linears):
-        lin.weight.data, lin.bias.data = (torch.from_numpy(weights[f"projector.layers.{i}.{n}"]) for n in ("weight", "bias"))
-    projector = torch.nn.Sequential(*[m for lin in linears for m in (lin, torch.nn.GELU())][:-1])
+    llm, weights, config = load_llm(checkpoint)
+    image_id = config["image_token_id"]
+    projector = checkpoint_projector(weights)
     d = h[0].shape[-1]
     block = CvfmBlock(d, c[0].shape[-1])
-    params = [p for m in (llm, projector, block) for p in m.parameters()]
-    opt = torch.optim.Adam(params, lr=2e-3)
     tok = Tokenizer.from_file(tokenizer)
     answer_ids = [tok.token_to_id(a) for a in answers]
     eot = tok.token_to_id("<|eot_id|>")
+    rng = np.random.default_rng(seed)
+    if copy_steps:
+        copied = copy_pretrain(llm, ids[:fit], image_id, tok, copy_steps, seed)
+        print(f"  copy task after {copy_steps} steps of 32: {copied:.1%} of 500 fresh spans", flush=True)
 
     def logits(i, with_answer):
         x = block(torch.from_numpy(h[i]), torch.from_numpy(c[i]))
         seq = torch.from_numpy(ids[i])
         if with_answer:
             seq = torch.cat([seq, torch.tensor([answer_ids[i], eot])])
+        visual = projector(x.reshape(-1, d))
+        if one_token:
+            later = (seq == image_id).nonzero()[1:, 0]
+            seq = seq[torch.isin(torch.arange(len(seq)), later, invert=True)]
+            visual = visual.mean(0, keepdim=True)
         places = (seq == image_id).nonzero()[:, 0]
-        embeds = llm.model.embed_tokens(seq).index_put((places,), projector(x.reshape(-1, d)))
+        embeds = llm.model.embed_tokens(seq).index_put((places,), visual)
         return llm(inputs_embeds=embeds[None]).logits[0], seq
 
-    rng = np.random.default_rng(seed)
+    params = [p for m in ((projector, block) if freeze_llm else (llm, projector, block)) for p in m.parameters()]
+    opt = torch.optim.Adam(params, lr=2e-3)
     for _ in range(steps):
         loss = 0
         for i in rng.integers(0, fit, 4):
@@ -156,8 +173,13 @@ def main():
     p.add_argument("--data", required=True, help="records from scripts/code_variants.py --mode one|first")
     p.add_argument("-n", type=int, default=1000, help="records with the question (3/4 fit, 1/4 test)")
     p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--readout", choices=["pooled", "llm"], default="pooled",
-                   help="a linear head on the mean-pooled tokens, or the checkpoint's projector and LLM")
+    p.add_argument("--readout", choices=["pooled", "projector", "llm", "llm-one-token"], default="pooled",
+                   help="a linear head on the mean-pooled tokens (`projector`: on the checkpoint's projector's "
+                        "output tokens), or the checkpoint's projector and LLM (`llm-one-token`: the LLM sees "
+                        "one visual token, the mean of the projected ones)")
+    p.add_argument("--copy-steps", type=int, default=0,
+                   help="with --readout llm*: first train the LLM alone to copy a character (scripts/copy_llm.py)")
+    p.add_argument("--freeze-llm", action="store_true", help="with --readout llm*: train only the block and the projector")
     p.add_argument("--fila", default=os.path.join(ROOT, "target", "release", "fila"))
     args = p.parse_args()
     folder = os.path.dirname(os.path.abspath(args.data))
@@ -180,14 +202,20 @@ def main():
             ids.append(t["input_ids"][0].astype(np.int64))  # the question in the config's template
     fit = len(y) * 3 // 4
     print(f"{len(y)} records ({fit} fit, {len(y) - fit} test), {args.steps} steps of 4; chance 1/{len(CODE_ALPHABET)}")
-    if args.readout == "llm":
+    if args.readout.startswith("llm"):
         tokenizer = os.path.join(args.checkpoint, "tokenizer.json")
-        tr, te = train_through_llm(h, c, ids, [first_answer(r) for r in records], fit, args.steps, args.checkpoint, tokenizer)
-        print(f"  CVFM block + projector + LLM: train {tr:.1%}, test {te:.1%}")
+        one = args.readout == "llm-one-token"
+        tr, te = train_through_llm(h, c, ids, [first_answer(r) for r in records], fit, args.steps, args.checkpoint,
+                                   tokenizer, one_token=one, copy_steps=args.copy_steps,
+                                   freeze_llm=args.freeze_llm)
+        print(f"  CVFM block + projector + LLM{' (one visual token)' if one else ''}: train {tr:.1%}, test {te:.1%}")
         return
+    projector = checkpoint_projector(load_file(os.path.join(args.checkpoint, "model.safetensors"))) \
+        if args.readout == "projector" else None
     for fuse in (False, True):
-        tr, te = train(h, c, y, fit, fuse, args.steps)
-        print(f"  {'CVFM block + head' if fuse else 'ViT tokens + head'}: train {tr:.1%}, test {te:.1%}", flush=True)
+        tr, te = train(h, c, y, fit, fuse, args.steps, projector=copy.deepcopy(projector))
+        name = ("CVFM block" if fuse else "ViT tokens") + (" + projector" if projector is not None else "")
+        print(f"  {name} + head: train {tr:.1%}, test {te:.1%}", flush=True)
 
 
 if __name__ == "__main__":
