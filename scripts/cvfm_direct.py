@@ -14,6 +14,10 @@ transformers' Llama): the block's tokens go through the projector into the `<ima
 the question in the llama3 template (the `input_ids` that `fila forward` traces), and all three
 train on the answer and `<|eot_id|>` as stage 2 does (gradient norm clipped at 1). That is stage 2
 of the one-character task re-implemented outside Burn, with fusion at the feature layer only.
+Steps along that path: `--readout projector` puts the checkpoint's projector (trained) before the
+pooled head; `--readout llm-one-token` gives the LLM one visual token, the mean of the projected
+ones; `--copy-steps N` first teaches the LLM to copy (`scripts/copy_llm.py`), and `--freeze-llm`
+keeps it fixed while the block and the projector train.
 
     python scripts/cvfm_direct.py --config configs/tiny/synth-stage2.toml \\
         --checkpoint checkpoints/synth-stage1/final --data /tmp/one-char/stage2_train.jsonl

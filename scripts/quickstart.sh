@@ -10,15 +10,7 @@ cd "$(dirname "$0")/.."
 ablation=0
 [ "${1:-}" = "--ablation" ] && ablation=1
 
-cargo build --release -p fila-cli -p fila-train
-fila=target/release/fila
-train=target/release/fila-train
-data=datasets/synth/generated
-
-start=$(date +%s)
-# 600 held-out questions (150 per type) rather than the generator's default 100, so each type's
-# accuracy is measured to a few points.
-[ -f "$data/tokenizer.json" ] || "$fila" data synth --out "$data" --tile-size 56 --heldout 600
+source scripts/synth_setup.sh
 
 run() { # name, extra --set arguments...
   local name=$1; shift

@@ -11,12 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${1:-checkpoints/reading}")
 
-cargo build --release -p fila-cli -p fila-train
-fila=target/release/fila
-train=target/release/fila-train
-data=datasets/synth/generated
-start=$(date +%s)
-[ -f "$data/tokenizer.json" ] || "$fila" data synth --out "$data" --tile-size 56 --heldout 600
+source scripts/synth_setup.sh
 for sub in data one one-heldout one-fine; do rm -rf "${out:?}/$sub"; done
 mkdir -p "$out"
 
