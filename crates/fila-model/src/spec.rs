@@ -32,7 +32,6 @@ pub enum Component<C> {
     Inline(C),
 }
 
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
