@@ -51,7 +51,8 @@ def copy_pretrain(llm, ids, image_id, tokenizer, steps, seed, batch_size=32):
     random non-character tokens and one character, answered by that character and `<|eot_id|>`
     (Adam 2e-3, gradient norm clipped at 1). Returns the copy accuracy on 500 fresh spans."""
     chars = torch.tensor([tokenizer.token_to_id(a) for a in CODE_ALPHABET])
-    others = torch.tensor([j for t, j in tokenizer.get_vocab().items() if j not in chars and not t.startswith("<")])
+    # Sorted: the vocabulary comes back in a different order in every process.
+    others = torch.tensor(sorted(j for t, j in tokenizer.get_vocab().items() if j not in chars and not t.startswith("<")))
     eot = tokenizer.token_to_id("<|eot_id|>")
     gen = torch.Generator().manual_seed(seed)
 
