@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The tiny FILA reading a character, with and without the ConvNeXt branch (about 15 minutes on 2 cores).
+# Trains the tiny FILA to read a character, with and without the ConvNeXt branch (about 10 minutes on 2 cores).
 #   bash scripts/reading_demo.sh [OUT]      # default OUT: checkpoints/reading
 # One character per image (a code with every character but the first painted out), asked "What is
 # the first character of the code?". Two arms, FILA and the ViT-only ablation, side by side: stage 1
