@@ -22,16 +22,14 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 
 import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
 from code_variants import FIRST, first_answer
-from probe_features import ROOT, config_for
+from probe_features import ROOT, traces
 from synth_labels import CODE_ALPHABET
 
 
@@ -82,17 +80,8 @@ def copy_pretrain(llm, ids, image_id, tokenizer, steps, seed, batch_size=32):
 
 def question_ids(fila, config, checkpoint, records, folder):
     """The LLM input ids of the first-character question on each record's image, as `fila forward` builds them."""
-    ids = []
-    with tempfile.TemporaryDirectory() as tmp, tempfile.NamedTemporaryFile(
-            "w", suffix=".toml", dir=os.path.dirname(os.path.abspath(config)), prefix=".probe-") as cfg:
-        cfg.write(config_for(config, checkpoint))
-        cfg.flush()
-        out = os.path.join(tmp, "trace.safetensors")
-        for r in records:
-            subprocess.run([fila, "forward", "--config", cfg.name, "--image", os.path.join(folder, r["image"]),
-                            "--prompt", FIRST, "--out", out], check=True, capture_output=True)
-            ids.append(load_file(out)["input_ids"][0].astype(np.int64))
-    return ids
+    images = [os.path.join(folder, r["image"]) for r in records]
+    return [t["input_ids"][0].astype(np.int64) for t in traces(fila, config, checkpoint, images, FIRST)]
 
 
 def main():

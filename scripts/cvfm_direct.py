@@ -31,7 +31,6 @@ import copy
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 
@@ -41,7 +40,7 @@ from safetensors.numpy import load_file, save_file
 
 from code_variants import FIRST, first_answer
 from copy_llm import copy_pretrain, load_llm
-from probe_features import ROOT, config_for
+from probe_features import ROOT, traces
 from synth_labels import CODE_ALPHABET
 
 G = 4  # ViT cells per tile side in the tiny geometry (56-pixel tiles, patch 14)
@@ -190,16 +189,9 @@ def main():
     records = [r for r in map(json.loads, open(args.data)) if first_answer(r) is not None][: args.n]
     h, c, ids = [], [], []
     y = np.array([CODE_ALPHABET.index(first_answer(r)) for r in records])
-    with tempfile.TemporaryDirectory() as tmp, tempfile.NamedTemporaryFile(
-            "w", suffix=".toml", dir=os.path.dirname(os.path.abspath(args.config)), prefix=".probe-") as cfg:
-        zeroed_copy(args.checkpoint, tmp)
-        cfg.write(config_for(args.config, tmp))
-        cfg.flush()
-        out = os.path.join(tmp, "trace.safetensors")
-        for r in records:
-            subprocess.run([args.fila, "forward", "--config", cfg.name, "--image", os.path.join(folder, r["image"]),
-                            "--prompt", FIRST, "--out", out], check=True, capture_output=True)
-            t = load_file(out)
+    with tempfile.TemporaryDirectory() as plain:
+        zeroed_copy(args.checkpoint, plain)
+        for t in traces(args.fila, args.config, plain, [os.path.join(folder, r["image"]) for r in records], FIRST):
             layers = sorted(int(n.rsplit(".", 1)[1]) for n in t if n.startswith("vit.hidden."))
             h.append(t[f"vit.hidden.{layers[-1]}"][:, 1:])  # the feature layer's patch tokens
             c.append(view_cells(t["convnext.stage.4"][0]))

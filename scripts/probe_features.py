@@ -103,6 +103,20 @@ def config_for(config, checkpoint):
     return "".join(kept) + f'\n[model]\ncheckpoint = "{os.path.abspath(checkpoint)}"\n'
 
 
+def traces(fila, config, checkpoint, images, prompt):
+    """`fila forward` traces (tensor name → array) of `checkpoint` on each image of `images`, asked
+    `prompt`, under `config` with its `[model]` table pointing at the checkpoint; one at a time."""
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", dir=os.path.dirname(os.path.abspath(config)),
+                                     prefix=".probe-") as cfg, tempfile.TemporaryDirectory() as tmp:
+        cfg.write(config_for(config, checkpoint))
+        cfg.flush()
+        out = os.path.join(tmp, "trace.safetensors")
+        for image in images:
+            subprocess.run([fila, "forward", "--config", cfg.name, "--image", image, "--prompt", prompt, "--out", out],
+                           check=True, capture_output=True)
+            yield load_file(out)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True)
@@ -137,24 +151,17 @@ def main():
     y = np.array([label for cells in samples for _, label in cells])
     fit = sum(len(cells) for cells in samples[: len(samples) * 3 // 4])  # rows of the first 3/4 of the images
     feats = {}
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", dir=os.path.dirname(os.path.abspath(args.config)),
-                                     prefix=".probe-") as cfg, tempfile.TemporaryDirectory() as tmp:
-        cfg.write(config_for(args.config, args.checkpoint))
-        cfg.flush()
-        out = os.path.join(tmp, "trace.safetensors")
-        for i, (r, cells) in enumerate(zip(records, samples)):
-            subprocess.run([args.fila, "forward", "--config", cfg.name, "--image", os.path.join(folder, r["image"]),
-                            "--prompt", "What is shown?", "--out", out], check=True, capture_output=True)
-            traced = load_file(out)
-            if args.target != "codes":  # max-pooled ConvNeXt maps too
-                traced.update({"max:" + n: t for n, t in traced.items() if n.startswith("convnext.stage.")})
-            for name, t in traced.items():
-                for where, _ in cells:
-                    v = features(name, t, where)
-                    if v is not None:
-                        feats.setdefault(name, []).append(v)
-            if (i + 1) % 100 == 0:
-                print(f"traced {i + 1}/{len(records)} images", file=sys.stderr, flush=True)
+    images = [os.path.join(folder, r["image"]) for r in records]
+    for i, (traced, cells) in enumerate(zip(traces(args.fila, args.config, args.checkpoint, images, "What is shown?"), samples)):
+        if args.target != "codes":  # max-pooled ConvNeXt maps too
+            traced.update({"max:" + n: t for n, t in traced.items() if n.startswith("convnext.stage.")})
+        for name, t in traced.items():
+            for where, _ in cells:
+                v = features(name, t, where)
+                if v is not None:
+                    feats.setdefault(name, []).append(v)
+        if (i + 1) % 100 == 0:
+            print(f"traced {i + 1}/{len(records)} images", file=sys.stderr, flush=True)
     unit = "code cells" if args.target == "codes" else "images"
     print(f"linear-probe test accuracy ({len(y) - fit} {unit}), " + " / ".join(n for n, _ in labels))
     # Data-flow order: ConvNeXt stages, ViT layers (fused where CVFM acts), projector output.

@@ -5,8 +5,9 @@
 # the first character of the code?". Two arms, FILA and the ViT-only ablation, side by side: stage 1
 # as in the quick start but with the reading ConvNeXt; then the stage-1 LLM learns to copy a
 # character out of the image span (scripts/copy_llm.py, on text); then stage 2 trains CVFM and the
-# projector with that LLM frozen; both are evaluated on held-out images and on the `fine` layout. Needs the Python packages of scripts/copy_llm.py (torch, transformers,
-# tokenizers, safetensors) and numpy and pillow.
+# projector with that LLM frozen; both are evaluated on held-out images and on the `fine` layout.
+# Needs the Python packages of scripts/copy_llm.py (torch, transformers, tokenizers, safetensors)
+# and numpy and pillow.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${1:-checkpoints/reading}")
