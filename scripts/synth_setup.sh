@@ -1,9 +1,16 @@
 # Sourced by scripts/quickstart.sh and scripts/reading_demo.sh (from the repository root): builds the
-# release binaries, starts the clock (`start`: timings are reported after the build) and makes the
-# built-in synthetic dataset in `datasets/synth/generated` unless it is there already.
-cargo build --release -p fila-cli -p fila-train
-fila=target/release/fila
-train=target/release/fila-train
+# release binaries (or, with FILA_BIN=DIR, uses the `fila` and `fila-train` in DIR, e.g. a
+# `--features cuda` build copied to a GPU machine without Rust), starts the clock (`start`: timings
+# are reported after the build) and makes the built-in synthetic dataset in `datasets/synth/generated`
+# unless it is there already.
+if [ -n "${FILA_BIN:-}" ]; then
+  bin=$(realpath "$FILA_BIN")
+else
+  cargo build --release -p fila-cli -p fila-train
+  bin=$PWD/target/release
+fi
+fila=$bin/fila
+train=$bin/fila-train
 data=datasets/synth/generated
 
 start=$(date +%s)
