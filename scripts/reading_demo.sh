@@ -77,6 +77,9 @@ fi
 
 if [ "$phase" != prepare ]; then
   rm -f "$out/failed"
+  for arm in $arms; do for seed in $seeds; do
+    [ -d "$out/$arm/s$seed/copy-llm" ] || { echo "no copying LLM in $out/$arm/s$seed/copy-llm: run PHASE=prepare with SEEDS=\"$seeds\" first" >&2; exit 1; }
+  done; done
   # The data is deterministic: made again where only the copying LLMs were brought along.
   [ -f "$out/one-fine/fine.jsonl" ] || make_data
   stage2() { # arm, seed: stage 2 from the copying LLM with it frozen, then eval on both splits
