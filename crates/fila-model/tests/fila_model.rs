@@ -282,7 +282,7 @@ fn fixed_images<B: Backend>() -> Vec<ImageInput<B>> {
 /// tensor. The differences are taken on the CPU backend in every build: the loss is f32 (about
 /// 4.6, in steps of 5e-7), so with ε = 1e-2 a difference quotient is good to about 5e-5, whereas
 /// CUDA's reduced-precision products move the loss by about 1e-3, which would swamp it. The bound
-/// is 5e-5 plus 1 % on CPU (measured: relative errors 4e-5 to 6e-3), plus 10 % on CUDA.
+/// is 5e-5 plus 1 % on CPU (measured: relative errors 5e-6 to 8e-3), plus 10 % on CUDA.
 #[test]
 fn gradients_through_the_whole_model_match_central_differences() {
     type Exact = burn::backend::Flex;
