@@ -57,8 +57,8 @@ make_data() { # the one-character training, held-out and fine sets
   rm -rf "${out:?}/data"
 }
 
+rm -f "$out/failed"
 if [ "$phase" != train ]; then
-  rm -rf "${out:?}/failed"
   for arm in $arms; do rm -rf "${out:?}/$arm"; done
   make_data
   for arm in $arms; do
@@ -76,7 +76,6 @@ if [ "$phase" != train ]; then
 fi
 
 if [ "$phase" != prepare ]; then
-  rm -f "$out/failed"
   for arm in $arms; do for seed in $seeds; do
     [ -d "$out/$arm/s$seed/copy-llm" ] || { echo "no copying LLM in $out/$arm/s$seed/copy-llm: run PHASE=prepare with SEEDS=\"$seeds\" first" >&2; exit 1; }
   done; done
