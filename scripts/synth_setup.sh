@@ -1,4 +1,4 @@
-# Sourced by scripts/quickstart.sh and scripts/reading_demo.sh (from the repository root): builds the
+# Sourced by scripts/quickstart.sh and scripts/experiments/reading_demo.sh (from the repository root): builds the
 # release binaries (or, with FILA_BIN=DIR, uses the `fila` and `fila-train` in DIR, e.g. a
 # `--features cuda` build copied to a GPU machine without Rust), starts the clock (`start`: timings
 # are reported after the build) and makes the built-in synthetic dataset in `datasets/synth/generated`

@@ -1,9 +1,9 @@
-"""Variants of the synthetic dataset's code questions, for the reading experiments in the README.
+"""Variants of the synthetic dataset's code questions, for the reading experiments (docs/reading-experiments.md).
 
 Reads a stage-2 or held-out file of the built-in synthetic dataset (`fila data synth`) and writes
 a copy whose code questions ask something simpler, with the images they need:
 
-    python scripts/code_variants.py --mode one --data datasets/synth/generated/heldout.jsonl \\
+    python scripts/experiments/code_variants.py --mode one --data datasets/synth/generated/heldout.jsonl \\
         --out /tmp/one-char --layout normal --glyph-px 14
 
 `--mode first`  "What is the first character of the code?", answered by the code's first character;

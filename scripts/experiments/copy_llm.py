@@ -1,20 +1,20 @@
 """Teaches a FILA checkpoint's LLM to copy a character out of the `<image>` span. Reading experiment.
 
 The quick start's tiny LLM starts from random weights and learns language and image together;
-trained that way, the tiny FILA never learns to read a character (README "Reading experiments").
+trained that way, the tiny FILA never learns to read a character (docs/reading-experiments.md).
 Real FILA starts from a pretrained LLaMA-3, which can already copy what it attends to. This script
 gives the tiny LLM that one skill, on text alone, in PyTorch (transformers' Llama): the stage-2
 question "What is the first character of the code?" in the config's template, its `<image>` span
 filled with random non-character tokens and one character, answered by that character. It writes a
 copy of the checkpoint with the trained LLM; stage 2 then trains CVFM and the projector with this
-LLM frozen (`scripts/reading_demo.sh`):
+LLM frozen (`scripts/experiments/reading_demo.sh`):
 
-    python scripts/copy_llm.py --config configs/tiny/synth-stage2.toml \\
+    python scripts/experiments/copy_llm.py --config configs/tiny/synth-stage2.toml \\
         --checkpoint /tmp/reading/stage1/final --data /tmp/reading/one/stage2_train.jsonl \\
         --out /tmp/reading/copy-llm
 
 The questions' token ids are those `fila forward` feeds the LLM for records of `--data` (records
-from `scripts/code_variants.py --mode one|first`), so the span lengths are those of the tiled views.
+from `scripts/experiments/code_variants.py --mode one|first`), so the span lengths are those of the tiled views.
 Needs torch, transformers, tokenizers, safetensors.
 """
 
@@ -27,6 +27,8 @@ import sys
 import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # scripts/: synth_labels, pretrain_tiny_towers
 
 from code_variants import FIRST, first_answer
 from probe_features import ROOT, traces
@@ -88,7 +90,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="the stage-2 config (template and tiled views)")
     p.add_argument("--checkpoint", required=True, help="the FILA checkpoint whose LLM learns to copy")
-    p.add_argument("--data", required=True, help="records from scripts/code_variants.py --mode one|first")
+    p.add_argument("--data", required=True, help="records from scripts/experiments/code_variants.py --mode one|first")
     p.add_argument("--out", required=True, help="the new checkpoint folder (must not exist)")
     p.add_argument("-n", type=int, default=32, help="records whose questions are traced (their span lengths)")
     p.add_argument("--steps", type=int, default=3000, help="steps of 32 questions")

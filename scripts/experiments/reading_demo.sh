@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Trains the tiny FILA to read a character, with and without the ConvNeXt branch (about 20 minutes on 2 cores).
-#   bash scripts/reading_demo.sh [OUT]      # default OUT: checkpoints/reading
+#   bash scripts/experiments/reading_demo.sh [OUT]      # default OUT: checkpoints/reading
 # One character per image (a code with every character but the first painted out), asked "What is
 # the first character of the code?". Two arms, FILA and the ViT-only ablation: stage 1 as in the
 # quick start but with the reading ConvNeXt; then the stage-1 LLM learns to copy a character out of
-# the image span (scripts/copy_llm.py, on text); then stage 2 trains CVFM and the projector with that
+# the image span (scripts/experiments/copy_llm.py, on text); then stage 2 trains CVFM and the projector with that
 # LLM frozen; both are evaluated on held-out images and on the `fine` layout.
 # Settings (environment variables, defaults in brackets):
 #   SEEDS ["0"]      copying-LLM seeds: each arm trains one copying LLM and one stage 2 per seed
@@ -16,10 +16,10 @@
 #   FILA_BIN         a folder with prebuilt `fila` and `fila-train` (no cargo build)
 # Outputs: OUT/{fila,vit-only}/stage1, OUT/ARM/s<SEED>/{copy-llm,stage2,eval-heldout.json,eval-fine.json},
 # logs in OUT/ARM*.log, and OUT/summary-b<BATCH>.txt.
-# Needs the Python packages of scripts/copy_llm.py (torch, transformers, tokenizers, safetensors)
+# Needs the Python packages of scripts/experiments/copy_llm.py (torch, transformers, tokenizers, safetensors)
 # and numpy and pillow.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 out=$(realpath -m "${1:-checkpoints/reading}")
 seeds=${SEEDS:-0} batch=${BATCH:-32} steps=${STEPS:-750} device=${DEVICE:-cpu} jobs=${JOBS:-2} phase=${PHASE:-all}
 case $phase in all|prepare|train) ;; *) echo "PHASE=$phase: expected all, prepare or train" >&2; exit 2 ;; esac
@@ -49,7 +49,7 @@ make_data() { # the one-character training, held-out and fine sets
   # Images of another seed, normal layout with 14-pixel glyphs (what the reading ConvNeXt reads), and
   # the fine layout; only the code question, asked for the first character.
   "$fila" data synth --out "$out/data" --seed 3 --tile-size 56 --stage2 8000 --heldout 2000 --fine 200 >/dev/null
-  local cut=(python3 scripts/code_variants.py --mode one --only-code) normal=(--layout normal --glyph-px 14)
+  local cut=(python3 scripts/experiments/code_variants.py --mode one --only-code) normal=(--layout normal --glyph-px 14)
   launch "$out/one.log" "${cut[@]}" "${normal[@]}" --data "$out/data/stage2_train.jsonl" --out "$out/one"
   launch "$out/one-heldout.log" "${cut[@]}" "${normal[@]}" --data "$out/data/heldout.jsonl" --out "$out/one-heldout"
   launch "$out/one-fine.log" "${cut[@]}" --data "$out/data/fine.jsonl" --out "$out/one-fine"
@@ -68,7 +68,7 @@ if [ "$phase" != train ]; then
   done
   finish "stage 1"
   for arm in $arms; do for seed in $seeds; do
-    launch "$out/$arm-s$seed.copy.log" env OMP_NUM_THREADS=1 python3 scripts/copy_llm.py \
+    launch "$out/$arm-s$seed.copy.log" env OMP_NUM_THREADS=1 python3 scripts/experiments/copy_llm.py \
       --config configs/tiny/synth-stage2.toml --fila "$fila" --checkpoint "$out/$arm/stage1/final" \
       --data "$out/one/stage2_train.jsonl" --seed "$seed" --out "$out/$arm/s$seed/copy-llm"
   done; done

@@ -9,8 +9,8 @@
 # STAGE2_RECORDS distinct records, stopped at LIMIT seconds if slower (the stopped run is then
 # exported at the step it reached, by resuming it with that length), then eval on held-out and fine.
 # Usage (from the repository root; binaries from `cargo build --release [--features cuda]`):
-#   bash scripts/long_runs.sh BIN_DIR DEVICE OUT_DIR [STAGE1_CAPTIONS STAGE2_RECORDS STAGE2_STEPS LIMIT]
-#   e.g. bash scripts/long_runs.sh target/release cuda:0 /tmp/long 2400 8000 2000 300
+#   bash scripts/experiments/long_runs.sh BIN_DIR DEVICE OUT_DIR [STAGE1_CAPTIONS STAGE2_RECORDS STAGE2_STEPS LIMIT]
+#   e.g. bash scripts/experiments/long_runs.sh target/release cuda:0 /tmp/long 2400 8000 2000 300
 # Outputs: OUT_DIR/<variant>/{s1,s2}/ (runs), OUT_DIR/<variant>.*.log, OUT_DIR/<variant>.eval-*.json,
 # and OUT_DIR/summary.txt. The dataset goes to OUT_DIR/data (seed 0, 600 held-out, 300 fine).
 set -u

@@ -8,7 +8,7 @@ of the images and reports test accuracy on the rest.
 It answers where information is lost between the towers, the CVFM fusion and the projector:
 
     cargo build --release -p fila-cli
-    python scripts/probe_features.py --config configs/tiny/synth-stage2.toml \\
+    python scripts/experiments/probe_features.py --config configs/tiny/synth-stage2.toml \\
         --checkpoint checkpoints/synth-stage2/final --data datasets/synth/generated/stage1.jsonl
 
 `--config` supplies the data side (tokenizer, geometry, tiling); its `[model]` is replaced by
@@ -22,7 +22,7 @@ after each ViT layer, its row of the projector input and output) are probed for 
 captions (normal layout) and on `fine.jsonl` (fine layout). Needs pillow too.
 
 `--target first` probes the pooled features (as for labels) for the answer to "What is the first
-character of the code?" in a file made by `scripts/code_variants.py --mode first` or `--mode one`
+character of the code?" in a file made by `scripts/experiments/code_variants.py --mode first` or `--mode one`
 (records without that question are left out; use the stage-2 config, the views are tiled).
 """
 
@@ -38,10 +38,10 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file
 
-from pretrain_tiny_towers import HIRES
-from synth_labels import CODE_ALPHABET, COLOURS, SHAPES, labels_of
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # scripts/: synth_labels, pretrain_tiny_towers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from pretrain_tiny_towers import HIRES, ROOT
+from synth_labels import CODE_ALPHABET, COLOURS, SHAPES, labels_of
 
 
 def pooled(name, t):
@@ -124,7 +124,7 @@ def main():
     p.add_argument("--data", required=True, help="stage-1 caption JSONL of the synthetic dataset (or fine.jsonl for codes)")
     p.add_argument("--target", choices=["labels", "codes", "first"], default="labels",
                    help="colour / shape / count of whole images, code characters cell by cell, or the "
-                        "answer to the first-character question of scripts/code_variants.py (pooled)")
+                        "answer to the first-character question of scripts/experiments/code_variants.py (pooled)")
     p.add_argument("-n", type=int, default=600, help="records read from --data (3/4 of the images fit, 1/4 test)")
     p.add_argument("--fila", default=os.path.join(ROOT, "target", "release", "fila"))
     args = p.parse_args()

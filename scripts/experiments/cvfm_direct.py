@@ -1,7 +1,7 @@
 """Can a CVFM block pass the code's character when the loss asks it directly? A reading diagnostic.
 
 Traces a FILA checkpoint's plain ViT (CVFM outputs zeroed in a temporary copy) and its ConvNeXt
-with `fila forward` on records made by `scripts/code_variants.py --mode one` (or `first`), then
+with `fila forward` on records made by `scripts/experiments/code_variants.py --mode one` (or `first`), then
 trains, in PyTorch, one fresh CVFM block as the project defines it (design notes §1.2, alignment
 by pooling: stage 4 already lies on the ViT grid) at the last fusion point, the feature layer:
 `h' = h + W_out · GELU(W_in · [LN(h) ; LN(c)])`, `W_out` starting at zero. Its output tokens are
@@ -16,10 +16,10 @@ train on the answer and `<|eot_id|>` as stage 2 does (gradient norm clipped at 1
 of the one-character task re-implemented outside Burn, with fusion at the feature layer only.
 Steps along that path: `--readout projector` puts the checkpoint's projector (trained) before the
 pooled head; `--readout llm-one-token` gives the LLM one visual token, the mean of the projected
-ones; `--copy-steps N` first teaches the LLM to copy (`scripts/copy_llm.py`), and `--freeze-llm`
+ones; `--copy-steps N` first teaches the LLM to copy (`scripts/experiments/copy_llm.py`), and `--freeze-llm`
 keeps it fixed while the block and the projector train.
 
-    python scripts/cvfm_direct.py --config configs/tiny/synth-stage2.toml \\
+    python scripts/experiments/cvfm_direct.py --config configs/tiny/synth-stage2.toml \\
         --checkpoint checkpoints/synth-stage1/final --data /tmp/one-char/stage2_train.jsonl
 
 Needs torch, safetensors, numpy, pillow (through code_variants); transformers and tokenizers for
@@ -37,6 +37,8 @@ import tempfile
 import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # scripts/: synth_labels, pretrain_tiny_towers
 
 from code_variants import FIRST, first_answer
 from copy_llm import copy_pretrain, load_llm
@@ -173,7 +175,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="the stage-2 config (tiled views)")
     p.add_argument("--checkpoint", required=True, help="a FILA checkpoint with the ConvNeXt branch")
-    p.add_argument("--data", required=True, help="records from scripts/code_variants.py --mode one|first")
+    p.add_argument("--data", required=True, help="records from scripts/experiments/code_variants.py --mode one|first")
     p.add_argument("-n", type=int, default=1000, help="records with the question (3/4 fit, 1/4 test)")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--readout", choices=["pooled", "projector", "llm", "llm-one-token"], default="pooled",
@@ -181,7 +183,7 @@ def main():
                         "output tokens), or the checkpoint's projector and LLM (`llm-one-token`: the LLM sees "
                         "one visual token, the mean of the projected ones)")
     p.add_argument("--copy-steps", type=int, default=0,
-                   help="with --readout llm*: first train the LLM alone to copy a character (scripts/copy_llm.py)")
+                   help="with --readout llm*: first train the LLM alone to copy a character (scripts/experiments/copy_llm.py)")
     p.add_argument("--freeze-llm", action="store_true", help="with --readout llm*: train only the block and the projector")
     p.add_argument("--fila", default=os.path.join(ROOT, "target", "release", "fila"))
     args = p.parse_args()

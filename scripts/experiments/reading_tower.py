@@ -15,7 +15,7 @@ Every 250 steps it reports, on the last 10 % of the normal-layout and fine-layou
 right) and `c2` (stage-2 character accuracy). Chance is 1/34 for characters.
 
     cargo build --release -p fila-cli
-    python scripts/reading_tower.py [--normal 8000] [--fine 8000] [--steps 3000] [--save DIR]
+    python scripts/experiments/reading_tower.py [--normal 8000] [--fine 8000] [--steps 3000] [--save DIR]
 
 `--save DIR` writes the tower as a Hugging Face folder; the quick start takes it with
 `--set 'model.convnext="DIR"'` on `configs/tiny/synth-stage1.toml`. `--hires 192` draws the
@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import ConvNextConfig, ConvNextModel
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # scripts/: synth_labels, pretrain_tiny_towers
 
 from pretrain_tiny_towers import HIRES, ROOT, fit, held_out, normalise, on_canvas, placement, select_canvas
 from synth_labels import CODE_ALPHABET
