@@ -1,5 +1,5 @@
 //! CVFM, the ConvNeXt-ViT fusion module (FILA, <https://arxiv.org/abs/2412.08378>), as defined in
-//! the project's design notes §1.2. For interaction point k:
+//! `docs/model.md` ("CVFM"). For interaction point k:
 //!
 //! - align the ConvNeXt stage-k map of the whole canvas `[C_k, rows·g·r_k, cols·g·r_k]` to the
 //!   ViT cell grid `[C_k, rows·g, cols·g]` (a learned `r_k×r_k` conv with stride `r_k`, or
