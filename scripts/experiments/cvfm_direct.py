@@ -2,7 +2,7 @@
 
 Traces a FILA checkpoint's plain ViT (CVFM outputs zeroed in a temporary copy) and its ConvNeXt
 with `fila forward` on records made by `scripts/experiments/code_variants.py --mode one` (or `first`), then
-trains, in PyTorch, one fresh CVFM block as the project defines it (design notes §1.2, alignment
+trains, in PyTorch, one fresh CVFM block as the project defines it (docs/model.md, "CVFM"; alignment
 by pooling: stage 4 already lies on the ViT grid) at the last fusion point, the feature layer:
 `h' = h + W_out · GELU(W_in · [LN(h) ; LN(c)])`, `W_out` starting at zero. Its output tokens are
 mean-pooled over all views (what an LLM attending evenly would see) and a linear head names the
