@@ -120,9 +120,51 @@ impl EpochSampler {
         n / self.world + usize::from(self.rank < n % self.world)
     }
 
+    /// Where this rank's `local` cursor stands in the epoch's global order: the next record it
+    /// would read. The run's cursor is the smallest of these over all ranks: every record before
+    /// it has been read, so it does not depend on the world size.
+    pub fn global_cursor(&self, local: DataCursor) -> DataCursor {
+        DataCursor { epoch: local.epoch, position: local.position * self.world + self.rank }
+    }
+
+    /// This rank's cursor for a run-wide cursor (see [`EpochSampler::global_cursor`]): the first of
+    /// its records at or after `global`. A run resumed at another world size thus reads every
+    /// record after the cursor once (when the ranks stopped together, as they do unless bad
+    /// records were skipped unevenly).
+    pub fn local_cursor(&self, global: DataCursor) -> DataCursor {
+        DataCursor { epoch: global.epoch, position: (global.position + self.world - 1 - self.rank) / self.world }
+    }
+
     /// Record indices from `cursor` to the end of its epoch.
     pub fn remaining(&self, cursor: DataCursor) -> Vec<usize> {
         let order = self.epoch_order(cursor.epoch);
         order[cursor.position.min(order.len())..].to_vec()
+    }
+}
+
+#[cfg(test)]
+mod cursor_tests {
+    use super::*;
+
+    #[test]
+    fn cursors_carry_over_between_world_sizes() {
+        let s = |rank, world| EpochSampler::new(20, 3, true).sharded(rank, world);
+        // Four ranks that each read 3 records have read global positions 0..12.
+        let global = (0..4).map(|r| s(r, 4).global_cursor(DataCursor { epoch: 1, position: 3 })).min_by_key(|c| c.position).unwrap();
+        assert_eq!(global, DataCursor { epoch: 1, position: 12 });
+        // On two ranks each starts at 6: together they read global positions 12.. next.
+        for r in 0..2 {
+            let local = s(r, 2).local_cursor(global);
+            assert_eq!(local.position, 6);
+            let next = s(r, 2).remaining(local)[0];
+            assert_eq!(next, s(0, 1).global_order(1)[12 + r]);
+        }
+        // One rank: the cursor is its own position.
+        assert_eq!(s(0, 1).local_cursor(global), global);
+        assert_eq!(s(0, 1).global_cursor(global), global);
+        // Ranks out of step: rank 2 of 3 is one record behind, so its next record is the cursor.
+        let behind = (0..3).map(|r| s(r, 3).global_cursor(DataCursor { epoch: 0, position: if r == 2 { 1 } else { 2 } })).min_by_key(|c| c.position).unwrap();
+        assert_eq!(behind.position, 5);
+        assert_eq!(s(2, 3).local_cursor(behind).position, 1);
     }
 }

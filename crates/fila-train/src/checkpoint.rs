@@ -1,13 +1,18 @@
 //! Checkpoint I/O, in one place.
 //!
 //! `<output_dir>/step-<N>/` holds `trainable.safetensors` (the trainable parameters under their
-//! model paths, Burn layout: resume state, not an interchange format), `optimizer.safetensors`,
-//! `state.json` and `config.toml`. It is written into `.tmp-step-<N>/` and renamed into place,
+//! model paths, Burn layout: resume state, not an interchange format), the optimizer state
+//! (`optimizer.safetensors`, or one `optimizer-RRRRR-of-WWWWW.safetensors` per rank, re-cut by
+//! parameter name when read at another world size), `state.json` and `config.toml`. All ranks
+//! write into `.tmp-step-<N>/`, and rank 0 renames it into place once every rank has finished,
 //! so a crash while writing leaves the previous checkpoints intact and no half-written `step-*`.
+//! Several nodes need `output_dir` on a filesystem they share.
 //! `final/` is the interchange export: the whole model under FILA checkpoint names
 //! (`model.safetensors`), `config.json` (the `FilaConfig`) and `tokenizer.json`, loadable with
 //! `Fila::load(.., &ModelSource::Checkpoint(final))`.
 
+use crate::dist::Comm;
+use crate::optim::{shard_file, AdamW};
 use crate::trainable::TrainableSet;
 use anyhow::{anyhow, bail, Context, Result};
 use burn::module::Param;
@@ -46,8 +51,28 @@ pub struct TrainState {
     pub nonfinite_in_a_row: u64,
     /// Bad records skipped so far, by reason.
     pub skipped: BadRecordCounts,
-    /// Why the run stopped here (`interval`, `signal`, `stop_after`, `nonfinite`, `end`).
-    pub reason: String,
+    /// Why this checkpoint was written.
+    pub reason: CheckpointReason,
+}
+
+/// Why a checkpoint was written (`reason` in `state.json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CheckpointReason {
+    /// Every `checkpoint.every_steps`.
+    #[serde(rename = "interval")]
+    Interval,
+    /// SIGINT or SIGTERM on some rank.
+    #[serde(rename = "signal")]
+    Signal,
+    /// `--stop-after`.
+    #[serde(rename = "stop_after")]
+    StopAfter,
+    /// Too many non-finite steps in a row.
+    #[serde(rename = "nonfinite")]
+    NonFinite,
+    /// The run's last step.
+    #[serde(rename = "end")]
+    End,
 }
 
 /// The step checkpoints in `output_dir`, oldest first.
@@ -89,45 +114,91 @@ fn trainable_tensors<B: Backend>(model: &Fila<B>, set: &TrainableSet) -> Vec<(St
     c.out
 }
 
-/// Writes `step-<step>/` atomically and prunes to the newest `keep_last` (0 keeps all).
-pub fn save<B: Backend>(
-    output_dir: &Path,
-    model: &Fila<B>,
-    set: &TrainableSet,
-    optimizer: &crate::optim::AdamW<B::InnerBackend>,
-    state: &TrainState,
-    config_toml: &str,
-    keep_last: usize,
-) -> Result<PathBuf>
-where
-    B: burn::tensor::backend::AutodiffBackend,
-{
-    std::fs::create_dir_all(output_dir).with_context(|| format!("creating {}", output_dir.display()))?;
-    let name = format!("step-{}", state.step);
-    let tmp = output_dir.join(format!(".tmp-{name}"));
-    let dest = output_dir.join(&name);
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
+/// Writes the step checkpoints of a run, from every rank together.
+pub struct CheckpointWriter<'a> {
+    pub output_dir: PathBuf,
+    /// The resolved run config, stored beside the weights.
+    pub config_toml: String,
+    /// Checkpoints kept (0 keeps all).
+    pub keep_last: usize,
+    pub comm: &'a Comm,
+}
+
+impl CheckpointWriter<'_> {
+    /// Writes `step-<step>/` atomically and prunes to the newest `keep_last`. Every rank calls it
+    /// at the same step; every rank returns the same error if any rank's part failed.
+    pub fn save<B>(&self, model: &Fila<B>, set: &TrainableSet, optimizer: &AdamW<B::InnerBackend>, state: &TrainState) -> Result<PathBuf>
+    where
+        B: burn::tensor::backend::AutodiffBackend,
+    {
+        let world = self.comm.world();
+        let name = format!("step-{}", state.step);
+        let tmp = self.output_dir.join(format!(".tmp-{name}"));
+        let dest = self.output_dir.join(&name);
+        // Rank 0 clears a stale temporary folder before anyone writes into it.
+        let prepared = if world.is_root() { prepare_dir(&tmp) } else { Ok(()) };
+        self.agree(prepared, "preparing", &tmp)?;
+        let written = (|| -> Result<()> {
+            std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            optimizer.save(&tmp)?;
+            if world.is_root() {
+                write_safetensors(&tmp.join(WEIGHTS_FILE), &trainable_tensors(model, set), None).map_err(|e| anyhow!("{e}"))?;
+                std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(state)?)?;
+                std::fs::write(tmp.join(CONFIG_FILE), &self.config_toml)?;
+            }
+            Ok(())
+        })();
+        self.agree(written, "writing", &tmp)?;
+        let published = if world.is_root() { self.publish(&tmp, &dest) } else { Ok(()) };
+        self.agree(published, "publishing", &dest)?;
+        Ok(dest)
     }
-    std::fs::create_dir_all(&tmp)?;
-    write_safetensors(&tmp.join(WEIGHTS_FILE), &trainable_tensors(model, set), None).map_err(|e| anyhow!("{e}"))?;
-    optimizer.save(&tmp.join(OPTIMIZER_FILE))?;
-    std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(state)?)?;
-    std::fs::write(tmp.join(CONFIG_FILE), config_toml)?;
-    sync_dir(&tmp);
-    if dest.exists() {
-        // Same step written again (a resumed run that stopped at once): replace it.
-        std::fs::remove_dir_all(&dest)?;
-    }
-    std::fs::rename(&tmp, &dest).with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
-    sync_dir(output_dir);
-    if keep_last > 0 {
-        let all = list(output_dir);
-        for (_, old) in all.iter().take(all.len().saturating_sub(keep_last)) {
-            std::fs::remove_dir_all(old).with_context(|| format!("pruning {}", old.display()))?;
+
+    /// Rank 0: checks that every rank's shard is there, renames, prunes.
+    fn publish(&self, tmp: &Path, dest: &Path) -> Result<()> {
+        let size = self.comm.world().size;
+        if let Some(r) = (0..size).find(|&r| !tmp.join(shard_file(r, size)).is_file()) {
+            bail!(
+                "rank {r}'s optimizer shard is not in {}: every node must see the same `checkpoint.output_dir` (a shared filesystem)",
+                tmp.display()
+            );
         }
+        sync_dir(tmp);
+        if dest.exists() {
+            // Same step written again (a resumed run that stopped at once): replace it.
+            std::fs::remove_dir_all(dest)?;
+        }
+        std::fs::rename(tmp, dest).with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
+        sync_dir(&self.output_dir);
+        if self.keep_last > 0 {
+            let all = list(&self.output_dir);
+            for (_, old) in all.iter().take(all.len().saturating_sub(self.keep_last)) {
+                std::fs::remove_dir_all(old).with_context(|| format!("pruning {}", old.display()))?;
+            }
+        }
+        Ok(())
     }
-    Ok(dest)
+
+    /// Every rank learns whether every rank's part of `what` succeeded; a failure names its rank.
+    fn agree(&self, result: Result<()>, what: &str, dir: &Path) -> Result<()> {
+        let mine = match &result {
+            Ok(()) => Vec::new(),
+            Err(e) => format!("{e:#}").into_bytes(),
+        };
+        let all = self.comm.exchange(&mine)?;
+        if let Some((rank, message)) = all.iter().enumerate().find(|(_, m)| !m.is_empty()) {
+            let prefix = if self.comm.world().size > 1 { format!("rank {rank}: ") } else { String::new() };
+            bail!("{prefix}{what} checkpoint {}: {}", dir.display(), String::from_utf8_lossy(message));
+        }
+        Ok(())
+    }
+}
+
+fn prepare_dir(tmp: &Path) -> Result<()> {
+    if tmp.exists() {
+        std::fs::remove_dir_all(tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
+    }
+    std::fs::create_dir_all(tmp).with_context(|| format!("creating {}", tmp.display()))
 }
 
 /// Flushes a folder's entries (file contents are flushed by the writers' close); best effort.

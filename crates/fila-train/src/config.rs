@@ -22,9 +22,9 @@ pub struct TrainConfig {
     /// Seeds the initialisation of fresh (random) parameters.
     #[serde(default)]
     pub seed: u64,
-    /// `cpu` or `cuda:N`.
-    #[serde(default = "default_device")]
-    pub device: String,
+    /// `cpu` or `cuda:N` (in a multi-process run each rank takes `cuda:<local rank>`).
+    #[serde(default)]
+    pub device: crate::backend::Device,
     #[serde(default)]
     pub precision: crate::precision::Precision,
     pub model: ModelSpec,
@@ -179,9 +179,6 @@ impl Default for LoggingConfig {
     }
 }
 
-fn default_device() -> String {
-    "cpu".into()
-}
 fn default_betas() -> [f64; 2] {
     [0.9, 0.999]
 }
@@ -353,9 +350,6 @@ impl TrainConfig {
         if self.stage != 1 && self.stage != 2 {
             bail!("`stage` = {}: must be 1 or 2", self.stage);
         }
-        if self.device != "cpu" && !self.device.strip_prefix("cuda:").is_some_and(|i| i.parse::<usize>().is_ok()) {
-            bail!("`device` = \"{}\": expected \"cpu\" or \"cuda:N\"", self.device);
-        }
         let o = &self.optimizer;
         if !(o.lr.is_finite() && o.lr > 0.0) {
             bail!("`optimizer.lr` = {}: must be a positive number", o.lr);
@@ -408,7 +402,7 @@ impl TrainConfig {
                 bail!("`{key}`: unknown module `{name}`; use one of {known:?} or a parameter-path prefix such as `llm.model.layers.0`");
             }
         }
-        self.precision.check_device(&self.device).map_err(|m| anyhow!("`precision`: {m}"))?;
+        self.precision.check_device(self.device).map_err(|m| anyhow!("`precision`: {m}"))?;
         Ok(())
     }
 }

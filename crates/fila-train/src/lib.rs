@@ -3,13 +3,16 @@
 //! trainable sets, AdamW with warmup-cosine, gradient accumulation, global-norm clipping, atomic
 //! step checkpoints with exact resume, TensorBoard scalars and a `final/` export.
 
+pub mod backend;
 pub mod batch;
 pub mod checkpoint;
 pub mod config;
+pub mod dist;
 pub mod logging;
 pub mod optim;
 pub mod plan;
 pub mod precision;
+pub mod shard;
 pub mod trainable;
 pub mod trainer;
 

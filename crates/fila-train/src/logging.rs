@@ -1,5 +1,6 @@
-//! TensorBoard scalars (tensorboard-rs) and the progress display: a bar with loss, rate and ETA
-//! on a terminal, plain periodic lines otherwise.
+//! TensorBoard scalars (tensorboard-rs), `metrics.jsonl` and the progress display: a bar with
+//! loss, rate and ETA on a terminal, plain periodic lines otherwise. Only rank 0 of a multi-process
+//! run writes or prints any of them; the others' loggers are silent.
 
 use std::io::{IsTerminal, Write};
 use std::path::Path;
@@ -19,13 +20,18 @@ pub struct StepMetrics {
     pub tokens_per_s: f64,
     pub samples_per_s: f64,
     pub step_time_s: f64,
+    /// Scored tokens and samples of the step, over all ranks.
+    pub tokens: usize,
+    pub samples: usize,
     /// Skipped records so far by reason.
     pub skipped: Vec<(String, u64)>,
     pub nonfinite: bool,
 }
 
 pub struct Logger {
-    writer: SummaryWriter,
+    /// `None` on ranks other than 0.
+    writer: Option<SummaryWriter>,
+    metrics: Option<std::fs::File>,
     terminal: bool,
     total_steps: u64,
     started: Instant,
@@ -33,15 +39,31 @@ pub struct Logger {
 }
 
 impl Logger {
-    pub fn new(dir: &Path, total_steps: u64, first_step: u64) -> Self {
-        std::fs::create_dir_all(dir).ok();
-        Self { writer: SummaryWriter::new(dir), terminal: std::io::stderr().is_terminal(), total_steps, started: Instant::now(), first_step }
+    /// TensorBoard files in `tensorboard_dir`, `metrics.jsonl` (appended) in `output_dir`; both
+    /// only when `writes` (rank 0).
+    pub fn new(writes: bool, tensorboard_dir: &Path, output_dir: &Path, total_steps: u64, first_step: u64) -> std::io::Result<Self> {
+        let (writer, metrics) = if writes {
+            std::fs::create_dir_all(tensorboard_dir)?;
+            let file = std::fs::OpenOptions::new().create(true).append(true).open(output_dir.join("metrics.jsonl"))?;
+            (Some(SummaryWriter::new(tensorboard_dir)), Some(file))
+        } else {
+            (None, None)
+        };
+        Ok(Self { writer, metrics, terminal: std::io::stderr().is_terminal(), total_steps, started: Instant::now(), first_step })
     }
 
-    /// Writes the step's scalars and, every `every` steps (or always on a terminal), the progress.
-    pub fn log(&mut self, m: &StepMetrics, every: u64) {
+    /// Writes the step's scalars and `metrics.jsonl` line and, every `every` steps (or always on
+    /// a terminal), the progress.
+    pub fn log(&mut self, m: &StepMetrics, every: u64) -> std::io::Result<()> {
         let step = m.step as usize;
-        let w = &mut self.writer;
+        let (Some(w), Some(file)) = (&mut self.writer, &mut self.metrics) else {
+            return Ok(());
+        };
+        let line = serde_json::json!({
+            "step": m.step, "loss": m.loss, "lr": m.lr, "grad_norm": m.grad_norm,
+            "tokens": m.tokens, "samples": m.samples, "finite": !m.nonfinite
+        });
+        writeln!(file, "{line}")?;
         w.add_scalar("train/loss", m.loss as f32, step);
         if m.lrs.len() == 1 {
             w.add_scalar("train/lr", m.lrs[0].1 as f32, step);
@@ -82,12 +104,15 @@ impl Logger {
                 m.step, self.total_steps, m.loss, lr, m.grad_norm, m.tokens_per_s, m.samples_per_s, m.step_time_s, hms(eta)
             );
         }
+        Ok(())
     }
 
     pub fn flush(&mut self) {
-        self.writer.flush();
-        if self.terminal {
-            eprintln!();
+        if let Some(w) = &mut self.writer {
+            w.flush();
+            if self.terminal {
+                eprintln!();
+            }
         }
     }
 }

@@ -1,10 +1,14 @@
-//! `fila-train --config C [--set k=v]... [--resume [DIR]] [--plan]`.
+//! `fila-train --config C [--set k=v]... [--resume [DIR]] [--plan [--world-size N]] [--nproc-per-node N]`.
+//!
+//! One process per GPU: under torchrun or srun each process reads its rank from the environment
+//! ([`World::from_env`]); `--nproc-per-node N` starts the N ranks of one node itself.
 
-use anyhow::Result;
-use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
-use burn::backend::{Autodiff, Flex};
+use anyhow::{Context, Result};
+use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
+use fila_train::backend::{dispatch, OnBackend};
 use fila_train::config::LoadedConfig;
+use fila_train::dist::{launch, Comm, Fingerprint, World};
 use fila_train::trainer::{self, Resume, RunOptions};
 use std::path::PathBuf;
 
@@ -23,26 +27,39 @@ struct Cli {
     /// Print the memory plan and exit (allocates nothing).
     #[arg(long)]
     plan: bool,
+    /// Ranks the plan assumes (default: the launcher's WORLD_SIZE / SLURM_NTASKS, else 1).
+    #[arg(long, value_name = "N", requires = "plan")]
+    world_size: Option<usize>,
     /// Check the config and exit.
     #[arg(long)]
     check: bool,
     /// Stop with a checkpoint after this many steps in this invocation (as a signal would).
     #[arg(long, value_name = "STEPS")]
     stop_after: Option<u64>,
+    /// Start N ranks on this node (one per GPU, or N CPU processes), as `torchrun
+    /// --nproc-per-node N` would.
+    #[arg(long, value_name = "N")]
+    nproc_per_node: Option<usize>,
 }
 
 fn main() {
-    if let Err(e) = real_main() {
-        eprintln!("error: {e:#}");
+    let world = World::from_env();
+    let tag = world.as_ref().map(World::tag).unwrap_or_default();
+    if let Err(e) = real_main(world) {
+        eprintln!("{tag}error: {e:#}");
         std::process::exit(1);
     }
 }
 
-fn real_main() -> Result<()> {
+fn real_main(world: Result<World>) -> Result<()> {
     let cli = Cli::parse();
+    let world = world?;
+    if let Some(n) = cli.nproc_per_node {
+        return launch_ranks(n);
+    }
     let loaded = LoadedConfig::load(&cli.config, &cli.overrides)?;
     if cli.plan {
-        print!("{}", fila_train::plan::plan(&loaded)?);
+        print!("{}", fila_train::plan::plan(&loaded, cli.world_size.unwrap_or(world.size))?);
         return Ok(());
     }
     if cli.check {
@@ -55,35 +72,42 @@ fn real_main() -> Result<()> {
         Some(Some(p)) => Resume::Dir(p),
     };
     trainer::install_signal_handler()?;
-    let options = RunOptions { resume, stop_after: cli.stop_after };
-    let device = loaded.config.device.clone();
+    let fingerprint = Fingerprint::of_this_process(&loaded.to_toml())?;
+    let comm = Comm::connect(world, &fingerprint, Comm::timeout_from_env()?)?;
+    let device = loaded.config.device.for_local_rank(comm.world().local_rank, comm.world().size);
     let checkpointing = loaded.config.train.activation_checkpointing;
-    match (device.as_str(), checkpointing) {
-        ("cpu", false) => {
-            trainer::run::<Autodiff<Flex>>(loaded, options, &Default::default())?;
-        }
-        ("cpu", true) => {
-            trainer::run::<Autodiff<Flex, BalancedCheckpointing>>(loaded, options, &Default::default())?;
-        }
-        _ => run_cuda(&device, checkpointing, loaded, options)?,
+    let options = RunOptions { resume, stop_after: cli.stop_after };
+    let result = dispatch(device, checkpointing, Train { loaded, options, comm: &comm });
+    if let Err(e) = &result {
+        comm.abort(&format!("{e:#}"));
     }
-    Ok(())
+    result
 }
 
-#[cfg(feature = "cuda")]
-fn run_cuda(device: &str, checkpointing: bool, loaded: LoadedConfig, options: RunOptions) -> Result<()> {
-    use burn::backend::Cuda;
-    let index: usize = device.strip_prefix("cuda:").and_then(|i| i.parse().ok()).expect("validated device");
-    let device = burn::backend::cuda::CudaDevice::new(index);
-    if checkpointing {
-        trainer::run::<Autodiff<Cuda, BalancedCheckpointing>>(loaded, options, &device)?;
-        return Ok(());
-    }
-    trainer::run::<Autodiff<Cuda>>(loaded, options, &device)?;
-    Ok(())
+struct Train<'a> {
+    loaded: LoadedConfig,
+    options: RunOptions,
+    comm: &'a Comm,
 }
 
-#[cfg(not(feature = "cuda"))]
-fn run_cuda(device: &str, _: bool, _: LoadedConfig, _: RunOptions) -> Result<()> {
-    anyhow::bail!("device `{device}` needs a build with `--features cuda`; this build runs on `cpu` only")
+impl OnBackend for Train<'_> {
+    type Output = ();
+    fn run<B: AutodiffBackend>(self, device: &B::Device) -> Result<()> {
+        trainer::run::<B>(self.loaded, self.options, device, self.comm).map(|_| ())
+    }
+}
+
+/// `--nproc-per-node N`: this program again, N times, with the same arguments minus that flag.
+fn launch_ranks(n: usize) -> Result<()> {
+    let mut args: Vec<String> = Vec::new();
+    let mut rest = std::env::args().skip(1);
+    while let Some(a) = rest.next() {
+        if a == "--nproc-per-node" {
+            rest.next();
+        } else if !a.starts_with("--nproc-per-node=") {
+            args.push(a);
+        }
+    }
+    trainer::install_signal_handler()?;
+    launch::spawn_local_ranks(n, &args, &trainer::STOP).context("--nproc-per-node")
 }

@@ -2,10 +2,14 @@
 //! warmup-cosine schedule, and global-norm gradient clipping (`torch.nn.utils.clip_grad_norm_`).
 //!
 //! Written here rather than taken from burn-optim because Burn's AdamW decays every parameter
-//! (no groups) and its `GradientClippingConfig::Norm` clips each tensor on its own. Gradients and
-//! moments are flat f32 tensors on the inner (non-autodiff) backend, keyed by model path.
+//! (no groups), its `GradientClippingConfig::Norm` clips each tensor on its own, and it cannot
+//! shard its state across ranks. Gradients are flat f32 tensors on the inner (non-autodiff)
+//! backend, keyed by model path; the optimizer state is one flat slice per rank ([`FlatLayout`]).
 
+use crate::checkpoint::OPTIMIZER_FILE;
 use crate::config::{OptimizerConfig, ScheduleConfig};
+use crate::dist::Comm;
+use crate::shard::FlatLayout;
 use crate::trainable::TrainableSet;
 use anyhow::{anyhow, bail, Context, Result};
 use burn::module::{Module, Param};
@@ -51,27 +55,11 @@ pub fn accumulate_grads<B: AutodiffBackend, M: Module<B>>(
     visit_params(model, &mut Collector::<B> { grads, set, acc });
 }
 
-/// The global L2 norm of all gradients, as `clip_grad_norm_` computes it (f32 per-tensor sums of
-/// squares, combined in f64).
-pub fn global_norm<I: Backend>(grads: &Grads<I>) -> f64 {
-    grads
-        .values()
-        .map(|g| g.clone().powf_scalar(2.0).sum().into_scalar().elem::<f64>())
-        .sum::<f64>()
-        .sqrt()
-}
-
-/// Scales the gradients so their global norm is at most `max_norm` (PyTorch: coefficient
-/// `max_norm / (norm + 1e-6)`, applied only when below 1). Returns the norm before clipping.
-pub fn clip_grad_norm<I: Backend>(grads: &mut Grads<I>, max_norm: f64) -> f64 {
-    let norm = global_norm(grads);
+/// PyTorch's `clip_grad_norm_` factor for a global gradient norm: `max_norm / (norm + 1e-6)` when
+/// that is below 1; `None` (no clipping) otherwise, when `max_norm` is 0 or the norm not finite.
+pub fn clip_coefficient(norm: f64, max_norm: f64) -> Option<f64> {
     let coef = max_norm / (norm + 1e-6);
-    if max_norm > 0.0 && norm.is_finite() && coef < 1.0 {
-        for g in grads.values_mut() {
-            *g = g.clone().mul_scalar(coef as f32);
-        }
-    }
-    norm
+    (max_norm > 0.0 && norm.is_finite() && coef < 1.0).then_some(coef)
 }
 
 /// Learning rate at an optimizer step: linear warmup from 0, then cosine down to
@@ -102,133 +90,244 @@ impl Schedule {
     }
 }
 
-struct Moments<I: Backend> {
-    exp_avg: Tensor<I, 1>,
-    exp_avg_sq: Tensor<I, 1>,
-}
-
-/// AdamW with per-parameter LR multipliers and decay flags from the [`TrainableSet`].
+/// AdamW (PyTorch's `torch.optim.AdamW` update) over this rank's slice of the trainable
+/// parameters ([`FlatLayout`]): f32 master values and both moments for the slice only, gradients
+/// reduce-scattered into it, global-norm clipping over all ranks, the updated slice all-gathered
+/// back into the model. One rank is the same path with the whole model as its slice.
 pub struct AdamW<I: Backend> {
     pub config: OptimizerConfig,
     /// Updates taken (PyTorch's `step`, shared by all parameters: they all update together).
     pub step: u64,
-    state: BTreeMap<String, Moments<I>>,
+    pub layout: FlatLayout,
+    master: Tensor<I, 1>,
+    exp_avg: Tensor<I, 1>,
+    exp_avg_sq: Tensor<I, 1>,
+    /// Per element of the slice: the parameter's LR multiplier, and 1 where weight decay applies.
+    lr_multiplier: Tensor<I, 1>,
+    decays: Tensor<I, 1>,
+}
+
+/// Name of rank `rank`'s optimizer shard in a checkpoint (one rank: `optimizer.safetensors`).
+pub fn shard_file(rank: usize, world: usize) -> String {
+    if world == 1 {
+        OPTIMIZER_FILE.to_string()
+    } else {
+        format!("optimizer-{rank:05}-of-{world:05}.safetensors")
+    }
+}
+
+/// The flat values of the trainable parameters of `model`, by layout index.
+fn flat_values<B: AutodiffBackend, M: Module<B>>(model: &M, layout: &FlatLayout) -> Vec<Option<Tensor<B::InnerBackend, 1>>> {
+    struct Collect<'a, I: Backend> {
+        layout: &'a FlatLayout,
+        out: Vec<Option<Tensor<I, 1>>>,
+    }
+    impl<B: AutodiffBackend> PathVisitor<B> for Collect<'_, B::InnerBackend> {
+        fn visit<const D: usize>(&mut self, at: &ParamPath, param: &Param<Tensor<B, D>>) {
+            if let Ok(i) = self.layout.names.binary_search(&at.path()) {
+                let t = param.val().inner();
+                let n = t.shape().num_elements();
+                self.out[i] = Some(t.reshape([n]));
+            }
+        }
+    }
+    let mut c = Collect { layout, out: vec![None; layout.names.len()] };
+    visit_params(model, &mut c);
+    c.out
 }
 
 impl<I: Backend> AdamW<I> {
-    pub fn new(config: OptimizerConfig) -> Self {
-        Self { config, step: 0, state: BTreeMap::new() }
-    }
-
-    /// One update of every trainable parameter that has a gradient, at learning rate `lr`.
-    pub fn step<B, M>(&mut self, model: M, grads: &Grads<I>, set: &TrainableSet, lr: f64) -> M
+    /// Fresh moments; the master slice taken from `model`'s current values.
+    pub fn new<B, M>(config: OptimizerConfig, set: &TrainableSet, layout: FlatLayout, model: &M, device: &I::Device) -> Self
     where
         B: AutodiffBackend<InnerBackend = I>,
         M: Module<B>,
     {
+        let values = flat_values::<B, M>(model, &layout);
+        let master = layout.own_slice(&|p| values[p].clone(), device);
+        let info = |p: usize| &set.params[&layout.names[p]];
+        let lr_multiplier = layout.per_element(|p| info(p).lr_multiplier as f32, 0.0, device);
+        let decays = layout.per_element(|p| if info(p).decay { 1.0 } else { 0.0 }, 0.0, device);
+        let zeros = Tensor::zeros([layout.slice_len], device);
+        Self { config, step: 0, layout, master, exp_avg: zeros.clone(), exp_avg_sq: zeros, lr_multiplier, decays }
+    }
+
+    /// One update at learning rate `lr` from this rank's summed gradients `grads`: reduce-scatter,
+    /// clip to `max_norm` by the global norm, AdamW on the slice, all-gather into `model`.
+    /// Returns the model and the global gradient norm before clipping; a non-finite norm leaves
+    /// everything as it was (the caller counts the step as skipped).
+    pub fn step<B, M>(&mut self, model: M, grads: &Grads<I>, lr: f64, max_norm: f64, comm: &Comm) -> Result<(M, f64)>
+    where
+        B: AutodiffBackend<InnerBackend = I>,
+        M: Module<B>,
+    {
+        let layout = &self.layout;
+        let device = self.master.device();
+        // Parameters without a gradient on any rank (unused this step) are left untouched.
+        let local: Vec<f64> = layout.names.iter().map(|n| f64::from(u8::from(grads.contains_key(n)))).collect();
+        let present: Vec<bool> = comm.sum_f64(&local)?.into_iter().map(|c| c > 0.0).collect();
+        let mut pieces = Vec::with_capacity(layout.buckets.len());
+        for b in 0..layout.buckets.len() {
+            let bucket = layout.bucket_tensor(b, &|p| grads.get(&layout.names[p]).cloned(), &device);
+            pieces.push(comm.reduce_scatter(bucket)?);
+        }
+        let mut grad = Tensor::cat(pieces, 0);
+        let local_sq = grad.clone().powf_scalar(2.0).sum().into_scalar().elem::<f64>();
+        let norm = comm.sum_f64(&[local_sq])?[0].sqrt();
+        if !norm.is_finite() {
+            return Ok((model, norm));
+        }
+        if let Some(coef) = clip_coefficient(norm, max_norm) {
+            grad = grad.mul_scalar(coef as f32);
+        }
+
         self.step += 1;
         let t = self.step as i32;
         let [beta1, beta2] = self.config.betas;
-        let mut updater = Updater::<B> {
-            grads,
-            set,
-            state: &mut self.state,
-            lr,
-            beta1,
-            beta2,
-            eps: self.config.eps,
-            weight_decay: self.config.weight_decay,
-            bias_correction1: 1.0 - beta1.powi(t),
-            bias_correction2: 1.0 - beta2.powi(t),
-        };
-        map_params(model, &mut updater)
+        let (bias_correction1, bias_correction2) = (1.0 - beta1.powi(t), 1.0 - beta2.powi(t));
+        let lr_vec = self.lr_multiplier.clone().mul_scalar(lr as f32);
+        let mut p = self.master.clone();
+        if self.config.weight_decay > 0.0 {
+            let factor = (lr_vec.clone() * self.decays.clone()).mul_scalar(-self.config.weight_decay as f32).add_scalar(1.0);
+            p = p * factor;
+        }
+        let m = self.exp_avg.clone().mul_scalar(beta1 as f32) + grad.clone().mul_scalar((1.0 - beta1) as f32);
+        let v = self.exp_avg_sq.clone().mul_scalar(beta2 as f32) + grad.powf_scalar(2.0).mul_scalar((1.0 - beta2) as f32);
+        let denom = v.clone().sqrt().div_scalar(bias_correction2.sqrt() as f32).add_scalar(self.config.eps as f32);
+        p = p - (m.clone() / denom) * lr_vec.div_scalar(bias_correction1 as f32);
+        if present.iter().all(|&x| x) {
+            (self.master, self.exp_avg, self.exp_avg_sq) = (p, m, v);
+        } else {
+            let absent = layout.per_element(|i| if present[i] { 0.0 } else { 1.0 }, 1.0, &device).equal_elem(1.0);
+            self.master = p.mask_where(absent.clone(), self.master.clone());
+            self.exp_avg = m.mask_where(absent.clone(), self.exp_avg.clone());
+            self.exp_avg_sq = v.mask_where(absent, self.exp_avg_sq.clone());
+        }
+
+        let mut gathered = Vec::with_capacity(layout.buckets.len());
+        for bucket in &layout.buckets {
+            let piece = bucket.piece(layout.world);
+            gathered.push(comm.all_gather(self.master.clone().slice(bucket.at..bucket.at + piece))?);
+        }
+        let params = layout.params_from_buckets(gathered);
+        Ok((map_params(model, &mut SetValues::<B> { layout, params: params.into_iter().map(Some).collect() }), norm))
     }
 
-    /// Writes `optimizer.safetensors`: `exp_avg.<path>`, `exp_avg_sq.<path>` (flat f32) and the
-    /// step count in the metadata.
-    pub fn save(&self, path: &Path) -> Result<()> {
-        let mut tensors = Vec::with_capacity(2 * self.state.len());
-        for (name, m) in &self.state {
-            tensors.push((format!("exp_avg.{name}"), m.exp_avg.to_data()));
-            tensors.push((format!("exp_avg_sq.{name}"), m.exp_avg_sq.to_data()));
+    /// Writes this rank's shard ([`shard_file`]) into `dir`: `exp_avg.<path>` and
+    /// `exp_avg_sq.<path>` for each parameter run of the slice (`…@<start>` when the run is part
+    /// of the parameter), the step count in the metadata.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let mut tensors = Vec::with_capacity(2 * self.layout.segments.len());
+        for s in &self.layout.segments {
+            let name = &self.layout.names[s.param];
+            let key = if s.start == 0 && s.len == self.layout.numel(s.param) { name.clone() } else { format!("{name}@{}", s.start) };
+            for (kind, t) in [("exp_avg", &self.exp_avg), ("exp_avg_sq", &self.exp_avg_sq)] {
+                tensors.push((format!("{kind}.{key}"), t.clone().slice(s.at..s.at + s.len).to_data()));
+            }
         }
         let mut meta = HashMap::new();
         meta.insert("step".to_string(), self.step.to_string());
-        write_safetensors(path, &tensors, Some(meta)).map_err(|e| anyhow!("{e}"))
+        let path = dir.join(shard_file(self.layout.rank, self.layout.world));
+        write_safetensors(&path, &tensors, Some(meta)).map_err(|e| anyhow!("{e}"))
     }
 
-    /// Reads what [`AdamW::save`] wrote; every moment must belong to a trainable parameter of the
-    /// right size.
-    pub fn load(&mut self, path: &Path, set: &TrainableSet, device: &I::Device) -> Result<()> {
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-        let step: u64 = header
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get("step"))
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| anyhow!("{}: no `step` in the metadata", path.display()))?;
-        let file = Checkpoint::open(path).map_err(|e| anyhow!("{e}"))?;
-        let mut state = BTreeMap::new();
-        for key in file.keys().filter_map(|k| k.strip_prefix("exp_avg.")).map(String::from).collect::<Vec<_>>() {
-            let Some(p) = set.params.get(&key) else {
-                bail!("{}: optimizer state for `{key}`, which is not trainable in this run", path.display());
-            };
-            let n: usize = p.shape.iter().product();
-            let read = |k: String| -> Result<Tensor<I, 1>> {
-                let (shape, values) = file.read_f32(&k).map_err(|e| anyhow!("{e}"))?;
-                if shape != [n] {
-                    bail!("{}: `{k}` has shape {shape:?}, expected [{n}]", path.display());
+    /// Reads the optimizer shards of checkpoint `dir`, written at any world size, and keeps this
+    /// rank's slice of them. Every stored run must belong to a trainable parameter and lie inside it.
+    pub fn load(&mut self, dir: &Path) -> Result<()> {
+        let files = shard_files(dir)?;
+        let layout = &self.layout;
+        let mut exp_avg = vec![0.0f32; layout.slice_len];
+        let mut exp_avg_sq = vec![0.0f32; layout.slice_len];
+        let mut step = None;
+        for path in &files {
+            let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+            let s: u64 = header
+                .metadata()
+                .as_ref()
+                .and_then(|m| m.get("step"))
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| anyhow!("{}: no `step` in the metadata", path.display()))?;
+            if *step.get_or_insert(s) != s {
+                bail!("{}: step {s}, while another shard of this checkpoint has {}", path.display(), step.unwrap());
+            }
+            let file = Checkpoint::open(path).map_err(|e| anyhow!("{e}"))?;
+            for key in file.keys().map(String::from).collect::<Vec<_>>() {
+                let (kind, rest) = key.split_once('.').ok_or_else(|| anyhow!("{}: unexpected tensor `{key}`", path.display()))?;
+                let target = match kind {
+                    "exp_avg" => &mut exp_avg,
+                    "exp_avg_sq" => &mut exp_avg_sq,
+                    _ => bail!("{}: unexpected tensor `{key}`", path.display()),
+                };
+                let (name, start) = match rest.rsplit_once('@') {
+                    Some((n, s)) if s.parse::<usize>().is_ok() => (n, s.parse().unwrap()),
+                    _ => (rest, 0),
+                };
+                let Ok(p) = layout.names.binary_search_by(|n| n.as_str().cmp(name)) else {
+                    bail!("{}: optimizer state for `{name}`, which is not trainable in this run", path.display());
+                };
+                let (shape, values) = file.read_f32(&key).map_err(|e| anyhow!("{e}"))?;
+                if shape.len() != 1 || start + values.len() > layout.numel(p) {
+                    bail!("{}: `{key}` has shape {shape:?}, which does not fit `{name}` ({} elements)", path.display(), layout.numel(p));
                 }
-                Ok(Tensor::from_data(TensorData::new(values, [n]), device))
-            };
-            let m = Moments { exp_avg: read(format!("exp_avg.{key}"))?, exp_avg_sq: read(format!("exp_avg_sq.{key}"))? };
-            state.insert(key, m);
+                // Copy the part of this run that falls in this rank's slice.
+                for seg in layout.segments.iter().filter(|s| s.param == p) {
+                    let (lo, hi) = (seg.start.max(start), (seg.start + seg.len).min(start + values.len()));
+                    if lo < hi {
+                        target[seg.at + lo - seg.start..seg.at + hi - seg.start].copy_from_slice(&values[lo - start..hi - start]);
+                    }
+                }
+            }
         }
-        self.step = step;
-        self.state = state;
+        let device = self.master.device();
+        let n = layout.slice_len;
+        self.exp_avg = Tensor::from_data(TensorData::new(exp_avg, [n]), &device);
+        self.exp_avg_sq = Tensor::from_data(TensorData::new(exp_avg_sq, [n]), &device);
+        self.step = step.unwrap_or(0);
         Ok(())
     }
 }
 
-struct Updater<'a, B: AutodiffBackend> {
-    grads: &'a Grads<B::InnerBackend>,
-    set: &'a TrainableSet,
-    state: &'a mut BTreeMap<String, Moments<B::InnerBackend>>,
-    lr: f64,
-    beta1: f64,
-    beta2: f64,
-    eps: f64,
-    weight_decay: f64,
-    bias_correction1: f64,
-    bias_correction2: f64,
+/// The optimizer shards of a checkpoint: `optimizer.safetensors` (one rank) or all of
+/// `optimizer-RRRRR-of-WWWWW.safetensors`, checked complete.
+fn shard_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let single = dir.join(OPTIMIZER_FILE);
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let mut found: BTreeMap<usize, (usize, std::path::PathBuf)> = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(body) = name.strip_prefix("optimizer-").and_then(|n| n.strip_suffix(".safetensors")) else { continue };
+        let parsed = body.split_once("-of-").and_then(|(r, w)| Some((r.parse::<usize>().ok()?, w.parse::<usize>().ok()?)));
+        let Some((rank, world)) = parsed else { continue };
+        found.insert(rank, (world, entry.path()));
+    }
+    let Some(world) = found.values().next().map(|(w, _)| *w) else {
+        bail!("{}: no optimizer state ({OPTIMIZER_FILE} or optimizer-*-of-*.safetensors)", dir.display());
+    };
+    if let Some(missing) = (0..world).find(|r| found.get(r).is_none_or(|(w, _)| *w != world)) {
+        bail!("{}: the optimizer shard of rank {missing} of {world} is missing: the checkpoint is incomplete (resume from an earlier one)", dir.display());
+    }
+    Ok(found.into_values().map(|(_, p)| p).collect())
 }
 
-impl<B: AutodiffBackend> PathMapper<B> for Updater<'_, B> {
+/// Puts whole flat parameter values (layout order) back into the model as trainable parameters.
+struct SetValues<'a, B: AutodiffBackend> {
+    layout: &'a FlatLayout,
+    params: Vec<Option<Tensor<B::InnerBackend, 1>>>,
+}
+
+impl<B: AutodiffBackend> PathMapper<B> for SetValues<'_, B> {
     fn map<const D: usize>(&mut self, at: &ParamPath, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let path = at.path();
-        let (Some(info), Some(grad)) = (self.set.params.get(&path), self.grads.get(&path)) else {
+        let Ok(i) = self.layout.names.binary_search(&at.path()) else {
+            return param;
+        };
+        let Some(flat) = self.params[i].take() else {
             return param;
         };
         let (id, tensor, mapper) = param.consume();
-        let dims = tensor.dims();
-        let n = tensor.shape().num_elements();
-        let lr = self.lr * info.lr_multiplier;
-        let mut p = tensor.inner().reshape([n]);
-        if info.decay && self.weight_decay > 0.0 {
-            p = p.mul_scalar((1.0 - lr * self.weight_decay) as f32);
-        }
-        let (m, v) = match self.state.remove(&path) {
-            Some(s) => (s.exp_avg, s.exp_avg_sq),
-            None => (grad.zeros_like(), grad.zeros_like()),
-        };
-        let m = m.mul_scalar(self.beta1 as f32) + grad.clone().mul_scalar((1.0 - self.beta1) as f32);
-        let v = v.mul_scalar(self.beta2 as f32) + grad.clone().powf_scalar(2.0).mul_scalar((1.0 - self.beta2) as f32);
-        let step_size = lr / self.bias_correction1;
-        let denom = v.clone().sqrt().div_scalar(self.bias_correction2.sqrt() as f32).add_scalar(self.eps as f32);
-        p = p - (m.clone() / denom).mul_scalar(step_size as f32);
-        self.state.insert(path, Moments { exp_avg: m, exp_avg_sq: v });
-        let value = Tensor::<B, D>::from_inner(p.reshape(dims)).require_grad();
+        let value = Tensor::<B, D>::from_inner(flat.reshape(tensor.dims())).require_grad();
         Param::from_mapped_value(id, value, mapper)
     }
 }
@@ -266,37 +365,99 @@ mod tests {
         assert_eq!(s.warmup_steps, 30);
     }
 
-    fn grads(values: &[&[f32]]) -> Grads<Flex> {
-        values
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (format!("p{i}"), Tensor::<Flex, 1>::from_data(TensorData::new(v.to_vec(), [v.len()]), &Default::default())))
-            .collect()
-    }
-
-    fn values(g: &Grads<Flex>, key: &str) -> Vec<f32> {
-        g[key].to_data().to_vec().unwrap()
-    }
-
     #[test]
     fn clipping_matches_clip_grad_norm() {
         // ‖(3, 4, 12)‖ = 13; max 1 → scale 1 / (13 + 1e-6).
-        let mut g = grads(&[&[3.0, 4.0], &[12.0]]);
-        let norm = clip_grad_norm(&mut g, 1.0);
-        assert_eq!(norm, 13.0);
-        let c = (1.0 / (13.0 + 1e-6)) as f32;
-        assert_eq!(values(&g, "p0"), vec![3.0 * c, 4.0 * c]);
-        assert_eq!(values(&g, "p1"), vec![12.0 * c]);
-        // Below the limit nothing changes.
-        let mut g = grads(&[&[0.3, 0.4]]);
-        assert!((clip_grad_norm(&mut g, 1.0) - 0.5).abs() < 1e-7);
-        assert_eq!(values(&g, "p0"), vec![0.3, 0.4]);
-        // 0 disables clipping but still reports the norm.
-        let mut g = grads(&[&[30.0, 40.0]]);
-        assert_eq!(clip_grad_norm(&mut g, 0.0), 50.0);
-        assert_eq!(values(&g, "p0"), vec![30.0, 40.0]);
-        // A non-finite gradient gives a non-finite norm (the step is skipped by the caller).
-        let mut g = grads(&[&[f32::NAN, 1.0]]);
-        assert!(!clip_grad_norm(&mut g, 1.0).is_finite());
+        assert_eq!(clip_coefficient(13.0, 1.0), Some(1.0 / (13.0 + 1e-6)));
+        // Below the limit nothing changes; 0 disables clipping; a non-finite norm is not clipped
+        // (the caller skips the step).
+        assert_eq!(clip_coefficient(0.5, 1.0), None);
+        assert_eq!(clip_coefficient(50.0, 0.0), None);
+        assert_eq!(clip_coefficient(f64::NAN, 1.0), None);
+        assert_eq!(clip_coefficient(f64::INFINITY, 1.0), None);
+    }
+
+    type B = burn::backend::Autodiff<Flex>;
+
+    /// A linear layer (5 × 3 weight + 5 bias = 20 elements) as the model.
+    fn model() -> burn::nn::Linear<B> {
+        B::seed(&Default::default(), 7);
+        burn::nn::LinearConfig::new(3, 5).init(&Default::default())
+    }
+
+    fn set_of(m: &burn::nn::Linear<B>) -> TrainableSet {
+        let mut set = TrainableSet::default();
+        for (name, shape, decay) in [("weight", vec![3, 5], true), ("bias", vec![5], false)] {
+            set.params.insert(name.into(), crate::trainable::TrainableParam { shape, lr_multiplier: if decay { 1.0 } else { 2.0 }, decay });
+        }
+        assert_eq!(m.weight.dims(), [3, 5]);
+        set
+    }
+
+    fn grads_of(scale: f32) -> Grads<Flex> {
+        let dev = Default::default();
+        let w: Vec<f32> = (0..15).map(|i| scale * (i as f32 - 7.0) / 3.0).collect();
+        let b: Vec<f32> = (0..5).map(|i| scale * (i as f32 + 1.0)).collect();
+        [("weight", w), ("bias", b)].into_iter().map(|(n, v)| (n.to_string(), Tensor::from_data(TensorData::new(v.clone(), [v.len()]), &dev))).collect()
+    }
+
+    fn config() -> OptimizerConfig {
+        OptimizerConfig { lr: 1e-2, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.1 }
+    }
+
+    fn weights(m: &burn::nn::Linear<B>) -> Vec<f32> {
+        let mut v: Vec<f32> = m.weight.val().into_data().to_vec().unwrap();
+        v.extend(m.bias.as_ref().unwrap().val().into_data().to_vec::<f32>().unwrap());
+        v
+    }
+
+    /// Three updates on one rank against two ranks that each hold half the gradient, in buckets
+    /// of 6 elements so parameters straddle buckets and ranks: the same bits, and a checkpoint
+    /// written by the two ranks resumes on one with the same moments.
+    #[test]
+    fn two_ranks_in_small_buckets_update_like_one() {
+        let dev = Default::default();
+        let m = model();
+        let set = set_of(&m);
+        let mut one = AdamW::new(config(), &set, FlatLayout::new(&set, 1, 0, crate::shard::BUCKET_ELEMENTS), &m, &dev);
+        let mut m1 = m.clone();
+        for _ in 0..3 {
+            m1 = one.step(m1, &grads_of(1.0), 1e-2, 0.0, &Comm::single()).unwrap().0;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let results: Vec<Vec<f32>> = (0..2)
+            .map(|rank| {
+                let (m, set, dir) = (m.clone(), set.clone(), dir.clone());
+                std::thread::spawn(move || {
+                    let world = crate::dist::World { rank, size: 2, local_rank: rank, master_addr: "127.0.0.1".into(), master_port: port, launcher: crate::dist::world::Launcher::Torchrun };
+                    let comm = Comm::connect(world, &crate::dist::Fingerprint { binary: 0, config: 0 }, std::time::Duration::from_secs(20)).unwrap();
+                    let mut opt = AdamW::new(config(), &set, FlatLayout::new(&set, 2, rank, 6), &m, &Default::default());
+                    let mut m = m;
+                    for _ in 0..3 {
+                        m = opt.step(m, &grads_of(0.5), 1e-2, 0.0, &comm).unwrap().0;
+                    }
+                    opt.save(&dir).unwrap();
+                    weights(&m)
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect();
+        assert_eq!(results[0], weights(&m1));
+        assert_eq!(results[1], weights(&m1));
+        assert!(dir.join("optimizer-00001-of-00002.safetensors").is_file());
+        let mut resumed = AdamW::new(config(), &set, FlatLayout::new(&set, 1, 0, crate::shard::BUCKET_ELEMENTS), &m1, &dev);
+        resumed.load(&dir).unwrap();
+        assert_eq!(resumed.step, 3);
+        let v = |t: &Tensor<Flex, 1>| t.clone().into_data().to_vec::<f32>().unwrap();
+        assert_eq!(v(&resumed.exp_avg), v(&one.exp_avg));
+        assert_eq!(v(&resumed.exp_avg_sq), v(&one.exp_avg_sq));
+        // A missing shard is named.
+        std::fs::remove_file(dir.join("optimizer-00001-of-00002.safetensors")).unwrap();
+        let e = resumed.load(&dir).unwrap_err().to_string();
+        assert!(e.contains("rank 1 of 2 is missing"), "{e}");
     }
 }

@@ -42,8 +42,11 @@ pub fn plan_architecture(loaded: &LoadedConfig) -> (FilaConfig, Option<String>) 
     }
 }
 
-/// The plan as printable text.
-pub fn plan(loaded: &LoadedConfig) -> Result<String> {
+/// The plan as printable text, per rank of a run over `world` processes (one per GPU): weights,
+/// gradients and activations are whole on every rank; the AdamW moments and the f32 master values
+/// of the trainable parameters are sharded ([`crate::shard`]).
+pub fn plan(loaded: &LoadedConfig, world: usize) -> Result<String> {
+    let world = world.max(1);
     let c = &loaded.config;
     let (arch, note) = plan_architecture(loaded);
     let counts = arch.num_params();
@@ -64,7 +67,9 @@ pub fn plan(loaded: &LoadedConfig) -> Result<String> {
     let weights = (counts.total() * p.weight_bytes()) as f64;
     let cast_copies = (counts.total() * p.cast_copy_bytes()) as f64;
     let grads = (trainable * p.grad_bytes()) as f64;
-    let optimizer = (trainable * p.optimizer_bytes()) as f64;
+    let optimizer = (trainable * p.optimizer_bytes()) as f64 / world as f64;
+    // The optimizer's f32 master slice (every rank also holds the whole model in `weights`).
+    let master = (trainable * 4) as f64 / world as f64;
 
     // Activation estimate for one micro-batch.
     let data = &loaded.data;
@@ -102,7 +107,7 @@ pub fn plan(loaded: &LoadedConfig) -> Result<String> {
         0.0
     };
     let activations = llm_act + vit_act + convnext_act;
-    let total = weights + cast_copies + grads + optimizer + activations;
+    let total = weights + cast_copies + grads + optimizer + master + activations;
 
     let mut out = String::new();
     let _ = writeln!(out, "memory plan: stage {} on {} ({:?}), micro-batch {} × accumulation {}, max_len {}", c.stage, c.device, p, c.batch.micro_batch_size, c.batch.accumulation_steps, data.max_len);
@@ -114,13 +119,18 @@ pub fn plan(loaded: &LoadedConfig) -> Result<String> {
         let _ = writeln!(out, "  {name:<10} {k:>14} {}", if trains(name) { "trainable" } else { "frozen" });
     }
     let _ = writeln!(out, "  {:<10} {:>14} ({} trainable, {} frozen)", "total", counts.total(), trainable, frozen);
-    let _ = writeln!(out, "memory per device (one device; no sharding):");
+    if world == 1 {
+        let _ = writeln!(out, "memory per device (one device):");
+    } else {
+        let _ = writeln!(out, "memory per rank ({world} ranks, one GPU each; optimizer state and master values sharded {world} ways):");
+    }
     let _ = writeln!(out, "  weights           {}  (f32)", gib(weights));
     if cast_copies > 0.0 {
         let _ = writeln!(out, "  bf16 weight casts {}  (made in the forward, kept for the backward)", gib(cast_copies));
     }
     let _ = writeln!(out, "  gradients         {}", gib(grads));
-    let _ = writeln!(out, "  optimizer state   {}  (AdamW moments, f32)", gib(optimizer));
+    let _ = writeln!(out, "  optimizer state   {}  (AdamW moments, f32{})", gib(optimizer), if world > 1 { ", this rank's slice" } else { "" });
+    let _ = writeln!(out, "  master slice      {}  (f32 values of the trainable parameters the optimizer owns)", gib(master));
     let _ = writeln!(out, "  activations       {}  (estimate; {} views/image, ConvNeXt {}x{}, {} tracked ViT layers)", gib(activations), views, hires_side_w, hires_side_h, vit_layers);
     let _ = writeln!(out, "  total             {}", gib(total));
     Ok(out)

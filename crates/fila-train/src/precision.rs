@@ -19,9 +19,9 @@ pub enum Precision {
 
 impl Precision {
     /// Refuses combinations the policy does not allow.
-    pub fn check_device(self, device: &str) -> Result<(), String> {
+    pub fn check_device(self, device: crate::backend::Device) -> Result<(), String> {
         match (self, device) {
-            (Precision::Bf16Mixed, "cpu") => Err("`bf16_mixed` is for CUDA devices; on `cpu` use `f32`".into()),
+            (Precision::Bf16Mixed, crate::backend::Device::Cpu) => Err("`bf16_mixed` is for CUDA devices; on `cpu` use `f32`".into()),
             _ => Ok(()),
         }
     }

@@ -1,19 +1,23 @@
-//! The training loop, top to bottom in the order it runs: build and freeze the model, restore a
-//! checkpoint, then per step: lr, micro-batches (forward, scaled backward, accumulate), clip,
-//! update, log, checkpoint; at the end a last checkpoint and the `final/` export.
+//! The training loop. [`run`] reads as an outline of named steps: where to resume, start, then per
+//! step the next window of micro-batches, the train step (forward, scaled backward, accumulate,
+//! the sharded update), the log and the after-step decision; at the end a last checkpoint and
+//! the `final/` export. The rank/world seam is one [`Comm`] handed to the loader's shard, the
+//! step's reductions, the checkpoint writer and the logger, so one process and many run the same
+//! code.
 
 use crate::batch::{scored_tokens, to_input};
-use crate::checkpoint::{self, TrainState};
-use crate::config::{geometry_difference, LoadedConfig};
+use crate::checkpoint::{self, CheckpointReason, CheckpointWriter, TrainState};
+use crate::config::{geometry_difference, LoadedConfig, TrainConfig};
+use crate::dist::Comm;
 use crate::logging::{Logger, StepMetrics};
-use crate::optim::{accumulate_grads, clip_grad_norm, AdamW, Grads, Schedule};
+use crate::optim::{accumulate_grads, AdamW, Grads, Schedule};
+use crate::shard::{FlatLayout, BUCKET_ELEMENTS};
 use crate::trainable::{apply_trainable, TrainableSet};
 use anyhow::{anyhow, bail, Context, Result};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use fila_data::{Batch, DataCursor, DataLoader, LoaderOptions, Pipeline, RecordSet};
+use fila_data::{BadRecordCounts, Batch, DataCursor, DataLoader, LoaderOptions, Pipeline, RecordSet};
 use fila_model::fila::{Fila, FilaConfig, ModelSource};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -134,123 +138,235 @@ fn resumed_length(saved: u64, configured: u64, step: u64) -> Result<u64> {
 }
 
 /// Steps in the run: `train.max_steps`, or all micro-batches of `epochs` epochs in windows of
-/// `accumulation_steps` (the last window may be short).
-pub fn total_steps(loaded: &LoadedConfig, records: usize) -> u64 {
+/// `accumulation_steps` (the last window may be short), each of `world` ranks reading its shard.
+pub fn total_steps(loaded: &LoadedConfig, records: usize, world: usize) -> u64 {
     let c = &loaded.config;
     if let Some(m) = c.train.max_steps {
         return m;
     }
-    let sampler = LoaderOptions::from_config(&loaded.data.loader, 0, 1, DataCursor::default(), c.train.epochs).sampler(records);
+    let sampler = LoaderOptions::from_config(&loaded.data.loader, 0, world, DataCursor::default(), c.train.epochs).sampler(records);
     let per_epoch = sampler.epoch_len();
     let micro = c.batch.micro_batch_size;
     let batches = if loaded.data.loader.drop_last { per_epoch / micro } else { per_epoch.div_ceil(micro) } as u64;
     (batches * c.train.epochs).div_ceil(c.batch.accumulation_steps as u64)
 }
 
-pub fn run<B: AutodiffBackend>(loaded: LoadedConfig, options: RunOptions, device: &B::Device) -> Result<RunOutcome> {
-    let c = loaded.config.clone();
-    let out = c.checkpoint.output_dir.clone();
-    eprintln!("precision: {}", c.precision.effective_note());
+/// Why the loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// All `total_steps` steps ran.
+    Completed,
+    /// The data ran out first (bad records shrink an epoch).
+    DataExhausted,
+    /// SIGINT/SIGTERM on some rank.
+    Signal,
+    /// `--stop-after` steps in this invocation.
+    StopAfter,
+    /// `train.max_nonfinite_steps` non-finite steps in a row.
+    NonFinite,
+}
 
-    // Where we start.
-    let resume_dir = match &options.resume {
+/// Trains one stage: one process, or one rank of many talking through `comm`.
+pub fn run<B: AutodiffBackend>(loaded: LoadedConfig, options: RunOptions, device: &B::Device, comm: &Comm) -> Result<RunOutcome> {
+    let resume = resume_point(&loaded, &options.resume)?;
+    let mut t = Training::<B>::start(loaded, resume.as_deref(), device, comm)?;
+    let started_at = t.state.step;
+    let reason = loop {
+        if t.state.step >= t.state.total_steps {
+            break StopReason::Completed;
+        }
+        let Some(window) = t.next_window()? else {
+            break StopReason::DataExhausted;
+        };
+        let step = t.train_step(window)?;
+        t.log(&step)?;
+        if let Some(reason) = t.after_step(&step, &options, started_at)? {
+            break reason;
+        }
+    };
+    t.finish(reason)
+}
+
+/// The checkpoint to resume from, checked against this run's config; `None` for a fresh start.
+fn resume_point(loaded: &LoadedConfig, resume: &Resume) -> Result<Option<PathBuf>> {
+    let out = &loaded.config.checkpoint.output_dir;
+    let dir = match resume {
         Resume::No => {
-            if let Some(existing) = checkpoint::latest(&out) {
+            if let Some(existing) = checkpoint::latest(out) {
                 bail!(
                     "{} already holds checkpoints (newest {}): pass --resume to continue, or choose another `checkpoint.output_dir`",
                     out.display(),
                     existing.display()
                 );
             }
-            None
+            return Ok(None);
         }
-        Resume::Latest => Some(checkpoint::latest(&out).ok_or_else(|| anyhow!("--resume: no step-* checkpoint in {}", out.display()))?),
-        Resume::Dir(d) => Some(d.clone()),
+        Resume::Latest => checkpoint::latest(out).ok_or_else(|| anyhow!("--resume: no step-* checkpoint in {}", out.display()))?,
+        Resume::Dir(d) => d.clone(),
     };
-    if let Some(dir) = &resume_dir {
-        let saved = checkpoint::read_config(dir)?;
-        if let Some(d) = geometry_difference(&saved, &loaded.resolved) {
-            bail!("cannot resume from {}: the model, data or batch geometry changed: {d}", dir.display());
-        }
+    let saved = checkpoint::read_config(&dir)?;
+    if let Some(d) = geometry_difference(&saved, &loaded.resolved) {
+        bail!("cannot resume from {}: the model, data or batch geometry changed: {d}", dir.display());
     }
+    Ok(Some(dir))
+}
 
-    let (mut model, fila_config, set) = build_model::<B>(&loaded, device)?;
-    eprintln!(
-        "stage {}: {} of {} parameter tensors trainable ({} elements)",
-        c.stage,
-        set.params.len(),
-        set.total_params,
-        set.num_elements()
-    );
-    let mut optimizer = AdamW::<B::InnerBackend>::new(c.optimizer.clone());
-    let records = Arc::new(RecordSet::load(&loaded.data).map_err(|e| anyhow!("{e}"))?);
-    let pipeline = Arc::new(Pipeline::new(loaded.data.clone()).map_err(|e| anyhow!("{e}"))?);
-    let total = total_steps(&loaded, records.records.len());
-    let mut state = TrainState {
-        step: 0,
-        epoch: 0,
-        cursor: DataCursor::default(),
-        total_steps: total,
-        seed: c.seed,
-        data_seed: loaded.data.loader.seed,
-        samples_seen: 0,
-        tokens_seen: 0,
-        nonfinite_total: 0,
-        nonfinite_in_a_row: 0,
-        skipped: records.load_bad.clone(),
-        reason: String::new(),
-    };
-    if let Some(dir) = &resume_dir {
-        state = checkpoint::read_state(dir)?;
-        model = checkpoint::load_trainable(model, &set, dir)?;
+/// A step's micro-batches on this rank, with the step's totals over all ranks.
+struct Window {
+    batches: Vec<Batch>,
+    /// Scored tokens and samples of the whole step (all ranks).
+    tokens: usize,
+    samples: usize,
+}
+
+/// What one step did, summed over ranks.
+struct StepResult {
+    metrics: StepMetrics,
+    /// Some rank was asked to stop (SIGINT/SIGTERM) before this step's reductions.
+    signalled: bool,
+}
+
+/// A run in progress: the model, its optimizer slice, this rank's data and the run's state.
+struct Training<'a, B: AutodiffBackend> {
+    loaded: LoadedConfig,
+    c: TrainConfig,
+    comm: &'a Comm,
+    device: B::Device,
+    model: Fila<B>,
+    fila_config: FilaConfig,
+    set: TrainableSet,
+    optimizer: AdamW<B::InnerBackend>,
+    schedule: Schedule,
+    loader: DataLoader,
+    records: usize,
+    state: TrainState,
+    logger: Logger,
+    writer: CheckpointWriter<'a>,
+    lr_groups: Vec<f64>,
+}
+
+impl<'a, B: AutodiffBackend> Training<'a, B> {
+    /// Builds the model, restores `resume` if given, and starts this rank's shard of the data.
+    fn start(loaded: LoadedConfig, resume: Option<&Path>, device: &B::Device, comm: &'a Comm) -> Result<Self> {
+        let c = loaded.config.clone();
+        let world = comm.world();
+        let root = world.is_root();
+        let out = c.checkpoint.output_dir.clone();
+        if root {
+            eprintln!("precision: {}", c.precision.effective_note());
+        }
+        let (mut model, fila_config, set) = build_model::<B>(&loaded, device)?;
+        if root {
+            eprintln!(
+                "stage {}: {} of {} parameter tensors trainable ({} elements){}",
+                c.stage,
+                set.params.len(),
+                set.total_params,
+                set.num_elements(),
+                if world.size > 1 { format!("; {} ranks, optimizer state sharded", world.size) } else { String::new() }
+            );
+        }
+        let records = Arc::new(RecordSet::load(&loaded.data).map_err(|e| anyhow!("{e}"))?);
+        let pipeline = Arc::new(Pipeline::new(loaded.data.clone()).map_err(|e| anyhow!("{e}"))?);
+        let total = total_steps(&loaded, records.records.len(), world.size);
+        let mut state = TrainState {
+            step: 0,
+            epoch: 0,
+            cursor: DataCursor::default(),
+            total_steps: total,
+            seed: c.seed,
+            data_seed: loaded.data.loader.seed,
+            samples_seen: 0,
+            tokens_seen: 0,
+            nonfinite_total: 0,
+            nonfinite_in_a_row: 0,
+            skipped: records.load_bad.clone(),
+            reason: CheckpointReason::Interval,
+        };
+        if let Some(dir) = resume {
+            state = checkpoint::read_state(dir)?;
+            model = checkpoint::load_trainable(model, &set, dir)?;
+        }
         let inner_device = Tensor::<B, 1>::zeros([1], device).inner().device();
-        optimizer.load(&dir.join(checkpoint::OPTIMIZER_FILE), &set, &inner_device)?;
-        eprintln!("resumed from {} at step {} (data epoch {}, position {})", dir.display(), state.step, state.cursor.epoch, state.cursor.position);
-        state.total_steps = resumed_length(state.total_steps, total, state.step)?;
+        let layout = FlatLayout::new(&set, world.size, world.rank, BUCKET_ELEMENTS);
+        let mut optimizer = AdamW::new(c.optimizer.clone(), &set, layout, &model, &inner_device);
+        if let Some(dir) = resume {
+            optimizer.load(dir)?;
+            if root {
+                eprintln!("resumed from {} at step {} (data epoch {}, position {})", dir.display(), state.step, state.cursor.epoch, state.cursor.position);
+            }
+            state.total_steps = resumed_length(state.total_steps, total, state.step)?;
+        }
+        let schedule = Schedule::new(c.optimizer.lr, &c.schedule, state.total_steps);
+        let config_toml = loaded.to_toml();
+        if root {
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            std::fs::write(out.join(checkpoint::CONFIG_FILE), &config_toml)?;
+        }
+
+        // This rank's shard of the data, from the run-wide cursor.
+        let end_epoch = if c.train.max_steps.is_some() { u64::MAX } else { c.train.epochs };
+        let sampler = LoaderOptions::from_config(&loaded.data.loader, world.rank, world.size, state.cursor, end_epoch).sampler(records.records.len());
+        let local = sampler.local_cursor(state.cursor);
+        let opts = LoaderOptions::from_config(&loaded.data.loader, world.rank, world.size, local, end_epoch);
+        let mut loader = DataLoader::start(records.clone(), pipeline, opts).map_err(|e| anyhow!("{e}"))?;
+        // The run's skipped counts live on rank 0; the others count from zero.
+        loader.restore_bad_counts(if root { state.skipped.clone() } else { BadRecordCounts::new(state.skipped.max_examples) });
+        let logger = Logger::new(root, &loaded.tensorboard_dir(), &out, state.total_steps, state.step).with_context(|| format!("opening the logs in {}", out.display()))?;
+        let writer = CheckpointWriter { output_dir: out, config_toml, keep_last: c.checkpoint.keep_last, comm };
+        Ok(Self {
+            lr_groups: set.lr_groups(),
+            records: records.records.len(),
+            loaded,
+            c,
+            comm,
+            device: device.clone(),
+            model,
+            fila_config,
+            set,
+            optimizer,
+            schedule,
+            loader,
+            state,
+            logger,
+            writer,
+        })
     }
-    let schedule = Schedule::new(c.optimizer.lr, &c.schedule, state.total_steps);
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let config_toml = loaded.to_toml();
-    std::fs::write(out.join(checkpoint::CONFIG_FILE), &config_toml)?;
 
-    let end_epoch = if c.train.max_steps.is_some() { u64::MAX } else { c.train.epochs };
-    let opts = LoaderOptions::from_config(&loaded.data.loader, 0, 1, state.cursor, end_epoch);
-    let mut loader = DataLoader::start(records.clone(), pipeline, opts).map_err(|e| anyhow!("{e}"))?;
-    loader.restore_bad_counts(state.skipped.clone());
-    let mut logger = Logger::new(&loaded.tensorboard_dir(), state.total_steps, state.step);
-    let mut metrics_file = std::fs::OpenOptions::new().create(true).append(true).open(out.join("metrics.jsonl"))?;
-    let lr_groups = set.lr_groups();
-    let accumulation = c.batch.accumulation_steps;
-    let started_at = state.step;
-    let mut last_checkpoint = None;
-    let save = |model: &Fila<B>, optimizer: &AdamW<B::InnerBackend>, state: &TrainState| {
-        checkpoint::save(&out, model, &set, optimizer, state, &config_toml, c.checkpoint.keep_last)
-    };
-
-    while state.step < state.total_steps {
-        let t0 = Instant::now();
-        // The step's micro-batches, read first so the loss can be normalised by all its tokens.
-        let mut window: Vec<Batch> = Vec::with_capacity(accumulation);
-        while window.len() < accumulation {
-            match loader.next() {
-                Some(b) => window.push(b.map_err(|e| anyhow!("{e}"))?),
+    /// The next `accumulation_steps` micro-batches of this rank, read first so the loss can be
+    /// normalised by the step's tokens over all ranks. `None` once any rank's data ran out.
+    fn next_window(&mut self) -> Result<Option<Window>> {
+        let mut batches: Vec<Batch> = Vec::with_capacity(self.c.batch.accumulation_steps);
+        while batches.len() < self.c.batch.accumulation_steps {
+            match self.loader.next() {
+                Some(b) => batches.push(b.map_err(|e| anyhow!("{e}"))?),
                 None => break,
             }
         }
-        if window.is_empty() {
-            break; // The data ran out before `total_steps` (bad records shrink an epoch).
+        let tokens: usize = batches.iter().map(scored_tokens).sum();
+        let samples: usize = batches.iter().map(|b| b.batch_size).sum();
+        let empty = f64::from(u8::from(batches.is_empty()));
+        let totals = self.comm.sum_f64(&[tokens as f64, samples as f64, empty])?;
+        if totals[2] > 0.0 {
+            return Ok(None);
         }
-        let lr = schedule.lr(state.step);
-        let tokens: usize = window.iter().map(scored_tokens).sum();
-        let samples: usize = window.iter().map(|b| b.batch_size).sum();
-        // Each micro-batch's mean loss × its share of the step's scored tokens: the sum is the mean
-        // over all the step's tokens, so micro 4 × accumulation 1 equals micro 1 × accumulation 4.
+        Ok(Some(Window { batches, tokens: totals[0] as usize, samples: totals[1] as usize }))
+    }
+
+    /// Forward and backward over the window, then one sharded update (skipped when a loss or the
+    /// gradient norm is not finite on any rank).
+    fn train_step(&mut self, window: Window) -> Result<StepResult> {
+        let t0 = std::time::Instant::now();
+        let lr = self.schedule.lr(self.state.step);
+        // Each micro-batch's mean loss × its share of the step's scored tokens (all ranks): the
+        // sum over micro-batches and ranks is the mean over all the step's tokens, so micro 4 ×
+        // accumulation 1 equals micro 1 × accumulation 4, and W ranks equal one with W× the window.
         let mut grads: Grads<B::InnerBackend> = Grads::new();
         let mut loss_sum = 0.0f64;
         let mut finite = true;
-        for batch in &window {
-            let share = scored_tokens(batch) as f64 / tokens.max(1) as f64;
-            let output = c.precision.forward(|| model.forward(to_input::<B>(batch, device), None));
+        for batch in &window.batches {
+            let share = scored_tokens(batch) as f64 / window.tokens.max(1) as f64;
+            let output = self.c.precision.forward(|| self.model.forward(to_input::<B>(batch, &self.device), None));
             let loss = output.loss.expect("labels given").mul_scalar(share);
             let value = loss.clone().into_scalar().elem::<f64>();
             if !value.is_finite() {
@@ -259,91 +375,152 @@ pub fn run<B: AutodiffBackend>(loaded: LoadedConfig, options: RunOptions, device
             }
             loss_sum += value;
             let g = loss.backward();
-            accumulate_grads(&model, &g, &set, &mut grads);
+            accumulate_grads(&self.model, &g, &self.set, &mut grads);
         }
-        let grad_norm = if finite { clip_grad_norm(&mut grads, c.train.max_grad_norm) } else { f64::NAN };
-        finite &= grad_norm.is_finite();
+        // One exchange: the loss, whether every rank stayed finite, and whether any was signalled.
+        let signalled = STOP.load(Ordering::SeqCst);
+        let totals = self.comm.sum_f64(&[loss_sum, f64::from(u8::from(!finite)), f64::from(u8::from(signalled))])?;
+        let (loss_sum, mut finite, signalled) = (totals[0], totals[1] == 0.0, totals[2] > 0.0);
+        let mut grad_norm = f64::NAN;
         if finite {
-            model = optimizer.step(model, &grads, &set, lr);
-            state.nonfinite_in_a_row = 0;
-        } else {
-            state.nonfinite_total += 1;
-            state.nonfinite_in_a_row += 1;
+            let model = self.model.clone();
+            let (model, norm) = self.optimizer.step(model, &grads, lr, self.c.train.max_grad_norm, self.comm)?;
+            self.model = model;
+            grad_norm = norm;
+            finite = norm.is_finite();
         }
         drop(grads);
-        state.step += 1;
-        state.cursor = window.last().expect("non-empty").cursor;
-        state.epoch = state.cursor.epoch;
-        state.samples_seen += samples as u64;
-        state.tokens_seen += tokens as u64;
-        state.skipped = loader.bad_counts().clone();
+        if finite {
+            self.state.nonfinite_in_a_row = 0;
+        } else {
+            self.state.nonfinite_total += 1;
+            self.state.nonfinite_in_a_row += 1;
+        }
+        self.state.step += 1;
+        self.state.samples_seen += window.samples as u64;
+        self.state.tokens_seen += window.tokens as u64;
+        self.sync_data_position(Some(window.batches.last().expect("non-empty").cursor))?;
 
         let step_time = t0.elapsed().as_secs_f64();
         let metrics = StepMetrics {
-            step: state.step,
+            step: self.state.step,
             loss: if finite { loss_sum } else { f64::NAN },
             lr,
-            lrs: lr_groups.iter().map(|m| (*m, lr * m)).collect(),
+            lrs: self.lr_groups.iter().map(|m| (*m, lr * m)).collect(),
             grad_norm,
-            tokens_per_s: tokens as f64 / step_time,
-            samples_per_s: samples as f64 / step_time,
+            tokens_per_s: window.tokens as f64 / step_time,
+            samples_per_s: window.samples as f64 / step_time,
             step_time_s: step_time,
-            skipped: state.skipped.counts().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            tokens: window.tokens,
+            samples: window.samples,
+            skipped: self.state.skipped.counts().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
             nonfinite: !finite,
         };
-        logger.log(&metrics, c.logging.every_steps);
-        writeln!(
-            metrics_file,
-            "{}",
-            serde_json::json!({"step": state.step, "loss": metrics.loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "samples": samples, "finite": finite})
-        )?;
+        Ok(StepResult { metrics, signalled })
+    }
 
-        if state.nonfinite_in_a_row >= c.train.max_nonfinite_steps {
-            state.reason = "nonfinite".into();
-            let dir = save(&model, &optimizer, &state)?;
-            logger.flush();
+    /// The run-wide data cursor (the smallest over ranks; unchanged without a `local` one) and
+    /// skipped-record counts (summed over ranks).
+    fn sync_data_position(&mut self, local: Option<DataCursor>) -> Result<()> {
+        let global = local.map(|l| self.loader.sampler.global_cursor(l));
+        let mine = serde_json::to_vec(&(global, self.loader.bad_counts()))?;
+        let mut cursor: Option<DataCursor> = None;
+        let mut skipped = BadRecordCounts::new(self.state.skipped.max_examples);
+        for (rank, bytes) in self.comm.exchange(&mine)?.into_iter().enumerate() {
+            let (c, bad): (Option<DataCursor>, BadRecordCounts) =
+                serde_json::from_slice(&bytes).with_context(|| format!("rank {rank} sent an unreadable data position"))?;
+            if let Some(c) = c.filter(|c| cursor.is_none_or(|m| (c.epoch, c.position) < (m.epoch, m.position))) {
+                cursor = Some(c);
+            }
+            skipped.merge(&bad);
+        }
+        if let Some(c) = cursor {
+            self.state.cursor = c;
+            self.state.epoch = c.epoch;
+        }
+        self.state.skipped = skipped;
+        Ok(())
+    }
+
+    fn log(&mut self, step: &StepResult) -> Result<()> {
+        self.logger.log(&step.metrics, self.c.logging.every_steps).context("writing metrics.jsonl")
+    }
+
+    /// Stop here? Checkpoints at the interval; every rank decides alike from the reduced values.
+    fn after_step(&mut self, step: &StepResult, options: &RunOptions, started_at: u64) -> Result<Option<StopReason>> {
+        if self.state.nonfinite_in_a_row >= self.c.train.max_nonfinite_steps {
+            return Ok(Some(StopReason::NonFinite));
+        }
+        if step.signalled {
+            return Ok(Some(StopReason::Signal));
+        }
+        if options.stop_after.is_some_and(|n| self.state.step - started_at >= n) {
+            return Ok(Some(StopReason::StopAfter));
+        }
+        let every = self.c.checkpoint.every_steps;
+        if every > 0 && self.state.step % every == 0 && self.state.step < self.state.total_steps {
+            self.save(CheckpointReason::Interval)?;
+        }
+        Ok(None)
+    }
+
+    fn save(&mut self, reason: CheckpointReason) -> Result<PathBuf> {
+        self.state.reason = reason;
+        self.writer.save(&self.model, &self.set, &self.optimizer, &self.state)
+    }
+
+    /// The last checkpoint, and at the end of the run the `final/` export (rank 0).
+    fn finish(mut self, reason: StopReason) -> Result<RunOutcome> {
+        let root = self.comm.world().is_root();
+        match reason {
+            StopReason::NonFinite => {
+                let dir = self.save(CheckpointReason::NonFinite)?;
+                self.logger.flush();
+                bail!(
+                    "{} steps in a row had a non-finite loss or gradient (last at step {}); stopped with a checkpoint at {}. \
+                     Lower `optimizer.lr`, check the data, or resume from an earlier checkpoint",
+                    self.state.nonfinite_in_a_row,
+                    self.state.step,
+                    dir.display()
+                );
+            }
+            StopReason::Signal | StopReason::StopAfter => {
+                let dir = self.save(if reason == StopReason::Signal { CheckpointReason::Signal } else { CheckpointReason::StopAfter })?;
+                self.logger.flush();
+                if root {
+                    eprintln!("stopped at step {}; checkpoint {}. Continue with --resume", self.state.step, dir.display());
+                }
+                return Ok(RunOutcome { step: self.state.step, finished: false, checkpoint: Some(dir), final_dir: None });
+            }
+            StopReason::Completed => {}
+            // The records read after the last step were all skipped: count them.
+            StopReason::DataExhausted => self.sync_data_position(None)?,
+        }
+        // Skipped records are never silent: they are logged as `data/skipped/<reason>` and listed here.
+        let bad = &self.state.skipped;
+        let source = self.loaded.source.display();
+        if self.state.step == 0 {
             bail!(
-                "{} steps in a row had a non-finite loss or gradient (last at step {}); stopped with a checkpoint at {}. \
-                 Lower `optimizer.lr`, check the data, or resume from an earlier checkpoint",
-                state.nonfinite_in_a_row,
-                state.step,
-                dir.display()
+                "no training step ran: none of the {} records gave a usable sample; skipped by reason:\n{bad}\
+                 Run `fila data check --config {source}` to see every bad record",
+                self.records
             );
         }
-        let signalled = STOP.load(Ordering::SeqCst);
-        let stop_now = options.stop_after.is_some_and(|n| state.step - started_at >= n);
-        let interval = c.checkpoint.every_steps > 0 && state.step % c.checkpoint.every_steps == 0;
-        if signalled || stop_now {
-            state.reason = if signalled { "signal" } else { "stop_after" }.into();
-            let dir = save(&model, &optimizer, &state)?;
-            logger.flush();
-            eprintln!("stopped at step {}; checkpoint {}. Continue with --resume", state.step, dir.display());
-            return Ok(RunOutcome { step: state.step, finished: false, checkpoint: Some(dir), final_dir: None });
+        if bad.total() > 0 && root {
+            eprintln!("skipped {} bad records (run `fila data check --config {source}` for all of them):\n{bad}", bad.total());
         }
-        if interval && state.step < state.total_steps {
-            state.reason = "interval".into();
-            last_checkpoint = Some(save(&model, &optimizer, &state)?);
+        let dir = self.save(CheckpointReason::End)?;
+        let out = &self.writer.output_dir;
+        let final_dir = if root {
+            Some(checkpoint::export_final(out, &self.model, &self.fila_config, &self.loaded.data.tokenizer, &self.loaded.to_toml())?)
+        } else {
+            None
+        };
+        self.comm.barrier()?;
+        self.logger.flush();
+        if root {
+            eprintln!("done: {} steps; final model in {}", self.state.step, out.join("final").display());
         }
+        Ok(RunOutcome { step: self.state.step, finished: true, checkpoint: Some(dir), final_dir })
     }
-
-    // Skipped records are never silent: they are logged as `data/skipped/<reason>` and listed here.
-    let bad = loader.bad_counts();
-    if state.step == 0 {
-        bail!(
-            "no training step ran: none of the {} records gave a usable sample; skipped by reason:\n{bad}\
-             Run `fila data check --config {}` to see every bad record",
-            records.records.len(),
-            loaded.source.display()
-        );
-    }
-    if bad.total() > 0 {
-        eprintln!("skipped {} bad records (run `fila data check --config {}` for all of them):\n{bad}", bad.total(), loaded.source.display());
-    }
-    state.reason = "end".into();
-    let dir = save(&model, &optimizer, &state)?;
-    last_checkpoint.replace(dir);
-    let final_dir = checkpoint::export_final(&out, &model, &fila_config, &loaded.data.tokenizer, &loaded.to_toml())?;
-    logger.flush();
-    eprintln!("done: {} steps; final model in {}", state.step, final_dir.display());
-    Ok(RunOutcome { step: state.step, finished: true, checkpoint: last_checkpoint, final_dir: Some(final_dir) })
 }

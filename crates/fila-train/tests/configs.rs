@@ -29,7 +29,7 @@ fn every_config_parses_and_validates() {
 #[test]
 fn plan_counts_the_trainable_parameters() {
     let loaded = LoadedConfig::load(&tiny(1), &[]).unwrap();
-    let text = fila_train::plan::plan(&loaded).unwrap();
+    let text = fila_train::plan::plan(&loaded, 1).unwrap();
     let exact = fila_train::plan::trainable_elements_of(&loaded).unwrap();
     assert_eq!(exact, 115_424);
     assert!(text.contains(&format!("({exact} trainable")), "{text}");

@@ -1,0 +1,112 @@
+//! The device of a run, parsed once, and the one function that picks the Burn backend for it
+//! ([`dispatch`]), used by both binaries.
+
+use anyhow::Result;
+use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::backend::AutodiffBackend;
+use serde::{Deserialize, Serialize};
+
+/// `cpu` or `cuda:N` in configs and flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Device {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|i| i.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| format!("`{s}`: expected \"cpu\" or \"cuda:N\"")),
+        }
+    }
+}
+
+impl TryFrom<String> for Device {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<Device> for String {
+    fn from(d: Device) -> String {
+        d.to_string()
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+impl Device {
+    /// One process per GPU: in a multi-process run, rank `local_rank` of a node takes
+    /// `cuda:<local_rank>` whatever index the config names.
+    pub fn for_local_rank(self, local_rank: usize, world_size: usize) -> Self {
+        match self {
+            Device::Cuda(_) if world_size > 1 => Device::Cuda(local_rank),
+            d => d,
+        }
+    }
+}
+
+/// Work generic over the autodiff backend, run by [`dispatch`].
+pub trait OnBackend {
+    type Output;
+    fn run<B: AutodiffBackend>(self, device: &B::Device) -> Result<Self::Output>;
+}
+
+/// Runs `job` on `device`'s backend, with activation checkpointing when asked.
+pub fn dispatch<J: OnBackend>(device: Device, checkpointing: bool, job: J) -> Result<J::Output> {
+    match (device, checkpointing) {
+        (Device::Cpu, false) => job.run::<Autodiff<Flex>>(&Default::default()),
+        (Device::Cpu, true) => job.run::<Autodiff<Flex, BalancedCheckpointing>>(&Default::default()),
+        (Device::Cuda(index), checkpointing) => on_cuda(index, checkpointing, job),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn on_cuda<J: OnBackend>(index: usize, checkpointing: bool, job: J) -> Result<J::Output> {
+    use burn::backend::Cuda;
+    let device = burn::backend::cuda::CudaDevice::new(index);
+    if checkpointing {
+        job.run::<Autodiff<Cuda, BalancedCheckpointing>>(&device)
+    } else {
+        job.run::<Autodiff<Cuda>>(&device)
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn on_cuda<J: OnBackend>(index: usize, _: bool, _: J) -> Result<J::Output> {
+    anyhow::bail!("device `cuda:{index}` needs a build with `--features cuda`; this build runs on `cpu` only")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_parse_and_print() {
+        assert_eq!("cpu".parse::<Device>(), Ok(Device::Cpu));
+        assert_eq!("cuda:3".parse::<Device>(), Ok(Device::Cuda(3)));
+        assert!("cuda".parse::<Device>().unwrap_err().contains("expected \"cpu\" or \"cuda:N\""));
+        assert!("gpu:0".parse::<Device>().is_err());
+        assert_eq!(Device::Cuda(2).to_string(), "cuda:2");
+        assert_eq!(Device::Cuda(0).for_local_rank(5, 8), Device::Cuda(5));
+        assert_eq!(Device::Cuda(1).for_local_rank(0, 1), Device::Cuda(1));
+        assert_eq!(Device::Cpu.for_local_rank(3, 4), Device::Cpu);
+    }
+}

@@ -1,0 +1,226 @@
+//! How the trainable parameters are cut across ranks (ZeRO-1/2 layout).
+//!
+//! The trainable parameters, flattened in name order, are laid end to end and cut into buckets
+//! of [`BUCKET_ELEMENTS`]; each bucket is padded to a multiple of the world size and every rank
+//! owns one equal piece of every bucket. A rank keeps optimizer state (and the f32 master
+//! values) for its pieces only: its *slice*. Gradients are reduce-scattered bucket by bucket into
+//! the slice, and the updated slice is all-gathered back into full parameters. With one rank the
+//! slice is everything. The layout depends only on the names, shapes, world size and rank, so a
+//! checkpoint written at one world size is re-cut by name at another.
+
+use crate::trainable::TrainableSet;
+use burn::prelude::*;
+
+/// Elements per bucket (256 MiB of f32): bounds the extra memory of one collective.
+pub const BUCKET_ELEMENTS: usize = 1 << 26;
+
+/// One rank's piece of one bucket.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bucket {
+    /// First flat element of the bucket.
+    pub start: usize,
+    /// Real elements in the bucket (the rest of `padded` is zeros).
+    pub len: usize,
+    /// `len` rounded up to a multiple of the world size.
+    pub padded: usize,
+    /// Where this rank's piece (`padded / world` elements) sits in its slice.
+    pub at: usize,
+}
+
+impl Bucket {
+    pub fn piece(&self, world: usize) -> usize {
+        self.padded / world
+    }
+}
+
+/// A run of one parameter's flat elements inside a rank's slice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// Index into [`FlatLayout::names`].
+    pub param: usize,
+    /// First element within the parameter (flattened).
+    pub start: usize,
+    pub len: usize,
+    /// Offset in the slice.
+    pub at: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlatLayout {
+    /// Trainable parameter paths in name order, with their shapes and flat offsets.
+    pub names: Vec<String>,
+    pub shapes: Vec<Vec<usize>>,
+    pub offsets: Vec<usize>,
+    pub total: usize,
+    pub world: usize,
+    pub rank: usize,
+    pub buckets: Vec<Bucket>,
+    /// This rank's parameter runs, in slice order.
+    pub segments: Vec<Segment>,
+    /// Elements in this rank's slice (padding included).
+    pub slice_len: usize,
+}
+
+impl FlatLayout {
+    pub fn new(set: &TrainableSet, world: usize, rank: usize, bucket_elements: usize) -> Self {
+        assert!(rank < world && bucket_elements > 0);
+        let names: Vec<String> = set.params.keys().cloned().collect();
+        let shapes: Vec<Vec<usize>> = set.params.values().map(|p| p.shape.clone()).collect();
+        let mut offsets = Vec::with_capacity(names.len());
+        let mut total = 0;
+        for s in &shapes {
+            offsets.push(total);
+            total += s.iter().product::<usize>();
+        }
+        let mut layout = Self { names, shapes, offsets, total, world, rank, buckets: Vec::new(), segments: Vec::new(), slice_len: 0 };
+        let mut start = 0;
+        while start < total {
+            let len = bucket_elements.min(total - start);
+            let padded = len.div_ceil(world) * world;
+            let piece = padded / world;
+            layout.buckets.push(Bucket { start, len, padded, at: layout.slice_len });
+            // This rank's piece covers flat [start + rank·piece, …) clipped to the real elements.
+            let lo = start + rank * piece;
+            let hi = (lo + piece).min(start + len);
+            if lo < hi {
+                let at = layout.slice_len;
+                layout.segments.extend(layout.runs(lo, hi - lo).into_iter().map(|(param, s, n, off)| Segment { param, start: s, len: n, at: at + off }));
+            }
+            layout.slice_len += piece;
+            start += len;
+        }
+        layout
+    }
+
+    pub fn numel(&self, param: usize) -> usize {
+        self.shapes[param].iter().product()
+    }
+
+    /// The parameter runs of flat `[from, from + len)`: (param, start in param, len, offset from `from`).
+    pub fn runs(&self, from: usize, len: usize) -> Vec<(usize, usize, usize, usize)> {
+        let mut out = Vec::new();
+        let end = from + len;
+        let first = self.offsets.partition_point(|&o| o <= from).saturating_sub(1);
+        for p in first..self.names.len() {
+            let (ps, pe) = (self.offsets[p], self.offsets[p] + self.numel(p));
+            if ps >= end {
+                break;
+            }
+            let (s, e) = (ps.max(from), pe.min(end));
+            if s < e {
+                out.push((p, s - ps, e - s, s - from));
+            }
+        }
+        out
+    }
+
+    /// Bucket `b` as one padded flat tensor, built from each parameter's flat values
+    /// (`None`: zeros, e.g. a parameter that got no gradient).
+    pub fn bucket_tensor<I: Backend>(&self, b: usize, value: &dyn Fn(usize) -> Option<Tensor<I, 1>>, device: &I::Device) -> Tensor<I, 1> {
+        let bucket = &self.buckets[b];
+        let mut parts = Vec::new();
+        for (p, s, n, _) in self.runs(bucket.start, bucket.len) {
+            parts.push(match value(p) {
+                Some(t) if s == 0 && n == self.numel(p) => t,
+                Some(t) => t.slice(s..s + n),
+                None => Tensor::zeros([n], device),
+            });
+        }
+        if bucket.padded > bucket.len {
+            parts.push(Tensor::zeros([bucket.padded - bucket.len], device));
+        }
+        Tensor::cat(parts, 0)
+    }
+
+    /// This rank's slice of flat values (no communication: every rank holds the full values).
+    pub fn own_slice<I: Backend>(&self, value: &dyn Fn(usize) -> Option<Tensor<I, 1>>, device: &I::Device) -> Tensor<I, 1> {
+        let parts: Vec<Tensor<I, 1>> = (0..self.buckets.len())
+            .map(|b| {
+                let piece = self.buckets[b].piece(self.world);
+                self.bucket_tensor(b, value, device).slice(self.rank * piece..(self.rank + 1) * piece)
+            })
+            .collect();
+        Tensor::cat(parts, 0)
+    }
+
+    /// Splits full gathered buckets back into whole flat parameters, in name order.
+    pub fn params_from_buckets<I: Backend>(&self, buckets: Vec<Tensor<I, 1>>) -> Vec<Tensor<I, 1>> {
+        let mut pieces: Vec<Vec<Tensor<I, 1>>> = vec![Vec::new(); self.names.len()];
+        for (b, t) in buckets.into_iter().enumerate() {
+            let bucket = &self.buckets[b];
+            for (p, _, n, off) in self.runs(bucket.start, bucket.len) {
+                pieces[p].push(t.clone().slice(off..off + n));
+            }
+        }
+        pieces.into_iter().map(|p| if p.len() == 1 { p.into_iter().next().unwrap() } else { Tensor::cat(p, 0) }).collect()
+    }
+
+    /// A per-element vector of the slice from a per-parameter value (padding gets `pad`).
+    pub fn per_element<I: Backend>(&self, value: impl Fn(usize) -> f32, pad: f32, device: &I::Device) -> Tensor<I, 1> {
+        let mut v = vec![pad; self.slice_len];
+        for s in &self.segments {
+            v[s.at..s.at + s.len].fill(value(s.param));
+        }
+        Tensor::from_data(burn::tensor::TensorData::new(v, [self.slice_len]), device)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trainable::TrainableParam;
+
+    fn set(sizes: &[(&str, usize)]) -> TrainableSet {
+        TrainableSet {
+            params: sizes.iter().map(|(n, s)| (n.to_string(), TrainableParam { shape: vec![*s], lr_multiplier: 1.0, decay: false })).collect(),
+            total_params: sizes.len(),
+        }
+    }
+
+    #[test]
+    fn every_element_is_owned_by_exactly_one_rank() {
+        // 3 + 7 + 4 = 14 elements, buckets of 6: [0,6) [6,12) [12,14); 3 ranks pad to 6, 12→… 2→3.
+        let s = set(&[("a", 3), ("b", 7), ("c", 4)]);
+        for world in 1..=4 {
+            let mut owned = vec![0u32; 14];
+            for rank in 0..world {
+                let l = FlatLayout::new(&s, world, rank, 6);
+                assert_eq!(l.total, 14);
+                assert_eq!(l.buckets.len(), 3);
+                assert_eq!(l.slice_len, l.buckets.iter().map(|b| b.piece(world)).sum::<usize>());
+                for seg in &l.segments {
+                    assert!(seg.start + seg.len <= l.numel(seg.param));
+                    for i in 0..seg.len {
+                        owned[l.offsets[seg.param] + seg.start + i] += 1;
+                    }
+                }
+            }
+            assert!(owned.iter().all(|&c| c == 1), "world {world}: {owned:?}");
+        }
+        // Rank 1 of 2: bucket 0 piece [3,6) = b[0..3]; bucket 1 piece [9,12) = b[6..7], c[0..2]; bucket 2 [13,14) = c[3..4].
+        let l = FlatLayout::new(&s, 2, 1, 6);
+        let segs: Vec<(usize, usize, usize, usize)> = l.segments.iter().map(|s| (s.param, s.start, s.len, s.at)).collect();
+        assert_eq!(segs, vec![(1, 0, 3, 0), (1, 6, 1, 3), (2, 0, 2, 4), (2, 3, 1, 6)]);
+    }
+
+    #[test]
+    fn buckets_round_trip_to_parameters() {
+        use burn::backend::Flex;
+        let s = set(&[("a", 3), ("b", 7), ("c", 4)]);
+        let l = FlatLayout::new(&s, 3, 0, 6);
+        let dev = Default::default();
+        let value = |p: usize| -> Option<Tensor<Flex, 1>> {
+            let n = l.numel(p);
+            Some(Tensor::from_data(burn::tensor::TensorData::new((0..n).map(|i| (100 * p + i) as f32).collect::<Vec<f32>>(), [n]), &dev))
+        };
+        let buckets: Vec<Tensor<Flex, 1>> = (0..l.buckets.len()).map(|b| l.bucket_tensor(b, &value, &dev)).collect();
+        assert_eq!(buckets.iter().map(|b| b.dims()[0]).collect::<Vec<_>>(), vec![6, 6, 3]);
+        let params = l.params_from_buckets(buckets);
+        for (p, t) in params.into_iter().enumerate() {
+            assert_eq!(t.into_data().to_vec::<f32>().unwrap(), value(p).unwrap().into_data().to_vec::<f32>().unwrap());
+        }
+        // Rank 0's slice: bucket pieces of 2, 2, 1: a0 a1 | b3 b4 | c2.
+        let slice: Vec<f32> = l.own_slice(&value, &dev).into_data().to_vec().unwrap();
+        assert_eq!(slice, vec![0.0, 1.0, 103.0, 104.0, 202.0]);
+    }
+}
