@@ -222,7 +222,8 @@ impl ImagePreprocessor {
     }
 }
 
-/// Decodes JPEG/PNG/WebP bytes to 8-bit RGB (alpha dropped, like PIL's `convert("RGB")`).
+/// Decodes JPEG/PNG/WebP/GIF/BMP/TIFF bytes to 8-bit RGB (alpha dropped, like PIL's
+/// `convert("RGB")`); an animated GIF gives its first frame, as PIL's `open` does.
 pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageProblem> {
     let corrupt = |e: &dyn std::fmt::Display| (BadReason::CorruptImage, e.to_string());
     let reader = ImageReader::new(Cursor::new(bytes))

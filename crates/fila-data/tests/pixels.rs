@@ -280,3 +280,65 @@ fn jpeg_pipeline_end_to_end_stays_close_to_pil() {
     eprintln!("jpeg end to end: max {max:.2} levels");
     assert!(max <= 10.0, "max {max} levels");
 }
+
+/// A picture with few enough colours for GIF's 256-entry palette, so every format stores it exactly.
+fn sixty_colour_picture(w: u32, h: u32, seed: u32) -> image::RgbImage {
+    let palette: Vec<[u8; 3]> = (0..60u32)
+        .map(|i| [(i * 37 % 256) as u8, (i * 91 % 256) as u8, (255 - i * 13 % 256) as u8])
+        .collect();
+    let mut s = seed;
+    image::RgbImage::from_fn(w, h, |_, _| {
+        s = s.wrapping_mul(1_103_515_245).wrapping_add(12345);
+        image::Rgb(palette[(s >> 16) as usize % palette.len()])
+    })
+}
+
+fn encode(img: &image::RgbImage, format: image::ImageFormat) -> Vec<u8> {
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut bytes, format)
+        .unwrap_or_else(|e| panic!("encoding {format:?}: {e}"));
+    bytes.into_inner()
+}
+
+#[test]
+fn gif_bmp_and_tiff_decode_to_the_pixels_of_the_png() {
+    // Odd sizes catch row padding (BMP rows are 4-byte aligned) and strip boundaries (TIFF).
+    let img = sixty_colour_picture(37, 23, 7);
+    let png = decode_rgb(&encode(&img, image::ImageFormat::Png), u64::MAX).unwrap();
+    assert_eq!(png, img);
+    for format in [
+        image::ImageFormat::Gif,
+        image::ImageFormat::Bmp,
+        image::ImageFormat::Tiff,
+    ] {
+        let bytes = encode(&img, format);
+        let decoded = decode_rgb(&bytes, u64::MAX)
+            .unwrap_or_else(|e| panic!("{format:?} must decode: {e:?}"));
+        assert_eq!(decoded.dimensions(), (37, 23), "{format:?}");
+        assert!(decoded == png, "{format:?} decodes to other pixels than the PNG");
+        // The pixel limit is checked from the header, before decoding, as for JPEG and PNG.
+        let err = decode_rgb(&bytes, 37 * 23 - 1).unwrap_err();
+        assert_eq!(err.0, fila_data::BadReason::ImageTooLarge, "{format:?}");
+    }
+}
+
+#[test]
+fn an_animated_gif_gives_its_first_frame() {
+    use image::codecs::gif::GifEncoder;
+    let first = sixty_colour_picture(16, 12, 1);
+    let second = sixty_colour_picture(16, 12, 2);
+    assert_ne!(first, second);
+    let mut bytes = Vec::new();
+    {
+        let mut encoder = GifEncoder::new(&mut bytes);
+        for frame in [&first, &second] {
+            let rgba = image::DynamicImage::ImageRgb8(frame.clone()).into_rgba8();
+            encoder.encode_frame(image::Frame::new(rgba)).unwrap();
+        }
+    }
+    // OCR-VQA ships GIFs; LLaVA's PIL `open().convert("RGB")` also reads the first frame.
+    assert_eq!(decode_rgb(&bytes, u64::MAX).unwrap(), first);
+    // A cut-off GIF is a corrupt image, not a panic or a grey picture.
+    let err = decode_rgb(&bytes[..bytes.len() / 3], u64::MAX).unwrap_err();
+    assert_eq!(err.0, fila_data::BadReason::CorruptImage, "{err:?}");
+}
