@@ -143,28 +143,37 @@ fn stage1_then_stage2_and_tensorboard_scalars() {
     let init = format!("model.checkpoint={}", final1.display());
     ok(&fila_train(&tiny(2), &s2, &[&init], &[]));
     assert_eq!(losses(&s2).len(), 5, "9 instructions, micro 1 × accumulation 2 → 5 steps");
-    let tags = tensorboard_tags(&s2.join("tensorboard"));
-    for tag in ["train/loss", "train/grad_norm", "train/tokens_per_s", "train/samples_per_s", "train/step_time_s"] {
-        let n = tags.get(tag).unwrap_or_else(|| panic!("no `{tag}` in {tags:?}"));
-        assert_eq!(*n, 5, "{tag}");
+    // The event files, read back in Rust (framing, both CRCs, protobuf): every scalar at every step.
+    let tb2 = tensorboard_scalars(&s2.join("tensorboard"));
+    for tag in ["train/loss", "train/grad_norm", "train/tokens_per_s", "train/samples_per_s", "train/step_time_s", "train/lr/x0.1", "train/lr/x1"] {
+        let points = tb2.get(tag).unwrap_or_else(|| panic!("no `{tag}` in {:?}", tb2.keys()));
+        assert_eq!(points.iter().map(|p| p.0).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5], "{tag}: {points:?}");
+        assert!(points.iter().all(|p| p.1.is_finite()), "{tag}: {points:?}");
     }
-    // Stage 2 has LR groups (×0.1 towers, ×1 the rest).
-    assert!(tags.contains_key("train/lr/x0.1") && tags.contains_key("train/lr/x1"), "{tags:?}");
-    let tags1 = tensorboard_tags(&s1.join("tensorboard"));
-    assert!(tags1.contains_key("train/lr"), "{tags1:?}");
+    // The values are the run's: losses and learning rates as in metrics.jsonl (f32 in the event
+    // file), and the towers' LR group at 0.1 × the base rate.
+    let (loss2, lr2) = (losses(&s2), metric(&s2, "lr"));
+    for (i, (step, loss)) in tb2["train/loss"].iter().enumerate() {
+        assert_eq!(*loss, loss2[&(*step as u64)] as f32, "train/loss at step {step}");
+        let (x1, x01) = (tb2["train/lr/x1"][i].1, tb2["train/lr/x0.1"][i].1);
+        assert_eq!(x1, lr2[&(*step as u64)] as f32, "train/lr/x1 at step {step}");
+        assert!((x01 - 0.1 * x1).abs() <= 1e-6 * x1.abs(), "step {step}: x0.1 {x01} vs x1 {x1}");
+    }
+    assert!(tb2["train/tokens_per_s"].iter().all(|p| p.1 > 0.0), "{:?}", tb2["train/tokens_per_s"]);
+    assert!(!tb2.contains_key("train/lr"), "grouped runs log the groups, not `train/lr`");
+    let tb1 = tensorboard_scalars(&s1.join("tensorboard"));
+    let steps1: Vec<i64> = losses(&s1).keys().map(|s| *s as i64).collect();
+    assert!(!steps1.is_empty());
+    for tag in ["train/lr", "train/loss"] {
+        let points = tb1.get(tag).unwrap_or_else(|| panic!("no `{tag}` in {:?}", tb1.keys()));
+        assert_eq!(points.iter().map(|p| p.0).collect::<Vec<_>>(), steps1, "{tag}");
+    }
 }
 
-/// Scalar tags and their number of points, read back by Python's `tensorboard` package.
-fn tensorboard_tags(dir: &Path) -> std::collections::BTreeMap<String, usize> {
-    let script = r#"
-import json, sys
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-acc = EventAccumulator(sys.argv[1]); acc.Reload()
-print(json.dumps({t: len(acc.Scalars(t)) for t in acc.Tags()["scalars"]}))
-"#;
-    let out = std::process::Command::new("python3").arg("-c").arg(script).arg(dir).output().expect("python3 runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
+/// Scalars per tag as `(step, value)`, read from the run's TensorBoard event files by
+/// `common/tfevents.rs` (`scripts/read_tensorboard.py DIR` gives TensorBoard's own reading).
+fn tensorboard_scalars(dir: &Path) -> std::collections::BTreeMap<String, Vec<(i64, f32)>> {
+    tfevents::read_scalars(dir).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 #[test]

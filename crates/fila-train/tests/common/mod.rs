@@ -2,6 +2,8 @@
 //! and read back what it wrote.
 #![allow(dead_code)]
 
+pub mod tfevents;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
