@@ -53,6 +53,13 @@ pub struct TrainState {
     pub skipped: BadRecordCounts,
     /// Why this checkpoint was written.
     pub reason: CheckpointReason,
+    /// Ranks of the run that wrote it (optimizer shards); a resume may use another number.
+    #[serde(default = "one")]
+    pub world_size: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Why a checkpoint was written (`reason` in `state.json`).

@@ -456,21 +456,26 @@ fn normalize(path: &Path) -> PathBuf {
 }
 
 /// Keys whose change makes a checkpoint unusable: the model, the data and the batch geometry.
-/// Loader threads and prefetch depth may change freely.
-pub fn geometry_difference(saved: &toml::Table, now: &toml::Table) -> Option<String> {
-    fn strip(t: &toml::Table) -> toml::Table {
+/// Loader threads and prefetch depth may change freely, and so may the world size as long as the
+/// samples per step stay the same (`accumulation_steps × world size`: 4 ranks × 1 resume as 2 × 2).
+pub fn geometry_difference(saved: &toml::Table, saved_world: usize, now: &toml::Table, now_world: usize) -> Option<String> {
+    let strip = |t: &toml::Table, world: usize| {
         let mut out = toml::Table::new();
         for key in ["stage", "model", "data", "batch"] {
             if let Some(v) = t.get(key) {
                 out.insert(key.to_string(), v.clone());
             }
         }
+        if let Some(toml::Value::Table(batch)) = out.get_mut("batch") {
+            let acc = batch.remove("accumulation_steps").and_then(|v| v.as_integer()).unwrap_or(1);
+            batch.insert("accumulation_steps × world size".into(), toml::Value::Integer(acc * world as i64));
+        }
         if let Some(toml::Value::Table(loader)) = out.get_mut("data").and_then(|d| d.get_mut("loader")) {
             loader.remove("workers");
             loader.remove("prefetch_batches");
         }
         out
-    }
+    };
     fn diff(path: &str, a: Option<&toml::Value>, b: Option<&toml::Value>) -> Option<String> {
         match (a, b) {
             (Some(toml::Value::Table(x)), Some(toml::Value::Table(y))) => {
@@ -496,7 +501,7 @@ pub fn geometry_difference(saved: &toml::Table, now: &toml::Table) -> Option<Str
     fn show(v: Option<&toml::Value>) -> String {
         v.map(|v| v.to_string()).unwrap_or_else(|| "(not set)".into())
     }
-    diff("", Some(&toml::Value::Table(strip(saved))), Some(&toml::Value::Table(strip(now))))
+    diff("", Some(&toml::Value::Table(strip(saved, saved_world))), Some(&toml::Value::Table(strip(now, now_world))))
 }
 
 #[cfg(test)]
@@ -528,9 +533,14 @@ mod tests {
         let mut b = a.clone();
         apply_override(&mut b, "data.loader.workers=8").unwrap();
         apply_override(&mut b, "optimizer.lr=2.0").unwrap();
-        assert_eq!(geometry_difference(&a, &b), None);
+        assert_eq!(geometry_difference(&a, 1, &b, 1), None);
+        // 4 ranks × accumulation 1 resume as 2 ranks × 2, not as 2 × 1.
+        apply_override(&mut b, "batch.accumulation_steps=2").unwrap();
+        assert_eq!(geometry_difference(&a, 4, &b, 2), None);
+        let d = geometry_difference(&a, 4, &b, 1).unwrap();
+        assert!(d.contains("`batch.accumulation_steps × world size`: checkpoint has 4, this config has 2"), "{d}");
         apply_override(&mut b, "batch.micro_batch_size=2").unwrap();
-        let d = geometry_difference(&a, &b).unwrap();
+        let d = geometry_difference(&a, 4, &b, 2).unwrap();
         assert!(d.contains("`batch.micro_batch_size`") && d.contains('4') && d.contains('2'), "{d}");
     }
 }

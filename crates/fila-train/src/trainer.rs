@@ -168,7 +168,7 @@ pub enum StopReason {
 
 /// Trains one stage: one process, or one rank of many talking through `comm`.
 pub fn run<B: AutodiffBackend>(loaded: LoadedConfig, options: RunOptions, device: &B::Device, comm: &Comm) -> Result<RunOutcome> {
-    let resume = resume_point(&loaded, &options.resume)?;
+    let resume = resume_point(&loaded, &options.resume, comm.world().size)?;
     let mut t = Training::<B>::start(loaded, resume.as_deref(), device, comm)?;
     let started_at = t.state.step;
     let reason = loop {
@@ -188,7 +188,7 @@ pub fn run<B: AutodiffBackend>(loaded: LoadedConfig, options: RunOptions, device
 }
 
 /// The checkpoint to resume from, checked against this run's config; `None` for a fresh start.
-fn resume_point(loaded: &LoadedConfig, resume: &Resume) -> Result<Option<PathBuf>> {
+fn resume_point(loaded: &LoadedConfig, resume: &Resume, world: usize) -> Result<Option<PathBuf>> {
     let out = &loaded.config.checkpoint.output_dir;
     let dir = match resume {
         Resume::No => {
@@ -205,7 +205,8 @@ fn resume_point(loaded: &LoadedConfig, resume: &Resume) -> Result<Option<PathBuf
         Resume::Dir(d) => d.clone(),
     };
     let saved = checkpoint::read_config(&dir)?;
-    if let Some(d) = geometry_difference(&saved, &loaded.resolved) {
+    let saved_world = checkpoint::read_state(&dir)?.world_size;
+    if let Some(d) = geometry_difference(&saved, saved_world, &loaded.resolved, world) {
         bail!("cannot resume from {}: the model, data or batch geometry changed: {d}", dir.display());
     }
     Ok(Some(dir))
@@ -282,9 +283,11 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
             nonfinite_in_a_row: 0,
             skipped: records.load_bad.clone(),
             reason: CheckpointReason::Interval,
+            world_size: world.size,
         };
         if let Some(dir) = resume {
             state = checkpoint::read_state(dir)?;
+            state.world_size = world.size;
             model = checkpoint::load_trainable(model, &set, dir)?;
         }
         let inner_device = Tensor::<B, 1>::zeros([1], device).inner().device();

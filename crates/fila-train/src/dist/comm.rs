@@ -204,6 +204,7 @@ impl Comm {
         for l in &self.links {
             let _ = write_frame(l, ABORT, text.as_bytes());
         }
+        linger(&self.links.iter().collect::<Vec<_>>());
     }
 
     /// Rank 0 receives every rank's vector and sums them in rank order; other ranks send theirs
@@ -252,11 +253,36 @@ impl Comm {
     fn fail(&self, from: usize, error: anyhow::Error) -> anyhow::Error {
         if self.world.is_root() {
             let text = format!("{error:#}");
-            for r in (1..self.world.size).filter(|&r| r != from) {
-                let _ = write_frame(self.link(r), ABORT, text.as_bytes());
+            let others: Vec<&TcpStream> = (1..self.world.size).filter(|&r| r != from).map(|r| self.link(r)).collect();
+            for l in &others {
+                let _ = write_frame(l, ABORT, text.as_bytes());
             }
+            linger(&others);
         }
         error
+    }
+}
+
+/// Before this process exits: ends its side of `links` and reads what the peers still send until
+/// they close (at most 2 s). Closing a socket with unread data would reset the connection and
+/// could discard the abort message the peer has not read yet.
+fn linger(links: &[&TcpStream]) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    for l in links {
+        let _ = l.shutdown(std::net::Shutdown::Write);
+    }
+    for mut l in links.iter().copied() {
+        let mut sink = [0u8; 65536];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || l.set_read_timeout(Some(left)).is_err() {
+                break;
+            }
+            match l.read(&mut sink) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
     }
 }
 
