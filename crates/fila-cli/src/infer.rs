@@ -1,14 +1,16 @@
 //! Inference from a FILA checkpoint: `fila generate` (greedy decoding with a KV cache) and
-//! `fila eval` (exact-match accuracy and character similarity per question type).
+//! `fila eval` (several questions per forward, scored with the benchmark metrics of `metrics`).
 
+use crate::eval::{read_eval_file, EvalItem, EvalReport};
 use crate::forward::image_input;
+use crate::metrics::Metric;
 use anyhow::{Context, Result};
 use burn::prelude::*;
 use burn::tensor::TensorData;
-use fila_data::{DataConfig, ImagePreprocessor, RecordSet, Role, SourceConfig, TextEncoder};
+use fila_data::{DataConfig, ImagePreprocessor, ImageViews, TextEncoder};
 use fila_model::fila::{Fila, FilaConfig, ModelSource};
-use serde::Serialize;
-use std::collections::BTreeMap;
+use fila_model::llama::KvCache;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 type B = burn::backend::Flex;
@@ -21,6 +23,12 @@ pub struct Inference {
     data: DataConfig,
     stop_ids: Vec<i64>,
     device: burn::tensor::Device<B>,
+}
+
+/// One question as token ids, with its preprocessed image.
+pub struct Prompt {
+    ids: Vec<i64>,
+    image: Option<ImageViews>,
 }
 
 impl Inference {
@@ -46,126 +54,105 @@ impl Inference {
         Ok(Self { model, images: ImagePreprocessor::new(&data), text, data, stop_ids, device })
     }
 
-    /// The model's answer to `prompt` about `image` (greedy), as text.
-    pub fn answer(&self, image: Option<&image::RgbImage>, prompt: &str, max_new_tokens: usize) -> Result<String> {
+    /// The ids of `prompt` about `image` in the checkpoint's template; an `<image>` marker is put
+    /// before the prompt when it has none.
+    pub fn prepare(&self, image: Option<&image::RgbImage>, prompt: &str) -> Result<Prompt> {
         let views = image.map(|im| self.images.process(im));
         let marker = &self.data.image_marker;
         let prompt = if views.is_some() && !prompt.contains(marker.as_str()) { format!("{marker}\n{prompt}") } else { prompt.to_string() };
         let visual: Vec<usize> = views.iter().map(|v| v.visual_tokens).collect();
         let tokens = self.text.encode_prompt(&prompt, &visual).map_err(|(r, d)| anyhow::anyhow!("prompt: {} ({d})", r.as_str()))?;
-        let len = tokens.input_ids.len();
-        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(tokens.input_ids, [1, len]), &self.device);
-        let inputs: Vec<_> = views.iter().map(|v| image_input(v, &self.device)).collect();
-        let generated = self.model.generate(ids, &inputs, max_new_tokens, &self.stop_ids);
+        Ok(Prompt { ids: tokens.input_ids, image: views })
+    }
+
+    fn decode(&self, generated: &[i64]) -> Result<String> {
         let kept: Vec<u32> = generated.iter().filter(|id| !self.stop_ids.contains(id)).map(|&id| id as u32).collect();
         self.text.tokenizer.decode(&kept, true).map_err(|e| anyhow::anyhow!("decoding: {e}"))
+    }
+
+    /// The model's answer to `prompt` about `image` (greedy, one prompt at a time), as text.
+    pub fn answer(&self, image: Option<&image::RgbImage>, prompt: &str, max_new_tokens: usize) -> Result<String> {
+        let prompt = self.prepare(image, prompt)?;
+        let len = prompt.ids.len();
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(prompt.ids, [1, len]), &self.device);
+        let inputs: Vec<_> = prompt.image.iter().map(|v| image_input(v, &self.device)).collect();
+        let generated = self.model.generate(ids, &inputs, max_new_tokens, &self.stop_ids);
+        self.decode(&generated)
+    }
+
+    /// Greedy answers to several prompts in one batch. The prompts are right-padded to the longest
+    /// and each row decodes at its own positions (its RoPE positions and key mask skip the
+    /// padding), so every answer is the one [`Inference::answer`] gives for that prompt alone.
+    pub fn answer_batch(&self, prompts: &[Prompt], max_new_tokens: usize) -> Result<Vec<String>> {
+        let generated = self.generate_batch(prompts, max_new_tokens);
+        generated.iter().map(|g| self.decode(g)).collect()
+    }
+
+    fn generate_batch(&self, prompts: &[Prompt], max_new_tokens: usize) -> Vec<Vec<i64>> {
+        let rows = prompts.len();
+        if rows == 0 || max_new_tokens == 0 {
+            return vec![Vec::new(); rows];
+        }
+        let lens: Vec<usize> = prompts.iter().map(|p| p.ids.len()).collect();
+        let width = *lens.iter().max().expect("rows > 0");
+        // Padding is masked out; it only must not be the placeholder that receives visual tokens.
+        let pad = if self.model.image_token_id == 0 { 1 } else { 0 };
+        let mut ids = Vec::with_capacity(rows * width);
+        let mut prompt_mask = Vec::with_capacity(rows * width);
+        for p in prompts {
+            ids.extend(p.ids.iter().copied().chain(std::iter::repeat(pad).take(width - p.ids.len())));
+            prompt_mask.extend((0..width).map(|j| if j < p.ids.len() { 1.0f32 } else { 0.0 }));
+        }
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [rows, width]), &self.device);
+        // Images in row order: `splice` fills the placeholders row by row.
+        let inputs: Vec<_> = prompts.iter().filter_map(|p| p.image.as_ref()).map(|v| image_input(v, &self.device)).collect();
+        let visual = (!inputs.is_empty()).then(|| self.model.encode_images(&inputs, None).0);
+        let embeds = self.model.splice(ids, visual);
+        let llm = &self.model.llm;
+        let mut cache = KvCache::new(llm.model.layers.len());
+        let valid = Tensor::<B, 2>::from_data(TensorData::new(prompt_mask.clone(), [rows, width]), &self.device);
+        let hidden = llm.forward_cached_padded(embeds, &mut cache, &vec![0; rows], valid); // [rows, width, D]
+        let d = hidden.dims()[2];
+        let last: Vec<_> = lens.iter().enumerate().map(|(i, &n)| hidden.clone().slice([i..i + 1, n - 1..n, 0..d])).collect();
+        let mut next = self.greedy(Tensor::cat(last, 0));
+        let mut out = vec![Vec::new(); rows];
+        let mut done = vec![false; rows];
+        for step in 0..max_new_tokens {
+            for (i, &token) in next.iter().enumerate() {
+                if !done[i] {
+                    out[i].push(token);
+                    done[i] = self.stop_ids.contains(&token);
+                }
+            }
+            if done.iter().all(|&d| d) || step + 1 == max_new_tokens {
+                break;
+            }
+            // Key columns: the padded prompt, then one generated token per step so far (all real).
+            let columns = width + step + 1;
+            let mut mask = Vec::with_capacity(rows * columns);
+            for row in prompt_mask.chunks(width) {
+                mask.extend_from_slice(row);
+                mask.extend(std::iter::repeat(1.0f32).take(step + 1));
+            }
+            let valid = Tensor::<B, 2>::from_data(TensorData::new(mask, [rows, columns]), &self.device);
+            let starts: Vec<usize> = lens.iter().map(|&n| n + step).collect();
+            let fed = Tensor::<B, 2, Int>::from_data(TensorData::new(next.clone(), [rows, 1]), &self.device);
+            let hidden = llm.forward_cached_padded(llm.embed(fed), &mut cache, &starts, valid);
+            next = self.greedy(hidden);
+        }
+        out
+    }
+
+    /// The most likely next token of each row, from final-norm hidden states `[rows, 1, D]`.
+    fn greedy(&self, hidden: Tensor<B, 3>) -> Vec<i64> {
+        let logits = self.model.llm.logits(hidden); // [rows, 1, V]
+        let [rows, _, v] = logits.dims();
+        logits.reshape([rows, v]).argmax(1).to_data().convert::<i64>().to_vec().expect("integer ids")
     }
 
     pub fn load_image(&self, path: &Path) -> Result<image::RgbImage> {
         self.images.load(path).map_err(|(r, d)| anyhow::anyhow!("{}: {} ({d})", path.display(), r.as_str()))
     }
-}
-
-/// Answers compared after trimming, lower-casing and dropping a final full stop.
-fn normalise(answer: &str) -> String {
-    answer.trim().trim_end_matches('.').trim().to_lowercase()
-}
-
-/// Levenshtein distance in characters.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut diagonal = row[0];
-        row[0] = i + 1;
-        for (j, &cb) in b.iter().enumerate() {
-            let next = (row[j + 1] + 1).min(row[j] + 1).min(diagonal + (ca != cb) as usize);
-            diagonal = row[j + 1];
-            row[j + 1] = next;
-        }
-    }
-    row[b.len()]
-}
-
-/// `1 − edit distance / length of the longer answer` of two normalised answers: 1 for an exact
-/// match, 0.75 for one wrong character in four. This is ANLS without its 0.5 cut-off, so a partly
-/// read code still counts for what it got right.
-fn similarity(predicted: &str, expected: &str) -> f64 {
-    let longest = predicted.chars().count().max(expected.chars().count());
-    if longest == 0 {
-        return 1.0;
-    }
-    1.0 - edit_distance(predicted, expected) as f64 / longest as f64
-}
-
-#[derive(Debug, Default, Clone, Serialize)]
-pub struct Score {
-    pub correct: usize,
-    pub total: usize,
-    /// Exact match after normalising.
-    pub accuracy: f64,
-    /// Mean character similarity (see [`similarity`]).
-    pub similarity: f64,
-    #[serde(skip)]
-    similarity_sum: f64,
-}
-
-impl Score {
-    fn add(&mut self, ok: bool, similarity: f64) {
-        self.total += 1;
-        self.correct += ok as usize;
-        self.similarity_sum += similarity;
-        self.accuracy = self.correct as f64 / self.total as f64;
-        self.similarity = self.similarity_sum / self.total as f64;
-    }
-}
-
-/// One evaluated question.
-#[derive(Debug, Clone, Serialize)]
-pub struct Prediction {
-    pub id: String,
-    pub qtype: String,
-    pub expected: String,
-    pub predicted: String,
-    pub correct: bool,
-}
-
-#[derive(Debug, Serialize)]
-pub struct EvalReport {
-    pub checkpoint: PathBuf,
-    pub split: String,
-    pub overall: Score,
-    pub by_type: BTreeMap<String, Score>,
-    /// Records that could not be evaluated (bad image, no question/answer), by id.
-    pub skipped: Vec<String>,
-    /// Every evaluated question with the model's answer, in file order.
-    pub predictions: Vec<Prediction>,
-}
-
-/// The question type of a record: its `qtype` field when the file has one, else the last `-`
-/// segment of its id when that is a word (`heldout-000042-colour`), else `all`.
-fn question_type(id: &str, qtypes: &BTreeMap<String, String>) -> String {
-    if let Some(t) = qtypes.get(id) {
-        return t.clone();
-    }
-    match id.rsplit('-').next() {
-        Some(last) if !last.is_empty() && last.chars().all(|c| c.is_ascii_alphabetic() || c == '_') && last != id => last.to_string(),
-        _ => "all".to_string(),
-    }
-}
-
-/// `qtype` fields of a LLaVA JSON/JSONL file, by record id.
-fn read_qtypes(path: &Path) -> BTreeMap<String, String> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let values: Vec<serde_json::Value> = if text.trim_start().starts_with('[') {
-        serde_json::from_str(&text).unwrap_or_default()
-    } else {
-        text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
-    };
-    values
-        .iter()
-        .filter_map(|v| Some((v.get("id")?.as_str()?.to_string(), v.get("qtype")?.as_str()?.to_string())))
-        .collect()
 }
 
 /// The image folder `fila eval` uses when none is given: the data file's folder. A bare file name
@@ -177,84 +164,61 @@ pub fn default_image_folder(data: &Path) -> PathBuf {
     }
 }
 
-/// Exact-match evaluation of the first question of every record in `data` (images relative to
-/// `image_folder`).
-pub fn evaluate(inference: &Inference, checkpoint: &Path, data: &Path, image_folder: &Path, max_new_tokens: usize) -> Result<EvalReport> {
-    let mut config = inference.data.clone();
-    config.sources = vec![SourceConfig {
-        path: data.to_path_buf(),
-        image_folder: image_folder.to_path_buf(),
-        first: None,
-        random: None,
-        percent: None,
-        seed: 0,
-    }];
-    let records = RecordSet::load(&config)?;
-    let qtypes = read_qtypes(data);
-    let mut report = EvalReport {
-        checkpoint: checkpoint.to_path_buf(),
-        split: data.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
-        overall: Score::default(),
-        by_type: BTreeMap::new(),
-        skipped: records.load_bad.counts().keys().map(|k| format!("<load: {k}>")).collect(),
-        predictions: Vec::new(),
-    };
-    for record in &records.records {
-        let question = record.turns.iter().find(|t| t.role == Role::User);
-        let answer = record.turns.iter().find(|t| t.role == Role::Assistant);
-        let (Some(question), Some(answer)) = (question, answer) else {
-            report.skipped.push(record.id.clone());
-            continue;
-        };
-        let image = match record.images.first() {
-            Some(rel) => match inference.load_image(&record.image_folder.join(rel)) {
-                Ok(im) => Some(im),
-                Err(_) => {
-                    report.skipped.push(record.id.clone());
-                    continue;
-                }
-            },
-            None => None,
-        };
-        let predicted = inference.answer(image.as_ref(), &question.text, max_new_tokens)?;
-        let (got, expected) = (normalise(&predicted), normalise(&answer.text));
-        let (ok, sim) = (got == expected, similarity(&got, &expected));
-        let qtype = question_type(&record.id, &qtypes);
-        report.overall.add(ok, sim);
-        report.by_type.entry(qtype.clone()).or_default().add(ok, sim);
-        report.predictions.push(Prediction { id: record.id.clone(), qtype, expected: answer.text.clone(), predicted, correct: ok });
+/// What `evaluate` needs besides the model and the data file.
+pub struct EvalOptions<'a> {
+    pub checkpoint: &'a Path,
+    pub image_folder: &'a Path,
+    pub max_new_tokens: usize,
+    /// Questions per forward.
+    pub batch_size: usize,
+    /// Metrics for records without a `metric` field.
+    pub metrics: &'a [Metric],
+}
+
+/// Asks every question of the eval file `data` (batched greedy decoding) and scores the answers.
+/// A record whose image cannot be read is skipped and listed; a prompt that cannot be built is an
+/// error naming the record.
+pub fn evaluate(inference: &Inference, data: &Path, options: &EvalOptions) -> Result<EvalReport> {
+    let items = read_eval_file(data)?;
+    let folder = options
+        .image_folder
+        .canonicalize()
+        .with_context(|| format!("image folder {} (pass --images DIR)", options.image_folder.display()))?;
+    let mut report = EvalReport::new(Some(options.checkpoint), data, options.metrics);
+    let terminal = std::io::stderr().is_terminal();
+    let mut done = 0;
+    for chunk in items.chunks(options.batch_size.max(1)) {
+        let mut asked: Vec<&EvalItem> = Vec::new();
+        let mut prompts = Vec::new();
+        for item in chunk {
+            let image = match &item.image {
+                None => None,
+                Some(relative) => match fila_data::pixels::resolve_image_path(&folder, relative).and_then(|p| inference.images.load(&p)) {
+                    Ok(image) => Some(image),
+                    Err((reason, detail)) => {
+                        report.skip(item, &format!("{} ({detail})", reason.as_str()));
+                        continue;
+                    }
+                },
+            };
+            prompts.push(inference.prepare(image.as_ref(), &item.question).with_context(|| format!("{}: record `{}`", item.location, item.id))?);
+            asked.push(item);
+        }
+        let answers = inference.answer_batch(&prompts, options.max_new_tokens)?;
+        for (item, answer) in asked.iter().zip(&answers) {
+            // Decoded text often starts with the space of its first token.
+            report.add(item, answer.trim(), options.metrics);
+        }
+        done += chunk.len();
+        if terminal {
+            eprint!("\r{done}/{} questions", items.len());
+            let _ = std::io::stderr().flush();
+        }
+    }
+    if terminal {
+        eprintln!();
     }
     Ok(report)
-}
-
-impl EvalReport {
-    /// TensorBoard tags and values: accuracy and similarity, overall and per question type.
-    pub fn scalars(&self) -> Vec<(String, f32)> {
-        let split = &self.split;
-        let mut out = vec![
-            (format!("eval/{split}/accuracy"), self.overall.accuracy as f32),
-            (format!("eval/{split}/similarity"), self.overall.similarity as f32),
-        ];
-        for (kind, s) in &self.by_type {
-            out.push((format!("eval/{split}/{kind}"), s.accuracy as f32));
-            out.push((format!("eval/{split}/{kind}_similarity"), s.similarity as f32));
-        }
-        out
-    }
-}
-
-impl std::fmt::Display for EvalReport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let o = &self.overall;
-        writeln!(f, "split {}: {}/{} correct ({:.1}%), character similarity {:.3}", self.split, o.correct, o.total, 100.0 * o.accuracy, o.similarity)?;
-        for (kind, s) in &self.by_type {
-            writeln!(f, "  {kind:<10} {:>4}/{:<4} {:>5.1}%   similarity {:.3}", s.correct, s.total, 100.0 * s.accuracy, s.similarity)?;
-        }
-        if !self.skipped.is_empty() {
-            writeln!(f, "  skipped: {}", self.skipped.len())?;
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]
@@ -268,33 +232,60 @@ mod tests {
         assert_eq!(default_image_folder(Path::new("heldout.jsonl")), PathBuf::from("."));
     }
 
-    #[test]
-    fn answers_match_after_normalising() {
-        assert_eq!(normalise(" Red. "), "red");
-        assert_ne!(normalise("K7Q"), normalise("K7O"));
+    fn repo() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
     }
 
-    #[test]
-    fn similarity_counts_the_characters_read() {
-        assert_eq!(edit_distance("k7qz", "k7oz"), 1);
-        assert_eq!(edit_distance("kitten", "sitting"), 3);
-        assert_eq!(edit_distance("", "abc"), 3);
-        assert_eq!(similarity("k7qz", "k7oz"), 0.75);
-        assert_eq!(similarity("k7q", "k7qz"), 0.75);
-        assert_eq!(similarity("red", "red"), 1.0);
-        assert_eq!(similarity("ab", "ba"), 0.0);
-        let mut score = Score::default();
-        score.add(true, 1.0);
-        score.add(false, 0.5);
-        assert_eq!((score.correct, score.total, score.accuracy, score.similarity), (1, 2, 0.5, 0.75));
+    /// A random tiny FILA (configs/tiny/stage1.toml's sizes) exported as `final/` with a stage-2
+    /// `[data]` table: llama3 template and dynamic tiling, so prompts differ in length.
+    fn tiny_checkpoint(dir: &Path) -> PathBuf {
+        let root = repo();
+        let spec = crate::forward::read_model_spec(&root.join("configs/tiny/stage1.toml")).unwrap();
+        let (config, source) = spec.resolve(&root.join("configs/tiny")).unwrap();
+        let model = Fila::<B>::load(&config, &source, &Default::default()).unwrap();
+        let tokenizer = root.join("crates/fila-data/tests/fixtures/tokenizer.json");
+        let run = format!(
+            "[data]\ntokenizer = \"{}\"\ntemplate = \"llama3\"\nimage_mode = \"tiled\"\n\n[data.geometry]\ntile_size = 28\n\
+             square_vit_size = 28\nsquare_hires_size = 64\ncanvases = [[1, 2], [2, 1], [2, 2], [3, 1], [1, 3]]\n\n\
+             [[data.sources]]\npath = \"{}\"\nimage_folder = \"{}\"\n",
+            tokenizer.display(),
+            root.join("datasets/tiny/instruct.json").display(),
+            root.join("datasets/tiny/images").display()
+        );
+        fila_train::checkpoint::export_final(dir, &model, &config, &tokenizer, &run).unwrap()
     }
 
+    /// Batched greedy decoding (right padding, per-row positions and key mask) gives, row by row,
+    /// the answers of the one-prompt path (`Fila::generate`, no padding).
     #[test]
-    fn question_type_from_field_or_id() {
-        let mut fields = BTreeMap::new();
-        fields.insert("x1".to_string(), "count".to_string());
-        assert_eq!(question_type("x1", &fields), "count");
-        assert_eq!(question_type("heldout-000042-colour", &fields), "colour");
-        assert_eq!(question_type("heldout-000042", &fields), "all");
+    fn batched_answers_equal_one_at_a_time() {
+        let dir = std::env::temp_dir().join(format!("fila-cli-batch-{}", std::process::id()));
+        let checkpoint = tiny_checkpoint(&dir);
+        let inference = Inference::open(&checkpoint, None).unwrap();
+        let images = repo().join("datasets/tiny/images");
+        let load = |name: &str| inference.load_image(&images.join(name)).unwrap();
+        let (wide, tall, square) = (load("00_red.png"), load("01_green.png"), load("06_white.png"));
+        let questions: Vec<(Option<&image::RgbImage>, &str)> = vec![
+            (Some(&wide), "What colour is the image?"),
+            (None, "Say something long about nothing at all, please."),
+            (Some(&tall), "Colour?"),
+            (Some(&square), "Is it wider than it is tall? Answer in a word."),
+            (None, "Hi"),
+        ];
+        let prompts: Vec<Prompt> = questions.iter().map(|(im, q)| inference.prepare(*im, q).unwrap()).collect();
+        let lens: Vec<usize> = prompts.iter().map(|p| p.ids.len()).collect();
+        assert!(lens.iter().min() < lens.iter().max(), "prompt lengths {lens:?} need padding");
+        let batched = inference.answer_batch(&prompts, 6).unwrap();
+        let alone: Vec<String> = questions.iter().map(|(im, q)| inference.answer(*im, q, 6).unwrap()).collect();
+        assert_eq!(batched, alone);
+        let distinct: std::collections::BTreeSet<&String> = alone.iter().collect();
+        assert!(distinct.len() > 1, "the random model answers everything alike ({alone:?}); the test would prove little");
+        // A batch of one is the same again, and so is a batch in another order.
+        assert_eq!(inference.answer_batch(&prompts[3..4], 6).unwrap(), alone[3..4].to_vec());
+        let reversed: Vec<Prompt> = questions.iter().rev().map(|(im, q)| inference.prepare(*im, q).unwrap()).collect();
+        let mut back = inference.answer_batch(&reversed, 6).unwrap();
+        back.reverse();
+        assert_eq!(back, alone);
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

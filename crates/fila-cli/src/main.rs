@@ -1,11 +1,13 @@
 //! `fila`: model and data tools around FILA-train: forward dumps for checking conversions,
-//! dataset checks and inspection, and speed benchmarks.
+//! generation and benchmark evaluation, dataset checks and inspection, and speed benchmarks.
 
 mod bench;
+mod eval;
 mod forward;
 mod infer;
+mod metrics;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use fila_train::precision::Precision;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -47,28 +49,47 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Exact-match accuracy and character similarity per question type on a LLaVA-format file;
-    /// writes a JSON report with every prediction.
+    /// Benchmark scores of a checkpoint on an eval file: VQA accuracy, ANLS, relaxed accuracy and
+    /// exact match, overall and per question type (docs/eval.md). Writes a JSON report with every
+    /// prediction, and TensorBoard scalars.
     Eval {
-        #[arg(long)]
-        checkpoint: PathBuf,
-        /// LLaVA JSON/JSONL records; the first question and answer of each are scored.
+        /// FILA checkpoint folder (a run's `final/`); not needed with --predictions.
+        #[arg(long, required_unless_present = "predictions")]
+        checkpoint: Option<PathBuf>,
+        /// Eval file (JSONL or a JSON list): `{"id", "image", "question", "answers": [..]}` records
+        /// and/or LLaVA records (their first question and answer).
         #[arg(long)]
         data: PathBuf,
+        /// Score these answers instead of asking a model: JSONL `{"id", "answer"}`, or an earlier
+        /// report of `fila eval` (to re-score it with other metrics).
+        #[arg(long, conflicts_with = "checkpoint")]
+        predictions: Option<PathBuf>,
         /// Folder the records' image paths are relative to (default: the data file's folder).
         #[arg(long)]
         images: Option<PathBuf>,
-        /// JSON report path (default: `<checkpoint>/eval-<split>.json`).
+        /// Metrics for records without their own `metric` field: vqa, anls, relaxed, exact, or all
+        /// (comma-separated for several).
+        #[arg(long, default_value = "all")]
+        metric: String,
+        /// JSON report path (default: `<checkpoint>/eval-<split>.json`, or `<predictions>-scored.json`).
         #[arg(long)]
         out: Option<PathBuf>,
         #[arg(long, default_value_t = 16)]
         max_new_tokens: usize,
+        /// Questions per forward (right-padded; the answers do not depend on it).
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// Run config whose `[data]` table gives template and geometry (default: the checkpoint's run.toml).
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Also write the scores as TensorBoard scalars (`eval/<split>/accuracy`, `eval/<split>/<type>`,
-        /// `..._similarity`) here.
+        /// TensorBoard folder for the scores (`eval/<split>/<metric>`, `eval/<split>/<type>/<metric>`,
+        /// `eval/<split>/accuracy`); default: the training run's `tensorboard/` beside the
+        /// checkpoint, when it exists.
         #[arg(long)]
         logdir: Option<PathBuf>,
+        /// TensorBoard step of the scalars (for example the checkpoint's training step).
+        #[arg(long, default_value_t = 0)]
+        step: usize,
     },
     /// Dataset tools.
     #[command(subcommand)]
@@ -135,16 +156,32 @@ fn main() -> Result<()> {
             let image = image.map(|p| inference.load_image(&p)).transpose()?;
             println!("{}", inference.answer(image.as_ref(), &prompt, max_new_tokens)?);
         }
-        Command::Eval { checkpoint, data, images, out, max_new_tokens, config, logdir } => {
-            let inference = infer::Inference::open(&checkpoint, config.as_deref())?;
-            let images = images.unwrap_or_else(|| infer::default_image_folder(&data));
-            let report = infer::evaluate(&inference, &checkpoint, &data, &images, max_new_tokens)?;
+        Command::Eval { checkpoint, data, predictions, images, metric, out, max_new_tokens, batch_size, config, logdir, step } => {
+            let metrics = metrics::Metric::parse_list(&metric).map_err(|e| anyhow::anyhow!("--metric {metric}: {e}"))?;
+            let report = match (&checkpoint, &predictions) {
+                (_, Some(predictions)) => eval::score_predictions(&data, predictions, &metrics)?,
+                (Some(checkpoint), None) => {
+                    let inference = infer::Inference::open(checkpoint, config.as_deref())?;
+                    let images = images.unwrap_or_else(|| infer::default_image_folder(&data));
+                    let options = infer::EvalOptions { checkpoint, image_folder: &images, max_new_tokens, batch_size, metrics: &metrics };
+                    infer::evaluate(&inference, &data, &options)?
+                }
+                (None, None) => unreachable!("clap requires --checkpoint or --predictions"),
+            };
             print!("{report}");
-            let out = out.unwrap_or_else(|| checkpoint.join(format!("eval-{}.json", report.split)));
-            std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
+            let out = out.unwrap_or_else(|| match (&checkpoint, &predictions) {
+                (Some(checkpoint), _) => checkpoint.join(format!("eval-{}.json", report.split)),
+                (None, Some(p)) => p.with_file_name(format!("{}-scored.json", p.file_stem().unwrap_or_default().to_string_lossy())),
+                (None, None) => unreachable!(),
+            });
+            std::fs::write(&out, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", out.display()))?;
             println!("wrote {}", out.display());
-            if let Some(dir) = logdir {
-                fila_train::logging::write_scalars(&dir, 0, &report.scalars());
+            // The training run's own log folder, so the scores sit beside its loss curves.
+            let run_logs = checkpoint.as_ref().and_then(|c| c.parent()).map(|run| run.join("tensorboard")).filter(|d| d.is_dir());
+            if let Some(dir) = logdir.or(run_logs) {
+                std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+                fila_train::logging::write_scalars(&dir, step, &report.scalars());
+                println!("wrote TensorBoard scalars eval/{}/... to {}", report.split, dir.display());
             }
         }
         Command::Data(DataCommand::Check { config }) => {

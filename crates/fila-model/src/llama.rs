@@ -245,21 +245,24 @@ impl LlamaConfig {
     }
 }
 
-/// `cos`/`sin` tables `[1, 1, T, head_dim]` for positions `start..start+len`.
-fn rope_tables<B: Backend>(inv_freq: &[f32], start: usize, len: usize, device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 4>) {
+/// `cos`/`sin` tables `[R, 1, T, head_dim]` for positions `start..start+len`, one row per start
+/// (rows of a padded batch sit at different positions).
+fn rope_tables<B: Backend>(inv_freq: &[f32], starts: &[usize], len: usize, device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 4>) {
     let half = inv_freq.len();
-    let mut cos = Vec::with_capacity(len * half * 2);
-    let mut sin = Vec::with_capacity(len * half * 2);
-    for pos in start..start + len {
-        for _ in 0..2 {
-            for &f in inv_freq {
-                let angle = pos as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+    let mut cos = Vec::with_capacity(starts.len() * len * half * 2);
+    let mut sin = Vec::with_capacity(starts.len() * len * half * 2);
+    for &start in starts {
+        for pos in start..start + len {
+            for _ in 0..2 {
+                for &f in inv_freq {
+                    let angle = pos as f32 * f;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
             }
         }
     }
-    let shape = [1, 1, len, half * 2];
+    let shape = [starts.len(), 1, len, half * 2];
     (
         Tensor::from_data(TensorData::new(cos, shape), device),
         Tensor::from_data(TensorData::new(sin, shape), device),
@@ -442,7 +445,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
     pub fn forward_embeds(&self, embeds: Tensor<B, 3>, valid: Option<Tensor<B, 2>>, keep_hidden: bool) -> LlamaOutput<B> {
         let [b, t, _] = embeds.dims();
         let device = embeds.device();
-        let (cos, sin) = rope_tables::<B>(&self.inv_freq, 0, t, &device);
+        let (cos, sin) = rope_tables::<B>(&self.inv_freq, &[0], t, &device);
         let bias = attention_bias(valid, b, t, 0, &device);
         let mut hidden = Vec::new();
         let mut x = embeds;
@@ -465,7 +468,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
         let [b, t, _] = embeds.dims();
         let device = embeds.device();
         let past = cache.len;
-        let (cos, sin) = rope_tables::<B>(&self.inv_freq, past, t, &device);
+        let (cos, sin) = rope_tables::<B>(&self.inv_freq, &[past], t, &device);
         let bias = attention_bias(None, b, t, past, &device);
         let mut x = embeds;
         for (layer, entry) in self.model.layers.iter().zip(cache.layers.iter_mut()) {
@@ -473,6 +476,26 @@ impl<B: Backend> LlamaForCausalLM<B> {
         }
         cache.len = past + t;
         self.logits(self.model.norm.forward(x))
+    }
+
+    /// Incremental decoding of a right-padded batch: row b's `T` new embeddings (`[B, T, D]`) sit at
+    /// positions `starts[b]..starts[b]+T`, and `valid` (`[B, past + T]`) marks which cached and new
+    /// key columns are tokens (1) or padding (0). Appends the new keys/values to `cache` and returns
+    /// the final-norm hidden states `[B, T, D]`: pass the rows you need to `logits`, since a long
+    /// prompt's logits over the whole vocabulary are mostly not needed.
+    pub fn forward_cached_padded(&self, embeds: Tensor<B, 3>, cache: &mut KvCache<B>, starts: &[usize], valid: Tensor<B, 2>) -> Tensor<B, 3> {
+        let [b, t, _] = embeds.dims();
+        assert_eq!(starts.len(), b, "one start position per row");
+        let device = embeds.device();
+        let past = cache.len;
+        let (cos, sin) = rope_tables::<B>(&self.inv_freq, starts, t, &device);
+        let bias = attention_bias(Some(valid), b, t, past, &device);
+        let mut x = embeds;
+        for (layer, entry) in self.model.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward(x, cos.clone(), sin.clone(), bias.clone(), Some(entry));
+        }
+        cache.len = past + t;
+        self.model.norm.forward(x)
     }
 
     /// Output projection; with tied embeddings it reuses `embed_tokens.weight` (`[V, D]`).
