@@ -80,7 +80,7 @@ pub fn run<B: burn::tensor::backend::AutodiffBackend>(size: BenchSize, batch: us
             .collect();
         let mut ids = Vec::with_capacity(batch * len);
         for _ in 0..batch {
-            ids.extend(std::iter::repeat(config.image_token_id as i64).take(visual));
+            ids.extend(std::iter::repeat_n(config.image_token_id as i64, visual));
             ids.extend((0..text as i64).map(|i| 10 + i));
         }
         let labels: Vec<i64> = ids.iter().map(|&i| if i == config.image_token_id as i64 { -100 } else { i }).collect();

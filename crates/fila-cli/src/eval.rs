@@ -433,7 +433,7 @@ mod tests {
 
     #[test]
     fn records_take_their_own_metrics_and_scores_average() {
-        let items = vec![
+        let items = [
             EvalItem { id: "a".into(), image: None, question: "Q".into(), answers: vec!["Two".into()], metrics: None, qtype: "t".into(), location: "f:1".into() },
             EvalItem { id: "b".into(), image: None, question: "Q".into(), answers: vec!["abcd".into()], metrics: Some(vec![Metric::Anls]), qtype: "u".into(), location: "f:2".into() },
         ];

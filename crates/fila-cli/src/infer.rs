@@ -100,7 +100,7 @@ impl Inference {
         let mut ids = Vec::with_capacity(rows * width);
         let mut prompt_mask = Vec::with_capacity(rows * width);
         for p in prompts {
-            ids.extend(p.ids.iter().copied().chain(std::iter::repeat(pad).take(width - p.ids.len())));
+            ids.extend(p.ids.iter().copied().chain(std::iter::repeat_n(pad, width - p.ids.len())));
             prompt_mask.extend((0..width).map(|j| if j < p.ids.len() { 1.0f32 } else { 0.0 }));
         }
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [rows, width]), &self.device);
@@ -132,7 +132,7 @@ impl Inference {
             let mut mask = Vec::with_capacity(rows * columns);
             for row in prompt_mask.chunks(width) {
                 mask.extend_from_slice(row);
-                mask.extend(std::iter::repeat(1.0f32).take(step + 1));
+                mask.extend(std::iter::repeat_n(1.0f32, step + 1));
             }
             let valid = Tensor::<B, 2>::from_data(TensorData::new(mask, [rows, columns]), &self.device);
             let starts: Vec<usize> = lens.iter().map(|&n| n + step).collect();
@@ -242,6 +242,8 @@ mod tests {
         let root = repo();
         let spec = crate::forward::read_model_spec(&root.join("configs/tiny/stage1.toml")).unwrap();
         let (config, source) = spec.resolve(&root.join("configs/tiny")).unwrap();
+        // Seeded, so the random model (and what the test sees of it) is the same on every run.
+        B::seed(&Default::default(), 0);
         let model = Fila::<B>::load(&config, &source, &Default::default()).unwrap();
         let tokenizer = root.join("crates/fila-data/tests/fixtures/tokenizer.json");
         let run = format!(

@@ -99,6 +99,7 @@ fn fixture_predictions_score_as_the_python_restatement() {
     // `case-34` names relaxed and exact match itself; no record asks for VQA accuracy now.
     let names: Vec<&String> = again["overall"]["metrics"].as_object().unwrap().keys().collect();
     assert_eq!(names, vec!["anls", "exact_match", "relaxed_accuracy"]);
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -131,6 +132,8 @@ fn tiny_checkpoint(dir: &Path) -> PathBuf {
     let table: toml::Table = toml::from_str(&text).unwrap();
     let spec: fila_model::spec::ModelSpec = table["model"].clone().try_into().unwrap();
     let (config, source) = spec.resolve(&r.join("configs/tiny")).unwrap();
+    // Seeded, so the random model is the same on every run.
+    <burn::backend::Flex as burn::tensor::backend::Backend>::seed(&Default::default(), 0);
     let model = Fila::<burn::backend::Flex>::load(&config, &source, &Default::default()).unwrap();
     let tokenizer = r.join("crates/fila-data/tests/fixtures/tokenizer.json");
     let run = format!(
@@ -186,4 +189,5 @@ fn a_checkpoints_report_scores_its_own_predictions() {
     }
     // No --logdir: the scores go to the training run's TensorBoard folder beside `final/`.
     assert!(tensorboard_has(&dir.join("tensorboard"), "eval/benchmark/anls"));
+    std::fs::remove_dir_all(&dir).ok();
 }
