@@ -840,6 +840,10 @@ frequencies {chosen['n_kept']} kept, {chosen['n_smoothed']} smoothed, {chosen['n
 Single file. `lm_head.weight` in the saved file: {rope['tied_has_head']}.
 `input_ids`, `attention_mask` [1,7]; `logits` [1,7,50].
 
+### `openclip_convnext/` — a whole tiny open_clip `CLIP` with a timm ConvNeXt trunk (OpenCLIP layout)
+Written by `scripts/gen_openclip_convnext_fixture.py` (open_clip + timm, not transformers); what it
+holds, its versions and its tolerance are in `openclip_convnext/README.md`.
+
 ## Tolerance
 
 The Rust tests compare in f32 with an absolute tolerance of {TOLERANCE:g}. Reason: both sides compute in

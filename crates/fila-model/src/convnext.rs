@@ -1,12 +1,19 @@
-//! ConvNeXt in the Hugging Face `ConvNextModel` layout (Liu et al. 2022,
-//! <https://arxiv.org/abs/2201.03545>; reference: transformers `models/convnext/modeling_convnext.py`).
-//! Returns all four stage outputs (strides 4, 8, 16, 32) for the hybrid encoder.
-//! The only names that differ from the checkpoint are the two halves of the downsampling layer
-//! (`downsampling_layer.{0,1}` in files), renamed in `weights::keys`.
+//! ConvNeXt (Liu et al. 2022, <https://arxiv.org/abs/2201.03545>) returning all four stage outputs
+//! (strides 4, 8, 16, 32) for the hybrid encoder. Module fields follow the Hugging Face
+//! `ConvNextModel` (transformers `models/convnext/modeling_convnext.py`); the same network also
+//! loads from timm / OpenCLIP files (timm `models/convnext.py`, open_clip `timm_model.py`), the
+//! layout FILA and Mini-Gemini use (`laion/CLIP-convnext_large_d_320.*`). The name differences of
+//! both layouts live in `weights::keys`; [`ConvNextLayout`] says which one a folder uses.
+//!
+//! The two agree on the computation: patchify stem then a channels-first LayerNorm; stages 2-4
+//! open with LayerNorm then a 2×2 stride-2 conv (timm `downsample.{0,1}`); blocks are depthwise
+//! 7×7 conv, LayerNorm, Linear 4×, exact GELU, Linear, layer scale, residual; every inner
+//! LayerNorm has eps 1e-6. timm's pooler norm is `head.norm` (eps 1e-6); FILA uses the stage maps.
 
 use crate::autocast;
 use crate::config::read_hf_config;
 use crate::nn::{from_pixel_rows, linear, to_pixel_rows, Activation, LayerNorm};
+use crate::weights::{Checkpoint, KeyMap};
 use crate::ModelError;
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
@@ -17,6 +24,23 @@ use std::path::Path;
 
 /// The LayerNorms inside the network use this epsilon whatever the config says.
 const INNER_NORM_EPS: f64 = 1e-6;
+
+/// Which tensor names a ConvNeXt checkpoint uses (`model.convnext_layout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ConvNextLayout {
+    /// Decided from the folder: a Hugging Face `config.json` (`"model_type": "convnext"`) means
+    /// `hf`; otherwise the tensor names (`stem.0.weight` → `timm`, `embeddings.patch_embeddings.weight`
+    /// → `hf`, each also under its usual prefix).
+    #[default]
+    Auto,
+    /// `ConvNextModel` / `ConvNextForImageClassification` (`facebook/convnext-*`).
+    Hf,
+    /// timm names (`stem.0`, `stages.{i}.blocks.{j}.conv_dw`), bare or inside a whole OpenCLIP
+    /// model (`visual.trunk.*`, text tower and projection head ignored).
+    #[serde(alias = "open_clip", alias = "openclip")]
+    Timm,
+}
 
 /// `ConvNextConfig`; defaults are transformers' defaults (ConvNeXt-T).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -47,7 +71,7 @@ impl Default for ConvNextConfig {
 }
 
 impl ConvNextConfig {
-    /// `facebook/convnext-large-224` (ConvNeXt-L).
+    /// ConvNeXt-L: `facebook/convnext-large-224` and the trunk of OpenCLIP `convnext_large_d_320`.
     pub fn large() -> Self {
         Self { hidden_sizes: vec![192, 384, 768, 1536], depths: vec![3, 3, 27, 3], ..Self::default() }
     }
@@ -61,6 +85,66 @@ impl ConvNextConfig {
             });
         }
         Ok(config)
+    }
+
+    /// The architecture of a downloaded ConvNeXt folder and the layout its tensors use. Hugging
+    /// Face folders are read from `config.json`; timm / OpenCLIP configs name a timm model rather
+    /// than its sizes, so for them the sizes are read from the tensor shapes.
+    pub fn from_pretrained(dir: &Path, layout: ConvNextLayout) -> Result<(Self, ConvNextLayout), ModelError> {
+        if layout == ConvNextLayout::Hf || (layout == ConvNextLayout::Auto && is_hf_convnext_folder(dir)) {
+            return Ok((Self::from_hf_file(dir)?, ConvNextLayout::Hf));
+        }
+        let checkpoint = Checkpoint::open(dir)?;
+        match KeyMap::convnext_layout_of(&checkpoint, layout)? {
+            ConvNextLayout::Hf => Ok((Self::from_hf_file(dir)?, ConvNextLayout::Hf)),
+            _ => Ok((Self::from_timm_tensors(&checkpoint)?, ConvNextLayout::Timm)),
+        }
+    }
+
+    /// Sizes of a timm ConvNeXt from its tensors: widths from the depthwise kernels, depths by
+    /// counting blocks, the patch size from the stem. Activation (exact GELU) and norm epsilons
+    /// (1e-6) are timm's defaults for ConvNeXt-T..XL; a mismatching file fails strict loading.
+    pub fn from_timm_tensors(checkpoint: &Checkpoint) -> Result<Self, ModelError> {
+        Self::from_timm_shapes(&|key: &str| checkpoint.shape(key))
+            .map_err(|message| ModelError::Checkpoint { path: checkpoint.description().into(), message })
+    }
+
+    /// [`Self::from_timm_tensors`] over any source of tensor shapes (`shape_of` takes full file
+    /// keys, `visual.trunk.` prefix included).
+    pub fn from_timm_shapes(shape_of: &dyn Fn(&str) -> Option<Vec<usize>>) -> Result<Self, String> {
+        let prefix = KeyMap::convnext_timm()
+            .prefixes
+            .into_iter()
+            .find(|p| shape_of(&format!("{p}stem.0.weight")).is_some())
+            .ok_or("no `stem.0.weight` (also looked under `visual.trunk.` and `trunk.`): not a timm ConvNeXt")?;
+        let has = |key: &str| shape_of(&format!("{prefix}{key}")).is_some();
+        let stem = shape_of(&format!("{prefix}stem.0.weight")).unwrap_or_default();
+        if stem.len() != 4 || stem[2] != stem[3] {
+            return Err(format!("`{prefix}stem.0.weight` has shape {stem:?}; FILA needs a square patchify stem [C, 3, p, p]"));
+        }
+        let mut hidden_sizes = Vec::with_capacity(4);
+        let mut depths = Vec::with_capacity(4);
+        for i in 0..4 {
+            let depth = (0..).take_while(|j| has(&format!("stages.{i}.blocks.{j}.conv_dw.weight"))).count();
+            let Some(dw) = shape_of(&format!("{prefix}stages.{i}.blocks.0.conv_dw.weight")) else {
+                return Err(format!("no `{prefix}stages.{i}.blocks.0.conv_dw.weight`: FILA needs a 4-stage timm ConvNeXt"));
+            };
+            hidden_sizes.push(dw[0]);
+            depths.push(depth);
+        }
+        if has("stages.4.blocks.0.conv_dw.weight") {
+            return Err(format!("`{prefix}stages.4` exists: FILA needs a 4-stage ConvNeXt"));
+        }
+        Ok(Self {
+            num_channels: stem[1],
+            patch_size: stem[2],
+            hidden_sizes,
+            depths,
+            hidden_act: Activation::Gelu,
+            layer_norm_eps: INNER_NORM_EPS,
+            // Only presence matters when loading: the file's values replace the initial ones.
+            layer_scale_init_value: if has("stages.0.blocks.0.gamma") { 1e-6 } else { 0.0 },
+        })
     }
 
     /// Total stride of each stage's output.
@@ -128,6 +212,14 @@ impl ConvNextConfig {
             layernorm: LayerNorm::new(h[3], self.layer_norm_eps, device),
         }
     }
+}
+
+/// Whether `dir` holds a Hugging Face ConvNeXt `config.json` (timm's `config.json` has
+/// `architecture` instead of `model_type`).
+fn is_hf_convnext_folder(dir: &Path) -> bool {
+    let text = std::fs::read_to_string(dir.join("config.json")).unwrap_or_default();
+    let value: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    value.get("model_type").and_then(|t| t.as_str()) == Some("convnext")
 }
 
 #[derive(Module, Debug)]

@@ -3,6 +3,7 @@
 
 use crate::clip_vit::ClipVisionConfig;
 use crate::convnext::ConvNextConfig;
+pub use crate::convnext::ConvNextLayout;
 use crate::hybrid_encoder::{HybridConfig, HybridEncoder, ImageInput, Trace};
 use crate::llama::{KvCache, LlamaConfig, LlamaForCausalLM};
 use crate::projector::{Projector, ProjectorKind};
@@ -29,17 +30,6 @@ pub struct FilaConfig {
     pub llm: LlamaConfig,
     /// Token id of the `<image>` placeholder; each occurrence receives one visual token.
     pub image_token_id: u32,
-}
-
-/// Which ConvNeXt checkpoint naming a folder uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum ConvNextLayout {
-    /// `ConvNextModel` / `ConvNextForImageClassification`.
-    #[default]
-    Hf,
-    /// timm / OpenCLIP (`stem.0`, `stages.{i}.blocks.{j}.conv_dw`).
-    Timm,
 }
 
 /// Where the weights of a FILA model come from.
@@ -161,7 +151,6 @@ pub fn fila_key_map() -> KeyMap {
             ("downsampling_layer.conv.", "downsampling_layer.1."),
         ],
         ignore: vec![],
-        ignore_outside_prefix: false,
         optional: vec![],
     }
 }
@@ -183,11 +172,12 @@ impl<B: Backend> Fila<B> {
                 // With the ConvNeXt branch off there is no tower to load.
                 if let Some(dir) = convnext {
                     if let Some(tower) = model.encoder.convnext.take() {
-                        let map = match convnext_layout {
-                            ConvNextLayout::Hf => KeyMap::convnext_hf(),
+                        let checkpoint = Checkpoint::open(dir)?;
+                        let map = match KeyMap::convnext_layout_of(&checkpoint, *convnext_layout)? {
                             ConvNextLayout::Timm => KeyMap::convnext_timm(),
+                            _ => KeyMap::convnext_hf(),
                         };
-                        model.encoder.convnext = Some(load_module(tower, &Checkpoint::open(dir)?, &map)?);
+                        model.encoder.convnext = Some(load_module(tower, &checkpoint, &map)?);
                     }
                 }
                 if let Some(dir) = llm {

@@ -3,7 +3,8 @@
 //! ```toml
 //! [model]
 //! vision = "models/clip-vit-large-patch14-336"   # a Hugging Face folder ...
-//! convnext = "models/convnext-large-224"
+//! convnext = "models/CLIP-convnext_large_d_320"   # OpenCLIP (timm names) or facebook/convnext-*
+//! convnext_layout = "auto"                         # or "hf" / "timm": see `ConvNextLayout`
 //! llm = "models/Meta-Llama-3-8B-Instruct"
 //! projector = "mlp2x_gelu"
 //! image_token_id = 128002
@@ -115,8 +116,14 @@ impl ModelSpec {
             Component::Pretrained(p) => (ClipVisionConfig::from_hf_file(&abs(p))?, Some(abs(p))),
             Component::Inline(v) => (inline("vision", v, &ClipVisionConfig::default())?, None),
         };
+        // A pretrained folder settles `auto` to the layout its files use.
+        let mut convnext_layout = self.convnext_layout.unwrap_or_default();
         let (convnext, convnext_dir) = match self.convnext.as_ref().ok_or_else(|| missing("convnext"))? {
-            Component::Pretrained(p) => (ConvNextConfig::from_hf_file(&abs(p))?, Some(abs(p))),
+            Component::Pretrained(p) => {
+                let (config, layout) = ConvNextConfig::from_pretrained(&abs(p), self.convnext_layout.unwrap_or_default())?;
+                convnext_layout = layout;
+                (config, Some(abs(p)))
+            }
             Component::Inline(v) => (inline("convnext", v, &ConvNextConfig::default())?, None),
         };
         let (llm, llm_dir) = match self.llm.as_ref().ok_or_else(|| missing("llm"))? {
@@ -128,7 +135,6 @@ impl ModelSpec {
         })?;
         let config = FilaConfig { vision, convnext, hybrid: self.hybrid_config(), projector: self.projector_kind(), llm, image_token_id };
         config.validate().map_err(spec_error)?;
-        let convnext_layout = self.convnext_layout.unwrap_or_default();
         let source = ModelSource::Components { vision: vision_dir, convnext: convnext_dir, convnext_layout, llm: llm_dir };
         Ok((config, source))
     }

@@ -116,8 +116,8 @@ fn pickle_only_folder_is_refused_with_a_hint() {
 /// HF ConvNeXt names → timm / OpenCLIP names, written out independently of `KeyMap::convnext_timm`.
 fn timm_name(hf: &str) -> Option<String> {
     let k = hf.strip_prefix("convnext.")?;
-    if k.starts_with("layernorm.") {
-        return Some(format!("visual.trunk.head.norm.{}", &k["layernorm.".len()..]));
+    if let Some(rest) = k.strip_prefix("layernorm.") {
+        return Some(format!("visual.trunk.head.norm.{rest}"));
     }
     let k = k
         .replace("embeddings.patch_embeddings.", "stem.0.")
@@ -205,4 +205,147 @@ fn model_spec_with_a_checkpoint_refuses_architecture_keys_it_would_ignore() {
     let spec: ModelSpec = serde_json::from_value(serde_json::json!({ "checkpoint": "/nonexistent/fila" })).unwrap();
     let err = spec.resolve(std::path::Path::new(".")).unwrap_err().to_string();
     assert!(err.contains("/nonexistent/fila"), "{err}");
+}
+
+type Owned = Vec<(String, Dtype, Vec<usize>, Vec<u8>)>;
+
+/// The tensors of the tiny OpenCLIP fixture (a whole open_clip `CLIP`, trunk under `visual.trunk.`).
+fn openclip_tensors() -> Owned {
+    let bytes = std::fs::read(fixture("openclip_convnext").join("open_clip_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors().into_iter().map(|(name, view)| (name, view.dtype(), view.shape().to_vec(), view.data().to_vec())).collect()
+}
+
+fn write_safetensors(dir: &Path, file: &str, tensors: &Owned) {
+    let views: Vec<(String, TensorView)> = tensors.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    std::fs::create_dir_all(dir).unwrap();
+    safetensors::serialize_to_file(views, None, &dir.join(file)).unwrap();
+}
+
+#[test]
+fn openclip_convnext_large_d_320_real_key_names_map_one_to_one() {
+    use fila_model::convnext::ConvNextConfig;
+    use fila_model::weights::parameter_paths;
+    use std::collections::BTreeMap;
+    // Every tensor name and shape of the real `convnext_large_d_320` state dict, listed by
+    // scripts/gen_openclip_convnext_fixture.py from open_clip itself (no 1.4 GB download).
+    let text = std::fs::read_to_string(fixture("openclip_convnext").join("convnext_large_d_320.keys.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let shapes: BTreeMap<String, Vec<usize>> = serde_json::from_value(json["tensors"].clone()).unwrap();
+    assert_eq!(shapes.len(), 543);
+
+    // The sizes read from the shapes are ConvNeXt-L's (dims 192..1536, depths 3-3-27-3, patch 4).
+    let config = ConvNextConfig::from_timm_shapes(&|k: &str| shapes.get(k).cloned()).unwrap();
+    let large = ConvNextConfig::large();
+    assert_eq!((&config.hidden_sizes, &config.depths, config.patch_size), (&large.hidden_sizes, &large.depths, 4));
+    assert!(config.layer_scale_init_value > 0.0);
+
+    // Names do not depend on the widths: a narrow net with ConvNeXt-L's depths has the same paths.
+    let narrow = ConvNextConfig { hidden_sizes: vec![4, 4, 4, 4], ..config.clone() };
+    let map = KeyMap::convnext_timm();
+    let mut used = std::collections::BTreeSet::new();
+    for ours in parameter_paths::<Dev, _>(&narrow.init::<Dev>(&Default::default())) {
+        let key = format!("visual.trunk.{}", map.file_key(&ours));
+        assert!(shapes.contains_key(&key), "our `{ours}` maps to `{key}`, which the real file lacks");
+        used.insert(key);
+    }
+    let ignored: Vec<&String> = shapes.keys().filter(|k| !used.contains(*k)).collect();
+    for key in &ignored {
+        assert!(map.is_ignored(key, "visual.trunk."), "`{key}` is neither loaded nor ignored on purpose");
+    }
+    // What is left out: the projection head and the text tower, never a trunk tensor.
+    assert!(ignored.iter().all(|k| !k.starts_with("visual.trunk.")), "{ignored:?}");
+    assert!(ignored.iter().any(|k| k.starts_with("visual.head.mlp.")) && ignored.iter().any(|k| k.starts_with("transformer.resblocks.15.")));
+    // And the loaded tensors hold exactly ConvNeXt-L's parameters (the pooler norm `head.norm` included).
+    let loaded: usize = used.iter().map(|k| shapes[k].iter().product::<usize>()).sum();
+    assert_eq!(loaded, large.num_params());
+    assert_eq!(loaded, 196_230_336);
+}
+
+#[test]
+fn timm_hub_copy_and_headless_trunk_load_by_detection() {
+    use fila_model::convnext::{ConvNextConfig, ConvNextLayout};
+    let reference = Reference::open("openclip_convnext");
+    let want = reference.f32("stage.4");
+    // timm's own hub copy: bare trunk names, the CLIP projection as `head.pre_logits.fc` + `head.fc`.
+    let mut bare: Owned = openclip_tensors()
+        .into_iter()
+        .filter_map(|(n, d, s, b)| n.strip_prefix("visual.trunk.").map(|k| (k.to_string(), d, s, b)))
+        .collect();
+    bare.push(("head.pre_logits.fc.weight".into(), Dtype::F32, vec![2, 32], vec![0; 256]));
+    bare.push(("head.fc.weight".into(), Dtype::F32, vec![2, 2], vec![0; 16]));
+    // Mini-Gemini drops the trunk's head: a file without `head.norm` loads too (the pooler keeps its init).
+    let headless: Owned = bare.iter().filter(|(n, ..)| !n.starts_with("head.")).cloned().collect();
+    for (name, tensors) in [("timm", &bare), ("headless", &headless)] {
+        let dir = temp_dir(&format!("convnext-{name}"));
+        write_safetensors(&dir, "model.safetensors", tensors);
+        let (config, layout) = ConvNextConfig::from_pretrained(&dir, ConvNextLayout::Auto).unwrap();
+        assert_eq!(layout, ConvNextLayout::Timm, "{name}");
+        let checkpoint = Checkpoint::open(&dir).unwrap();
+        let model = load_module(config.init::<Dev>(&Default::default()), &checkpoint, &KeyMap::convnext_timm()).unwrap();
+        let out = model.forward(reference.tensor("pixel_values"));
+        assert_close(&format!("{name} stage.4"), out.stages[3].to_data(), &want, TOL);
+    }
+    // A trunk tensor that is neither loaded nor known stays an error naming it.
+    let mut extra = bare.clone();
+    extra.push(("norm_pre.weight".into(), Dtype::F32, vec![2], vec![0; 8]));
+    let dir = temp_dir("convnext-timm-extra");
+    write_safetensors(&dir, "model.safetensors", &extra);
+    let (config, _) = ConvNextConfig::from_pretrained(&dir, ConvNextLayout::Timm).unwrap();
+    let err = load_module(config.init::<Dev>(&Default::default()), &Checkpoint::open(&dir).unwrap(), &KeyMap::convnext_timm()).unwrap_err();
+    assert!(err.to_string().contains("unused tensor `norm_pre.weight`"), "{err}");
+}
+
+#[test]
+fn openclip_pickle_only_folder_names_the_conversion_script() {
+    let dir = temp_dir("openclip-pickle");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("open_clip_pytorch_model.bin"), b"not read").unwrap();
+    std::fs::copy(fixture("openclip_convnext").join("open_clip_config.json"), dir.join("open_clip_config.json")).unwrap();
+    let err = Checkpoint::open(&dir).err().unwrap().to_string();
+    assert!(err.contains("scripts/convert_openclip_to_safetensors.py") && err.contains("open_clip_model.safetensors"), "{err}");
+    // The same message reaches a user who points `model.convnext` at the folder.
+    let err = fila_model::convnext::ConvNextConfig::from_pretrained(&dir, Default::default()).unwrap_err().to_string();
+    assert!(err.contains("convert_openclip_to_safetensors.py"), "{err}");
+}
+
+#[test]
+fn model_spec_settles_the_convnext_layout_from_the_folder() {
+    use fila_model::fila::{ConvNextLayout, ModelSource};
+    use fila_model::spec::ModelSpec;
+    let resolve = |convnext: &str, layout: Option<&str>| {
+        let mut spec = serde_json::json!({
+            "vision": "clip", "convnext": convnext, "llm": "llama", "image_token_id": 5,
+            "hybrid": { "fusion_layers": [1, 2, 3, 4] },
+        });
+        if let Some(layout) = layout {
+            spec["convnext_layout"] = layout.into();
+        }
+        let spec: ModelSpec = serde_json::from_value(spec).unwrap();
+        spec.resolve(&fixture("")).map(|(config, source)| match source {
+            ModelSource::Components { convnext_layout, .. } => (config.convnext.hidden_sizes.clone(), convnext_layout),
+            other => panic!("{other:?}"),
+        })
+    };
+    // `auto` (the default): an OpenCLIP folder is timm, a Hugging Face folder is hf.
+    assert_eq!(resolve("openclip_convnext", None).unwrap(), (vec![8, 16, 24, 32], ConvNextLayout::Timm));
+    // ... and the whole model loads from it strictly, the tower's weights being the file's.
+    let spec: ModelSpec = serde_json::from_value(serde_json::json!({
+        "vision": "clip", "convnext": "openclip_convnext", "llm": "llama", "image_token_id": 5,
+        "hybrid": { "fusion_layers": [1, 2, 3, 4] },
+    }))
+    .unwrap();
+    let (config, source) = spec.resolve(&fixture("")).unwrap();
+    let fila = fila_model::fila::Fila::<Dev>::load(&config, &source, &Default::default()).unwrap();
+    let stem = fila.encoder.convnext.as_ref().unwrap().embeddings.patch_embeddings.weight.val();
+    let want = Checkpoint::open(&fixture("openclip_convnext")).unwrap().read_f32("visual.trunk.stem.0.weight").unwrap();
+    assert_close("stem.0.weight", stem.into_data(), &want, 0.0);
+    assert_eq!(resolve("convnext", None).unwrap(), (vec![8, 16, 24, 32], ConvNextLayout::Hf));
+    assert_eq!(resolve("openclip_convnext", Some("open_clip")).unwrap().1, ConvNextLayout::Timm);
+    // Asking for the Hugging Face layout of an OpenCLIP folder names the config it lacks.
+    let err = resolve("openclip_convnext", Some("hf")).unwrap_err().to_string();
+    assert!(err.contains("config.json"), "{err}");
+    // A folder of another model is refused with what was looked for.
+    let err = resolve("llama", Some("auto")).unwrap_err().to_string();
+    assert!(err.contains("not a ConvNeXt checkpoint") && err.contains("stem.0.weight"), "{err}");
 }

@@ -1,12 +1,14 @@
 //! Parity with transformers: tiny random CLIP, ConvNeXt and Llama checkpoints written by
-//! `scripts/gen_parity_fixtures.py`, loaded through the production loader, compared at 1e-4 on CPU (see `common::TOL` for CUDA).
+//! `scripts/gen_parity_fixtures.py`, and with open_clip + timm: a tiny OpenCLIP ConvNeXt written by
+//! `scripts/gen_openclip_convnext_fixture.py`; loaded through the production loader, compared at
+//! 1e-4 on CPU (see `common::TOL` for CUDA).
 
 mod common;
 
 use burn::prelude::*;
 use common::*;
 use fila_model::clip_vit::ClipVisionConfig;
-use fila_model::convnext::ConvNextConfig;
+use fila_model::convnext::{ConvNextConfig, ConvNextLayout};
 use fila_model::fila::causal_lm_loss;
 use fila_model::llama::LlamaConfig;
 use fila_model::weights::{load_module, named_gradients, Checkpoint, KeyMap};
@@ -81,6 +83,34 @@ fn convnext_stages_pooler_and_gradients() {
     let grads = loss.backward();
     assert_close("grad.pixel_values", pixels.grad(&grads).unwrap().into_data(), &reference.f32("grad.pixel_values"), TOL);
     let n = check_grads(&reference, named_gradients(&model, &grads, &KeyMap::convnext_hf(), ""), "convnext.");
+    assert_eq!(n, 7);
+}
+
+#[test]
+fn openclip_convnext_stages_pooler_and_gradients() {
+    // A whole open_clip `CLIP` file (`visual.trunk.*` beside `visual.head.*` and a text tower),
+    // read the way a downloaded hub folder is: the layout and the sizes come from the files.
+    let dir = fixture("openclip_convnext");
+    let (config, layout) = ConvNextConfig::from_pretrained(&dir, ConvNextLayout::Auto).unwrap();
+    assert_eq!(layout, ConvNextLayout::Timm);
+    assert_eq!((config.hidden_sizes.as_slice(), config.depths.as_slice(), config.patch_size), (&[8, 16, 24, 32][..], &[2, 1, 3, 1][..], 4));
+    let model = load_module(config.init::<DevAutodiff>(&Default::default()), &Checkpoint::open(&dir).unwrap(), &KeyMap::convnext_timm()).unwrap();
+    let reference = Reference::open("openclip_convnext");
+    let out = model.forward(reference.tensor::<DevAutodiff, 4>("pixel_values"));
+    assert_close("stem", out.stem.to_data(), &reference.f32("stem"), TOL);
+    let mut loss = None;
+    for (k, stage) in out.stages.iter().enumerate() {
+        let name = format!("stage.{}", k + 1);
+        assert_close(&name, stage.to_data(), &reference.f32(&name), TOL);
+        let term = (stage.clone() * reference.tensor::<DevAutodiff, 4>(&format!("probe.{}", k + 1))).sum();
+        loss = Some(match loss { None => term, Some(l) => l + term });
+    }
+    // timm's pooled vector: average pool, then `head.norm` (our pooler norm).
+    assert_close("pooler_output", model.pool(out.stages[3].clone()).to_data(), &reference.f32("pooler_output"), TOL);
+    let loss = loss.unwrap();
+    assert_close("loss", loss.to_data(), &reference.f32("loss"), TOL);
+    let grads = loss.backward();
+    let n = check_grads(&reference, named_gradients(&model, &grads, &KeyMap::convnext_timm(), ""), "visual.trunk.");
     assert_eq!(n, 7);
 }
 

@@ -6,6 +6,8 @@
 //! file may lack.
 
 use super::Checkpoint;
+use crate::convnext::ConvNextLayout;
+use crate::ModelError;
 
 #[derive(Debug, Clone)]
 pub struct KeyMap {
@@ -14,10 +16,9 @@ pub struct KeyMap {
     /// the module's first parameter exists is used.
     pub prefixes: Vec<&'static str>,
     pub renames: Vec<(&'static str, &'static str)>,
-    /// File keys (prefix patterns, matched from the start of the full key) ignored on purpose.
+    /// File keys (prefix patterns, matched from the start of the full key or of the key without
+    /// the detected prefix) ignored on purpose.
     pub ignore: Vec<&'static str>,
-    /// Ignore every file key outside the detected prefix (a whole OpenCLIP model file).
-    pub ignore_outside_prefix: bool,
     /// Our parameter paths that a file may lack; they keep their initial values.
     pub optional: Vec<&'static str>,
 }
@@ -38,7 +39,6 @@ impl KeyMap {
                 "vision_model.embeddings.position_ids",
                 "embeddings.position_ids",
             ],
-            ignore_outside_prefix: false,
             optional: vec![],
         }
     }
@@ -50,13 +50,13 @@ impl KeyMap {
             prefixes: vec!["convnext.", ""],
             renames: vec![("downsampling_layer.norm.", "downsampling_layer.0."), ("downsampling_layer.conv.", "downsampling_layer.1.")],
             ignore: vec!["classifier."],
-            ignore_outside_prefix: false,
             optional: vec![],
         }
     }
 
-    /// timm / OpenCLIP ConvNeXt names (Mini-Gemini's `convnext_large_d_320`: `visual.trunk.*`).
-    /// The pooler norm is `head.norm` there and absent from headless trunks.
+    /// timm ConvNeXt names, bare (`stem.0.weight`, timm hub files) or inside a whole OpenCLIP
+    /// model (`visual.trunk.stem.0.weight`, e.g. `laion/CLIP-convnext_large_d_320.*`, the tower
+    /// of FILA and Mini-Gemini). The pooler norm is `head.norm`; headless trunks lack it.
     pub fn convnext_timm() -> Self {
         Self {
             family: "ConvNeXt (timm / OpenCLIP)",
@@ -75,10 +75,50 @@ impl KeyMap {
                 (".pwconv2.", ".mlp.fc2."),
                 (".layer_scale_parameter", ".gamma"),
             ],
-            ignore: vec!["head.fc.", "visual.trunk.head.fc."],
-            ignore_outside_prefix: true,
+            ignore: vec![
+                // timm classifier and MLP pre-logits (in timm's copy they hold the CLIP projection).
+                "head.fc.",
+                "head.pre_logits.",
+                // OpenCLIP: the image projection head beside the trunk ...
+                "visual.head.",
+                // ... and the text tower (`CLIP`: bare names; `CustomTextCLIP`: under `text.`).
+                "text.",
+                "transformer.",
+                "token_embedding.",
+                "positional_embedding",
+                "ln_final.",
+                "text_projection",
+                "logit_scale",
+                "logit_bias",
+            ],
             optional: vec!["layernorm.weight", "layernorm.bias"],
         }
+    }
+
+    /// The layout of a ConvNeXt checkpoint: `layout` itself unless it is `Auto`, else read from
+    /// the names of its stem tensors.
+    pub fn convnext_layout_of(checkpoint: &Checkpoint, layout: ConvNextLayout) -> Result<ConvNextLayout, ModelError> {
+        if layout != ConvNextLayout::Auto {
+            return Ok(layout);
+        }
+        let has_stem = |map: &KeyMap| {
+            let stem = map.file_key("embeddings.patch_embeddings.weight");
+            map.prefixes.iter().any(|p| checkpoint.contains(&format!("{p}{stem}")))
+        };
+        if has_stem(&Self::convnext_timm()) {
+            return Ok(ConvNextLayout::Timm);
+        }
+        if has_stem(&Self::convnext_hf()) {
+            return Ok(ConvNextLayout::Hf);
+        }
+        let sample: Vec<&str> = checkpoint.keys().take(5).collect();
+        Err(ModelError::Checkpoint {
+            path: checkpoint.description().into(),
+            message: format!(
+                "not a ConvNeXt checkpoint that FILA knows: no `stem.0.weight` (timm / OpenCLIP, also under `visual.trunk.`) \
+                 and no `embeddings.patch_embeddings.weight` (Hugging Face, also under `convnext.`); its first tensors are {sample:?}"
+            ),
+        })
     }
 
     /// `LlamaForCausalLM`. With tied embeddings a stray `lm_head.weight` is ignored, as
@@ -93,14 +133,13 @@ impl KeyMap {
             prefixes: vec![""],
             renames: vec![],
             ignore,
-            ignore_outside_prefix: false,
             optional: vec![],
         }
     }
 
     /// Our own modules (CVFM, projector) under FILA checkpoint names.
     pub fn native(family: &'static str) -> Self {
-        Self { family, prefixes: vec![""], renames: vec![], ignore: vec![], ignore_outside_prefix: false, optional: vec![] }
+        Self { family, prefixes: vec![""], renames: vec![], ignore: vec![], optional: vec![] }
     }
 
     /// The file key (without prefix) for one of our parameter paths.
@@ -125,9 +164,6 @@ impl KeyMap {
     }
 
     pub fn is_ignored(&self, file_key: &str, prefix: &str) -> bool {
-        if self.ignore_outside_prefix && !file_key.starts_with(prefix) {
-            return true;
-        }
         let relative = file_key.strip_prefix(prefix).unwrap_or(file_key);
         self.ignore.iter().any(|p| file_key.starts_with(p) || relative.starts_with(p))
     }
@@ -160,6 +196,30 @@ mod tests {
         assert_eq!(timm.file_key("encoder.stages.3.layers.0.layer_scale_parameter"), "stages.3.blocks.0.gamma");
         assert_eq!(timm.file_key("encoder.stages.0.layers.2.pwconv2.bias"), "stages.0.blocks.2.mlp.fc2.bias");
         assert_eq!(timm.file_key("layernorm.weight"), "head.norm.weight");
+    }
+
+    #[test]
+    fn openclip_text_tower_and_heads_are_ignored_not_the_trunk() {
+        let timm = KeyMap::convnext_timm();
+        let p = "visual.trunk.";
+        for key in [
+            "visual.head.mlp.fc1.weight",
+            "visual.head.mlp.fc2.weight",
+            "transformer.resblocks.15.attn.in_proj_weight",
+            "token_embedding.weight",
+            "positional_embedding",
+            "ln_final.bias",
+            "text_projection",
+            "logit_scale",
+            "visual.trunk.head.fc.weight",
+        ] {
+            assert!(timm.is_ignored(key, p), "{key}");
+        }
+        for key in ["visual.trunk.head.norm.weight", "visual.trunk.stages.2.blocks.26.gamma", "visual.proj", "visual.trunk.norm_pre.weight"] {
+            assert!(!timm.is_ignored(key, p), "{key}");
+        }
+        // timm's own hub copy: bare names, the CLIP projection as `head.pre_logits.fc` + `head.fc`.
+        assert!(timm.is_ignored("head.pre_logits.fc.weight", "") && timm.is_ignored("head.fc.bias", ""));
     }
 
     #[test]

@@ -27,12 +27,12 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Opens a `.safetensors` file, or a folder with `model.safetensors.index.json` (shards) or
-    /// `model.safetensors`.
+    /// Opens a `.safetensors` file, or a folder with `model.safetensors.index.json` (shards),
+    /// `model.safetensors`, or `open_clip_model.safetensors` (OpenCLIP's name on the hub).
     pub fn open(path: &Path) -> Result<Self, ModelError> {
         let files: Vec<PathBuf> = if path.is_dir() {
             let index = path.join("model.safetensors.index.json");
-            let single = path.join("model.safetensors");
+            let single = ["model.safetensors", "open_clip_model.safetensors"].map(|name| path.join(name)).into_iter().find(|f| f.exists());
             if index.exists() {
                 let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io { path: index.clone(), source })?;
                 let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Checkpoint {
@@ -45,18 +45,10 @@ impl Checkpoint {
                 })?;
                 let shards: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
                 shards.into_iter().map(|s| path.join(s)).collect()
-            } else if single.exists() {
+            } else if let Some(single) = single {
                 vec![single]
             } else {
-                let has_bin = path.join("pytorch_model.bin").exists();
-                return Err(ModelError::Checkpoint {
-                    path: path.to_path_buf(),
-                    message: if has_bin {
-                        "only pytorch_model.bin found; FILA loads safetensors only (no pickle). Convert it, or download the `*.safetensors` files of the same repository".into()
-                    } else {
-                        "no model.safetensors or model.safetensors.index.json in this folder".into()
-                    },
-                });
+                return Err(ModelError::Checkpoint { path: path.to_path_buf(), message: no_safetensors_message(path) });
             }
         } else {
             vec![path.to_path_buf()]
@@ -95,6 +87,13 @@ impl Checkpoint {
 
     pub fn contains(&self, key: &str) -> bool {
         self.index.contains_key(key)
+    }
+
+    /// Shape of `key`, read from the header alone.
+    pub fn shape(&self, key: &str) -> Option<Vec<usize>> {
+        let (_, mmap) = &self.files[*self.index.get(key)?];
+        let tensors = SafeTensors::deserialize(mmap).ok()?;
+        Some(tensors.tensor(key).ok()?.shape().to_vec())
     }
 
     /// The file that holds `key`.
@@ -144,6 +143,21 @@ impl Checkpoint {
         }
         Ok(Tensor::from_data(TensorData::new(values, shape), device))
     }
+}
+
+/// Why a folder has nothing to load, with the fix for the pickle files that hubs still ship.
+fn no_safetensors_message(dir: &Path) -> String {
+    if dir.join("open_clip_pytorch_model.bin").exists() {
+        return format!(
+            "only open_clip_pytorch_model.bin found; FILA loads safetensors only (no pickle). Convert it once with \
+             `python scripts/convert_openclip_to_safetensors.py {}` (writes open_clip_model.safetensors beside it)",
+            dir.display()
+        );
+    }
+    if dir.join("pytorch_model.bin").exists() {
+        return "only pytorch_model.bin found; FILA loads safetensors only (no pickle). Convert it, or download the `*.safetensors` files of the same repository".into();
+    }
+    "no model.safetensors, model.safetensors.index.json or open_clip_model.safetensors in this folder".into()
 }
 
 fn mapped_path(files: &[(PathBuf, Mmap)], i: usize) -> &Path {
