@@ -1,8 +1,8 @@
 """Labels of the built-in synthetic dataset, shared by the Python tools that read it.
 
 Stage-1 captions name each image's count, colour, shape and code ("3 red circles and the code
-K7QZ."); the names and their order follow `crates/fila-data/src/synth/scene.rs`, the code
-alphabet `crates/fila-data/src/synth/font.rs`.
+K7QZ."); the names and their order follow `crates/fila-synth/src/scene.rs`, the code
+alphabet `crates/fila-synth/src/font.rs`.
 """
 
 import re

@@ -31,7 +31,7 @@ from PIL import Image
 CODE_QUESTION = re.compile(r"What code is written in the image\?|What is the code\?")
 FIRST = "What is the first character of the code?"
 WHERE = "Where is the code?"
-INK_MAX = 90  # crates/fila-data/src/synth/scene.rs: code ink is below this in every channel
+INK_MAX = 90  # crates/fila-synth/src/scene.rs: code ink is below this in every channel
 THIRDS_DOWN = ["top", "", "bottom"]
 THIRDS_ACROSS = ["left", "", "right"]
 

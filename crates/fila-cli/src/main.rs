@@ -189,9 +189,9 @@ fn main() -> Result<()> {
             println!("{}", fila_data::check(&pipeline, &records));
         }
         Command::Data(DataCommand::Synth { out, seed, tile_size, stage1, stage2, heldout, fine }) => {
-            let options = fila_data::synth::SynthOptions { seed, tile_size, stage1, stage2, heldout, fine, ..Default::default() };
+            let options = fila_synth::SynthOptions { seed, tile_size, stage1, stage2, heldout, fine, ..Default::default() };
             let start = std::time::Instant::now();
-            let summary = fila_data::synth::generate(&out, &options)?;
+            let summary = fila_synth::generate(&out, &options)?;
             println!(
                 "wrote {} images and {} records to {} ({:.1} MB, tokenizer of {} ids) in {:.1} s",
                 summary.images,

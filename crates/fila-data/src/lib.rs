@@ -13,7 +13,6 @@ pub mod pipeline;
 pub mod pixels;
 pub mod records;
 pub mod sampler;
-pub mod synth;
 pub mod text;
 
 pub use bad::{BadReason, BadRecord, BadRecordCounts, ReasonCount};

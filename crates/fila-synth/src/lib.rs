@@ -1,11 +1,14 @@
-//! The built-in synthetic dataset: images of shapes and short codes in a bitmap font,
-//! generated from a seed with no external assets, in LLaVA format, plus its tokenizer. The `fine`
-//! split puts codes where only the ConvNeXt resolution can read them. See `datasets/synth/README.md`.
+//! fila-synth: FILA's built-in synthetic dataset: images of shapes and short codes in a bitmap
+//! font, generated from a seed with no external assets, in LLaVA format, plus its tokenizer. The
+//! `fine` split puts codes where only the ConvNeXt resolution can read them. It needs fila-data only
+//! for the loader's tiling geometry (so fine codes are checked in the views the loader makes) and
+//! its SplitMix64. See `datasets/synth/README.md`.
 //!
 //! Same options → byte-identical files: every record draws from its own SplitMix64 stream keyed by
 //! (seed, split, index), PNGs are encoded with fixed settings, and the tokenizer depends on the
 //! templates only.
 
+pub mod error;
 mod font;
 mod scene;
 mod tokenizer;
@@ -18,10 +21,10 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::config::GeometryConfig;
-use crate::error::{DataError, Result};
-use crate::geometry::{fit_and_center, Geometry, TileGrid};
-use crate::sampler::SplitMix64;
+use fila_data::geometry::{fit_and_center, Geometry, TileGrid};
+use fila_data::{GeometryConfig, SplitMix64};
+
+pub use error::{Result, SynthError};
 
 pub use font::{draw_text, glyph, text_size, CODE_ALPHABET, GLYPH_GAP, GLYPH_H, GLYPH_W};
 pub use scene::{Layout, Scene, ShapeKind, COLOURS, FINE_CANVASES, INK_MAX};
@@ -337,10 +340,8 @@ fn template_texts() -> Vec<String> {
 
 /// The synthetic dataset's tokenizer (the same for every seed and size).
 pub fn build_tokenizer() -> Result<tokenizers::Tokenizer> {
-    tokenizer::build(&template_texts()).map_err(|e| DataError::Tokenizer {
-        path: "synthetic tokenizer".into(),
+    tokenizer::build(&template_texts()).map_err(|e| SynthError::Tokenizer {
         message: e.to_string(),
-        hint: "a bug in fila_data::synth::tokenizer".into(),
     })
 }
 
@@ -370,14 +371,10 @@ struct Planned {
 /// replaced, others left alone): `images/*.png`, `stage1.jsonl`, `stage2_train.jsonl`,
 /// `heldout.jsonl`, `fine.jsonl` and `tokenizer.json`.
 pub fn generate(out_dir: &Path, options: &SynthOptions) -> Result<SynthSummary> {
-    check_options(options).map_err(|message| DataError::Config {
-        file: out_dir.to_path_buf(),
-        message: format!("synthetic dataset options: {message}"),
-        hint: "see fila_data::synth::SynthOptions".into(),
-    })?;
+    check_options(options).map_err(|message| SynthError::Options { message })?;
     let geo = geometry_for(options.tile_size);
     std::fs::create_dir_all(out_dir.join("images"))
-        .map_err(|e| DataError::io(out_dir.join("images"), e))?;
+        .map_err(|e| SynthError::io(out_dir.join("images"), e))?;
 
     // Scenes are planned in a fixed order so codes can be kept unique across all splits
     // (held-out codes never appear in training); images are then rendered in parallel.
@@ -437,18 +434,18 @@ pub fn generate(out_dir: &Path, options: &SynthOptions) -> Result<SynthSummary> 
             }
         }
         bytes += text.len() as u64;
-        std::fs::write(&path, text).map_err(|e| DataError::io(&path, e))?;
+        std::fs::write(&path, text).map_err(|e| SynthError::io(&path, e))?;
         summaries.push(summary);
     }
 
     let tok = build_tokenizer()?;
     let tok_path = out_dir.join("tokenizer.json");
-    let json = tok.to_string(true).map_err(|e| DataError::Write {
+    let json = tok.to_string(true).map_err(|e| SynthError::Encode {
         path: tok_path.clone(),
         message: e.to_string(),
     })?;
     bytes += json.len() as u64;
-    std::fs::write(&tok_path, json).map_err(|e| DataError::io(&tok_path, e))?;
+    std::fs::write(&tok_path, json).map_err(|e| SynthError::io(&tok_path, e))?;
     Ok(SynthSummary {
         out_dir: out_dir.to_path_buf(),
         splits: summaries,
@@ -577,11 +574,11 @@ fn write_png(path: &Path, scene: &Scene) -> Result<u64> {
             img.height(),
             image::ExtendedColorType::Rgb8,
         )
-        .map_err(|e| DataError::Write {
+        .map_err(|e| SynthError::Encode {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
-    let mut f = std::fs::File::create(path).map_err(|e| DataError::io(path, e))?;
-    f.write_all(&buf).map_err(|e| DataError::io(path, e))?;
+    let mut f = std::fs::File::create(path).map_err(|e| SynthError::io(path, e))?;
+    f.write_all(&buf).map_err(|e| SynthError::io(path, e))?;
     Ok(buf.len() as u64)
 }

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use fila_data::synth::{self, QuestionType, SynthOptions, CODE_ALPHABET, COLOURS, INK_MAX};
 use fila_data::{check, DataConfig, Pipeline, RecordSet};
+use fila_synth::{self as synth, QuestionType, SynthOptions, CODE_ALPHABET, COLOURS, INK_MAX};
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
@@ -432,7 +432,7 @@ fn bad_tile_size_is_an_error() {
     assert!(err.to_string().contains("multiple of 14"), "{err}");
 }
 
-/// `cargo test -p fila-data --test synth -- --ignored --nocapture`: default sizes and timing
+/// `cargo test -p fila-synth --test synth -- --ignored --nocapture`: default sizes and timing
 /// (`FILA_SYNTH_OUT=DIR` keeps the files).
 #[test]
 #[ignore]

@@ -5,7 +5,7 @@ use image::{Rgb, RgbImage};
 
 use super::font::{self, CODE_ALPHABET, GLYPH_H};
 use super::Rng;
-use crate::geometry::TileGrid;
+use fila_data::TileGrid;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ShapeKind {
