@@ -5,7 +5,8 @@
 
 use crate::autocast;
 use crate::config::read_hf_config;
-use crate::nn::{attention, linear, merge_heads, split_heads, Activation, LayerNorm};
+use crate::attention::{attention, AttentionMask};
+use crate::nn::{linear, merge_heads, split_heads, Activation, LayerNorm};
 use crate::ModelError;
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
@@ -175,7 +176,7 @@ impl<B: Backend> ClipAttention<B> {
         let q = split_heads(autocast::linear(&self.q_proj, x.clone()), self.num_heads);
         let k = split_heads(autocast::linear(&self.k_proj, x.clone()), self.num_heads);
         let v = split_heads(autocast::linear(&self.v_proj, x), self.num_heads);
-        autocast::linear(&self.out_proj, merge_heads(attention(q, k, v, None)))
+        autocast::linear(&self.out_proj, merge_heads(attention(q, k, v, &AttentionMask::none())))
     }
 }
 

@@ -3,6 +3,7 @@
 //!
 //! The crate holds pure modules and weight I/O only; it knows nothing of data or training.
 
+pub mod attention;
 pub mod autocast;
 pub mod clip_vit;
 pub mod config;

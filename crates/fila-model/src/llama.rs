@@ -5,7 +5,8 @@
 
 use crate::autocast;
 use crate::config::read_hf_config;
-use crate::nn::{attention, linear, merge_heads, split_heads, Activation, RmsNorm};
+use crate::attention::{attention, AttentionMask};
+use crate::nn::{linear, merge_heads, split_heads, Activation, RmsNorm};
 use crate::ModelError;
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, Linear};
@@ -312,14 +313,15 @@ impl<B: Backend> KvCache<B> {
 }
 
 impl<B: Backend> LlamaAttention<B> {
-    /// `x`: `[B, T, D]`, `bias`: additive mask `[B, 1, T, T_cache + T]` → `[B, T, D]`. With a cache
-    /// entry, the new keys/values are appended to it and attention covers all cached positions.
+    /// `x`: `[B, T, D]` → `[B, T, D]`, attending to keys `[T_cache + T]` as `mask` allows. With a
+    /// cache entry, the new keys/values are appended to it and attention covers all cached
+    /// positions.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         cos: Tensor<B, 4>,
         sin: Tensor<B, 4>,
-        bias: Tensor<B, 4>,
+        mask: &AttentionMask<B>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     ) -> Tensor<B, 3> {
         let q = split_heads(autocast::linear(&self.q_proj, x.clone()), self.num_heads);
@@ -335,20 +337,9 @@ impl<B: Backend> LlamaAttention<B> {
             }
             *entry = Some((k.clone(), v.clone()));
         }
-        let k = repeat_kv(k, self.num_heads / self.num_kv_heads);
-        let v = repeat_kv(v, self.num_heads / self.num_kv_heads);
-        autocast::linear(&self.o_proj, merge_heads(attention(q, k, v, Some(bias))))
+        // Grouped-query attention: the seam takes the key/value heads unrepeated.
+        autocast::linear(&self.o_proj, merge_heads(attention(q, k, v, mask)))
     }
-}
-
-/// Grouped-query attention: each key/value head serves `groups` query heads.
-/// `[B, Hkv, T, hd]` → `[B, Hkv*groups, T, hd]`.
-fn repeat_kv<B: Backend>(x: Tensor<B, 4>, groups: usize) -> Tensor<B, 4> {
-    if groups == 1 {
-        return x;
-    }
-    let [b, h, t, hd] = x.dims();
-    x.unsqueeze_dim::<5>(2).expand([b, h, groups, t, hd]).reshape([b, h * groups, t, hd])
 }
 
 #[derive(Module, Debug)]
@@ -379,10 +370,10 @@ impl<B: Backend> LlamaDecoderLayer<B> {
         x: Tensor<B, 3>,
         cos: Tensor<B, 4>,
         sin: Tensor<B, 4>,
-        bias: Tensor<B, 4>,
+        mask: &AttentionMask<B>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     ) -> Tensor<B, 3> {
-        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, bias, cache);
+        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, mask, cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -410,50 +401,28 @@ pub struct LlamaOutput<B: Backend> {
     pub logits: Tensor<B, 3>,
 }
 
-/// Causal plus key-padding additive mask `[B, 1, T, past + T]` for `T` queries at positions
-/// `past..past+T`: query i sees keys `0..=past+i`. `valid` is `[B, past + T]` with 1 for real
-/// tokens and 0 for padding.
-pub fn attention_bias<B: Backend>(
-    valid: Option<Tensor<B, 2>>,
-    batch: usize,
-    len: usize,
-    past: usize,
-    device: &B::Device,
-) -> Tensor<B, 4> {
-    let total = past + len;
-    let causal: Vec<f32> = (0..len * total)
-        .map(|n| if n % total > past + n / total { f32::NEG_INFINITY } else { 0.0 })
-        .collect();
-    let causal = Tensor::<B, 4>::from_data(TensorData::new(causal, [1, 1, len, total]), device);
-    match valid {
-        None => causal.expand([batch, 1, len, total]),
-        Some(valid) => {
-            let padding = Tensor::<B, 2>::zeros([batch, total], device)
-                .mask_fill(valid.equal_elem(0.0), f32::NEG_INFINITY)
-                .reshape([batch, 1, 1, total]);
-            causal + padding
-        }
-    }
-}
-
 impl<B: Backend> LlamaForCausalLM<B> {
     pub fn embed(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         self.model.embed_tokens.forward(input_ids)
     }
 
-    /// `embeds`: `[B, T, D]`; `valid`: `[B, T]` (1 = token, 0 = right padding).
+    /// `embeds`: `[B, T, D]`; `valid`: `[B, T]` (1 = token, 0 = right padding: each row's tokens
+    /// come first, so the mask is causal plus a key length per row).
     pub fn forward_embeds(&self, embeds: Tensor<B, 3>, valid: Option<Tensor<B, 2>>, keep_hidden: bool) -> LlamaOutput<B> {
         let [b, t, _] = embeds.dims();
         let device = embeds.device();
         let (cos, sin) = rope_tables::<B>(&self.inv_freq, &[0], t, &device);
-        let bias = attention_bias(valid, b, t, 0, &device);
+        let mask = match valid {
+            Some(valid) => AttentionMask::causal().with_key_lengths(valid.sum_dim(1).int().reshape([b]), t),
+            None => AttentionMask::causal(),
+        };
         let mut hidden = Vec::new();
         let mut x = embeds;
         for layer in &self.model.layers {
             if keep_hidden {
                 hidden.push(x.clone());
             }
-            x = layer.forward(x, cos.clone(), sin.clone(), bias.clone(), None);
+            x = layer.forward(x, cos.clone(), sin.clone(), &mask, None);
         }
         if keep_hidden {
             hidden.push(x.clone());
@@ -465,14 +434,14 @@ impl<B: Backend> LlamaForCausalLM<B> {
     /// Incremental decoding: runs `embeds` (`[B, T, D]`, no padding) at the positions after those
     /// already in `cache`, appends their keys/values, and returns their logits `[B, T, vocab]`.
     pub fn forward_cached(&self, embeds: Tensor<B, 3>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
-        let [b, t, _] = embeds.dims();
+        let [_, t, _] = embeds.dims();
         let device = embeds.device();
         let past = cache.len;
         let (cos, sin) = rope_tables::<B>(&self.inv_freq, &[past], t, &device);
-        let bias = attention_bias(None, b, t, past, &device);
+        let mask = AttentionMask::causal();
         let mut x = embeds;
         for (layer, entry) in self.model.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(x, cos.clone(), sin.clone(), bias.clone(), Some(entry));
+            x = layer.forward(x, cos.clone(), sin.clone(), &mask, Some(entry));
         }
         cache.len = past + t;
         self.logits(self.model.norm.forward(x))
@@ -489,10 +458,11 @@ impl<B: Backend> LlamaForCausalLM<B> {
         let device = embeds.device();
         let past = cache.len;
         let (cos, sin) = rope_tables::<B>(&self.inv_freq, starts, t, &device);
-        let bias = attention_bias(Some(valid), b, t, past, &device);
+        // The padding of each row's prompt sits between real keys: a validity mask, not lengths.
+        let mask = AttentionMask::causal().with_key_valid(valid.not_equal_elem(0.0));
         let mut x = embeds;
         for (layer, entry) in self.model.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(x, cos.clone(), sin.clone(), bias.clone(), Some(entry));
+            x = layer.forward(x, cos.clone(), sin.clone(), &mask, Some(entry));
         }
         cache.len = past + t;
         self.model.norm.forward(x)

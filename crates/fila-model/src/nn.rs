@@ -1,6 +1,5 @@
 //! Small building blocks shared by the towers, with parameter names as in PyTorch checkpoints.
 
-use crate::autocast;
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
@@ -114,25 +113,6 @@ pub fn zero_linear<B: Backend>(d_in: usize, d_out: usize, device: &B::Device) ->
     LinearConfig::new(d_in, d_out)
         .with_initializer(burn::nn::Initializer::Zeros)
         .init(device)
-}
-
-/// Scaled dot-product attention with an optional additive bias (0 keeps a position, −∞ masks it).
-///
-/// `q`: `[B, H, Tq, hd]`, `k`/`v`: `[B, H, Tk, hd]`, `bias`: broadcastable to `[B, H, Tq, Tk]`
-/// → `[B, H, Tq, hd]`.
-pub fn attention<B: Backend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-    bias: Option<Tensor<B, 4>>,
-) -> Tensor<B, 4> {
-    let hd = q.dims()[3];
-    let scale = (hd as f64).powf(-0.5);
-    let mut scores = autocast::matmul(q, k.swap_dims(2, 3)) * scale; // [B, H, Tq, Tk]
-    if let Some(bias) = bias {
-        scores = scores + bias;
-    }
-    autocast::matmul(activation::softmax(scores, 3), v)
 }
 
 /// `[B, T, H*hd]` → `[B, H, T, hd]`.
