@@ -8,6 +8,7 @@ mod infer;
 mod metrics;
 
 use anyhow::{Context, Result};
+use fila_train::backend::{dispatch, Device, OnBackend};
 use fila_train::precision::Precision;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -104,7 +105,7 @@ enum Command {
         steps: usize,
         /// `cpu` or `cuda:N` (needs the `cuda` feature).
         #[arg(long, default_value = "cpu")]
-        device: String,
+        device: Device,
         /// `f32` or `bf16_mixed` (bf16 matrix products, f32 weights; see fila-train's precision).
         #[arg(long, default_value = "f32", value_parser = parse_precision)]
         precision: Precision,
@@ -212,11 +213,7 @@ fn main() -> Result<()> {
             }
         }
         Command::Bench { size, batch, steps, device, precision } => {
-            if device == "cpu" {
-                bench::run::<burn::backend::Autodiff<burn::backend::Flex>>(size, batch, steps, precision, &Default::default());
-            } else {
-                run_cuda_bench(&device, size, batch, steps, precision)?;
-            }
+            dispatch(device, false, Bench { size, batch, steps, precision })?;
         }
     }
     Ok(())
@@ -230,18 +227,17 @@ fn parse_precision(text: &str) -> Result<Precision, String> {
     }
 }
 
-#[cfg(feature = "cuda")]
-fn run_cuda_bench(device: &str, size: bench::BenchSize, batch: usize, steps: usize, precision: Precision) -> Result<()> {
-    let index: usize = device
-        .strip_prefix("cuda:")
-        .and_then(|i| i.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("device `{device}`: expected `cpu` or `cuda:N`"))?;
-    let device = burn::backend::cuda::CudaDevice::new(index);
-    bench::run::<burn::backend::Autodiff<burn::backend::Cuda>>(size, batch, steps, precision, &device);
-    Ok(())
+struct Bench {
+    size: bench::BenchSize,
+    batch: usize,
+    steps: usize,
+    precision: Precision,
 }
 
-#[cfg(not(feature = "cuda"))]
-fn run_cuda_bench(device: &str, _: bench::BenchSize, _: usize, _: usize, _: Precision) -> Result<()> {
-    anyhow::bail!("device `{device}` needs a build with `--features cuda`; this build runs on `cpu` only")
+impl OnBackend for Bench {
+    type Output = ();
+    fn run<B: burn::tensor::backend::AutodiffBackend>(self, device: &B::Device) -> Result<()> {
+        bench::run::<B>(self.size, self.batch, self.steps, self.precision, device);
+        Ok(())
+    }
 }

@@ -73,8 +73,9 @@ fn real_main(world: Result<World>) -> Result<()> {
     };
     trainer::install_signal_handler()?;
     let fingerprint = Fingerprint::of_this_process(&loaded.to_toml())?;
-    let comm = Comm::connect(world, &fingerprint, Comm::timeout_from_env()?)?;
+    let mut comm = Comm::connect(world, &fingerprint, Comm::timeout_from_env()?)?;
     let device = loaded.config.device.for_local_rank(comm.world().local_rank, comm.world().size);
+    comm.use_gpu(device)?;
     let checkpointing = loaded.config.train.activation_checkpointing;
     let options = RunOptions { resume, stop_after: cli.stop_after };
     let result = dispatch(device, checkpointing, Train { loaded, options, comm: &comm });

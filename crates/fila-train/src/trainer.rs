@@ -17,7 +17,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use fila_data::{BadRecordCounts, Batch, DataCursor, DataLoader, LoaderOptions, Pipeline, RecordSet};
-use fila_model::fila::{Fila, FilaConfig, ModelSource};
+use fila_model::fila::{Fila, FilaConfig};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -82,9 +82,6 @@ pub fn build_model<B: AutodiffBackend>(loaded: &LoadedConfig, device: &B::Device
     B::seed(device, c.seed);
     let model = Fila::<B>::load(&fila_config, &source, device).map_err(|e| anyhow!("{e}"))?;
     let (model, set) = apply_trainable(model, c.stage, &c.trainable)?;
-    if let ModelSource::Checkpoint(dir) = &source {
-        eprintln!("model: FILA checkpoint {}", dir.display());
-    }
     Ok((model, fila_config, set))
 }
 
@@ -123,7 +120,7 @@ fn check_data_matches_model(loaded: &LoadedConfig, model: &FilaConfig) -> Result
 
 /// The length of a resumed run: the checkpoint's, unless the config now asks for another
 /// (`train.max_steps` or `train.epochs` changed), which then sets the schedule from here on.
-fn resumed_length(saved: u64, configured: u64, step: u64) -> Result<u64> {
+fn resumed_length(saved: u64, configured: u64, step: u64, report: bool) -> Result<u64> {
     if configured == saved {
         return Ok(saved);
     }
@@ -133,7 +130,9 @@ fn resumed_length(saved: u64, configured: u64, step: u64) -> Result<u64> {
              `train.epochs`; the checkpoint's run had {saved}). Set `train.max_steps` to {step} or more"
         );
     }
-    eprintln!("run length changed from {saved} to {configured} steps: the learning-rate schedule follows the new length");
+    if report {
+        eprintln!("run length changed from {saved} to {configured} steps: the learning-rate schedule follows the new length");
+    }
     Ok(configured)
 }
 
@@ -257,6 +256,9 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
             eprintln!("precision: {}", c.precision.effective_note());
         }
         let (mut model, fila_config, set) = build_model::<B>(&loaded, device)?;
+        if let (true, Some(dir)) = (root, &c.model.checkpoint) {
+            eprintln!("model: FILA checkpoint {}", loaded.source.parent().unwrap_or(Path::new(".")).join(dir).display());
+        }
         if root {
             eprintln!(
                 "stage {}: {} of {} parameter tensors trainable ({} elements){}",
@@ -298,7 +300,7 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
             if root {
                 eprintln!("resumed from {} at step {} (data epoch {}, position {})", dir.display(), state.step, state.cursor.epoch, state.cursor.position);
             }
-            state.total_steps = resumed_length(state.total_steps, total, state.step)?;
+            state.total_steps = resumed_length(state.total_steps, total, state.step, root)?;
         }
         let schedule = Schedule::new(c.optimizer.lr, &c.schedule, state.total_steps);
         let config_toml = loaded.to_toml();

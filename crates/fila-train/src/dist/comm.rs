@@ -6,6 +6,9 @@
 //! rank gets the same bits and a run is deterministic for a given world size. Small host values
 //! (losses, token counts, cursors, flags) always travel over TCP.
 //!
+//! With the `cuda` feature and CUDA tensors, the tensor collectives run on NCCL instead
+//! ([`super::nccl`]), on the GPU memory itself.
+//!
 //! Faults never hang: a rank that exits is seen at once (its socket closes), one that stops
 //! answering after the timeout (`FILA_DIST_TIMEOUT`, seconds), and the first rank to see a
 //! failure tells the others, so every rank ends with an error naming the rank at fault.
@@ -59,12 +62,46 @@ pub struct Comm {
     timeout: Duration,
     /// Rank 0: the link to rank r at index r − 1. Other ranks: the link to rank 0.
     links: Vec<TcpStream>,
+    /// Tensor collectives on CUDA tensors, once [`Comm::use_gpu`] set them up.
+    #[cfg(feature = "cuda")]
+    nccl: Option<super::nccl::Nccl>,
 }
 
 impl Comm {
     /// A world of one: every collective returns its input.
     pub fn single() -> Self {
-        Self { world: World::single(), timeout: DEFAULT_TIMEOUT, links: Vec::new() }
+        Self::new(World::single(), DEFAULT_TIMEOUT, Vec::new())
+    }
+
+    fn new(world: World, timeout: Duration, links: Vec<TcpStream>) -> Self {
+        Self {
+            world,
+            timeout,
+            links,
+            #[cfg(feature = "cuda")]
+            nccl: None,
+        }
+    }
+
+    /// Moves the tensor collectives of a run on `device` to NCCL: always with several ranks on
+    /// CUDA, and with one rank when `FILA_NCCL=1` (to check the NCCL path on a single GPU).
+    pub fn use_gpu(&mut self, device: crate::backend::Device) -> Result<()> {
+        let crate::backend::Device::Cuda(ordinal) = device else {
+            return Ok(());
+        };
+        if self.world.size == 1 && std::env::var("FILA_NCCL").as_deref() != Ok("1") {
+            return Ok(());
+        }
+        #[cfg(feature = "cuda")]
+        {
+            let nccl = super::nccl::Nccl::connect(self.world.rank, self.world.size, ordinal, self.timeout, |mine| {
+                Ok(self.exchange(&mine)?.swap_remove(0))
+            })?;
+            self.nccl = Some(nccl);
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = ordinal;
+        Ok(())
     }
 
     pub fn world(&self) -> &World {
@@ -85,7 +122,7 @@ impl Comm {
     /// Meets the other ranks of `world` and checks that they run the same binary and config.
     pub fn connect(world: World, fingerprint: &Fingerprint, timeout: Duration) -> Result<Self> {
         if world.size == 1 {
-            return Ok(Self { world, timeout, links: Vec::new() });
+            return Ok(Self::new(world, timeout, Vec::new()));
         }
         let deadline = Instant::now() + timeout;
         let links = if world.is_root() { accept_ranks(&world, fingerprint, deadline)? } else { vec![join_root(&world, fingerprint, deadline)?] };
@@ -93,7 +130,7 @@ impl Comm {
             l.set_read_timeout(Some(timeout))?;
             l.set_nodelay(true)?;
         }
-        Ok(Self { world, timeout, links })
+        Ok(Self::new(world, timeout, links))
     }
 
     /// Every rank's `bytes`, in rank order, on every rank.
@@ -140,6 +177,10 @@ impl Comm {
 
     /// The sum over ranks of a flat tensor, on every rank.
     pub fn all_reduce<I: Backend>(&self, t: Tensor<I, 1>) -> Result<Tensor<I, 1>> {
+        #[cfg(feature = "cuda")]
+        if let Some(out) = self.nccl.as_ref().map(|n| n.all_reduce(&t)).transpose()?.flatten() {
+            return Ok(out);
+        }
         if self.world.size == 1 {
             return Ok(t);
         }
@@ -162,6 +203,10 @@ impl Comm {
     /// `[r·n/W, (r+1)·n/W)`. `n` must be a multiple of the world size.
     pub fn reduce_scatter<I: Backend>(&self, t: Tensor<I, 1>) -> Result<Tensor<I, 1>> {
         let w = self.world.size;
+        #[cfg(feature = "cuda")]
+        if let Some(out) = self.nccl.as_ref().map(|n| n.reduce_scatter(&t)).transpose()?.flatten() {
+            return Ok(out);
+        }
         if w == 1 {
             return Ok(t);
         }
@@ -184,6 +229,10 @@ impl Comm {
     /// Every rank's equal-length slice, concatenated in rank order, on every rank.
     pub fn all_gather<I: Backend>(&self, t: Tensor<I, 1>) -> Result<Tensor<I, 1>> {
         let w = self.world.size;
+        #[cfg(feature = "cuda")]
+        if let Some(out) = self.nccl.as_ref().map(|n| n.all_gather(&t)).transpose()?.flatten() {
+            return Ok(out);
+        }
         if w == 1 {
             return Ok(t);
         }
