@@ -6,6 +6,7 @@
 #   2. `fila bench` on cuda:0, f32 and bf16_mixed, tiny and mid
 #   3. the tiny synthetic stage 1 on cuda:0 in f32 and bf16_mixed (losses in metrics.jsonl, to
 #      compare with the same run on CPU)
+#   4. that stage 1 again with FILA_NCCL=1 (the NCCL collectives at world size 1), losses compared
 # Usage (from the repository root):
 #   bash scripts/cuda_check.sh BIN_DIR OUT_DIR [TEST_BINARY...]
 set -u
@@ -31,3 +32,15 @@ for precision in f32 bf16_mixed; do
     --set "precision=\"$precision\"" --set "checkpoint.output_dir=\"$out/stage1-$precision\"" 2>&1 | tail -n 3
   echo "wall ${SECONDS} s"
 done
+# 4. The NCCL engine on one GPU: the same stage 1 with its collectives forced through NCCL
+#    (FILA_NCCL=1, world size 1) must give the f32 run's losses (the only NCCL check one GPU allows:
+#    NCCL refuses two ranks on one device).
+echo "== tiny synthetic stage 1 on cuda:0, f32, collectives over NCCL"
+FILA_NCCL=1 "$bin/fila-train" --config configs/tiny/synth-stage1.toml --set 'device="cuda:0"' \
+  --set 'precision="f32"' --set "checkpoint.output_dir=\"$out/stage1-nccl\"" 2>&1 | tail -n 3
+python3 - "$out/stage1-f32/metrics.jsonl" "$out/stage1-nccl/metrics.jsonl" <<'PY'
+import json, sys
+a, b = ([json.loads(l)["loss"] for l in open(p)] for p in sys.argv[1:3])
+worst = max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b)) if a and len(a) == len(b) else float("nan")
+print(f"NCCL vs plain: {len(a)} / {len(b)} steps, largest relative loss difference {worst:.3g}")
+PY
