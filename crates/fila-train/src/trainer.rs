@@ -463,7 +463,7 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
             return Ok(Some(StopReason::StopAfter));
         }
         let every = self.c.checkpoint.every_steps;
-        if every > 0 && self.state.step % every == 0 && self.state.step < self.state.total_steps {
+        if every > 0 && self.state.step.is_multiple_of(every) && self.state.step < self.state.total_steps {
             self.save(CheckpointReason::Interval)?;
         }
         Ok(None)
