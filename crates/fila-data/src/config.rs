@@ -1,5 +1,7 @@
 //! The `[data]` section of the trainer's TOML: sources, geometry, normalisation, text template
-//! and loader settings. Unknown keys are rejected; every default is written out here.
+//! and loader settings. Unknown keys are rejected; every default is written out here, once: a
+//! section whose keys are all optional (`geometry`, `loader`) reads missing keys from its `Default`
+//! impl, and a key beside a required one (`sources`, `tokenizer`) from its `default_*` function.
 
 use std::path::{Path, PathBuf};
 
@@ -150,37 +152,32 @@ pub enum OnBadRecord {
 
 /// Image geometry in pixels and tiles; the real model's values are the defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct GeometryConfig {
     /// Side of a ViT tile (and of the global view).
-    #[serde(default = "default_tile")]
     pub tile_size: u32,
-    #[serde(default = "default_patch")]
     pub patch_size: u32,
     /// ConvNeXt pixels per ViT pixel as [numerator, denominator]: its stride-32 map then lands on
     /// the ViT's patch-14 grid.
-    #[serde(default = "default_hires_factor")]
     pub hires_factor: [u32; 2],
     /// Stage-1 ViT input side.
-    #[serde(default = "default_tile")]
     pub square_vit_size: u32,
     /// Stage-1 ConvNeXt input side.
-    #[serde(default = "default_square_hires")]
     pub square_hires_size: u32,
     /// Stage-2 canvases as [columns, rows] in tiles (w × h).
-    #[serde(default = "default_canvases")]
     pub canvases: Vec<[u32; 2]>,
 }
 
 impl Default for GeometryConfig {
+    /// CLIP ViT-L/14-336 tiles and the ConvNeXt at 32/14 of their size (LLaVA-NeXT's canvases).
     fn default() -> Self {
         Self {
-            tile_size: default_tile(),
-            patch_size: default_patch(),
-            hires_factor: default_hires_factor(),
-            square_vit_size: default_tile(),
-            square_hires_size: default_square_hires(),
-            canvases: default_canvases(),
+            tile_size: 336,
+            patch_size: 14,
+            hires_factor: [32, 14],
+            square_vit_size: 336,
+            square_hires_size: 768,
+            canvases: vec![[1, 2], [2, 1], [2, 2], [3, 1], [1, 3]],
         }
     }
 }
@@ -208,59 +205,37 @@ impl Normalization {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct LoaderConfig {
     /// Samples per batch on each rank.
-    #[serde(default = "default_batch")]
     pub batch_size: usize,
     /// Seed of the per-epoch permutation.
-    #[serde(default)]
     pub seed: u64,
-    #[serde(default = "default_true")]
     pub shuffle: bool,
     /// Preprocessing threads; 0 = all cores.
-    #[serde(default)]
     pub workers: usize,
     /// Batches prepared ahead of the training step.
-    #[serde(default = "default_prefetch")]
     pub prefetch_batches: usize,
     /// Drop an epoch's last, smaller batch.
-    #[serde(default)]
     pub drop_last: bool,
     /// Cut each epoch to a multiple of the world size so every rank sees as many records.
-    #[serde(default = "default_true")]
     pub even_shards: bool,
 }
 
 impl Default for LoaderConfig {
     fn default() -> Self {
         Self {
-            batch_size: default_batch(),
+            batch_size: 8,
             seed: 0,
             shuffle: true,
             workers: 0,
-            prefetch_batches: default_prefetch(),
+            prefetch_batches: 4,
             drop_last: false,
             even_shards: true,
         }
     }
 }
 
-fn default_tile() -> u32 {
-    336
-}
-fn default_patch() -> u32 {
-    14
-}
-fn default_hires_factor() -> [u32; 2] {
-    [32, 14]
-}
-fn default_square_hires() -> u32 {
-    768
-}
-fn default_canvases() -> Vec<[u32; 2]> {
-    vec![[1, 2], [2, 1], [2, 2], [3, 1], [1, 3]]
-}
 fn default_max_image_pixels() -> u64 {
     89_478_485
 }
@@ -278,15 +253,6 @@ fn default_plain_end() -> String {
 }
 fn default_bad_examples() -> usize {
     5
-}
-fn default_batch() -> usize {
-    8
-}
-fn default_prefetch() -> usize {
-    4
-}
-fn default_true() -> bool {
-    true
 }
 
 impl DataConfig {
@@ -397,5 +363,90 @@ impl DataConfig {
                 (m[2] * 255.0) as u8,
             ]
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read<T: serde::de::DeserializeOwned>(text: &str) -> T {
+        toml::Value::Table(toml::from_str(text).unwrap())
+            .try_into()
+            .unwrap()
+    }
+
+    const MINIMAL: &str =
+        "[data]\ntokenizer = \"t.json\"\n[[data.sources]]\npath = \"a.jsonl\"\nimage_folder = \"img\"\n";
+
+    /// A left-out key or section reads as the `Default` impl, so the file and the code cannot
+    /// disagree about a default.
+    #[test]
+    fn left_out_keys_and_sections_read_as_the_defaults() {
+        assert_eq!(read::<GeometryConfig>(""), GeometryConfig::default());
+        assert_eq!(read::<LoaderConfig>(""), LoaderConfig::default());
+        let minimal = DataConfig::from_toml_str(MINIMAL, Path::new("minimal.toml")).unwrap();
+        assert_eq!(minimal.geometry, GeometryConfig::default());
+        assert_eq!(minimal.loader, LoaderConfig::default());
+        let one_key =
+            format!("{MINIMAL}[data.loader]\nworkers = 3\n[data.geometry]\ncanvases = [[1, 2]]\n");
+        let one_key = DataConfig::from_toml_str(&one_key, Path::new("one_key.toml")).unwrap();
+        assert_eq!(
+            one_key.loader,
+            LoaderConfig {
+                workers: 3,
+                ..LoaderConfig::default()
+            }
+        );
+        assert_eq!(
+            one_key.geometry,
+            GeometryConfig {
+                canvases: vec![[1, 2]],
+                ..GeometryConfig::default()
+            }
+        );
+    }
+
+    /// The values themselves: the real model's geometry and LLaVA's text settings.
+    #[test]
+    fn the_defaults_are_the_recipe() {
+        let c = DataConfig::from_toml_str(MINIMAL, Path::new("minimal.toml")).unwrap();
+        let g = &c.geometry;
+        assert_eq!(
+            (g.tile_size, g.patch_size, g.hires_factor),
+            (336, 14, [32, 14])
+        );
+        assert_eq!((g.square_vit_size, g.square_hires_size), (336, 768));
+        assert_eq!(g.canvases, vec![[1, 2], [2, 1], [2, 2], [3, 1], [1, 3]]);
+        let l = &c.loader;
+        assert_eq!(
+            (l.batch_size, l.seed, l.shuffle, l.workers),
+            (8, 0, true, 0)
+        );
+        assert_eq!(
+            (l.prefetch_batches, l.drop_last, l.even_shards),
+            (4, false, true)
+        );
+        assert_eq!(
+            (c.template, c.image_mode, c.on_bad_record),
+            (TemplateKind::Plain, ImageMode::Square, OnBadRecord::Skip)
+        );
+        assert_eq!(
+            (c.vit_norm.clone(), c.hires_norm.clone()),
+            (Normalization::clip(), Normalization::clip())
+        );
+        assert_eq!(
+            (c.max_image_pixels, c.max_len, c.bad_examples),
+            (89_478_485, 2048, 5)
+        );
+        assert_eq!(
+            (c.image_marker.as_str(), c.bos_token.as_str()),
+            ("<image>", "<|begin_of_text|>")
+        );
+        assert_eq!(c.plain_end_token, "<|end_of_text|>");
+        assert_eq!(
+            (c.square_fill(), c.canvas_pad_color, c.pad_token_id),
+            ([122, 116, 104], [0, 0, 0], 0)
+        );
     }
 }

@@ -1,7 +1,9 @@
 //! The run config: one TOML file with `[model]` (fila-model's `ModelSpec`), `[data]` (fila-data's
 //! `DataConfig`) and the training sections below. Unknown keys are rejected everywhere; every
-//! default is written here. `--set a.b=value` overrides are applied to the TOML tree before
-//! deserialising, so they are checked exactly like keys in the file.
+//! default is written here, once: a section whose keys are all optional reads a left-out key, and
+//! a left-out section, from its `Default` impl; a key beside a required one (`optimizer.lr`,
+//! `checkpoint.output_dir`) from its `default_*` function. `--set a.b=value` overrides are applied
+//! to the TOML tree before deserialising, so they are checked exactly like keys in the file.
 //!
 //! Relative paths are taken from the config file's folder and made absolute on load, so the
 //! resolved config saved with a run (`config.toml`) reads the same from anywhere.
@@ -32,7 +34,7 @@ pub struct TrainConfig {
     pub data: toml::Value,
     #[serde(default)]
     pub trainable: TrainableConfig,
-    #[serde(default)]
+    /// Required, for its `lr` (see [`OptimizerConfig`]).
     pub optimizer: OptimizerConfig,
     #[serde(default)]
     pub schedule: ScheduleConfig,
@@ -47,19 +49,21 @@ pub struct TrainConfig {
 
 /// Which parameters train, and their learning-rate multipliers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct TrainableConfig {
     /// Names: `all`, `vit`, `convnext`, `cvfm`, `projector`, `llm`, or a parameter-path prefix
     /// such as `llm.model.layers.0`. Default: stage 1 `["cvfm", "projector"]` (the recipe: towers
     /// and LLM frozen), stage 2 `["all"]`.
-    #[serde(default)]
     pub modules: Option<Vec<String>>,
     /// Module name (as in `modules`) → LR multiplier; the longest matching prefix wins.
-    #[serde(default)]
     pub lr_multipliers: std::collections::BTreeMap<String, f64>,
 }
 
-/// AdamW, with PyTorch's defaults.
+/// AdamW, with PyTorch's defaults for every key but the learning rate.
+///
+/// `lr` has no default, so `[optimizer]` with `lr` is required: the stages need learning rates 50×
+/// apart (FILA / LLaVA-1.5: 1e-3 in stage 1, 2e-5 in stage 2), and a wrong one trains without an
+/// error, only worse. A stage default would hide that choice; the error names both values instead.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OptimizerConfig {
@@ -74,40 +78,30 @@ pub struct OptimizerConfig {
     pub weight_decay: f64,
 }
 
-impl Default for OptimizerConfig {
-    fn default() -> Self {
-        Self { lr: 1e-3, betas: default_betas(), eps: default_eps(), weight_decay: default_weight_decay() }
-    }
-}
-
 /// Linear warmup from 0, then cosine to `min_lr_ratio × lr` (Hugging Face's
 /// `cosine_with_min_lr`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct ScheduleConfig {
     /// Fraction of the total steps spent warming up (rounded up); ignored if `warmup_steps` is set.
-    #[serde(default = "default_warmup_ratio")]
     pub warmup_ratio: f64,
-    #[serde(default)]
     pub warmup_steps: Option<u64>,
-    #[serde(default)]
     pub min_lr_ratio: f64,
 }
 
 impl Default for ScheduleConfig {
+    /// FILA / LLaVA-1.5: 3 % warmup, cosine to 0.
     fn default() -> Self {
-        Self { warmup_ratio: default_warmup_ratio(), warmup_steps: None, min_lr_ratio: 0.0 }
+        Self { warmup_ratio: 0.03, warmup_steps: None, min_lr_ratio: 0.0 }
     }
 }
 
 /// Batch geometry. The global batch is `micro_batch_size × accumulation_steps` (one process).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct BatchConfig {
     /// Samples per forward/backward; replaces `[data.loader] batch_size`.
-    #[serde(default = "one")]
     pub micro_batch_size: usize,
-    #[serde(default = "one")]
     pub accumulation_steps: usize,
 }
 
@@ -119,34 +113,24 @@ impl Default for BatchConfig {
 
 /// Length of the run and its guards.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct LoopConfig {
-    #[serde(default = "one_u64")]
     pub epochs: u64,
     /// Stop after this many optimizer steps (also sets the schedule's length).
-    #[serde(default)]
     pub max_steps: Option<u64>,
     /// Global-norm clipping as `torch.nn.utils.clip_grad_norm_`; 0 = off.
-    #[serde(default = "default_clip")]
     pub max_grad_norm: f64,
     /// Stop (with a checkpoint) after this many non-finite steps in a row.
-    #[serde(default = "default_nonfinite")]
     pub max_nonfinite_steps: u64,
     /// Burn's balanced activation checkpointing: recompute cheap activations in the backward
     /// pass instead of keeping them (less memory, more compute).
-    #[serde(default)]
     pub activation_checkpointing: bool,
 }
 
 impl Default for LoopConfig {
+    /// One epoch; clipping at 1.0, the Hugging Face Trainer's default that LLaVA-1.5 keeps.
     fn default() -> Self {
-        Self {
-            epochs: 1,
-            max_steps: None,
-            max_grad_norm: default_clip(),
-            max_nonfinite_steps: default_nonfinite(),
-            activation_checkpointing: false,
-        }
+        Self { epochs: 1, max_steps: None, max_grad_norm: 1.0, max_nonfinite_steps: 5, activation_checkpointing: false }
     }
 }
 
@@ -164,12 +148,10 @@ pub struct CheckpointConfig {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct LoggingConfig {
-    #[serde(default = "one_u64")]
     pub every_steps: u64,
     /// Default `<output_dir>/tensorboard`.
-    #[serde(default)]
     pub tensorboard_dir: Option<PathBuf>,
 }
 
@@ -188,21 +170,6 @@ fn default_eps() -> f64 {
 fn default_weight_decay() -> f64 {
     // torch.optim.AdamW's default.
     0.01
-}
-fn default_warmup_ratio() -> f64 {
-    0.03
-}
-fn one() -> usize {
-    1
-}
-fn one_u64() -> u64 {
-    1
-}
-fn default_clip() -> f64 {
-    1.0
-}
-fn default_nonfinite() -> u64 {
-    5
 }
 fn default_every() -> u64 {
     500
@@ -311,6 +278,18 @@ impl LoadedConfig {
 
     /// Parses an already resolved tree (a run's saved `config.toml`).
     pub fn from_table(table: toml::Table, source: &Path) -> Result<Self> {
+        // Before serde's bare "missing field": the learning rate has no default (see OptimizerConfig).
+        let lr_missing = match table.get("optimizer") {
+            None => true,
+            Some(toml::Value::Table(optimizer)) => !optimizer.contains_key("lr"),
+            Some(_) => false,
+        };
+        if lr_missing {
+            bail!(
+                "`optimizer.lr` is not set, and it has no default: add `[optimizer]` with `lr = 1e-3` for stage 1 \
+                 or `lr = 2e-5` for stage 2 (FILA / LLaVA-1.5), or pass `--set optimizer.lr=...`"
+            );
+        }
         let mut config: TrainConfig = from_value(toml::Value::Table(table.clone()), "")?;
         let data_value = config.data.clone();
         let mut data: DataConfig = from_value(data_value.clone(), "data")?;
@@ -359,10 +338,10 @@ impl TrainConfig {
                 bail!("`optimizer.betas[{i}]` = {b}: must be in [0, 1)");
             }
         }
-        if !(o.eps > 0.0) {
+        if o.eps.is_nan() || o.eps <= 0.0 {
             bail!("`optimizer.eps` = {}: must be positive", o.eps);
         }
-        if !(o.weight_decay >= 0.0) {
+        if o.weight_decay.is_nan() || o.weight_decay < 0.0 {
             bail!("`optimizer.weight_decay` = {}: must be ≥ 0", o.weight_decay);
         }
         let s = &self.schedule;
@@ -381,7 +360,7 @@ impl TrainConfig {
         if self.train.epochs == 0 && self.train.max_steps.is_none() {
             bail!("`train.epochs` = 0 and no `train.max_steps`: nothing to train");
         }
-        if !(self.train.max_grad_norm >= 0.0) {
+        if self.train.max_grad_norm.is_nan() || self.train.max_grad_norm < 0.0 {
             bail!("`train.max_grad_norm` = {}: must be ≥ 0 (0 turns clipping off)", self.train.max_grad_norm);
         }
         if self.train.max_nonfinite_steps == 0 {
@@ -510,6 +489,73 @@ mod tests {
 
     fn table(text: &str) -> toml::Table {
         toml::from_str(text).unwrap()
+    }
+
+    fn read<T: DeserializeOwned>(text: &str, section: &str) -> T {
+        from_value(toml::Value::Table(table(text)), section).unwrap()
+    }
+
+    /// The tiny stage-1 config with every optional section and key taken out.
+    fn minimal_config() -> toml::Table {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/tiny/stage1.toml");
+        let mut t = table(&std::fs::read_to_string(&path).unwrap());
+        for section in ["seed", "device", "precision", "trainable", "schedule", "batch", "train", "logging"] {
+            t.remove(section);
+        }
+        t.insert("optimizer".into(), toml::Value::Table(table("lr = 0.5")));
+        t.insert("checkpoint".into(), toml::Value::Table(table("output_dir = \"run\"")));
+        t
+    }
+
+    /// A left-out key or section reads as the section's `Default` impl, so the file and the code
+    /// cannot disagree about a default.
+    #[test]
+    fn left_out_keys_and_sections_read_as_the_defaults() {
+        assert_eq!(read::<TrainableConfig>("", "trainable"), TrainableConfig::default());
+        assert_eq!(read::<ScheduleConfig>("", "schedule"), ScheduleConfig::default());
+        assert_eq!(read::<BatchConfig>("", "batch"), BatchConfig::default());
+        assert_eq!(read::<LoopConfig>("", "train"), LoopConfig::default());
+        assert_eq!(read::<LoggingConfig>("", "logging"), LoggingConfig::default());
+        let c: TrainConfig = from_value(toml::Value::Table(minimal_config()), "").unwrap();
+        assert_eq!(c.trainable, TrainableConfig::default());
+        assert_eq!(c.schedule, ScheduleConfig::default());
+        assert_eq!(c.batch, BatchConfig::default());
+        assert_eq!(c.train, LoopConfig::default());
+        assert_eq!(c.logging, LoggingConfig::default());
+        assert_eq!((c.seed, c.device, c.precision), (0, Default::default(), Default::default()));
+        // One key set, the others still from the section's default.
+        assert_eq!(read::<LoopConfig>("max_steps = 7", "train"), LoopConfig { max_steps: Some(7), ..LoopConfig::default() });
+        assert_eq!(read::<BatchConfig>("accumulation_steps = 3", "batch"), BatchConfig { accumulation_steps: 3, ..BatchConfig::default() });
+    }
+
+    /// The values themselves; the keys beside a required one (`lr`, `output_dir`) have only these.
+    #[test]
+    fn the_defaults_are_pytorch_and_the_recipe() {
+        let c: TrainConfig = from_value(toml::Value::Table(minimal_config()), "").unwrap();
+        assert_eq!(c.optimizer, OptimizerConfig { lr: 0.5, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.01 });
+        assert_eq!((c.checkpoint.every_steps, c.checkpoint.keep_last), (500, 2));
+        let s = &c.schedule;
+        assert_eq!((s.warmup_ratio, s.warmup_steps, s.min_lr_ratio), (0.03, None, 0.0));
+        assert_eq!((c.batch.micro_batch_size, c.batch.accumulation_steps), (1, 1));
+        let l = &c.train;
+        assert_eq!((l.epochs, l.max_steps, l.max_grad_norm, l.max_nonfinite_steps, l.activation_checkpointing), (1, None, 1.0, 5, false));
+        assert_eq!((c.logging.every_steps, c.logging.tensorboard_dir.as_deref()), (1, None));
+        assert_eq!((&c.trainable.modules, c.trainable.lr_multipliers.len()), (&None, 0));
+    }
+
+    /// Without `optimizer.lr` the config does not load, and the error gives both stages' values.
+    #[test]
+    fn the_learning_rate_is_required() {
+        let path = Path::new("minimal.toml");
+        let mut no_lr = minimal_config();
+        no_lr.insert("optimizer".into(), toml::Value::Table(table("weight_decay = 0.0")));
+        let mut no_section = minimal_config();
+        no_section.remove("optimizer");
+        for t in [no_lr, no_section] {
+            let e = LoadedConfig::from_table(t, path).unwrap_err().to_string();
+            assert!(e.contains("`optimizer.lr` is not set") && e.contains("1e-3") && e.contains("2e-5"), "{e}");
+        }
+        assert!(LoadedConfig::from_table(minimal_config(), path).is_ok());
     }
 
     #[test]
