@@ -181,48 +181,40 @@ impl Comm {
         if let Some(out) = self.nccl.as_ref().map(|n| n.all_reduce(&t)).transpose()?.flatten() {
             return Ok(out);
         }
-        if self.world.size == 1 {
-            return Ok(t);
-        }
-        let device = t.device();
         let n = t.dims()[0];
-        let summed = self.reduce_at_root(&t)?;
-        let out = if self.world.is_root() {
-            let bytes = f32_bytes(&summed);
-            for r in 1..self.world.size {
-                self.send_to(r, DATA, &bytes)?;
-            }
-            summed
-        } else {
-            bytes_f32(&self.recv_from(0)?, n, 0)?
-        };
-        Ok(Tensor::from_data(TensorData::new(out, [n]), &device))
+        self.reduce_and_share(t, |_| 0..n)
     }
 
     /// Sums a flat tensor over ranks and keeps this rank's slice: rank r gets elements
     /// `[r·n/W, (r+1)·n/W)`. `n` must be a multiple of the world size.
     pub fn reduce_scatter<I: Backend>(&self, t: Tensor<I, 1>) -> Result<Tensor<I, 1>> {
-        let w = self.world.size;
         #[cfg(feature = "cuda")]
         if let Some(out) = self.nccl.as_ref().map(|n| n.reduce_scatter(&t)).transpose()?.flatten() {
             return Ok(out);
         }
-        if w == 1 {
+        let (n, w) = (t.dims()[0], self.world.size);
+        assert_eq!(n % w, 0, "reduce_scatter of {n} elements over {w} ranks");
+        let k = n / w;
+        self.reduce_and_share(t, |r| r * k..(r + 1) * k)
+    }
+
+    /// The TCP path of both reductions: rank 0 sums in rank order and sends rank r the elements
+    /// `part(r)` of the sum.
+    fn reduce_and_share<I: Backend>(&self, t: Tensor<I, 1>, part: impl Fn(usize) -> std::ops::Range<usize>) -> Result<Tensor<I, 1>> {
+        if self.world.size == 1 {
             return Ok(t);
         }
         let device = t.device();
-        let n = t.dims()[0];
-        assert_eq!(n % w, 0, "reduce_scatter of {n} elements over {w} ranks");
-        let k = n / w;
         let summed = self.reduce_at_root(&t)?;
         let mine = if self.world.is_root() {
-            for r in 1..w {
-                self.send_to(r, DATA, &f32_bytes(&summed[r * k..(r + 1) * k]))?;
+            for r in 1..self.world.size {
+                self.send_to(r, DATA, &f32_bytes(&summed[part(r)]))?;
             }
-            summed[..k].to_vec()
+            summed[part(0)].to_vec()
         } else {
-            bytes_f32(&self.recv_from(0)?, k, 0)?
+            bytes_f32(&self.recv_from(0)?, part(self.world.rank).len(), 0)?
         };
+        let k = mine.len();
         Ok(Tensor::from_data(TensorData::new(mine, [k]), &device))
     }
 
