@@ -203,6 +203,18 @@ fn causal_block<B: Backend>(tq: usize, tk: usize, offset: i64, device: &B::Devic
     cols.greater(rows).reshape([1, 1, tq, tk])
 }
 
+/// `mask` (`[B, 1, Tq, Tk]`) in the layout the backend's kernel reads: flex broadcasts it over
+/// the heads itself (expanding it would cost a strided copy of `[B, H, Tq, Tk]`), CUDA's flash
+/// kernel wants one contiguous `[Tq, Tk]` block per (batch, head) pair.
+fn kernel_mask<I: Backend>(mask: Tensor<I, 4, Bool>, heads: usize) -> Tensor<I, 4, Bool> {
+    let mask = contiguous(mask);
+    if TypeId::of::<I>() == TypeId::of::<burn::backend::Flex>() {
+        return mask;
+    }
+    let [b, _, tq, tk] = mask.dims();
+    contiguous(mask.expand([b, heads, tq, tk]))
+}
+
 /// The fused kernel. GQA heads are repeated and the mask materialised (only what the kernel
 /// cannot take as its causal flag); nothing here is kept after the call.
 fn fused_forward<I: Backend>(q: Tensor<I, 4>, k: Tensor<I, 4>, v: Tensor<I, 4>, padding: Option<Tensor<I, 2, Bool>>, spec: Spec) -> Tensor<I, 4> {
@@ -221,7 +233,7 @@ fn fused_forward<I: Backend>(q: Tensor<I, 4>, k: Tensor<I, 4>, v: Tensor<I, 4>, 
             None => causal,
         });
     }
-    let mask = mask.map(|m| contiguous(m.expand([b, h, tq, tk])));
+    let mask = mask.map(|m| kernel_mask(m, h));
     let (q, k, v) = (contiguous(q), contiguous(repeat_heads(k, h / hkv)), contiguous(repeat_heads(v, h / hkv)));
     // A custom scale would send CUDA to its unfused fallback; the default is 1/√hd, ours.
     let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: causal_flag };
@@ -293,11 +305,17 @@ fn chunked_backward<I: Backend>(
     let [_, hkv, tk, _] = k.dims();
     let g = h / hkv;
     let device = q.device();
-    let chunk = (spec.score_budget / (b * h * tk).max(1)).clamp(1, tq.max(1));
+    let mut chunk = (spec.score_budget / (b * h * tk).max(1)).clamp(1, tq.max(1));
+    if spec.causal {
+        // At least four chunks (of 64 queries or more): each stops at its last visible key, which
+        // skips about 3/8 of the products, where one chunk would compute the whole square.
+        chunk = chunk.min(tq.div_ceil(4).max(64));
+    }
     autocast::with_compute(spec.compute, || {
         // Rowwise dO·O: the softmax Jacobian's correction term, [B, Hkv, G, Tq, 1].
         let delta = (d_out.clone() * out).sum_dim(3).reshape([b, hkv, g, tq, 1]);
-        let q5 = q.reshape([b, hkv, g, tq, hd]);
+        // The scale goes on q (and on the q and k gradients), not on the larger score tiles.
+        let q5 = (q * spec.scale).reshape([b, hkv, g, tq, hd]);
         let d_out5 = d_out.reshape([b, hkv, g, tq, hd]);
         let mut dq_chunks = Vec::with_capacity(tq.div_ceil(chunk));
         let mut dk = Tensor::<I, 4>::zeros([b, hkv, tk, hd], &device);
@@ -312,7 +330,7 @@ fn chunked_backward<I: Backend>(
             let kc = k.clone().slice([0..b, 0..hkv, 0..keys, 0..hd]);
             let vc = v.clone().slice([0..b, 0..hkv, 0..keys, 0..hd]);
 
-            let scores = autocast::matmul(qc.clone(), kc.clone().swap_dims(2, 3)).reshape([b, hkv, g, c, keys]) * spec.scale;
+            let scores = autocast::matmul(qc.clone(), kc.clone().swap_dims(2, 3)).reshape([b, hkv, g, c, keys]);
             let scores = match chunk_mask::<I>(padding.as_ref(), spec, tq, tk, t0, c, keys, &device) {
                 Some(m) => scores.mask_fill(m.expand([b, hkv, g, c, keys]), f32::NEG_INFINITY),
                 None => scores,
@@ -321,9 +339,9 @@ fn chunked_backward<I: Backend>(
 
             let dv_part = autocast::matmul(probs.clone().swap_dims(2, 3), doc.clone()); // [B, Hkv, keys, hd]
             let dprobs = autocast::matmul(doc, vc.swap_dims(2, 3)); // [B, Hkv, G·c, keys]
-            let dscores = probs * (dprobs - deltac) * spec.scale;
-            let dq_part = autocast::matmul(dscores.clone(), kc); // [B, Hkv, G·c, hd]
-            let dk_part = autocast::matmul(dscores.swap_dims(2, 3), qc); // [B, Hkv, keys, hd]
+            let dscores = probs * (dprobs - deltac); // gradient of the unscaled scores q·k
+            let dq_part = autocast::matmul(dscores.clone(), kc) * spec.scale; // [B, Hkv, G·c, hd]
+            let dk_part = autocast::matmul(dscores.swap_dims(2, 3), qc); // [B, Hkv, keys, hd], q already scaled
             dq_chunks.push(dq_part.reshape([b, hkv, g, c, hd]));
             if keys == tk {
                 dk = dk + dk_part;
