@@ -289,8 +289,8 @@ pub struct LlamaAttention<B: Backend> {
     pub num_kv_heads: usize,
 }
 
-/// Keys and values of the positions seen so far, one entry per layer (after RoPE, before the
-/// grouped-query repeat): `[B, Hkv, T_seen, hd]`.
+/// Keys and values of the positions seen so far, one entry per layer (after RoPE, one per
+/// key/value head): `[B, Hkv, T_seen, hd]`.
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
     layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
