@@ -64,8 +64,8 @@ pub fn plan(loaded: &LoadedConfig, world: usize) -> Result<String> {
     let p = c.precision;
     let trainable: usize = parts.iter().filter(|(n, _)| trains(n)).map(|(_, k)| k).sum();
     let frozen = counts.total() - trainable;
-    let weights = (counts.total() * p.weight_bytes()) as f64;
-    let cast_copies = (counts.total() * p.cast_copy_bytes()) as f64;
+    let weights = (trainable * p.weight_bytes() + frozen * p.frozen_weight_bytes()) as f64;
+    let cast_copies = (trainable * p.cast_copy_bytes()) as f64;
     let grads = (trainable * p.grad_bytes()) as f64;
     let optimizer = (trainable * p.optimizer_bytes()) as f64 / world as f64;
     // The optimizer's f32 master slice (every rank also holds the whole model in `weights`).
@@ -75,7 +75,10 @@ pub fn plan(loaded: &LoadedConfig, world: usize) -> Result<String> {
     let data = &loaded.data;
     let b = c.batch.micro_batch_size as f64;
     let act_scale = p.activation_scale();
-    let layer = |s: f64, batch: f64, h: f64, a: f64| s * batch * h * (34.0 + 5.0 * a * s / h) * act_scale;
+    // Per transformer layer, 34·s·b·h elements (Korthikanti et al. 2022) without their 5·a·s²·b
+    // attention-score term: the attention op keeps only q, k, v and its output and recomputes
+    // the scores in the backward pass (fila_model::attention).
+    let layer = |s: f64, batch: f64, h: f64| s * batch * h * 34.0 * act_scale;
     let g = (arch.vision.image_size / arch.vision.patch_size) as f64;
     let (views, hires_side_w, hires_side_h) = match c.stage {
         1 => (1.0, data.geometry.square_hires_size as f64, data.geometry.square_hires_size as f64),
@@ -87,12 +90,12 @@ pub fn plan(loaded: &LoadedConfig, world: usize) -> Result<String> {
     };
     let s_text = data.max_len as f64;
     let llm_act = arch.llm.num_hidden_layers as f64
-        * layer(s_text, b, arch.llm.hidden_size as f64, arch.llm.num_attention_heads as f64)
+        * layer(s_text, b, arch.llm.hidden_size as f64)
         + 3.0 * b * s_text * arch.llm.vocab_size as f64 * 4.0;
     let feature_layer = arch.hybrid.feature_layer(arch.vision.num_hidden_layers);
     let first_tracked = if trains("vit") { 0 } else { arch.hybrid.fusion_layers.first().copied().unwrap_or(feature_layer) };
     let vit_layers = feature_layer.saturating_sub(first_tracked) as f64;
-    let vit_act = vit_layers * layer(1.0 + g * g, b * views, arch.vision.hidden_size as f64, arch.vision.num_attention_heads as f64);
+    let vit_act = vit_layers * layer(1.0 + g * g, b * views, arch.vision.hidden_size as f64);
     let convnext_act = if trains("convnext") && arch.hybrid.use_convnext {
         let strides = arch.convnext.stage_strides();
         (0..4)
@@ -124,9 +127,10 @@ pub fn plan(loaded: &LoadedConfig, world: usize) -> Result<String> {
     } else {
         let _ = writeln!(out, "memory per rank ({world} ranks, one GPU each; optimizer state and master values sharded {world} ways):");
     }
-    let _ = writeln!(out, "  weights           {}  (f32)", gib(weights));
+    let stored = if p.frozen_weight_bytes() == p.weight_bytes() { "f32" } else { "f32 trainable, bf16 frozen" };
+    let _ = writeln!(out, "  weights           {}  ({stored})", gib(weights));
     if cast_copies > 0.0 {
-        let _ = writeln!(out, "  bf16 weight casts {}  (made in the forward, kept for the backward)", gib(cast_copies));
+        let _ = writeln!(out, "  bf16 weight casts {}  (of the trainable weights, made in the forward, kept for the backward)", gib(cast_copies));
     }
     let _ = writeln!(out, "  gradients         {}", gib(grads));
     let _ = writeln!(out, "  optimizer state   {}  (AdamW moments, f32{})", gib(optimizer), if world > 1 { ", this rank's slice" } else { "" });

@@ -73,7 +73,7 @@ pub struct RunOutcome {
 }
 
 /// The model of a run: architecture and weights from `[model]`, fresh parameters drawn from
-/// `seed`, the stage's trainable set applied.
+/// `seed`, the stage's trainable set applied, frozen weights stored as the precision says.
 pub fn build_model<B: AutodiffBackend>(loaded: &LoadedConfig, device: &B::Device) -> Result<(Fila<B>, FilaConfig, TrainableSet)> {
     let c = &loaded.config;
     let base = loaded.source.parent().unwrap_or(Path::new("."));
@@ -82,7 +82,7 @@ pub fn build_model<B: AutodiffBackend>(loaded: &LoadedConfig, device: &B::Device
     B::seed(device, c.seed);
     let model = Fila::<B>::load(&fila_config, &source, device).map_err(|e| anyhow!("{e}"))?;
     let (model, set) = apply_trainable(model, c.stage, &c.trainable)?;
-    Ok((model, fila_config, set))
+    Ok((c.precision.store_frozen(model, &set), fila_config, set))
 }
 
 /// The data geometry must produce what the towers expect.
