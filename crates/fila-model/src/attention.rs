@@ -486,7 +486,7 @@ mod tests {
         let lengths = Tensor::<A, 1, Int>::from_data(TensorData::from([5i64, 0]), &Default::default());
         let out = attention(q.clone(), k.clone(), v.clone(), &AttentionMask::none().with_key_lengths(lengths, 5));
         let grads = out.clone().sum().backward();
-        let row = |x: Tensor<Flex, 4>| x.slice([1..2]).into_data().to_vec::<f32>().unwrap();
+        let row = |x: Tensor<Flex, 4>| x.narrow(0, 1, 1).into_data().to_vec::<f32>().unwrap();
         assert!(row(out.inner()).iter().all(|&x| x == 0.0));
         for grad in [q.grad(&grads).unwrap(), k.grad(&grads).unwrap(), v.grad(&grads).unwrap()] {
             assert!(row(grad).iter().all(|&x| x == 0.0));
