@@ -95,7 +95,7 @@ enum Command {
     /// Dataset tools.
     #[command(subcommand)]
     Data(DataCommand),
-    /// Forward+backward time per sample on random weights (CPU unless built with `cuda`).
+    /// Training-step time on random weights (forward, backward, optionally AdamW; CPU unless built with `cuda`).
     Bench {
         #[arg(long, value_enum, default_value = "tiny")]
         size: bench::BenchSize,
@@ -109,6 +109,15 @@ enum Command {
         /// `f32` or `bf16_mixed` (bf16 matrix products, f32 weights; see fila-train's precision).
         #[arg(long, default_value = "f32", value_parser = parse_precision)]
         precision: Precision,
+        /// Trainable set of this training stage: 1 = CVFM + projector, 2 = everything.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=2))]
+        stage: u8,
+        /// Include the optimizer update (gradient clipping and AdamW) in each step.
+        #[arg(long)]
+        optimizer: bool,
+        /// Print one JSON object with the per-step times and CPU time.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -212,8 +221,8 @@ fn main() -> Result<()> {
                 println!("wrote {}", out.display());
             }
         }
-        Command::Bench { size, batch, steps, device, precision } => {
-            dispatch(device, false, Bench { size, batch, steps, precision })?;
+        Command::Bench { size, batch, steps, device, precision, stage, optimizer, json } => {
+            dispatch(device, false, Bench(bench::BenchOptions { size, batch, steps, precision, stage, optimizer, json }))?;
         }
     }
     Ok(())
@@ -227,17 +236,11 @@ fn parse_precision(text: &str) -> Result<Precision, String> {
     }
 }
 
-struct Bench {
-    size: bench::BenchSize,
-    batch: usize,
-    steps: usize,
-    precision: Precision,
-}
+struct Bench(bench::BenchOptions);
 
 impl OnBackend for Bench {
     type Output = ();
     fn run<B: burn::tensor::backend::AutodiffBackend>(self, device: &B::Device) -> Result<()> {
-        bench::run::<B>(self.size, self.batch, self.steps, self.precision, device);
-        Ok(())
+        bench::run::<B>(self.0, device)
     }
 }
