@@ -393,12 +393,16 @@ fn bytes_f32(b: &[u8], n: usize, rank: usize) -> Result<Vec<f32>> {
 }
 
 /// Rank 0: accepts the other ranks until the deadline, checks their fingerprints, answers each.
+/// A refusal waits for every rank to join (or the deadline) so each of them hears the reason.
 fn accept_ranks(world: &World, fingerprint: &Fingerprint, deadline: Instant) -> Result<Vec<TcpStream>> {
     let listener = TcpListener::bind(("0.0.0.0", world.master_port)).with_context(|| {
         format!("rank 0 cannot listen on port {} (in use by another run? set MASTER_PORT to a free port)", world.master_port)
     })?;
     listener.set_nonblocking(true)?;
     let mut links: Vec<Option<TcpStream>> = (1..world.size).map(|_| None).collect();
+    // Connections that cannot take a rank's place (a duplicate or out-of-range rank).
+    let mut strays: Vec<TcpStream> = Vec::new();
+    let mut refusal: Option<String> = None;
     while links.iter().any(Option::is_none) {
         match listener.accept() {
             Ok((s, _)) => {
@@ -408,43 +412,42 @@ fn accept_ranks(world: &World, fingerprint: &Fingerprint, deadline: Instant) -> 
                 let rank = u32::from_le_bytes(hello.get(..4).context("a short greeting")?.try_into().unwrap()) as usize;
                 let theirs = Fingerprint::from_bytes(&hello[4..]).context("a malformed greeting")?;
                 if rank == 0 || rank >= world.size || links[rank - 1].is_some() {
-                    let text = format!("rank 0 refused a process calling itself rank {rank}: ranks must be 1..{} and unique", world.size - 1);
-                    let _ = write_frame(&s, ABORT, text.as_bytes());
-                    bail!("{text}");
+                    refusal.get_or_insert(format!("rank 0 refused a process calling itself rank {rank}: ranks must be 1..{} and unique", world.size - 1));
+                    strays.push(s);
+                    continue;
                 }
-                let mismatch = if theirs.binary != fingerprint.binary {
-                    Some("runs a different fila-train binary than rank 0: install the same build on every node")
+                if theirs.binary != fingerprint.binary {
+                    refusal.get_or_insert(format!("rank {rank} runs a different fila-train binary than rank 0: install the same build on every node"));
                 } else if theirs.config != fingerprint.config {
-                    Some("resolved a different config than rank 0: give every rank the same config file, overrides and checkpoint folder")
-                } else {
-                    None
-                };
-                links[rank - 1] = Some(s);
-                if let Some(why) = mismatch {
-                    let text = format!("rank {rank} {why}");
-                    for l in links.iter().flatten() {
-                        let _ = write_frame(l, ABORT, text.as_bytes());
-                    }
-                    bail!("{text}");
+                    refusal.get_or_insert(format!(
+                        "rank {rank} resolved a different config than rank 0: give every rank the same config file, overrides and checkpoint folder"
+                    ));
                 }
+                links[rank - 1] = Some(s);
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 if Instant::now() >= deadline {
                     let missing: Vec<String> = links.iter().enumerate().filter(|(_, l)| l.is_none()).map(|(i, _)| (i + 1).to_string()).collect();
-                    for l in links.iter().flatten() {
-                        let _ = write_frame(l, ABORT, b"rank 0 gave up waiting for the other ranks");
-                    }
-                    bail!(
+                    refusal.get_or_insert(format!(
                         "rank 0 waited at port {} for ranks {} that never joined: start all {} processes (and check MASTER_ADDR / firewall)",
                         world.master_port,
                         missing.join(", "),
                         world.size
-                    );
+                    ));
+                    break;
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
             Err(e) => return Err(e).context("accepting a rank"),
         }
+    }
+    if let Some(text) = refusal {
+        let joined: Vec<&TcpStream> = links.iter().flatten().chain(&strays).collect();
+        for l in &joined {
+            let _ = write_frame(l, ABORT, text.as_bytes());
+        }
+        linger(&joined);
+        bail!("{text}");
     }
     let links: Vec<TcpStream> = links.into_iter().map(Option::unwrap).collect();
     for l in &links {
