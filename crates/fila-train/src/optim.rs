@@ -15,7 +15,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use burn::module::{Module, Param};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::TensorData;
+use burn::tensor::{FloatDType, TensorData};
 use fila_model::weights::{map_params, visit_params, write_safetensors, Checkpoint, ParamPath, PathMapper, PathVisitor};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -43,7 +43,8 @@ pub fn accumulate_grads<B: AutodiffBackend, M: Module<B>>(
             }
             if let Some(g) = param.val().grad(self.grads) {
                 let n = g.shape().num_elements();
-                let g = g.reshape([n]);
+                // Sums over micro-batches in f32 whatever dtype the weight is stored in.
+                let g = g.reshape([n]).cast(FloatDType::F32);
                 let sum = match self.acc.remove(&path) {
                     Some(prev) => prev + g,
                     None => g,
@@ -105,6 +106,9 @@ pub struct AdamW<I: Backend> {
     /// Per element of the slice: the parameter's LR multiplier, and 1 where weight decay applies.
     lr_multiplier: Tensor<I, 1>,
     decays: Tensor<I, 1>,
+    /// Whether checkpoints carry the master slice (`master.<path>`): needed when the model
+    /// stores its trainable weights in a lower precision ([`crate::precision::Precision::master_apart`]).
+    pub master_in_checkpoint: bool,
 }
 
 /// Name of rank `rank`'s optimizer shard in a checkpoint (one rank: `optimizer.safetensors`).
@@ -127,7 +131,7 @@ fn flat_values<B: AutodiffBackend, M: Module<B>>(model: &M, layout: &FlatLayout)
             if let Ok(i) = self.layout.names.binary_search(&at.path()) {
                 let t = param.val().inner();
                 let n = t.shape().num_elements();
-                self.out[i] = Some(t.reshape([n]));
+                self.out[i] = Some(t.reshape([n]).cast(FloatDType::F32));
             }
         }
     }
@@ -149,7 +153,7 @@ impl<I: Backend> AdamW<I> {
         let lr_multiplier = layout.per_element(|p| info(p).lr_multiplier as f32, 0.0, device);
         let decays = layout.per_element(|p| if info(p).decay { 1.0 } else { 0.0 }, 0.0, device);
         let zeros = Tensor::zeros([layout.slice_len], device);
-        Self { config, step: 0, layout, master, exp_avg: zeros.clone(), exp_avg_sq: zeros, lr_multiplier, decays }
+        Self { config, step: 0, layout, master, exp_avg: zeros.clone(), exp_avg_sq: zeros, lr_multiplier, decays, master_in_checkpoint: false }
     }
 
     /// One update at learning rate `lr` from this rank's summed gradients `grads`: reduce-scatter,
@@ -214,14 +218,16 @@ impl<I: Backend> AdamW<I> {
     }
 
     /// Writes this rank's shard ([`shard_file`]) into `dir`: `exp_avg.<path>` and
-    /// `exp_avg_sq.<path>` for each parameter run of the slice (`…@<start>` when the run is part
-    /// of the parameter), the step count in the metadata.
+    /// `exp_avg_sq.<path>` (and `master.<path>` when [`AdamW::master_in_checkpoint`]) for each
+    /// parameter run of the slice (`…@<start>` when the run is part of the parameter), the step
+    /// count in the metadata.
     pub fn save(&self, dir: &Path) -> Result<()> {
         let mut tensors = Vec::with_capacity(2 * self.layout.segments.len());
         for s in &self.layout.segments {
             let name = &self.layout.names[s.param];
             let key = if s.start == 0 && s.len == self.layout.numel(s.param) { name.clone() } else { format!("{name}@{}", s.start) };
-            for (kind, t) in [("exp_avg", &self.exp_avg), ("exp_avg_sq", &self.exp_avg_sq)] {
+            let kinds = [("exp_avg", &self.exp_avg), ("exp_avg_sq", &self.exp_avg_sq), ("master", &self.master)];
+            for (kind, t) in kinds.into_iter().take(if self.master_in_checkpoint { 3 } else { 2 }) {
                 tensors.push((format!("{kind}.{key}"), t.clone().slice(s.at..s.at + s.len).to_data()));
             }
         }
@@ -238,6 +244,8 @@ impl<I: Backend> AdamW<I> {
         let layout = &self.layout;
         let mut exp_avg = vec![0.0f32; layout.slice_len];
         let mut exp_avg_sq = vec![0.0f32; layout.slice_len];
+        // Master values the checkpoint carries replace those taken from the model's weights.
+        let mut master: Vec<f32> = self.master.to_data().to_vec().map_err(|e| anyhow!("{e:?}"))?;
         let mut step = None;
         for path in &files {
             let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
@@ -257,6 +265,7 @@ impl<I: Backend> AdamW<I> {
                 let target = match kind {
                     "exp_avg" => &mut exp_avg,
                     "exp_avg_sq" => &mut exp_avg_sq,
+                    "master" => &mut master,
                     _ => bail!("{}: unexpected tensor `{key}`", path.display()),
                 };
                 let (name, start) = match rest.rsplit_once('@') {
@@ -283,6 +292,7 @@ impl<I: Backend> AdamW<I> {
         let n = layout.slice_len;
         self.exp_avg = Tensor::from_data(TensorData::new(exp_avg, [n]), &device);
         self.exp_avg_sq = Tensor::from_data(TensorData::new(exp_avg_sq, [n]), &device);
+        self.master = Tensor::from_data(TensorData::new(master, [n]), &device);
         self.step = step.unwrap_or(0);
         Ok(())
     }
@@ -327,6 +337,8 @@ impl<B: AutodiffBackend> PathMapper<B> for SetValues<'_, B> {
             return param;
         };
         let (id, tensor, mapper) = param.consume();
+        // The model keeps its own storage dtype (bf16 product weights under bf16_mixed).
+        let flat = flat.cast(FloatDType::from(tensor.dtype()));
         let value = Tensor::<B, D>::from_inner(flat.reshape(tensor.dims())).require_grad();
         Param::from_mapped_value(id, value, mapper)
     }

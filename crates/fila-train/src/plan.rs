@@ -64,8 +64,7 @@ pub fn plan(loaded: &LoadedConfig, world: usize) -> Result<String> {
     let p = c.precision;
     let trainable: usize = parts.iter().filter(|(n, _)| trains(n)).map(|(_, k)| k).sum();
     let frozen = counts.total() - trainable;
-    let weights = (trainable * p.weight_bytes() + frozen * p.frozen_weight_bytes()) as f64;
-    let cast_copies = (trainable * p.cast_copy_bytes()) as f64;
+    let weights = (counts.total() * p.weight_bytes()) as f64;
     let grads = (trainable * p.grad_bytes()) as f64;
     let optimizer = (trainable * p.optimizer_bytes()) as f64 / world as f64;
     // The optimizer's f32 master slice (every rank also holds the whole model in `weights`).
@@ -110,7 +109,7 @@ pub fn plan(loaded: &LoadedConfig, world: usize) -> Result<String> {
         0.0
     };
     let activations = llm_act + vit_act + convnext_act;
-    let total = weights + cast_copies + grads + optimizer + master + activations;
+    let total = weights + grads + optimizer + master + activations;
 
     let mut out = String::new();
     let _ = writeln!(out, "memory plan: stage {} on {} ({:?}), micro-batch {} × accumulation {}, max_len {}", c.stage, c.device, p, c.batch.micro_batch_size, c.batch.accumulation_steps, data.max_len);
@@ -127,12 +126,8 @@ pub fn plan(loaded: &LoadedConfig, world: usize) -> Result<String> {
     } else {
         let _ = writeln!(out, "memory per rank ({world} ranks, one GPU each; optimizer state and master values sharded {world} ways):");
     }
-    let stored = if p.frozen_weight_bytes() == p.weight_bytes() { "f32" } else { "f32 trainable, bf16 frozen" };
-    let _ = writeln!(out, "  weights           {}  ({stored})", gib(weights));
-    if cast_copies > 0.0 {
-        let _ = writeln!(out, "  bf16 weight casts {}  (of the trainable weights, made in the forward, kept for the backward)", gib(cast_copies));
-    }
-    let _ = writeln!(out, "  gradients         {}", gib(grads));
+    let _ = writeln!(out, "  weights           {}  ({})", gib(weights), if p.weight_bytes() == 2 { "bf16" } else { "f32" });
+    let _ = writeln!(out, "  gradients         {}{}", gib(grads), if p.grad_bytes() == 6 { "  (bf16 from the backward, summed in f32)" } else { "" });
     let _ = writeln!(out, "  optimizer state   {}  (AdamW moments, f32{})", gib(optimizer), if world > 1 { ", this rank's slice" } else { "" });
     let _ = writeln!(out, "  master slice      {}  (f32 values of the trainable parameters the optimizer owns)", gib(master));
     let _ = writeln!(out, "  activations       {}  (estimate; {} views/image, ConvNeXt {}x{}, {} tracked ViT layers)", gib(activations), views, hires_side_w, hires_side_h, vit_layers);

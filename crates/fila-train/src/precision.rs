@@ -2,13 +2,15 @@
 //!
 //! - `f32`: everything in f32. The only mode on CPU, and the default.
 //! - `bf16_mixed` (CUDA only): matrix products and convolutions compute in bf16
-//!   ([`fila_model::autocast`]); trainable weights stay in f32 as the master copy, gradients
-//!   arrive in f32, optimizer state is f32; norms, softmax, activations, residual sums and the
-//!   loss are f32. Frozen matrix and convolution weights are *stored* in bf16
-//!   ([`Precision::store_frozen`]): the products read them as they are, so no bf16 copy is made per
-//!   forward or kept for the backward, and they take half the memory. Products compute the same
-//!   bits either way (a weight rounded once equals one rounded at every use).
-
+//!   ([`fila_model::autocast`]); norms, softmax, activations, residual sums and the loss are f32.
+//!   The weights read only by products are *stored* in bf16 ([`Precision::store_frozen`],
+//!   [`Precision::store_trainable`]): the products read them as they are, so no bf16 copy is
+//!   made per forward or kept for the backward. The f32 values of the trainable ones live in the
+//!   optimizer's master slice (sharded across ranks, saved with its state); the model holds
+//!   their bf16 rounding, which is exactly what a product of the f32 weight would read. Gradients
+//!   come out of the backward in bf16 and are summed over micro-batches in f32; AdamW's moments
+//!   are f32. A step computes what per-product casts of f32 weights compute: the same bits, but
+//!   for the summation order of some kernels, which depends on the weights' memory layout.
 use crate::trainable::TrainableSet;
 use burn::module::{Module, Param};
 use burn::prelude::*;
@@ -47,32 +49,29 @@ impl Precision {
         fila_model::autocast::with_compute(self.compute(), f)
     }
 
-    /// Bytes per element of a stored trainable weight: f32 in every mode.
+    /// Bytes per element of a stored weight (trainable or frozen): bf16 under `bf16_mixed`,
+    /// counting every element as a product weight (norms, biases and embeddings, kept in f32,
+    /// are a small share).
     pub fn weight_bytes(self) -> usize {
-        4
-    }
-
-    /// Bytes per element of a stored frozen weight: bf16 under `bf16_mixed` (taking all frozen
-    /// elements as matrices: norms, biases and embeddings, kept in f32, are a small share).
-    pub fn frozen_weight_bytes(self) -> usize {
         match self {
             Precision::F32 => 4,
             Precision::Bf16Mixed => 2,
         }
     }
 
-    /// Bytes per trainable element of the bf16 copies made during a forward and kept for the
-    /// backward (0 in f32; frozen weights are stored in bf16 and need none).
-    pub fn cast_copy_bytes(self) -> usize {
+    /// Bytes per trainable element of gradients: f32 in `f32`; under `bf16_mixed` the backward's
+    /// bf16 output plus its f32 sum over micro-batches.
+    pub fn grad_bytes(self) -> usize {
         match self {
-            Precision::F32 => 0,
-            Precision::Bf16Mixed => 2,
+            Precision::F32 => 4,
+            Precision::Bf16Mixed => 6,
         }
     }
 
-    /// Bytes per gradient element: gradients reach the f32 weights in f32.
-    pub fn grad_bytes(self) -> usize {
-        4
+    /// Whether the model holds trainable weights in a lower precision than the optimizer's
+    /// master values, which checkpoints must then carry.
+    pub fn master_apart(self) -> bool {
+        self == Precision::Bf16Mixed
     }
 
     /// Saved activations relative to an all-16-bit model: 2 in f32; 1.5 under `bf16_mixed`, where
@@ -90,27 +89,42 @@ impl Precision {
         8
     }
 
-    /// Stores the frozen weights that only matrix products and convolutions read (rank ≥ 2,
-    /// `….weight`, not an embedding table) in bf16 under `bf16_mixed`; nothing changes in `f32`.
-    /// Embeddings stay f32 because they are read by lookups and sums, not products.
+    /// Stores the frozen weights read only by matrix products and convolutions in bf16 under
+    /// `bf16_mixed`; nothing changes in `f32`.
     pub fn store_frozen<B: Backend, M: Module<B>>(self, model: M, set: &TrainableSet) -> M {
-        struct ToBf16<'a> {
-            set: &'a TrainableSet,
+        self.store_product_weights(model, |path| !set.contains(path))
+    }
+
+    /// Stores the trainable weights read only by products in bf16 under `bf16_mixed`: call it
+    /// after the optimizer took their f32 values as its master copy.
+    pub fn store_trainable<B: Backend, M: Module<B>>(self, model: M, set: &TrainableSet) -> M {
+        self.store_product_weights(model, |path| set.contains(path))
+    }
+
+    /// Product weights are rank ≥ 2 `….weight` tensors that are not embedding tables (those are
+    /// read by lookups and sums, and stay f32 like norms and biases).
+    fn store_product_weights<B: Backend, M: Module<B>>(self, model: M, select: impl Fn(&str) -> bool) -> M {
+        struct ToBf16<F> {
+            select: F,
         }
-        impl<B: Backend> PathMapper<B> for ToBf16<'_> {
+        impl<B: Backend, F: Fn(&str) -> bool> PathMapper<B> for ToBf16<F> {
             fn map<const D: usize>(&mut self, at: &ParamPath, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
                 let path = at.path();
                 let product_weight = D >= 2 && path.ends_with(".weight") && !path.contains("embed");
-                if !product_weight || self.set.contains(&path) {
+                if !product_weight || !(self.select)(&path) {
                     return param;
                 }
                 let (id, tensor, mapper) = param.consume();
-                Param::from_mapped_value(id, tensor.cast(FloatDType::BF16), mapper)
+                // A trainable weight stays a leaf of the graph in its new dtype.
+                let trainable = tensor.is_require_grad();
+                let stored = tensor.cast(FloatDType::BF16);
+                let stored = if trainable { stored.detach().require_grad() } else { stored };
+                Param::from_mapped_value(id, stored, mapper)
             }
         }
         match self {
             Precision::F32 => model,
-            Precision::Bf16Mixed => map_params(model, &mut ToBf16 { set }),
+            Precision::Bf16Mixed => map_params(model, &mut ToBf16 { select }),
         }
     }
 
@@ -119,7 +133,7 @@ impl Precision {
         match self {
             Precision::F32 => "f32 weights, compute and optimizer state",
             Precision::Bf16Mixed => {
-                "bf16 matrix products and convolutions; frozen matrix weights stored in bf16; f32 trainable weights, gradients, optimizer state, norms, softmax and loss"
+                "bf16 matrix products and convolutions with weights stored in bf16; f32 master weights, gradient sums, optimizer state, norms, softmax and loss"
             }
         }
     }

@@ -295,6 +295,7 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
         let inner_device = Tensor::<B, 1>::zeros([1], device).inner().device();
         let layout = FlatLayout::new(&set, world.size, world.rank, BUCKET_ELEMENTS);
         let mut optimizer = AdamW::new(c.optimizer.clone(), &set, layout, &model, &inner_device);
+        optimizer.master_in_checkpoint = c.precision.master_apart();
         if let Some(dir) = resume {
             optimizer.load(dir)?;
             if root {
@@ -302,6 +303,8 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
             }
             state.total_steps = resumed_length(state.total_steps, total, state.step, root)?;
         }
+        // The optimizer holds the f32 values now; the model may keep a lower-precision copy.
+        let model = c.precision.store_trainable(model, &set);
         let schedule = Schedule::new(c.optimizer.lr, &c.schedule, state.total_steps);
         let config_toml = loaded.to_toml();
         if root {
