@@ -3,7 +3,7 @@
 //!
 //! Written here rather than taken from burn-optim because Burn's AdamW decays every parameter
 //! (no groups), its `GradientClippingConfig::Norm` clips each tensor on its own, and it cannot
-//! shard its state across ranks. Gradients are flat f32 tensors on the inner (non-autodiff)
+//! shard its state or gradients across ranks. Gradients are flat f32 tensors on the inner (non-autodiff)
 //! backend, keyed by model path; the optimizer state is one flat slice per rank ([`FlatLayout`]).
 
 use crate::checkpoint::OPTIMIZER_FILE;
@@ -106,6 +106,10 @@ pub struct AdamW<I: Backend> {
     /// Per element of the slice: the parameter's LR multiplier, and 1 where weight decay applies.
     lr_multiplier: Tensor<I, 1>,
     decays: Tensor<I, 1>,
+    /// The step's gradient slice so far (summed over micro-batches and ranks), and which
+    /// parameters received a gradient on this rank.
+    grad: Option<Tensor<I, 1>>,
+    has_grad: Vec<bool>,
     /// Whether checkpoints carry the master slice (`master.<path>`): needed when the model
     /// stores its trainable weights in a lower precision ([`crate::precision::Precision::master_apart`]).
     pub master_in_checkpoint: bool,
@@ -153,29 +157,67 @@ impl<I: Backend> AdamW<I> {
         let lr_multiplier = layout.per_element(|p| info(p).lr_multiplier as f32, 0.0, device);
         let decays = layout.per_element(|p| if info(p).decay { 1.0 } else { 0.0 }, 0.0, device);
         let zeros = Tensor::zeros([layout.slice_len], device);
-        Self { config, step: 0, layout, master, exp_avg: zeros.clone(), exp_avg_sq: zeros, lr_multiplier, decays, master_in_checkpoint: false }
+        let has_grad = vec![false; layout.names.len()];
+        Self {
+            config,
+            step: 0,
+            layout,
+            master,
+            exp_avg: zeros.clone(),
+            exp_avg_sq: zeros,
+            lr_multiplier,
+            decays,
+            grad: None,
+            has_grad,
+            master_in_checkpoint: false,
+        }
     }
 
-    /// One update at learning rate `lr` from this rank's summed gradients `grads`: reduce-scatter,
-    /// clip to `max_norm` by the global norm, AdamW on the slice, all-gather into `model`.
-    /// Returns the model and the global gradient norm before clipping; a non-finite norm leaves
-    /// everything as it was (the caller counts the step as skipped).
-    pub fn step<B, M>(&mut self, model: M, grads: &Grads<I>, lr: f64, max_norm: f64, comm: &Comm) -> Result<(M, f64)>
-    where
-        B: AutodiffBackend<InnerBackend = I>,
-        M: Module<B>,
-    {
+    /// Adds one micro-batch's gradients (`grads`: this rank's, by path) to the step's gradient
+    /// slice: reduce-scattered bucket by bucket over all ranks (ZeRO-2), so no rank keeps more
+    /// than its slice across micro-batches. Every rank calls it equally often per step; a rank
+    /// without a micro-batch for this call passes no gradients (it contributes zeros).
+    pub fn add_gradients(&mut self, grads: &Grads<I>, comm: &Comm) -> Result<()> {
         let layout = &self.layout;
         let device = self.master.device();
-        // Parameters without a gradient on any rank (unused this step) are left untouched.
-        let local: Vec<f64> = layout.names.iter().map(|n| f64::from(u8::from(grads.contains_key(n)))).collect();
-        let present: Vec<bool> = comm.sum_f64(&local)?.into_iter().map(|c| c > 0.0).collect();
+        for (p, name) in layout.names.iter().enumerate() {
+            self.has_grad[p] |= grads.contains_key(name);
+        }
         let mut pieces = Vec::with_capacity(layout.buckets.len());
         for b in 0..layout.buckets.len() {
             let bucket = layout.bucket_tensor(b, &|p| grads.get(&layout.names[p]).cloned(), &device);
             pieces.push(comm.reduce_scatter(bucket)?);
         }
-        let mut grad = Tensor::cat(pieces, 0);
+        let piece = Tensor::cat(pieces, 0);
+        self.grad = Some(match self.grad.take() {
+            Some(sum) => sum + piece,
+            None => piece,
+        });
+        Ok(())
+    }
+
+    /// Drops the step's gradients without an update (a skipped step).
+    pub fn clear_gradients(&mut self) {
+        self.grad = None;
+        self.has_grad.fill(false);
+    }
+
+    /// One update at learning rate `lr` from the gradients added since the last step: clip to
+    /// `max_norm` by the global norm, AdamW on the slice, all-gather into `model`. Returns the
+    /// model and the global gradient norm before clipping; a non-finite norm leaves everything as
+    /// it was (the caller counts the step as skipped).
+    pub fn step<B, M>(&mut self, model: M, lr: f64, max_norm: f64, comm: &Comm) -> Result<(M, f64)>
+    where
+        B: AutodiffBackend<InnerBackend = I>,
+        M: Module<B>,
+    {
+        let device = self.master.device();
+        // Parameters without a gradient on any rank (unused this step) are left untouched.
+        let local: Vec<f64> = self.has_grad.iter().map(|&h| f64::from(u8::from(h))).collect();
+        let present: Vec<bool> = comm.sum_f64(&local)?.into_iter().map(|c| c > 0.0).collect();
+        let mut grad = self.grad.take().unwrap_or_else(|| Tensor::zeros([self.layout.slice_len], &device));
+        self.has_grad.fill(false);
+        let layout = &self.layout;
         let local_sq = grad.clone().powf_scalar(2.0).sum().into_scalar().elem::<f64>();
         let norm = comm.sum_f64(&[local_sq])?[0].sqrt();
         if !norm.is_finite() {
@@ -434,7 +476,8 @@ mod tests {
         let mut one = AdamW::new(config(), &set, FlatLayout::new(&set, 1, 0, crate::shard::BUCKET_ELEMENTS), &m, &dev);
         let mut m1 = m.clone();
         for _ in 0..3 {
-            m1 = one.step(m1, &grads_of(1.0), 1e-2, 0.0, &Comm::single()).unwrap().0;
+            one.add_gradients(&grads_of(1.0), &Comm::single()).unwrap();
+            m1 = one.step(m1, 1e-2, 0.0, &Comm::single()).unwrap().0;
         }
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
@@ -448,7 +491,8 @@ mod tests {
                     let mut opt = AdamW::new(config(), &set, FlatLayout::new(&set, 2, rank, 6), &m, &Default::default());
                     let mut m = m;
                     for _ in 0..3 {
-                        m = opt.step(m, &grads_of(0.5), 1e-2, 0.0, &comm).unwrap().0;
+                        opt.add_gradients(&grads_of(0.5), &comm).unwrap();
+                        m = opt.step(m, 1e-2, 0.0, &comm).unwrap().0;
                     }
                     opt.save(&dir).unwrap();
                     weights(&m)

@@ -43,8 +43,8 @@ pub fn plan_architecture(loaded: &LoadedConfig) -> (FilaConfig, Option<String>) 
 }
 
 /// The plan as printable text, per rank of a run over `world` processes (one per GPU): weights,
-/// gradients and activations are whole on every rank; the AdamW moments and the f32 master values
-/// of the trainable parameters are sharded ([`crate::shard`]).
+/// one backward's gradients and activations are whole on every rank; the gradient sums, AdamW
+/// moments and f32 master values of the trainable parameters are sharded ([`crate::shard`]).
 pub fn plan(loaded: &LoadedConfig, world: usize) -> Result<String> {
     let world = world.max(1);
     let c = &loaded.config;
@@ -65,7 +65,9 @@ pub fn plan(loaded: &LoadedConfig, world: usize) -> Result<String> {
     let trainable: usize = parts.iter().filter(|(n, _)| trains(n)).map(|(_, k)| k).sum();
     let frozen = counts.total() - trainable;
     let weights = (counts.total() * p.weight_bytes()) as f64;
+    // One backward's gradients (the weights' dtype), reduce-scattered into each rank's f32 slice.
     let grads = (trainable * p.grad_bytes()) as f64;
+    let grad_slice = (trainable * 4) as f64 / world as f64;
     let optimizer = (trainable * p.optimizer_bytes()) as f64 / world as f64;
     // The optimizer's f32 master slice (every rank also holds the whole model in `weights`).
     let master = (trainable * 4) as f64 / world as f64;
@@ -109,7 +111,7 @@ pub fn plan(loaded: &LoadedConfig, world: usize) -> Result<String> {
         0.0
     };
     let activations = llm_act + vit_act + convnext_act;
-    let total = weights + grads + optimizer + master + activations;
+    let total = weights + grads + grad_slice + optimizer + master + activations;
 
     let mut out = String::new();
     let _ = writeln!(out, "memory plan: stage {} on {} ({:?}), micro-batch {} × accumulation {}, max_len {}", c.stage, c.device, p, c.batch.micro_batch_size, c.batch.accumulation_steps, data.max_len);
@@ -124,10 +126,11 @@ pub fn plan(loaded: &LoadedConfig, world: usize) -> Result<String> {
     if world == 1 {
         let _ = writeln!(out, "memory per device (one device):");
     } else {
-        let _ = writeln!(out, "memory per rank ({world} ranks, one GPU each; optimizer state and master values sharded {world} ways):");
+        let _ = writeln!(out, "memory per rank ({world} ranks, one GPU each; gradient sums, optimizer state and master values sharded {world} ways):");
     }
     let _ = writeln!(out, "  weights           {}  ({})", gib(weights), if p.weight_bytes() == 2 { "bf16" } else { "f32" });
-    let _ = writeln!(out, "  gradients         {}{}", gib(grads), if p.grad_bytes() == 6 { "  (bf16 from the backward, summed in f32)" } else { "" });
+    let _ = writeln!(out, "  gradients         {}  (one backward's, {})", gib(grads), if p.grad_bytes() == 2 { "bf16" } else { "f32" });
+    let _ = writeln!(out, "  gradient slice    {}  (f32 sum over micro-batches and ranks{})", gib(grad_slice), if world > 1 { ", this rank's slice" } else { "" });
     let _ = writeln!(out, "  optimizer state   {}  (AdamW moments, f32{})", gib(optimizer), if world > 1 { ", this rank's slice" } else { "" });
     let _ = writeln!(out, "  master slice      {}  (f32 values of the trainable parameters the optimizer owns)", gib(master));
     let _ = writeln!(out, "  activations       {}  (estimate; {} views/image, ConvNeXt {}x{}, {} tracked ViT layers)", gib(activations), views, hires_side_w, hires_side_h, vit_layers);

@@ -8,8 +8,8 @@
 //!   made per forward or kept for the backward. The f32 values of the trainable ones live in the
 //!   optimizer's master slice (sharded across ranks, saved with its state); the model holds
 //!   their bf16 rounding, which is exactly what a product of the f32 weight would read. Gradients
-//!   come out of the backward in bf16 and are summed over micro-batches in f32; AdamW's moments
-//!   are f32. A step computes what per-product casts of f32 weights compute: the same bits, but
+//!   come out of the backward in bf16 and are summed over micro-batches and ranks in f32 in the
+//!   optimizer's slice; AdamW's moments are f32. A step computes what per-product casts of f32 weights compute: the same bits, but
 //!   for the summation order of some kernels, which depends on the weights' memory layout.
 use crate::trainable::TrainableSet;
 use burn::module::{Module, Param};
@@ -59,12 +59,12 @@ impl Precision {
         }
     }
 
-    /// Bytes per trainable element of gradients: f32 in `f32`; under `bf16_mixed` the backward's
-    /// bf16 output plus its f32 sum over micro-batches.
+    /// Bytes per trainable element of the gradients one backward pass produces (the weights'
+    /// dtype); their sum over micro-batches is f32 in the optimizer's slice.
     pub fn grad_bytes(self) -> usize {
         match self {
             Precision::F32 => 4,
-            Precision::Bf16Mixed => 6,
+            Precision::Bf16Mixed => 2,
         }
     }
 

@@ -217,6 +217,9 @@ struct Window {
     /// Scored tokens and samples of the whole step (all ranks).
     tokens: usize,
     samples: usize,
+    /// The most micro-batches any rank has: every rank adds gradients this many times, so the
+    /// collectives stay in step when windows differ (the end of the data).
+    slots: usize,
 }
 
 /// What one step did, summed over ranks.
@@ -353,12 +356,13 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
         }
         let tokens: usize = batches.iter().map(scored_tokens).sum();
         let samples: usize = batches.iter().map(|b| b.batch_size).sum();
-        let empty = f64::from(u8::from(batches.is_empty()));
-        let totals = self.comm.sum_f64(&[tokens as f64, samples as f64, empty])?;
-        if totals[2] > 0.0 {
+        let all = self.comm.gather_f64(&[tokens as f64, samples as f64, batches.len() as f64])?;
+        if all.iter().any(|r| r[2] == 0.0) {
             return Ok(None);
         }
-        Ok(Some(Window { batches, tokens: totals[0] as usize, samples: totals[1] as usize }))
+        let total = |i: usize| all.iter().map(|r| r[i]).sum::<f64>() as usize;
+        let slots = all.iter().map(|r| r[2] as usize).max().unwrap_or(0);
+        Ok(Some(Window { batches, tokens: total(0), samples: total(1), slots }))
     }
 
     /// Forward and backward over the window, then one sharded update (skipped when a loss or the
@@ -369,21 +373,25 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
         // Each micro-batch's mean loss × its share of the step's scored tokens (all ranks): the
         // sum over micro-batches and ranks is the mean over all the step's tokens, so micro 4 ×
         // accumulation 1 equals micro 1 × accumulation 4, and W ranks equal one with W× the window.
-        let mut grads: Grads<B::InnerBackend> = Grads::new();
         let mut loss_sum = 0.0f64;
         let mut finite = true;
-        for batch in &window.batches {
-            let share = scored_tokens(batch) as f64 / window.tokens.max(1) as f64;
-            let output = self.c.precision.forward(|| self.model.forward(to_input::<B>(batch, &self.device), None));
-            let loss = output.loss.expect("labels given").mul_scalar(share);
-            let value = loss.clone().into_scalar().elem::<f64>();
-            if !value.is_finite() {
-                finite = false;
-                break;
+        for slot in 0..window.slots {
+            // Each micro-batch's gradients go to the optimizer's slice at once (ZeRO-2); a rank
+            // past its last micro-batch, or after a non-finite loss, adds nothing but still joins.
+            let mut grads: Grads<B::InnerBackend> = Grads::new();
+            if let Some(batch) = window.batches.get(slot).filter(|_| finite) {
+                let share = scored_tokens(batch) as f64 / window.tokens.max(1) as f64;
+                let output = self.c.precision.forward(|| self.model.forward(to_input::<B>(batch, &self.device), None));
+                let loss = output.loss.expect("labels given").mul_scalar(share);
+                let value = loss.clone().into_scalar().elem::<f64>();
+                if value.is_finite() {
+                    loss_sum += value;
+                    accumulate_grads(&self.model, &loss.backward(), &self.set, &mut grads);
+                } else {
+                    finite = false;
+                }
             }
-            loss_sum += value;
-            let g = loss.backward();
-            accumulate_grads(&self.model, &g, &self.set, &mut grads);
+            self.optimizer.add_gradients(&grads, self.comm)?;
         }
         // One exchange: the loss, whether every rank stayed finite, and whether any was signalled.
         let signalled = STOP.load(Ordering::SeqCst);
@@ -392,12 +400,13 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
         let mut grad_norm = f64::NAN;
         if finite {
             let model = self.model.clone();
-            let (model, norm) = self.optimizer.step(model, &grads, lr, self.c.train.max_grad_norm, self.comm)?;
+            let (model, norm) = self.optimizer.step(model, lr, self.c.train.max_grad_norm, self.comm)?;
             self.model = model;
             grad_norm = norm;
             finite = norm.is_finite();
+        } else {
+            self.optimizer.clear_gradients();
         }
-        drop(grads);
         if finite {
             self.state.nonfinite_in_a_row = 0;
         } else {

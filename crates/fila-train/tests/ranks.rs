@@ -115,6 +115,17 @@ fn two_ranks_train_like_one_process_in_stage_2() {
     ok(&fila_train(&tiny(2), &one, &refs(&with(4)), &[]));
     ok(&launched(2, &tiny(2), &two, &refs(&with(2)), &[]));
     assert_same_run(&one, &two, "stage 2, 2 ranks");
+
+    // Uneven shards: 9 instructions without even-shard cutting give rank 0 five and rank 1 four,
+    // so the second step has 2 micro-batches on rank 0 and 1 on rank 1 (global 6, then 3).
+    let (one, two) = (tmp.path().join("one-uneven"), tmp.path().join("two-uneven"));
+    let uneven = |acc: usize| vec![init.clone(), "data.loader.even_shards=false".into(), "batch.micro_batch_size=1".into(), format!("batch.accumulation_steps={acc}")];
+    ok(&fila_train(&tiny(2), &one, &refs(&uneven(6)), &[]));
+    ok(&launched(2, &tiny(2), &two, &refs(&uneven(3)), &[]));
+    assert_eq!(losses(&one).len(), 2);
+    assert_same_run(&one, &two, "stage 2, 2 uneven ranks");
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(two.join("step-2/state.json")).unwrap()).unwrap();
+    assert_eq!(state["samples_seen"].as_u64(), Some(9));
 }
 
 /// A 4-rank run stopped after 2 of 4 steps and resumed on 2 ranks, and a 2-rank run resumed on 1,

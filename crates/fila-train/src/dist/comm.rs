@@ -159,17 +159,27 @@ impl Comm {
         self.exchange(&[]).map(|_| ())
     }
 
-    /// Element-wise sums of equal-length f64 vectors (rank order, so the same bits everywhere).
-    pub fn sum_f64(&self, values: &[f64]) -> Result<Vec<f64>> {
+    /// Every rank's f64 values, in rank order, on every rank; all ranks pass as many.
+    pub fn gather_f64(&self, values: &[f64]) -> Result<Vec<Vec<f64>>> {
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         let all = self.exchange(&bytes)?;
+        all.iter()
+            .enumerate()
+            .map(|(r, b)| {
+                if b.len() != bytes.len() {
+                    bail!("rank {r} sent {} values where this rank has {}: the ranks are out of step", b.len() / 8, values.len());
+                }
+                Ok(b.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect())
+            })
+            .collect()
+    }
+
+    /// Element-wise sums of equal-length f64 vectors (rank order, so the same bits everywhere).
+    pub fn sum_f64(&self, values: &[f64]) -> Result<Vec<f64>> {
         let mut out = vec![0.0f64; values.len()];
-        for (r, b) in all.iter().enumerate() {
-            if b.len() != bytes.len() {
-                bail!("rank {r} sent {} values where this rank has {}: the ranks are out of step", b.len() / 8, values.len());
-            }
-            for (o, c) in out.iter_mut().zip(b.chunks_exact(8)) {
-                *o += f64::from_le_bytes(c.try_into().unwrap());
+        for theirs in self.gather_f64(values)? {
+            for (o, v) in out.iter_mut().zip(theirs) {
+                *o += v;
             }
         }
         Ok(out)
