@@ -153,7 +153,8 @@ pub fn run<B: AutodiffBackend>(options: BenchOptions, device: &B::Device) -> any
                 let mut collected: Grads<B::InnerBackend> = Grads::new();
                 accumulate_grads(&model, &grads, &set, &mut collected);
                 drop(grads);
-                adam.step(model, &collected, 2e-5, 1.0, &comm)?.0
+                adam.add_gradients(&collected, &comm)?;
+                adam.step(model, 2e-5, 1.0, &comm)?.0
             }
             None => model,
         };
