@@ -9,10 +9,16 @@
 //! open with LayerNorm then a 2×2 stride-2 conv (timm `downsample.{0,1}`); blocks are depthwise
 //! 7×7 conv, LayerNorm, Linear 4×, exact GELU, Linear, layer scale, residual; every inner
 //! LayerNorm has eps 1e-6. timm's pooler norm is `head.norm` (eps 1e-6); FILA uses the stage maps.
+//!
+//! The computation runs channels-last (`[N, H, W, C]`) through [`crate::kernels`]: per-pixel
+//! norms and linear layers read contiguous rows, and the patchify convolutions (stem and
+//! downsampling) are one matrix product each. [`ConvNextModel::forward`] returns PyTorch's
+//! `[N, C, H, W]` views of the maps.
 
 use crate::autocast;
 use crate::config::read_hf_config;
-use crate::nn::{from_pixel_rows, linear, to_pixel_rows, Activation, LayerNorm};
+use crate::kernels;
+use crate::nn::{linear, Activation, LayerNorm};
 use crate::weights::{Checkpoint, KeyMap};
 use crate::ModelError;
 use burn::module::{Module, Param};
@@ -247,16 +253,35 @@ pub struct ConvNextLayer<B: Backend> {
 }
 
 impl<B: Backend> ConvNextLayer<B> {
-    /// `[N, C, H, W]` → `[N, C, H, W]`.
+    /// Channels-last `[N, H, W, C]` → `[N, H, W, C]`.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let dims = x.dims();
-        let y = self.layernorm.forward(to_pixel_rows(autocast::conv2d(&self.dwconv, x.clone())));
-        let y = autocast::linear(&self.pwconv2, self.act.apply(autocast::linear(&self.pwconv1, y)));
+        let [n, h, w, c] = x.dims();
+        let y = kernels::depthwise_conv2d_nhwc(x.clone(), &self.dwconv).reshape([n * h * w, c]);
+        let y = norm(&self.layernorm, y);
+        let y = autocast::linear(&self.pwconv2, activation(self.act, autocast::linear(&self.pwconv1, y)));
         let y = match &self.layer_scale_parameter {
             Some(gamma) => y * gamma.val().unsqueeze::<2>(),
             None => y,
         };
-        x + from_pixel_rows(y, dims)
+        x + y.reshape([n, h, w, c])
+    }
+}
+
+/// LayerNorm over the channels of pixel rows, through the fused kernel.
+fn norm<B: Backend, const D: usize>(ln: &LayerNorm<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    kernels::layer_norm(x, ln.weight.val(), ln.bias.val(), ln.eps)
+}
+
+/// LayerNorm over the channels of a channels-last map `[N, H, W, C]`.
+fn norm_map<B: Backend>(ln: &LayerNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [n, h, w, c] = x.dims();
+    norm(ln, x.reshape([n * h * w, c])).reshape([n, h, w, c])
+}
+
+fn activation<B: Backend, const D: usize>(act: Activation, x: Tensor<B, D>) -> Tensor<B, D> {
+    match act {
+        Activation::Gelu => kernels::gelu(x),
+        other => other.apply(x),
     }
 }
 
@@ -267,9 +292,10 @@ pub struct ConvNextStage<B: Backend> {
 }
 
 impl<B: Backend> ConvNextStage<B> {
+    /// Channels-last `[N, H, W, C_in]` → `[N, H/2, W/2, C]` (`[N, H, W, C]` for stage 1).
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let mut x = match &self.downsampling_layer {
-            Some(ds) => autocast::conv2d(&ds.conv, ds.norm.forward_channels_first(x)),
+            Some(ds) => kernels::patchify_conv_nhwc(norm_map(&ds.norm, x), &ds.conv),
             None => x,
         };
         for layer in &self.layers {
@@ -296,17 +322,26 @@ pub struct ConvNextModel<B: Backend> {
 pub struct ConvNextOutput<B: Backend> {
     /// Stem output (`hidden_states[0]` in transformers).
     pub stem: Tensor<B, 4>,
-    /// Stage 1..4 outputs, `[N, C_k, H/s_k, W/s_k]`.
+    /// Stage 1..4 outputs, `[N, C_k, H/s_k, W/s_k]` from [`ConvNextModel::forward`] and
+    /// `[N, H/s_k, W/s_k, C_k]` from [`ConvNextModel::forward_channels_last`].
     pub stages: Vec<Tensor<B, 4>>,
 }
 
 impl<B: Backend> ConvNextModel<B> {
-    /// `pixels`: `[N, 3, H, W]` with H and W multiples of 32.
+    /// `pixels`: `[N, 3, H, W]` with H and W multiples of 32; maps in PyTorch's `[N, C, H, W]`
+    /// (views of the channels-last maps).
     pub fn forward(&self, pixels: Tensor<B, 4>) -> ConvNextOutput<B> {
-        let stem = self
-            .embeddings
-            .layernorm
-            .forward_channels_first(autocast::conv2d(&self.embeddings.patch_embeddings, pixels));
+        let out = self.forward_channels_last(pixels);
+        let nchw = |x: Tensor<B, 4>| x.permute([0, 3, 1, 2]);
+        ConvNextOutput { stem: nchw(out.stem), stages: out.stages.into_iter().map(nchw).collect() }
+    }
+
+    /// `pixels`: `[N, 3, H, W]`; maps channels-last, `[N, H/s, W/s, C]`. The network runs on
+    /// channels-last maps throughout: its per-pixel LayerNorms and linear layers then read
+    /// contiguous rows, and its patchify convolutions become one matrix product each.
+    pub fn forward_channels_last(&self, pixels: Tensor<B, 4>) -> ConvNextOutput<B> {
+        let patches = kernels::patchify_conv_nhwc(kernels::nchw_to_nhwc(pixels), &self.embeddings.patch_embeddings);
+        let stem = norm_map(&self.embeddings.layernorm, patches);
         let mut stages = Vec::with_capacity(4);
         let mut x = stem.clone();
         for stage in &self.encoder.stages {

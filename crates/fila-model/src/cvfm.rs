@@ -10,7 +10,8 @@
 //!   passes unchanged. `W_out` starts at zero, so an untrained CVFM leaves the ViT unchanged.
 
 use crate::autocast;
-use crate::nn::{linear, zero_linear, Activation, LayerNorm};
+use crate::kernels;
+use crate::nn::{linear, zero_linear, LayerNorm};
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::Linear;
@@ -84,7 +85,12 @@ impl<B: Backend> CvfmBlock<B> {
     /// `map`: `[1, C, rows·g·r, cols·g·r]` → `[views, g², C]`, global view first, then tiles
     /// row-major.
     pub fn view_features(&self, map: Tensor<B, 4>, grid: TileGrid, g: usize) -> Tensor<B, 3> {
-        let [_, c, h, w] = map.dims();
+        self.view_features_channels_last(kernels::nchw_to_nhwc(map), grid, g)
+    }
+
+    /// [`Self::view_features`] of a channels-last map `[1, rows·g·r, cols·g·r, C]`.
+    pub fn view_features_channels_last(&self, map: Tensor<B, 4>, grid: TileGrid, g: usize) -> Tensor<B, 3> {
+        let [_, h, w, c] = map.dims();
         assert_eq!(
             [h, w],
             [grid.rows * g * self.ratio, grid.cols * g * self.ratio],
@@ -93,24 +99,27 @@ impl<B: Backend> CvfmBlock<B> {
             grid.cols,
             self.ratio
         );
+        let nchw = |x: Tensor<B, 4>| x.permute([0, 3, 1, 2]);
+        let nhwc = |x: Tensor<B, 4>| x.permute([0, 2, 3, 1]);
         let aligned = match &self.align {
-            Some(conv) => autocast::conv2d(conv, map),
+            Some(conv) => kernels::patchify_conv_nhwc(map, conv),
             None if self.ratio == 1 => map,
-            None => avg_pool2d(map, [self.ratio, self.ratio], [self.ratio, self.ratio], [0, 0], true, false),
-        }; // [1, C, rows·g, cols·g]
+            None => nhwc(avg_pool2d(nchw(map), [self.ratio, self.ratio], [self.ratio, self.ratio], [0, 0], true, false)),
+        }; // [1, rows·g, cols·g, C]
         let mut views = vec![if grid.rows == 1 && grid.cols == 1 {
             aligned.clone()
         } else {
-            adaptive_avg_pool2d(aligned.clone(), [g, g])
+            nhwc(adaptive_avg_pool2d(nchw(aligned.clone()), [g, g]))
         }];
         if grid.tiled {
             for i in 0..grid.rows {
                 for j in 0..grid.cols {
-                    views.push(aligned.clone().slice([0..1, 0..c, i * g..(i + 1) * g, j * g..(j + 1) * g]));
+                    views.push(aligned.clone().slice([0..1, i * g..(i + 1) * g, j * g..(j + 1) * g, 0..c]));
                 }
             }
         }
-        Tensor::cat(views, 0).flatten::<3>(2, 3).swap_dims(1, 2)
+        let v = views.len();
+        Tensor::cat(views, 0).reshape([v, g * g, c])
     }
 
     /// `h`: `[V, 1+g², D]` ViT states, `conv`: `[V, g², C]` → `[V, 1+g², D]`.
@@ -118,8 +127,9 @@ impl<B: Backend> CvfmBlock<B> {
         let [v, t, d] = h.dims();
         let cls = h.clone().slice([0..v, 0..1, 0..d]);
         let patches = h.slice([0..v, 1..t, 0..d]);
-        let joined = Tensor::cat(vec![self.norm_vit.forward(patches.clone()), self.norm_conv.forward(conv)], 2);
-        let delta = autocast::linear(&self.fc_out, Activation::Gelu.apply(autocast::linear(&self.fc_in, joined)));
+        let norm = |ln: &LayerNorm<B>, x| kernels::layer_norm(x, ln.weight.val(), ln.bias.val(), ln.eps);
+        let joined = Tensor::cat(vec![norm(&self.norm_vit, patches.clone()), norm(&self.norm_conv, conv)], 2);
+        let delta = autocast::linear(&self.fc_out, kernels::gelu(autocast::linear(&self.fc_in, joined)));
         Tensor::cat(vec![cls, patches + delta], 1)
     }
 }

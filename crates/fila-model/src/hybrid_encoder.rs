@@ -151,17 +151,19 @@ impl<B: Backend> HybridEncoder<B> {
                     );
                 }
                 let same = hires.windows(2).all(|w| w[0].dims() == w[1].dims());
+                // Channels-last maps `[1, H, W, C]`: what CVFM reads per pixel.
                 let outputs = if same && hires.len() > 1 {
-                    let stages = convnext.forward(Tensor::cat(hires, 0)).stages;
+                    let stages = convnext.forward_channels_last(Tensor::cat(hires, 0)).stages;
                     (0..images.len())
                         .map(|i| stages.iter().map(|s| s.clone().narrow(0, i, 1)).collect())
                         .collect()
                 } else {
-                    hires.into_iter().map(|x| convnext.forward(x).stages).collect::<Vec<Vec<_>>>()
+                    hires.into_iter().map(|x| convnext.forward_channels_last(x).stages).collect::<Vec<Vec<_>>>()
                 };
                 if let Some(trace) = trace.as_deref_mut() {
                     for (k, stage) in outputs.first().into_iter().flatten().enumerate() {
-                        trace.tensors.push((format!("convnext.stage.{}", k + 1), stage.to_data()));
+                        let nchw = stage.clone().permute([0, 3, 1, 2]);
+                        trace.tensors.push((format!("convnext.stage.{}", k + 1), nchw.to_data()));
                     }
                 }
                 outputs
@@ -177,7 +179,7 @@ impl<B: Backend> HybridEncoder<B> {
                 let conv: Vec<Tensor<B, 3>> = images
                     .iter()
                     .zip(&stage_maps)
-                    .map(|(im, maps)| block.view_features(maps[k].clone(), im.grid, g))
+                    .map(|(im, maps)| block.view_features_channels_last(maps[k].clone(), im.grid, g))
                     .collect();
                 h = block.fuse(h, Tensor::cat(conv, 0));
             }

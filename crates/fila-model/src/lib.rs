@@ -11,6 +11,7 @@ pub mod convnext;
 pub mod cvfm;
 pub mod fila;
 pub mod hybrid_encoder;
+pub mod kernels;
 pub mod llama;
 pub mod nn;
 pub mod projector;

@@ -1,7 +1,8 @@
 //! The vision-language projector (LLaVA's `mm_projector_type`: `linear` or `mlp{N}x_gelu`).
 
 use crate::autocast;
-use crate::nn::{linear, Activation};
+use crate::kernels;
+use crate::nn::linear;
 use burn::module::Module;
 use burn::nn::Linear;
 use burn::prelude::*;
@@ -81,7 +82,7 @@ impl<B: Backend> Projector<B> {
         self.layers.iter().enumerate().fold(x, |x, (i, layer)| {
             let y = autocast::linear(layer, x);
             if i < last {
-                Activation::Gelu.apply(y)
+                kernels::gelu(y)
             } else {
                 y
             }

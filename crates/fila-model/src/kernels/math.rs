@@ -1,0 +1,467 @@
+//! The arithmetic of the CPU kernels on plain `f32` slices, row-major and contiguous.
+//!
+//! Hot loops are written so that LLVM vectorises them (no calls, no branches that depend on the
+//! data except as selects) and are compiled twice: for AVX2 + FMA, chosen at run time when the
+//! CPU has both, and for the target's baseline. Work is split over rayon's threads in blocks
+//! whose boundaries do not depend on the thread count, and every sum over blocks is taken in block
+//! order, so results are the same bit for bit from run to run.
+
+use rayon::prelude::*;
+
+/// Runs `$body` (a call of `#[inline(always)]` functions generic over `const FMA: bool`) compiled
+/// with AVX2 + FMA when the CPU has them, and for the baseline target otherwise.
+macro_rules! with_fma {
+    (|$fma:ident| $body:expr) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn fast<R>(f: impl FnOnce() -> R) -> R {
+                    f()
+                }
+                const $fma: bool = true;
+                // SAFETY: the features were detected just above.
+                unsafe { fast(|| $body) }
+            } else {
+                const $fma: bool = false;
+                $body
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            const $fma: bool = false;
+            $body
+        }
+    }};
+}
+
+/// `a * b + c`, fused where the CPU has FMA (unfused, `mul_add` would be a slow library call).
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// Elements per parallel task for element-wise work: large enough that a task costs more than
+/// handing it to a thread.
+const ELEMENTS_PER_TASK: usize = 1 << 15;
+
+/// `e^v` for `v` in [−87, 0] (results stay normal floats): `2^n · p(r)` with `v = n ln 2 + r`,
+/// `|r| ≤ ln 2 / 2`, `p` the degree-7 Taylor polynomial (relative error below 1e-7).
+#[inline(always)]
+fn exp_nonpositive<const FMA: bool>(v: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split so that n · LN2_HI is exact for the n that occur.
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // Adding and subtracting 1.5 · 2^23 rounds to the nearest integer without a call.
+    const ROUND: f32 = 12_582_912.0;
+    let v = v.max(-87.0);
+    let n = (v * LOG2E + ROUND) - ROUND;
+    let r = madd::<FMA>(-n, LN2_LO, madd::<FMA>(-n, LN2_HI, v));
+    let mut p = 1.0 / 5040.0;
+    p = madd::<FMA>(p, r, 1.0 / 720.0);
+    p = madd::<FMA>(p, r, 1.0 / 120.0);
+    p = madd::<FMA>(p, r, 1.0 / 24.0);
+    p = madd::<FMA>(p, r, 1.0 / 6.0);
+    p = madd::<FMA>(p, r, 0.5);
+    p = madd::<FMA>(p, r, 1.0);
+    p = madd::<FMA>(p, r, 1.0);
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    p * scale
+}
+
+/// `(Φ(x), φ(x))`: the standard normal CDF and density. Φ comes from erfc in the form of
+/// Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7, the approximation PyTorch's
+/// vectorised CPU erf also uses), taken on |x| so the lower tail has no cancellation.
+#[inline(always)]
+fn normal_cdf_pdf<const FMA: bool>(x: f32) -> (f32, f32) {
+    const P: f32 = 0.327_591_1;
+    const A: [f32; 5] = [0.254_829_6, -0.284_496_74, 1.421_413_8, -1.453_152, 1.061_405_4];
+    const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+    let z = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
+    let t = 1.0 / madd::<FMA>(P, z, 1.0);
+    let mut poly = A[4];
+    poly = madd::<FMA>(poly, t, A[3]);
+    poly = madd::<FMA>(poly, t, A[2]);
+    poly = madd::<FMA>(poly, t, A[1]);
+    poly = madd::<FMA>(poly, t, A[0]);
+    poly *= t;
+    let gauss = exp_nonpositive::<FMA>(-z * z); // e^{-x²/2}
+    let upper = 0.5 * poly * gauss; // 1 − Φ(|x|)
+    let cdf = if x >= 0.0 { 1.0 - upper } else { upper };
+    (cdf, FRAC_1_SQRT_2PI * gauss)
+}
+
+#[inline(always)]
+fn gelu_slice<const FMA: bool>(x: &[f32], y: &mut [f32]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y = x * normal_cdf_pdf::<FMA>(x).0;
+    }
+}
+
+#[inline(always)]
+fn gelu_grad_slice<const FMA: bool>(x: &[f32], g: &[f32], dx: &mut [f32]) {
+    for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+        let (cdf, pdf) = normal_cdf_pdf::<FMA>(x);
+        *dx = g * madd::<FMA>(x, pdf, cdf);
+    }
+}
+
+/// Exact (erf) GELU, `x Φ(x)`.
+pub fn gelu(x: &[f32]) -> Vec<f32> {
+    let mut y = vec![0.0; x.len()];
+    y.par_chunks_mut(ELEMENTS_PER_TASK).zip(x.par_chunks(ELEMENTS_PER_TASK)).for_each(|(y, x)| with_fma!(|FMA| gelu_slice::<FMA>(x, y)));
+    y
+}
+
+/// Gradient of [`gelu`]: `g (Φ(x) + x φ(x))`.
+pub fn gelu_grad(x: &[f32], g: &[f32]) -> Vec<f32> {
+    let mut dx = vec![0.0; x.len()];
+    dx.par_chunks_mut(ELEMENTS_PER_TASK)
+        .zip(x.par_chunks(ELEMENTS_PER_TASK).zip(g.par_chunks(ELEMENTS_PER_TASK)))
+        .for_each(|(dx, (x, g))| with_fma!(|FMA| gelu_grad_slice::<FMA>(x, g, dx)));
+    dx
+}
+
+/// Sum with eight running partial sums (so it vectorises), added in a fixed order.
+#[inline(always)]
+fn sum8(values: impl Iterator<Item = f32>) -> f32 {
+    let mut acc = [0.0f32; 8];
+    for (i, v) in values.enumerate() {
+        acc[i % 8] += v;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
+#[inline(always)]
+fn sum_slice(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for k in 0..8 {
+            acc[k] += c[k];
+        }
+    }
+    sum8(acc.into_iter()) + sum8(rest.iter().copied())
+}
+
+#[inline(always)]
+fn sum_products(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let rest: f32 = sum8(ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y));
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    sum8(acc.into_iter()) + rest
+}
+
+/// Rows per parallel task for row-wise work on rows of `len` elements.
+fn rows_per_task(len: usize) -> usize {
+    (ELEMENTS_PER_TASK / len.max(1)).max(1)
+}
+
+/// LayerNorm over rows of `c` elements: `y = (x − mean) · rstd · weight + bias` with
+/// `rstd = 1 / sqrt(var + eps)` (biased variance). Returns `y` and each row's mean and rstd.
+pub fn layer_norm(x: &[f32], c: usize, weight: &[f32], bias: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let rows = x.len() / c;
+    let mut y = vec![0.0; x.len()];
+    let mut stats = vec![(0.0f32, 0.0f32); rows];
+    let block = rows_per_task(c);
+    y.par_chunks_mut(block * c).zip(stats.par_chunks_mut(block)).zip(x.par_chunks(block * c)).for_each(|((y, stats), x)| {
+        with_fma!(|FMA| {
+            for ((y, x), stat) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)).zip(stats.iter_mut()) {
+                let mean = sum_slice(x) / c as f32;
+                let var = sum8(x.iter().map(|&v| (v - mean) * (v - mean))) / c as f32;
+                let rstd = 1.0 / (var + eps).sqrt();
+                for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(weight).zip(bias) {
+                    *y = madd::<FMA>((x - mean) * rstd, w, b);
+                }
+                *stat = (mean, rstd);
+            }
+        })
+    });
+    let (mean, rstd) = stats.into_iter().unzip();
+    (y, mean, rstd)
+}
+
+/// Gradients of [`layer_norm`]: `(dx, dweight, dbias)` from the output gradient `g`.
+pub fn layer_norm_grad(x: &[f32], g: &[f32], c: usize, weight: &[f32], mean: &[f32], rstd: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let rows = x.len() / c;
+    let block = rows_per_task(c);
+    let blocks = rows.div_ceil(block);
+    let mut dx = vec![0.0; x.len()];
+    // Per block: Σ g·x̂ (dweight) then Σ g (dbias), summed over blocks in order below.
+    let mut partial = vec![0.0f32; blocks * 2 * c];
+    dx.par_chunks_mut(block * c).zip(partial.par_chunks_mut(2 * c)).enumerate().for_each(|(b, (dx, partial))| {
+        let r0 = b * block;
+        let (dw, db) = partial.split_at_mut(c);
+        let mut gy = vec![0.0f32; c];
+        let mut xhat = vec![0.0f32; c];
+        with_fma!(|FMA| {
+            for (i, dx) in dx.chunks_exact_mut(c).enumerate() {
+                let r = r0 + i;
+                let (x, g) = (&x[r * c..(r + 1) * c], &g[r * c..(r + 1) * c]);
+                let (m, s) = (mean[r], rstd[r]);
+                for k in 0..c {
+                    xhat[k] = (x[k] - m) * s;
+                    gy[k] = g[k] * weight[k];
+                    dw[k] = madd::<FMA>(g[k], xhat[k], dw[k]);
+                    db[k] += g[k];
+                }
+                let mean_gy = sum_slice(&gy) / c as f32;
+                let mean_gy_xhat = sum_products(&gy, &xhat) / c as f32;
+                for k in 0..c {
+                    dx[k] = s * (gy[k] - mean_gy - xhat[k] * mean_gy_xhat);
+                }
+            }
+        })
+    });
+    let (mut dweight, mut dbias) = (vec![0.0f32; c], vec![0.0f32; c]);
+    for p in partial.chunks_exact(2 * c) {
+        for k in 0..c {
+            dweight[k] += p[k];
+            dbias[k] += p[c + k];
+        }
+    }
+    (dx, dweight, dbias)
+}
+
+/// Geometry of a stride-1 depthwise convolution on a channels-last map `[n, h, w, c]` with a
+/// square `k×k` kernel and `pad` zeros on each side (ConvNeXt: k = 7, pad = 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Depthwise {
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+    pub k: usize,
+    pub pad: usize,
+}
+
+impl Depthwise {
+    pub fn out_h(&self) -> usize {
+        self.h + 2 * self.pad + 1 - self.k
+    }
+
+    pub fn out_w(&self) -> usize {
+        self.w + 2 * self.pad + 1 - self.k
+    }
+
+    /// Output columns `j` for which input column `j + dx − pad` exists.
+    fn columns(&self, dx: usize, out_w: usize, in_w: usize) -> std::ops::Range<usize> {
+        let lo = self.pad.saturating_sub(dx).min(out_w);
+        let hi = (in_w + self.pad).saturating_sub(dx).min(out_w);
+        lo..hi.max(lo)
+    }
+}
+
+/// PyTorch's depthwise weight `[c, 1, k, k]` → taps `[k, k, c]`, channel innermost; `flip`
+/// turns the kernel by 180° (the input gradient is the correlation with the turned kernel).
+pub fn depthwise_taps(weight: &[f32], c: usize, k: usize, flip: bool) -> Vec<f32> {
+    let mut taps = vec![0.0; k * k * c];
+    for ch in 0..c {
+        for y in 0..k {
+            for x in 0..k {
+                let (ty, tx) = if flip { (k - 1 - y, k - 1 - x) } else { (y, x) };
+                taps[(ty * k + tx) * c + ch] = weight[ch * k * k + y * k + x];
+            }
+        }
+    }
+    taps
+}
+
+/// A channels-last map `[n, h, w, c]` read by [`depthwise_row`].
+struct Map<'a> {
+    data: &'a [f32],
+    h: usize,
+    w: usize,
+}
+
+/// Output row `i` of image `n` of a channels-last depthwise correlation: `out[j, c] +=
+/// Σ in[i+dy−pad, j+dx−pad, c] · taps[dy, dx, c]` over the taps whose input row exists.
+#[inline(always)]
+fn depthwise_row<const FMA: bool>(geo: &Depthwise, input: &Map, taps: &[f32], (n, i): (usize, usize), out: &mut [f32]) {
+    let (c, k, pad) = (geo.c, geo.k, geo.pad);
+    let (in_h, in_w, input) = (input.h, input.w, input.data);
+    let out_w = out.len() / c;
+    for dy in 0..k {
+        let Some(r) = (i + dy).checked_sub(pad).filter(|&r| r < in_h) else { continue };
+        let row = &input[(n * in_h + r) * in_w * c..(n * in_h + r + 1) * in_w * c];
+        for dx in 0..k {
+            let tap = &taps[(dy * k + dx) * c..(dy * k + dx + 1) * c];
+            let cols = geo.columns(dx, out_w, in_w);
+            if cols.is_empty() {
+                continue;
+            }
+            let src = &row[(cols.start + dx - pad) * c..(cols.end + dx - pad) * c];
+            for (o, s) in out[cols.start * c..cols.end * c].chunks_exact_mut(c).zip(src.chunks_exact(c)) {
+                for ch in 0..c {
+                    o[ch] = madd::<FMA>(s[ch], tap[ch], o[ch]);
+                }
+            }
+        }
+    }
+}
+
+/// Forward: `[n, h, w, c]` → `[n, out_h, out_w, c]`, plus `bias[c]`.
+pub fn depthwise_forward(geo: &Depthwise, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    let taps = depthwise_taps(weight, geo.c, geo.k, false);
+    let (oh, ow, c) = (geo.out_h(), geo.out_w(), geo.c);
+    let mut out = vec![0.0; geo.n * oh * ow * c];
+    out.par_chunks_mut(ow * c).enumerate().for_each(|(row, out)| {
+        if let Some(bias) = bias {
+            for o in out.chunks_exact_mut(c) {
+                o.copy_from_slice(bias);
+            }
+        }
+        let input = Map { data: x, h: geo.h, w: geo.w };
+        with_fma!(|FMA| depthwise_row::<FMA>(geo, &input, &taps, (row / oh, row % oh), out));
+    });
+    out
+}
+
+/// Input gradient: the output gradient correlated with the turned kernel (padding `k − 1 − pad`).
+pub fn depthwise_input_grad(geo: &Depthwise, g: &[f32], weight: &[f32]) -> Vec<f32> {
+    let taps = depthwise_taps(weight, geo.c, geo.k, true);
+    let (oh, ow, c) = (geo.out_h(), geo.out_w(), geo.c);
+    let back = Depthwise { n: geo.n, h: oh, w: ow, c, k: geo.k, pad: geo.k - 1 - geo.pad };
+    let mut dx = vec![0.0; geo.n * geo.h * geo.w * c];
+    dx.par_chunks_mut(geo.w * c).enumerate().for_each(|(row, dx)| {
+        let input = Map { data: g, h: oh, w: ow };
+        with_fma!(|FMA| depthwise_row::<FMA>(&back, &input, &taps, (row / geo.h, row % geo.h), dx));
+    });
+    dx
+}
+
+/// Weight and bias gradients: `dweight[c, 1, k, k]`, `dbias[c]`.
+pub fn depthwise_weight_grad(geo: &Depthwise, x: &[f32], g: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let (oh, ow, c, k, pad) = (geo.out_h(), geo.out_w(), geo.c, geo.k, geo.pad);
+    let rows = geo.n * oh;
+    // A fixed number of output rows per block keeps the sums independent of the thread count.
+    let block = 4;
+    let partials: Vec<Vec<f32>> = (0..rows.div_ceil(block))
+        .into_par_iter()
+        .map(|b| {
+            // Taps [k, k, c] then the bias [c].
+            let mut acc = vec![0.0f32; (k * k + 1) * c];
+            with_fma!(|FMA| {
+                for row in b * block..((b + 1) * block).min(rows) {
+                    let (n, i) = (row / oh, row % oh);
+                    let grow = &g[row * ow * c..(row + 1) * ow * c];
+                    let (taps, db) = acc.split_at_mut(k * k * c);
+                    for p in grow.chunks_exact(c) {
+                        for ch in 0..c {
+                            db[ch] += p[ch];
+                        }
+                    }
+                    for dy in 0..k {
+                        let Some(r) = (i + dy).checked_sub(pad).filter(|&r| r < geo.h) else { continue };
+                        let xrow = &x[(n * geo.h + r) * geo.w * c..(n * geo.h + r + 1) * geo.w * c];
+                        for dx in 0..k {
+                            let tap = &mut taps[(dy * k + dx) * c..(dy * k + dx + 1) * c];
+                            let cols = geo.columns(dx, ow, geo.w);
+                            if cols.is_empty() {
+                                continue;
+                            }
+                            let src = &xrow[(cols.start + dx - pad) * c..(cols.end + dx - pad) * c];
+                            for (gp, s) in grow[cols.start * c..cols.end * c].chunks_exact(c).zip(src.chunks_exact(c)) {
+                                for ch in 0..c {
+                                    tap[ch] = madd::<FMA>(gp[ch], s[ch], tap[ch]);
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+            acc
+        })
+        .collect();
+    let mut total = vec![0.0f32; (k * k + 1) * c];
+    for p in &partials {
+        for (t, v) in total.iter_mut().zip(p) {
+            *t += v;
+        }
+    }
+    let mut dweight = vec![0.0; c * k * k];
+    for ch in 0..c {
+        for t in 0..k * k {
+            dweight[ch * k * k + t] = total[t * c + ch];
+        }
+    }
+    (dweight, total[k * k * c..].to_vec())
+}
+
+/// `[n, h, w, c]` → `[n, h/r, w/r, c·r·r]` where output channel `(ch·r + dy)·r + dx` holds input
+/// `(i·r + dy, j·r + dx, ch)`: the patch order of PyTorch's conv weight `[out, in, r, r]`, so an
+/// `r×r` stride-`r` convolution is this followed by a product with the weight as `[out, in·r·r]`.
+pub fn space_to_depth(x: &[f32], n: usize, h: usize, w: usize, c: usize, r: usize) -> Vec<f32> {
+    let (oh, ow, oc) = (h / r, w / r, c * r * r);
+    let mut out = vec![0.0; n * oh * ow * oc];
+    out.par_chunks_mut(ow * oc).enumerate().for_each(|(row, out)| {
+        let (b, i) = (row / oh, row % oh);
+        for dy in 0..r {
+            let src = &x[((b * h) + i * r + dy) * w * c..((b * h) + i * r + dy + 1) * w * c];
+            for (j, patch) in out.chunks_exact_mut(oc).enumerate() {
+                for dx in 0..r {
+                    let pixel = &src[(j * r + dx) * c..(j * r + dx + 1) * c];
+                    for (ch, &v) in pixel.iter().enumerate() {
+                        patch[(ch * r + dy) * r + dx] = v;
+                    }
+                }
+            }
+        }
+    });
+    out
+}
+
+/// The inverse of [`space_to_depth`] (its gradient): `[n, h/r, w/r, c·r·r]` → `[n, h, w, c]`.
+pub fn depth_to_space(y: &[f32], n: usize, h: usize, w: usize, c: usize, r: usize) -> Vec<f32> {
+    let (oh, ow, oc) = (h / r, w / r, c * r * r);
+    let mut x = vec![0.0; n * h * w * c];
+    x.par_chunks_mut(w * c).enumerate().for_each(|(row, dst)| {
+        let (b, yy) = (row / h, row % h);
+        let (i, dy) = (yy / r, yy % r);
+        let src = &y[(b * oh + i) * ow * oc..(b * oh + i + 1) * ow * oc];
+        for (xx, pixel) in dst.chunks_exact_mut(c).enumerate() {
+            let (j, dx) = (xx / r, xx % r);
+            let patch = &src[j * oc..(j + 1) * oc];
+            for (ch, v) in pixel.iter_mut().enumerate() {
+                *v = patch[(ch * r + dy) * r + dx];
+            }
+        }
+    });
+    x
+}
+
+/// Batched transpose: `n` matrices `[rows, cols]` → `[cols, rows]` (NCHW ↔ NHWC with
+/// `rows, cols` = `c, h·w` or `h·w, c`), in cache-sized tiles.
+pub fn transpose(x: &[f32], n: usize, rows: usize, cols: usize) -> Vec<f32> {
+    const TILE: usize = 32;
+    debug_assert_eq!(x.len(), n * rows * cols);
+    let mut out = vec![0.0; x.len()];
+    // Each task writes the output rows `c0..c0 + TILE` of one matrix.
+    let chunk = TILE * rows;
+    out.par_chunks_mut(rows * cols).zip(x.par_chunks(rows * cols)).for_each(|(dst, src)| {
+        dst.par_chunks_mut(chunk).enumerate().for_each(|(t, dst)| {
+            let c0 = t * TILE;
+            let width = TILE.min(cols - c0);
+            for r0 in (0..rows).step_by(TILE) {
+                for r in r0..(r0 + TILE).min(rows) {
+                    let line = &src[r * cols + c0..r * cols + c0 + width];
+                    for (k, &v) in line.iter().enumerate() {
+                        dst[k * rows + r] = v;
+                    }
+                }
+            }
+        });
+    });
+    out
+}

@@ -1,0 +1,472 @@
+//! Fused CPU kernels for the operations the ConvNeXt branch, CVFM and the projector spend their
+//! time on, as custom autodiff operations on the flex backend: exact GELU, LayerNorm over the last
+//! axis, the stride-1 depthwise convolution on a channels-last map, the patchify rearrangement of
+//! a stride-`r` `r×r` convolution, and the NCHW → NHWC transpose.
+//!
+//! Why: Burn 0.21 builds these from many single-threaded element-wise ops (GELU's erf through
+//! libm, LayerNorm's seven passes, the depthwise convolution's gradients through a generic
+//! transposed convolution) and walks permuted views element by element. Each kernel here is one
+//! multi-threaded pass forward and one backward, on contiguous rows.
+//!
+//! Like [`crate::attention`], each function checks what the generic backend is: on `Autodiff<Flex>`
+//! it records its own backward step, on plain `Flex` it runs the forward kernel, and on any other
+//! backend (CUDA) or dtype it computes the same function from Burn's ops. Tests compare both.
+
+mod math;
+
+use crate::autocast::{self, Compute};
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::{FlexTensor, Layout};
+use burn::backend::{Autodiff, Flex};
+use burn::nn::conv::Conv2d;
+use burn::nn::PaddingConfig2d;
+use burn::prelude::*;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{activation, Bytes, DType, TensorMetadata, TensorPrimitive};
+use std::any::{Any, TypeId};
+use std::fmt::Debug;
+
+pub use math::Depthwise;
+
+/// Exact (erf) GELU, element-wise.
+pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    match run::<B, _, 1>(GeluKernel, [prim(x)]) {
+        Ok(y) => float(y),
+        Err([x]) => reference::gelu(float(x)),
+    }
+}
+
+/// LayerNorm over the last axis (biased variance, as `torch.nn.LayerNorm`).
+pub fn layer_norm<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 1>, bias: Tensor<B, 1>, eps: f64) -> Tensor<B, D> {
+    match run::<B, _, 3>(LayerNormKernel { eps: eps as f32 }, [prim(x), prim(weight), prim(bias)]) {
+        Ok(y) => float(y),
+        Err([x, weight, bias]) => reference::layer_norm(float(x), float(weight), float(bias), eps),
+    }
+}
+
+/// `conv` (a depthwise convolution: groups = channels, stride 1, square kernel, symmetric
+/// padding) on a channels-last map `[N, H, W, C]` → `[N, H', W', C]`.
+pub fn depthwise_conv2d_nhwc<B: Backend>(x: Tensor<B, 4>, conv: &Conv2d<B>) -> Tensor<B, 4> {
+    let [_, _, _, c] = x.dims();
+    let [k, kw] = conv.kernel_size;
+    assert_eq!(conv.weight.dims(), [c, 1, k, kw], "depthwise_conv2d_nhwc: the convolution is not depthwise over {c} channels");
+    let pad = match conv.padding {
+        PaddingConfig2d::Explicit(top, left, bottom, right) if top == left && left == bottom && bottom == right => Some(top),
+        PaddingConfig2d::Valid => Some(0),
+        _ => None,
+    };
+    let fits = conv.groups == c && k == kw && conv.stride == [1, 1] && conv.dilation == [1, 1] && pad.is_some_and(|p| p < k);
+    // Under bf16 compute the convolution runs in bf16, as every convolution does (autocast).
+    if fits && autocast::current() == Compute::F32 {
+        let bias = match &conv.bias {
+            Some(b) => b.val(),
+            None => Tensor::zeros([c], &x.device()),
+        };
+        let kernel = DepthwiseKernel { k, pad: pad.unwrap_or(0) };
+        match run::<B, _, 3>(kernel, [prim(x), prim(conv.weight.val()), prim(bias)]) {
+            Ok(y) => return float(y),
+            Err([x, _, _]) => return reference::depthwise_conv2d_nhwc(float(x), conv),
+        }
+    }
+    reference::depthwise_conv2d_nhwc(x, conv)
+}
+
+/// `[N, H, W, C]` → `[N, H/r, W/r, C·r·r]`, each output pixel holding its `r×r` input patch in
+/// the order of a PyTorch conv weight's `[in, r, r]` axes.
+pub fn space_to_depth<B: Backend>(x: Tensor<B, 4>, r: usize) -> Tensor<B, 4> {
+    let [_, h, w, _] = x.dims();
+    assert!(h % r == 0 && w % r == 0, "space_to_depth: {h}x{w} is not a multiple of {r}");
+    if r == 1 {
+        return x;
+    }
+    match run::<B, _, 1>(SpaceToDepthKernel { r }, [prim(x)]) {
+        Ok(y) => float(y),
+        Err([x]) => reference::space_to_depth(float(x), r),
+    }
+}
+
+/// A convolution whose kernel equals its stride (a patchify layer: ConvNeXt's stem and
+/// downsampling, CVFM's alignment) on a channels-last map: `[N, H, W, C]` → `[N, H/r, W/r, C']`.
+pub fn patchify_conv_nhwc<B: Backend>(x: Tensor<B, 4>, conv: &Conv2d<B>) -> Tensor<B, 4> {
+    let [c_out, c_in, r, rw] = conv.weight.dims();
+    assert!(
+        r == rw
+            && conv.stride == [r, r]
+            && conv.groups == 1
+            && conv.dilation == [1, 1]
+            && matches!(conv.padding, PaddingConfig2d::Valid | PaddingConfig2d::Explicit(0, 0, 0, 0)),
+        "patchify_conv_nhwc: the convolution's kernel must equal its stride, without padding or groups"
+    );
+    let patches = space_to_depth(x, r);
+    let [n, h, w, _] = patches.dims();
+    let weight = conv.weight.val().reshape([c_out, c_in * r * r]).transpose(); // [in·r·r, out]
+    let y = autocast::matmul(patches.reshape([n * h * w, c_in * r * r]), weight);
+    let y = match &conv.bias {
+        Some(b) => y + b.val().unsqueeze(),
+        None => y,
+    };
+    y.reshape([n, h, w, c_out])
+}
+
+/// `[N, C, H, W]` → a contiguous `[N, H, W, C]`.
+pub fn nchw_to_nhwc<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    match run::<B, _, 1>(TransposeKernel, [prim(x)]) {
+        Ok(y) => float(y),
+        Err([x]) => reference::nchw_to_nhwc(float(x)),
+    }
+}
+
+/// The same functions from Burn's ops: the path of every other backend and dtype, and what the
+/// tests compare the kernels with.
+pub mod reference {
+    use super::*;
+
+    pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+        activation::gelu(x)
+    }
+
+    pub fn layer_norm<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 1>, bias: Tensor<B, 1>, eps: f64) -> Tensor<B, D> {
+        let last = D - 1;
+        let mean = x.clone().mean_dim(last);
+        let centered = x - mean;
+        let var = centered.clone().square().mean_dim(last);
+        let normed = centered / (var + eps).sqrt();
+        normed * weight.unsqueeze() + bias.unsqueeze()
+    }
+
+    pub fn depthwise_conv2d_nhwc<B: Backend>(x: Tensor<B, 4>, conv: &Conv2d<B>) -> Tensor<B, 4> {
+        autocast::conv2d(conv, x.permute([0, 3, 1, 2])).permute([0, 2, 3, 1])
+    }
+
+    pub fn space_to_depth<B: Backend>(x: Tensor<B, 4>, r: usize) -> Tensor<B, 4> {
+        let [n, h, w, c] = x.dims();
+        x.reshape([n * h / r, r, w / r, r, c]).permute([0, 2, 4, 1, 3]).reshape([n, h / r, w / r, c * r * r])
+    }
+
+    pub fn nchw_to_nhwc<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+        x.permute([0, 2, 3, 1])
+    }
+}
+
+// ---- Routing: which backend the generic `B` is ----------------------------------------------
+
+fn float<B: Backend, const D: usize>(primitive: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(primitive))
+}
+
+fn prim<B: Backend, const D: usize>(x: Tensor<B, D>) -> FloatTensor<B> {
+    x.into_primitive().tensor()
+}
+
+/// Moves a value to the type it is known to have (checked by `TypeId` beforehand).
+fn same_type<S: 'static, T: 'static>(value: S) -> T {
+    *(Box::new(value) as Box<dyn Any>).downcast::<T>().expect("types checked equal")
+}
+
+/// One custom operation: `N` float inputs, one output, forward and backward on contiguous
+/// flex tensors of `f32`.
+trait Kernel<const N: usize>: Debug + Clone + Send + 'static {
+    /// What the backward step keeps.
+    type Saved: Clone + Send + Debug + 'static;
+    /// `save`: a backward step will follow (something upstream wants a gradient).
+    fn forward(&self, inputs: [FlexTensor; N], save: bool) -> (FlexTensor, Option<Self::Saved>);
+    /// Gradients of the inputs marked in `wanted`, from the output gradient `grad`.
+    fn backward(&self, saved: Self::Saved, grad: FlexTensor, wanted: [bool; N]) -> [Option<FlexTensor>; N];
+}
+
+/// Runs `kernel` when `B` is flex (with or without autodiff) and every input is `f32`; otherwise
+/// hands the inputs back for the caller's fallback.
+fn run<B: Backend, K: Kernel<N>, const N: usize>(kernel: K, inputs: [FloatTensor<B>; N]) -> Result<FloatTensor<B>, [FloatTensor<B>; N]> {
+    if inputs.iter().any(|t| t.dtype() != DType::F32) {
+        return Err(inputs);
+    }
+    let id = TypeId::of::<FloatTensor<B>>();
+    if id == TypeId::of::<FloatTensor<Autodiff<Flex>>>() {
+        // The autodiff primitive is the same type whatever the checkpointing strategy.
+        Ok(same_type(autodiff_forward(kernel, inputs.map(same_type::<FloatTensor<B>, FloatTensor<Autodiff<Flex>>>))))
+    } else if id == TypeId::of::<FloatTensor<Flex>>() {
+        let inner = inputs.map(|t| same_type::<FloatTensor<B>, FlexTensor>(t).to_contiguous());
+        Ok(same_type(kernel.forward(inner, false).0))
+    } else {
+        Err(inputs)
+    }
+}
+
+#[derive(Debug)]
+struct KernelStep<K>(K);
+
+impl<K: Kernel<N>, const N: usize> Backward<Flex, N> for KernelStep<K> {
+    type State = K::Saved;
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
+        let wanted = ops.parents.each_ref().map(Option::is_some);
+        let computed = self.0.backward(ops.state, grad, wanted);
+        for (parent, g) in ops.parents.into_iter().zip(computed) {
+            if let (Some(node), Some(g)) = (parent, g) {
+                grads.register::<Flex>(node.id, g);
+            }
+        }
+    }
+}
+
+/// The forward half of a kernel on `Autodiff<Flex>` tensors.
+fn autodiff_forward<K: Kernel<N>, const N: usize>(kernel: K, inputs: [FloatTensor<Autodiff<Flex>>; N]) -> FloatTensor<Autodiff<Flex>> {
+    let nodes = inputs.each_ref().map(|t| t.node.clone());
+    let inner = inputs.map(|t| t.primitive.to_contiguous());
+    // Compute bound: the state is kept, never recomputed, whatever the graph's strategy.
+    match KernelStep(kernel.clone()).prepare::<NoCheckpointing>(nodes).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            let (out, saved) = kernel.forward(inner, true);
+            prep.finish(saved.expect("a tracked kernel saves its state"), out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(kernel.forward(inner, false).0),
+    }
+}
+
+// ---- Tensor helpers -------------------------------------------------------------------------
+
+fn values(t: &FlexTensor) -> &[f32] {
+    t.storage::<f32>()
+}
+
+fn dims(t: &FlexTensor) -> Vec<usize> {
+    t.layout().shape().to_vec()
+}
+
+fn flex(values: Vec<f32>, dims: &[usize]) -> FlexTensor {
+    FlexTensor::new(Bytes::from_elems(values), Layout::contiguous(dims.to_vec().into()), DType::F32)
+}
+
+// ---- The kernels ----------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+struct GeluKernel;
+
+impl Kernel<1> for GeluKernel {
+    type Saved = FlexTensor;
+
+    fn forward(&self, [x]: [FlexTensor; 1], save: bool) -> (FlexTensor, Option<FlexTensor>) {
+        let y = flex(math::gelu(values(&x)), &dims(&x));
+        (y, save.then_some(x))
+    }
+
+    fn backward(&self, x: FlexTensor, grad: FlexTensor, _: [bool; 1]) -> [Option<FlexTensor>; 1] {
+        [Some(flex(math::gelu_grad(values(&x), values(&grad)), &dims(&x)))]
+    }
+}
+
+#[derive(Debug, Clone)]
+struct LayerNormKernel {
+    eps: f32,
+}
+
+#[derive(Debug, Clone)]
+struct LayerNormSaved {
+    x: FlexTensor,
+    weight: FlexTensor,
+    mean: Vec<f32>,
+    rstd: Vec<f32>,
+}
+
+impl Kernel<3> for LayerNormKernel {
+    type Saved = LayerNormSaved;
+
+    fn forward(&self, [x, weight, bias]: [FlexTensor; 3], save: bool) -> (FlexTensor, Option<LayerNormSaved>) {
+        let shape = dims(&x);
+        let c = *shape.last().expect("rank ≥ 1");
+        assert_eq!((dims(&weight), dims(&bias)), (vec![c], vec![c]), "layer_norm: weight and bias must be [{c}]");
+        let (y, mean, rstd) = math::layer_norm(values(&x), c, values(&weight), values(&bias), self.eps);
+        (flex(y, &shape), save.then(|| LayerNormSaved { x, weight, mean, rstd }))
+    }
+
+    fn backward(&self, s: LayerNormSaved, grad: FlexTensor, _: [bool; 3]) -> [Option<FlexTensor>; 3] {
+        let shape = dims(&s.x);
+        let c = *shape.last().expect("rank ≥ 1");
+        let (dx, dw, db) = math::layer_norm_grad(values(&s.x), values(&grad), c, values(&s.weight), &s.mean, &s.rstd);
+        [Some(flex(dx, &shape)), Some(flex(dw, &[c])), Some(flex(db, &[c]))]
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DepthwiseKernel {
+    k: usize,
+    pad: usize,
+}
+
+#[derive(Debug, Clone)]
+struct DepthwiseSaved {
+    geo: Depthwise,
+    x: FlexTensor,
+    weight: FlexTensor,
+}
+
+impl Kernel<3> for DepthwiseKernel {
+    type Saved = DepthwiseSaved;
+
+    fn forward(&self, [x, weight, bias]: [FlexTensor; 3], save: bool) -> (FlexTensor, Option<DepthwiseSaved>) {
+        let [n, h, w, c]: [usize; 4] = dims(&x).try_into().expect("rank 4");
+        let geo = Depthwise { n, h, w, c, k: self.k, pad: self.pad };
+        let y = math::depthwise_forward(&geo, values(&x), values(&weight), Some(values(&bias)));
+        (flex(y, &[n, geo.out_h(), geo.out_w(), c]), save.then_some(DepthwiseSaved { geo, x, weight }))
+    }
+
+    fn backward(&self, s: DepthwiseSaved, grad: FlexTensor, wanted: [bool; 3]) -> [Option<FlexTensor>; 3] {
+        let geo = s.geo;
+        let dx = wanted[0].then(|| flex(math::depthwise_input_grad(&geo, values(&grad), values(&s.weight)), &[geo.n, geo.h, geo.w, geo.c]));
+        let (dw, db) = if wanted[1] || wanted[2] {
+            let (dw, db) = math::depthwise_weight_grad(&geo, values(&s.x), values(&grad));
+            (Some(flex(dw, &[geo.c, 1, geo.k, geo.k])), Some(flex(db, &[geo.c])))
+        } else {
+            (None, None)
+        };
+        [dx, dw, db]
+    }
+}
+
+#[derive(Debug, Clone)]
+struct SpaceToDepthKernel {
+    r: usize,
+}
+
+impl Kernel<1> for SpaceToDepthKernel {
+    type Saved = [usize; 4];
+
+    fn forward(&self, [x]: [FlexTensor; 1], _save: bool) -> (FlexTensor, Option<[usize; 4]>) {
+        let [n, h, w, c]: [usize; 4] = dims(&x).try_into().expect("rank 4");
+        let r = self.r;
+        let y = math::space_to_depth(values(&x), n, h, w, c, r);
+        (flex(y, &[n, h / r, w / r, c * r * r]), Some([n, h, w, c]))
+    }
+
+    fn backward(&self, [n, h, w, c]: [usize; 4], grad: FlexTensor, _: [bool; 1]) -> [Option<FlexTensor>; 1] {
+        [Some(flex(math::depth_to_space(values(&grad), n, h, w, c, self.r), &[n, h, w, c]))]
+    }
+}
+
+#[derive(Debug, Clone)]
+struct TransposeKernel;
+
+impl Kernel<1> for TransposeKernel {
+    type Saved = [usize; 4];
+
+    fn forward(&self, [x]: [FlexTensor; 1], _save: bool) -> (FlexTensor, Option<[usize; 4]>) {
+        let [n, c, h, w]: [usize; 4] = dims(&x).try_into().expect("rank 4");
+        (flex(math::transpose(values(&x), n, c, h * w), &[n, h, w, c]), Some([n, c, h, w]))
+    }
+
+    fn backward(&self, [n, c, h, w]: [usize; 4], grad: FlexTensor, _: [bool; 1]) -> [Option<FlexTensor>; 1] {
+        [Some(flex(math::transpose(values(&grad), n, h * w, c), &[n, c, h, w]))]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::module::{Param, ParamId};
+    use burn::nn::conv::Conv2dConfig;
+    use burn::tensor::Distribution;
+
+    type A = Autodiff<Flex>;
+
+    fn random<const D: usize>(shape: [usize; D], seed: u64) -> Tensor<A, D> {
+        A::seed(&Default::default(), seed);
+        Tensor::random(shape, Distribution::Uniform(-2.0, 2.0), &Default::default())
+    }
+
+    /// Largest absolute difference, relative to the largest value when that exceeds 1.
+    fn assert_close<const D: usize>(what: &str, got: Tensor<Flex, D>, want: Tensor<Flex, D>, tol: f32) {
+        assert_eq!(got.dims(), want.dims(), "{what}: shapes differ");
+        let scale = want.clone().abs().max().into_scalar().max(1.0);
+        let diff = (got - want).abs().max().into_scalar() / scale;
+        assert!(diff <= tol, "{what}: differs by {diff} (relative), tolerance {tol}");
+    }
+
+    /// Runs `f` on leaf copies of `inputs` with the kernel and with the reference, backpropagates
+    /// `Σ out · weights` (weights fixed at random) and compares outputs and every input gradient.
+    fn check<const D: usize, const N: usize>(what: &str, inputs: [Tensor<A, D>; N], tol: f32, f: impl Fn(bool, [Tensor<A, D>; N]) -> Tensor<A, D>) {
+        let results = [true, false].map(|kernel| {
+            let leaves = inputs.clone().map(|t| t.detach().require_grad());
+            let out = f(kernel, leaves.clone());
+            let weights = random(out.dims(), 99).detach();
+            let grads = (out.clone() * weights).sum().backward();
+            (out.inner(), leaves.map(|l| l.grad(&grads).expect("gradient")))
+        });
+        let [(out_k, grads_k), (out_r, grads_r)] = results;
+        assert_close(&format!("{what} output"), out_k, out_r, tol);
+        for (i, (gk, gr)) in grads_k.into_iter().zip(grads_r).enumerate() {
+            assert_close(&format!("{what} gradient {i}"), gk, gr, tol);
+        }
+    }
+
+    #[test]
+    fn gelu_matches_burn() {
+        // Wide inputs reach both tails of the erf approximation.
+        let x = random([3, 1000], 1) * 4.0;
+        check("gelu", [x], 1e-6, |kernel, [x]| if kernel { gelu(x) } else { reference::gelu(x) });
+    }
+
+    #[test]
+    fn layer_norm_matches_burn() {
+        for c in [5, 48, 67] {
+            let x = random([2, 9, c], 2) * 3.0 + 1.0;
+            let w = random([c], 3).reshape([1, 1, c]);
+            let b = random([c], 4).reshape([1, 1, c]);
+            check("layer_norm", [x, w, b], 2e-5, |kernel, [x, w, b]| {
+                let (w, b) = (w.reshape([c]), b.reshape([c]));
+                if kernel {
+                    layer_norm(x, w, b, 1e-6)
+                } else {
+                    reference::layer_norm(x, w, b, 1e-6)
+                }
+            });
+        }
+    }
+
+    #[test]
+    fn depthwise_convolution_matches_burn() {
+        for (k, pad, c, h, w) in [(7, 3, 16, 9, 11), (3, 1, 5, 4, 6), (7, 3, 8, 3, 2), (3, 0, 4, 5, 5)] {
+            let conv: Conv2d<A> =
+                Conv2dConfig::new([c, c], [k, k]).with_groups(c).with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad)).init(&Default::default());
+            let x = random([2, h, w, c], 5);
+            let weight = conv.weight.val();
+            let bias = conv.bias.as_ref().unwrap().val().reshape([1, 1, 1, c]);
+            check("depthwise", [x, weight, bias], 1e-5, |kernel, [x, weight, bias]| {
+                let mut conv = conv.clone();
+                // Not leaves: the gradients flow on to the test's inputs.
+                conv.weight = Param::initialized(ParamId::new(), weight);
+                conv.bias = Some(Param::initialized(ParamId::new(), bias.reshape([c])));
+                if kernel {
+                    depthwise_conv2d_nhwc(x, &conv)
+                } else {
+                    reference::depthwise_conv2d_nhwc(x, &conv)
+                }
+            });
+        }
+    }
+
+    #[test]
+    fn space_to_depth_and_transpose_match_burn() {
+        for r in [2, 4] {
+            let x = random([2, 4 * r, 3 * r, 5], 6);
+            check("space_to_depth", [x], 0.0, |kernel, [x]| if kernel { space_to_depth(x, r) } else { reference::space_to_depth(x, r) });
+        }
+        let x = random([2, 3, 37, 41], 7);
+        check("nchw_to_nhwc", [x], 0.0, |kernel, [x]| if kernel { nchw_to_nhwc(x) } else { reference::nchw_to_nhwc(x) });
+    }
+
+    #[test]
+    fn patchify_equals_the_strided_convolution() {
+        let device = Default::default();
+        for r in [1, 2, 4] {
+            let conv: Conv2d<A> = Conv2dConfig::new([6, 7], [r, r]).with_stride([r, r]).init(&device);
+            let x = random([2, 6, 4 * r, 2 * r], 8);
+            let want = conv.forward(x.clone()).permute([0, 2, 3, 1]);
+            let got = patchify_conv_nhwc(nchw_to_nhwc(x), &conv);
+            assert_close("patchify", got.inner(), want.inner(), 1e-5);
+        }
+    }
+}
