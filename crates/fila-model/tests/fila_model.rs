@@ -60,10 +60,10 @@ fn images<B: Backend>() -> Vec<ImageInput<B>> {
 fn batch() -> (Vec<i64>, Vec<f32>, Vec<i64>, [usize; 2]) {
     let t = 38;
     let mut row0 = vec![1, 2];
-    row0.extend(std::iter::repeat(IMG).take(32));
+    row0.extend(std::iter::repeat_n(IMG, 32));
     row0.extend([3, 4, 5, 6]);
     let mut row1 = vec![7];
-    row1.extend(std::iter::repeat(IMG).take(16));
+    row1.extend(std::iter::repeat_n(IMG, 16));
     row1.extend([8, 9, 10]);
     let valid1 = row1.len();
     row1.resize(t, 0);

@@ -58,7 +58,7 @@ fn trained_cvfm_changes_tokens_and_reads_each_tile_window() {
         block.fc_out.weight = Param::from_tensor(Tensor::random(w.dims(), burn::tensor::Distribution::Normal(0.0, 0.2), &device));
     }
     let (image, _) = one_tiled_image();
-    let base = encoder.forward(&[image.clone()], None);
+    let base = encoder.forward(std::slice::from_ref(&image), None);
     // Changing the ConvNeXt input moves the tokens: the branch is live.
     let other = ImageInput { hires: Some(image.hires.clone().unwrap() * 2.0), ..image.clone() };
     let moved = encoder.forward(&[other], None);
