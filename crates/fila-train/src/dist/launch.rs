@@ -1,13 +1,16 @@
 //! `fila-train --nproc-per-node N`: starts N ranks of this node as child processes, as torchrun
-//! does, and watches them: when one fails the others are given the timeout to stop on their own
-//! (they see the failure through their collectives), then killed.
+//! does, and watches them: when one fails the others are given [`GRACE`] to stop on their own
+//! (they see the failure through their collectives), then killed, as torchrun kills the group.
+//! Checkpoints are written atomically, so a kill loses nothing already written.
 
-use super::comm::Comm;
 use super::world::DEFAULT_PORT;
 use anyhow::{anyhow, bail, Context, Result};
 use std::process::{Child, Command, ExitStatus};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+/// How long the other ranks may take to stop after one failed before they are killed.
+pub const GRACE: Duration = Duration::from_secs(15);
 
 /// Runs `args` (this program's arguments without `--nproc-per-node`) as `n` ranks on this host;
 /// `stop` is the launcher's own SIGINT/SIGTERM flag, passed on to the ranks.
@@ -42,7 +45,6 @@ pub fn spawn_local_ranks(n: usize, args: &[String], stop: &AtomicBool) -> Result
             }
         }
     }
-    let timeout = Comm::timeout_from_env()?;
     let mut status: Vec<Option<ExitStatus>> = vec![None; n];
     let mut first_failure: Option<(usize, ExitStatus, Instant)> = None;
     let mut forwarded = false;
@@ -67,8 +69,9 @@ pub fn spawn_local_ranks(n: usize, args: &[String], stop: &AtomicBool) -> Result
             }
         }
         if let Some((_, _, at)) = first_failure {
-            // The others learn of the failure from their collectives; after the timeout they go.
-            if at.elapsed() > timeout + Duration::from_secs(5) {
+            // The others usually learn of the failure from their collectives; a rank still waiting
+            // at the rendezvous for the failed one would wait for the whole timeout.
+            if at.elapsed() > GRACE {
                 for (rank, c) in children.iter_mut().enumerate() {
                     if status[rank].is_none() {
                         eprintln!("launcher: rank {rank} did not stop after another rank failed; killing it");
