@@ -198,12 +198,7 @@ pub fn run<B: AutodiffBackend>(options: BenchOptions, device: &B::Device) -> any
         println!("{value}");
     } else {
         let what = if optimizer { "forward+backward+AdamW" } else { "forward+backward" };
-        println!(
-            "{what}: mean {:.1} ms/step, median {:.1} ms/step, {:.1} ms/sample over {steps} steps",
-            mean * 1e3,
-            median * 1e3,
-            mean * 1e3 / batch as f64
-        );
+        println!("{what}: mean {:.1} ms/step, median {:.1} ms/step, {:.1} ms/sample over {steps} steps", mean * 1e3, median * 1e3, mean * 1e3 / batch as f64);
         if let Some((user, system)) = cpu {
             println!("CPU: user {user:.2} s, system {system:.2} s over {wall:.2} s wall (user/wall {:.2})", user / wall);
         }

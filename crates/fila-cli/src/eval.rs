@@ -42,8 +42,9 @@ fn read_json_records(path: &Path) -> Result<Vec<(String, Value)>> {
         _ => text.trim_start().starts_with('['),
     };
     if is_list {
-        let items: Vec<Value> = serde_json::from_str(&text)
-            .map_err(|e| bad(&file.to_string(), format!("not a JSON list: {e}"), "a .json file holds one list of records; use .jsonl for one record per line"))?;
+        let items: Vec<Value> = serde_json::from_str(&text).map_err(|e| {
+            bad(&file.to_string(), format!("not a JSON list: {e}"), "a .json file holds one list of records; use .jsonl for one record per line")
+        })?;
         Ok(items.into_iter().enumerate().map(|(i, v)| (format!("{file} item {}", i + 1), v)).collect())
     } else {
         let mut out = Vec::new();
@@ -116,7 +117,11 @@ fn parse_item(record: &Value, location: &str, stem: &str, index: usize) -> Resul
         let answers = match (record.get("answers"), string_field(record, "answer", location)?) {
             (Some(Value::Array(list)), _) => list
                 .iter()
-                .map(|a| a.as_str().map(str::to_string).ok_or_else(|| bad(location, format!("answer {a} is not a string"), "write numbers as strings: \"answers\": [\"42\"]")))
+                .map(|a| {
+                    a.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| bad(location, format!("answer {a} is not a string"), "write numbers as strings: \"answers\": [\"42\"]"))
+                })
                 .collect::<Result<Vec<_>>>()?,
             (Some(other), _) => return Err(bad(location, format!("`answers` is {other}, not a list"), "\"answers\": [\"first\", \"second\", ...]")),
             (None, Some(one)) => vec![one],
@@ -129,7 +134,9 @@ fn parse_item(record: &Value, location: &str, stem: &str, index: usize) -> Resul
     };
     let metrics = match record.get("metric") {
         None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(Metric::parse_list(s).map_err(|e| bad(location, e, "`metric` is one of vqa, anls, relaxed, exact, all, or a list of them"))?),
+        Some(Value::String(s)) => {
+            Some(Metric::parse_list(s).map_err(|e| bad(location, e, "`metric` is one of vqa, anls, relaxed, exact, all, or a list of them"))?)
+        }
         Some(Value::Array(list)) => {
             let names: Option<Vec<&str>> = list.iter().map(Value::as_str).collect();
             let names = names.ok_or_else(|| bad(location, "`metric` holds a non-string", "\"metric\": [\"vqa\", \"exact\"]"))?;
@@ -302,10 +309,8 @@ impl EvalReport {
     /// type (`eval/<split>/<type>/<metric>`).
     pub fn scalars(&self) -> Vec<(String, f32)> {
         let split = &self.split;
-        let mut out = vec![
-            (format!("eval/{split}/accuracy"), self.overall.accuracy as f32),
-            (format!("eval/{split}/similarity"), self.overall.similarity as f32),
-        ];
+        let mut out =
+            vec![(format!("eval/{split}/accuracy"), self.overall.accuracy as f32), (format!("eval/{split}/similarity"), self.overall.similarity as f32)];
         for (kind, s) in &self.by_type {
             out.push((format!("eval/{split}/{kind}"), s.accuracy as f32));
             out.push((format!("eval/{split}/{kind}_similarity"), s.similarity as f32));
@@ -405,7 +410,10 @@ mod tests {
         );
         let items = read_eval_file(&path).unwrap();
         assert_eq!(items.len(), 3);
-        assert_eq!((items[0].answers.clone(), items[0].metrics.clone(), items[0].qtype.as_str()), (vec!["x".into(), "y".into()], Some(vec![Metric::Anls]), "doc"));
+        assert_eq!(
+            (items[0].answers.clone(), items[0].metrics.clone(), items[0].qtype.as_str()),
+            (vec!["x".into(), "y".into()], Some(vec![Metric::Anls]), "doc")
+        );
         assert_eq!((items[1].id.as_str(), items[1].image.clone(), items[1].answers.clone()), ("7", None, vec!["z".to_string()]));
         assert_eq!((items[2].question.as_str(), items[2].answers[0].as_str(), items[2].qtype.as_str()), ("<image>\nColour?", "Red.", "colour"));
         assert_eq!(items[2].location, format!("{}:4", path.display()));
@@ -434,8 +442,24 @@ mod tests {
     #[test]
     fn records_take_their_own_metrics_and_scores_average() {
         let items = [
-            EvalItem { id: "a".into(), image: None, question: "Q".into(), answers: vec!["Two".into()], metrics: None, qtype: "t".into(), location: "f:1".into() },
-            EvalItem { id: "b".into(), image: None, question: "Q".into(), answers: vec!["abcd".into()], metrics: Some(vec![Metric::Anls]), qtype: "u".into(), location: "f:2".into() },
+            EvalItem {
+                id: "a".into(),
+                image: None,
+                question: "Q".into(),
+                answers: vec!["Two".into()],
+                metrics: None,
+                qtype: "t".into(),
+                location: "f:1".into(),
+            },
+            EvalItem {
+                id: "b".into(),
+                image: None,
+                question: "Q".into(),
+                answers: vec!["abcd".into()],
+                metrics: Some(vec![Metric::Anls]),
+                qtype: "u".into(),
+                location: "f:2".into(),
+            },
         ];
         let mut report = EvalReport::new(None, Path::new("d/split.jsonl"), &[Metric::Vqa, Metric::Exact]);
         report.add(&items[0], "2", &[Metric::Vqa, Metric::Exact]);

@@ -22,10 +22,7 @@ type B = burn::backend::Flex;
 pub fn read_model_spec(path: &Path) -> Result<ModelSpec> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let value: toml::Table = toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
-    let model = value
-        .get("model")
-        .cloned()
-        .with_context(|| format!("{} has no [model] table", path.display()))?;
+    let model = value.get("model").cloned().with_context(|| format!("{} has no [model] table", path.display()))?;
     model.try_into().map_err(|e| anyhow::anyhow!("{}: [model]: {e}", path.display()))
 }
 
@@ -46,9 +43,7 @@ pub fn run(config_path: &Path, image: Option<&Path>, prompt: &str, out: &Path) -
     let preprocessor = fila_data::ImagePreprocessor::new(&data);
     let views = match image {
         Some(path) => {
-            let decoded = preprocessor
-                .load(path)
-                .map_err(|(reason, detail)| anyhow::anyhow!("{}: {} ({detail})", path.display(), reason.as_str()))?;
+            let decoded = preprocessor.load(path).map_err(|(reason, detail)| anyhow::anyhow!("{}: {} ({detail})", path.display(), reason.as_str()))?;
             Some(preprocessor.process(&decoded))
         }
         None => None,
@@ -58,9 +53,7 @@ pub fn run(config_path: &Path, image: Option<&Path>, prompt: &str, out: &Path) -
         _ => prompt.to_string(),
     };
     let visual: Vec<usize> = views.iter().map(|v| v.visual_tokens).collect();
-    let tokens = text
-        .encode_prompt(&prompt, &visual)
-        .map_err(|(reason, detail)| anyhow::anyhow!("prompt: {} ({detail})", reason.as_str()))?;
+    let tokens = text.encode_prompt(&prompt, &visual).map_err(|(reason, detail)| anyhow::anyhow!("prompt: {} ({detail})", reason.as_str()))?;
     let len = tokens.input_ids.len();
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(tokens.input_ids.clone(), [1, len]), &device);
 

@@ -46,11 +46,8 @@ impl Inference {
             data.tokenizer = tokenizer;
         }
         let text = TextEncoder::from_config(&data)?;
-        let stop_ids: Vec<i64> = [text.special.eot, text.special.plain_end]
-            .into_iter()
-            .flatten()
-            .chain(text.tokenizer.token_to_id("<|end_of_text|>").map(i64::from))
-            .collect();
+        let stop_ids: Vec<i64> =
+            [text.special.eot, text.special.plain_end].into_iter().flatten().chain(text.tokenizer.token_to_id("<|end_of_text|>").map(i64::from)).collect();
         Ok(Self { model, images: ImagePreprocessor::new(&data), text, data, stop_ids, device })
     }
 
@@ -180,10 +177,7 @@ pub struct EvalOptions<'a> {
 /// error naming the record.
 pub fn evaluate(inference: &Inference, data: &Path, options: &EvalOptions) -> Result<EvalReport> {
     let items = read_eval_file(data)?;
-    let folder = options
-        .image_folder
-        .canonicalize()
-        .with_context(|| format!("image folder {} (pass --images DIR)", options.image_folder.display()))?;
+    let folder = options.image_folder.canonicalize().with_context(|| format!("image folder {} (pass --images DIR)", options.image_folder.display()))?;
     let mut report = EvalReport::new(Some(options.checkpoint), data, options.metrics);
     let terminal = std::io::stderr().is_terminal();
     let mut done = 0;

@@ -8,9 +8,9 @@ mod infer;
 mod metrics;
 
 use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
 use fila_train::backend::{dispatch, Device, OnBackend};
 use fila_train::precision::Precision;
-use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser)]

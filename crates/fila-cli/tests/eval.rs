@@ -156,7 +156,19 @@ fn a_checkpoints_report_scores_its_own_predictions() {
     let images = root().join("datasets/tiny/images");
     let run = |batch: &str, out: &Path| {
         ok(&fila(&[
-            "eval", "--checkpoint", s(&checkpoint), "--data", s(&data), "--images", s(&images), "--max-new-tokens", "4", "--batch-size", batch, "--out", s(out),
+            "eval",
+            "--checkpoint",
+            s(&checkpoint),
+            "--data",
+            s(&data),
+            "--images",
+            s(&images),
+            "--max-new-tokens",
+            "4",
+            "--batch-size",
+            batch,
+            "--out",
+            s(out),
         ]))
     };
     let (batched, single) = (dir.join("batched.json"), dir.join("single.json"));

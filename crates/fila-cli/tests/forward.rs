@@ -75,9 +75,7 @@ fn forward_writes_the_documented_tensors() {
     let bytes = std::fs::read(&out).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let shape = |name: &str| st.tensor(name).unwrap_or_else(|_| panic!("no `{name}`")).shape().to_vec();
-    let values = |name: &str| -> Vec<f32> {
-        st.tensor(name).unwrap().data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
-    };
+    let values = |name: &str| -> Vec<f32> { st.tensor(name).unwrap().data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect() };
     // Stage 1: one 56-pixel view, 4×4 cells, 5 ViT layers of which 4 run (select −2).
     for i in 1..=4 {
         assert_eq!(shape(&format!("vit.hidden.{i}")), vec![1, 17, 32]);

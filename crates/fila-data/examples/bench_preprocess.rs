@@ -27,11 +27,7 @@ fn synthetic(w: u32, h: u32, seed: u32) -> image::RgbImage {
         let r = 120.0 + 90.0 * (fx * 9.0 + seed as f32).sin() * (fy * 5.0).cos() + n;
         let g = 255.0 * fx * fy + n;
         let b = 128.0 + 100.0 * ((x / 37 + y / 23 + seed) % 3) as f32 / 2.0 - n;
-        image::Rgb([
-            r.clamp(0.0, 255.0) as u8,
-            g.clamp(0.0, 255.0) as u8,
-            b.clamp(0.0, 255.0) as u8,
-        ])
+        image::Rgb([r.clamp(0.0, 255.0) as u8, g.clamp(0.0, 255.0) as u8, b.clamp(0.0, 255.0) as u8])
     })
 }
 
@@ -46,9 +42,7 @@ fn ensure_images(dir: &Path) -> Vec<(String, Vec<PathBuf>)> {
                     if !p.exists() {
                         let img = synthetic(w, h, i);
                         let mut out = std::io::BufWriter::new(std::fs::File::create(&p).unwrap());
-                        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
-                            .encode_image(&img)
-                            .unwrap();
+                        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90).encode_image(&img).unwrap();
                     }
                     p
                 })
@@ -76,19 +70,12 @@ fn one(pre: &ImagePreprocessor, path: &Path) -> usize {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .map(|i| args[i + 1].clone())
-    };
+    let arg = |name: &str| args.iter().position(|a| a == name).map(|i| args[i + 1].clone());
     let dir = PathBuf::from(arg("--dir").unwrap_or_else(|| "/tmp/fila_bench_images".into()));
     let iters: usize = arg("--iters").map_or(5, |s| s.parse().unwrap());
     let sets = ensure_images(&dir);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!(
-        "images in {}, {iters} passes over {IMAGES_PER_SIZE} images per size",
-        dir.display()
-    );
+    println!("images in {}, {iters} passes over {IMAGES_PER_SIZE} images per size", dir.display());
     for (stage, mode) in [("stage1", ImageMode::Square), ("stage2", ImageMode::Tiled)] {
         let pre = preprocessor(mode);
         for (size, paths) in &sets {
@@ -121,21 +108,12 @@ fn main() {
         for _ in 0..iters {
             f();
         }
-        println!(
-            "  {what}: {:.1} ms",
-            t.elapsed().as_secs_f64() * 1e3 / iters as f64
-        );
+        println!("  {what}: {:.1} ms", t.elapsed().as_secs_f64() * 1e3 / iters as f64);
     };
     let side = w.max(h);
     let mut square = vec![0u8; (side * side * 3) as usize];
     time("pad to square", &mut || {
-        square = fila_data::pixels::pad_to_canvas(
-            img.as_raw(),
-            (w, h),
-            (side, side),
-            (0, (side - h) / 2),
-            [122, 116, 104],
-        );
+        square = fila_data::pixels::pad_to_canvas(img.as_raw(), (w, h), (side, side), (0, (side - h) / 2), [122, 116, 104]);
     });
     time("resize square -> 336", &mut || {
         std::hint::black_box(fila_data::pixels::resize_rgb(&square, side, side, 336, 336));
@@ -157,9 +135,6 @@ fn main() {
             }
         }
         let n = iters * paths.len();
-        println!(
-            "decode only {size}: {:7.1} images/s on 1 core",
-            n as f64 / t.elapsed().as_secs_f64()
-        );
+        println!("decode only {size}: {:7.1} images/s on 1 core", n as f64 / t.elapsed().as_secs_f64());
     }
 }

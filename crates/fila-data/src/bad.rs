@@ -74,15 +74,7 @@ pub struct BadRecord {
 
 impl fmt::Display for BadRecord {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "bad record ({}) {} at {}:{}: {}",
-            self.reason,
-            self.record_id,
-            self.file.display(),
-            self.line,
-            self.detail
-        )
+        write!(f, "bad record ({}) {} at {}:{}: {}", self.reason, self.record_id, self.file.display(), self.line, self.detail)
     }
 }
 
@@ -110,23 +102,14 @@ impl Default for BadRecordCounts {
 
 impl BadRecordCounts {
     pub fn new(max_examples: usize) -> Self {
-        Self {
-            by_reason: BTreeMap::new(),
-            max_examples,
-        }
+        Self { by_reason: BTreeMap::new(), max_examples }
     }
 
     pub fn add(&mut self, bad: &BadRecord) {
         let entry = self.by_reason.entry(bad.reason).or_default();
         entry.count += 1;
         if entry.examples.len() < self.max_examples {
-            entry.examples.push(format!(
-                "{} ({}:{}): {}",
-                bad.record_id,
-                bad.file.display(),
-                bad.line,
-                bad.detail
-            ));
+            entry.examples.push(format!("{} ({}:{}): {}", bad.record_id, bad.file.display(), bad.line, bad.detail));
         }
     }
 
@@ -152,10 +135,7 @@ impl BadRecordCounts {
 
     /// `reason -> count`, the form the trainer logs.
     pub fn counts(&self) -> BTreeMap<&'static str, u64> {
-        self.by_reason
-            .iter()
-            .map(|(r, c)| (r.as_str(), c.count))
-            .collect()
+        self.by_reason.iter().map(|(r, c)| (r.as_str(), c.count)).collect()
     }
 }
 

@@ -33,13 +33,7 @@ impl LengthStats {
         lengths.sort_unstable();
         let n = lengths.len();
         let rank = |p: f64| lengths[((p / 100.0 * n as f64).ceil() as usize).clamp(1, n) - 1];
-        Some(Self {
-            min: lengths[0],
-            mean: lengths.iter().sum::<usize>() as f64 / n as f64,
-            p50: rank(50.0),
-            p95: rank(95.0),
-            max: lengths[n - 1],
-        })
+        Some(Self { min: lengths[0], mean: lengths.iter().sum::<usize>() as f64 / n as f64, p50: rank(50.0), p95: rank(95.0), max: lengths[n - 1] })
     }
 }
 
@@ -60,11 +54,7 @@ pub struct DataCheck {
 
 /// Decodes every image and tokenises every record (no resizing), in parallel.
 pub fn check(pipeline: &Pipeline, records: &RecordSet) -> DataCheck {
-    let scans: Vec<_> = records
-        .records
-        .par_iter()
-        .map(|r| pipeline.scan(r))
-        .collect();
+    let scans: Vec<_> = records.records.par_iter().map(|r| pipeline.scan(r)).collect();
     let mut bad = records.load_bad.clone();
     let mut lengths = vec![];
     let mut canvases = BTreeMap::new();
@@ -101,19 +91,11 @@ pub fn check(pipeline: &Pipeline, records: &RecordSet) -> DataCheck {
 impl fmt::Display for DataCheck {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "records: {}", self.records)?;
-        writeln!(
-            f,
-            "good:    {} ({} images, {} truncated to max_len {})",
-            self.good, self.images, self.truncated, self.max_len
-        )?;
+        writeln!(f, "good:    {} ({} images, {} truncated to max_len {})", self.good, self.images, self.truncated, self.max_len)?;
         writeln!(f, "bad:     {}", self.bad.total())?;
         write!(f, "{}", self.bad)?;
         match &self.lengths {
-            Some(l) => writeln!(
-                f,
-                "tokens:  min {} mean {:.1} p50 {} p95 {} max {}",
-                l.min, l.mean, l.p50, l.p95, l.max
-            )?,
+            Some(l) => writeln!(f, "tokens:  min {} mean {:.1} p50 {} p95 {} max {}", l.min, l.mean, l.p50, l.p95, l.max)?,
             None => writeln!(f, "tokens:  no good records")?,
         }
         if !self.canvases.is_empty() {
@@ -151,25 +133,15 @@ pub struct ImageInfo {
 
 /// Processes record `index` (after sampling); a bad record is an error naming it.
 pub fn inspect(pipeline: &Pipeline, records: &RecordSet, index: usize) -> Result<Inspection> {
-    let record = records
-        .records
-        .get(index)
-        .ok_or(DataError::IndexOutOfRange {
-            index,
-            len: records.records.len(),
-        })?;
-    let sample = pipeline
-        .process(record)
-        .map_err(|b| DataError::BadRecord(Box::new(b)))?;
+    let record = records.records.get(index).ok_or(DataError::IndexOutOfRange { index, len: records.records.len() })?;
+    let sample = pipeline.process(record).map_err(|b| DataError::BadRecord(Box::new(b)))?;
     let geo = &pipeline.images.geometry;
     let image_info = sample
         .images
         .iter()
         .map(|i| ImageInfo {
             original: i.original_size,
-            canvas: i
-                .grid
-                .map_or((geo.square_vit, geo.square_vit), |g| geo.canvas_pixels(g)),
+            canvas: i.grid.map_or((geo.square_vit, geo.square_vit), |g| geo.canvas_pixels(g)),
             grid: i.grid,
             views: i.num_views(),
             visual_tokens: i.visual_tokens,
@@ -184,40 +156,23 @@ pub fn inspect(pipeline: &Pipeline, records: &RecordSet, index: usize) -> Result
             let piece = if id == pipeline.text.special.image {
                 pipeline.text.image_marker.clone()
             } else {
-                u32::try_from(id)
-                    .ok()
-                    .and_then(|i| pipeline.text.tokenizer.decode(&[i], false).ok())
-                    .unwrap_or_else(|| pipeline.text.piece(id))
+                u32::try_from(id).ok().and_then(|i| pipeline.text.tokenizer.decode(&[i], false).ok()).unwrap_or_else(|| pipeline.text.piece(id))
             };
             (id, piece, l == IGNORE_INDEX)
         })
         .collect();
-    Ok(Inspection {
-        record_id: record.id.clone(),
-        location: format!("{}:{}", record.file.display(), record.line),
-        sample,
-        image_info,
-        tokens,
-    })
+    Ok(Inspection { record_id: record.id.clone(), location: format!("{}:{}", record.file.display(), record.line), sample, image_info, tokens })
 }
 
 impl fmt::Display for Inspection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "record {} ({})", self.record_id, self.location)?;
         for (k, i) in self.image_info.iter().enumerate() {
-            let grid = i.grid.map_or("no tiling".to_string(), |g| {
-                format!("{}x{} tiles", g.cols, g.rows)
-            });
+            let grid = i.grid.map_or("no tiling".to_string(), |g| format!("{}x{} tiles", g.cols, g.rows));
             writeln!(
                 f,
                 "image {k}: {}x{} -> canvas {}x{} ({grid}), {} views, {} visual tokens, hires {:?}",
-                i.original.0,
-                i.original.1,
-                i.canvas.0,
-                i.canvas.1,
-                i.views,
-                i.visual_tokens,
-                i.hires_shape
+                i.original.0, i.original.1, i.canvas.0, i.canvas.1, i.views, i.visual_tokens, i.hires_shape
             )?;
         }
         let supervised = self.tokens.iter().filter(|t| !t.2).count();
@@ -226,11 +181,7 @@ impl fmt::Display for Inspection {
             "tokens: {} ({} supervised; [..] = masked, no loss){}",
             self.tokens.len(),
             supervised,
-            if self.sample.truncated {
-                ", truncated"
-            } else {
-                ""
-            }
+            if self.sample.truncated { ", truncated" } else { "" }
         )?;
         // Runs of identical masked tokens (visual tokens) print once with a count.
         let mut i = 0;
@@ -242,11 +193,7 @@ impl fmt::Display for Inspection {
             }
             let run = j - i;
             let shown = format!("{piece:?}");
-            let rep = if run > 3 {
-                format!("{shown}x{run}")
-            } else {
-                vec![shown; run].join(" ")
-            };
+            let rep = if run > 3 { format!("{shown}x{run}") } else { vec![shown; run].join(" ") };
             if *masked {
                 write!(f, "[{rep}] ")?;
             } else {
@@ -266,69 +213,29 @@ impl Inspection {
         let f32_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         let i64_bytes = |v: &[i64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = vec![
-            (
-                "input_ids".into(),
-                Dtype::I64,
-                vec![self.sample.input_ids.len()],
-                i64_bytes(&self.sample.input_ids),
-            ),
-            (
-                "labels".into(),
-                Dtype::I64,
-                vec![self.sample.labels.len()],
-                i64_bytes(&self.sample.labels),
-            ),
+            ("input_ids".into(), Dtype::I64, vec![self.sample.input_ids.len()], i64_bytes(&self.sample.input_ids)),
+            ("labels".into(), Dtype::I64, vec![self.sample.labels.len()], i64_bytes(&self.sample.labels)),
         ];
         for (k, (img, info)) in self.sample.images.iter().zip(&self.image_info).enumerate() {
-            let sfx = if k == 0 {
-                String::new()
-            } else {
-                format!("_{k}")
-            };
+            let sfx = if k == 0 { String::new() } else { format!("_{k}") };
             let s = &img.views.shape;
             let view_len = 3 * s[2] * s[3];
-            owned.push((
-                format!("global{sfx}"),
-                Dtype::F32,
-                s[1..].to_vec(),
-                f32_bytes(&img.views.data[..view_len]),
-            ));
+            owned.push((format!("global{sfx}"), Dtype::F32, s[1..].to_vec(), f32_bytes(&img.views.data[..view_len])));
             if img.grid.is_some() {
                 let n = s[0] - 1;
-                owned.push((
-                    format!("tiles{sfx}"),
-                    Dtype::F32,
-                    vec![n, 3, s[2], s[3]],
-                    f32_bytes(&img.views.data[view_len..]),
-                ));
+                owned.push((format!("tiles{sfx}"), Dtype::F32, vec![n, 3, s[2], s[3]], f32_bytes(&img.views.data[view_len..])));
             }
-            owned.push((
-                format!("hires{sfx}"),
-                Dtype::F32,
-                img.hires.shape.clone(),
-                f32_bytes(&img.hires.data),
-            ));
+            owned.push((format!("hires{sfx}"), Dtype::F32, img.hires.shape.clone(), f32_bytes(&img.hires.data)));
             let canvas = [info.canvas.0 as i64, info.canvas.1 as i64];
-            owned.push((
-                format!("canvas{sfx}"),
-                Dtype::I64,
-                vec![2],
-                i64_bytes(&canvas),
-            ));
+            owned.push((format!("canvas{sfx}"), Dtype::I64, vec![2], i64_bytes(&canvas)));
         }
-        let write_err = |m: String| DataError::Write {
-            path: path.to_path_buf(),
-            message: m,
-        };
+        let write_err = |m: String| DataError::Write { path: path.to_path_buf(), message: m };
         let views = owned
             .iter()
             .map(|(n, d, s, b)| TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v)))
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| write_err(e.to_string()))?;
-        let meta = [("record_id".to_string(), self.record_id.clone())]
-            .into_iter()
-            .collect();
-        safetensors::tensor::serialize_to_file(views, Some(meta), path)
-            .map_err(|e| write_err(e.to_string()))
+        let meta = [("record_id".to_string(), self.record_id.clone())].into_iter().collect();
+        safetensors::tensor::serialize_to_file(views, Some(meta), path).map_err(|e| write_err(e.to_string()))
     }
 }

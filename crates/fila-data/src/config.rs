@@ -110,14 +110,8 @@ impl SourceConfig {
         match (self.first, self.random, self.percent) {
             (None, None, None) => Ok(Sampling::All),
             (Some(n), None, None) => Ok(Sampling::First(n)),
-            (None, Some(n), None) => Ok(Sampling::Random {
-                count: n,
-                seed: self.seed,
-            }),
-            (None, None, Some(p)) if (0.0..=100.0).contains(&p) => Ok(Sampling::Percent {
-                percent: p,
-                seed: self.seed,
-            }),
+            (None, Some(n), None) => Ok(Sampling::Random { count: n, seed: self.seed }),
+            (None, None, Some(p)) if (0.0..=100.0).contains(&p) => Ok(Sampling::Percent { percent: p, seed: self.seed }),
             (None, None, Some(p)) => Err(format!("percent = {p} is outside 0..=100")),
             _ => Err("set at most one of `first`, `random`, `percent`".into()),
         }
@@ -191,16 +185,10 @@ pub struct Normalization {
 
 impl Normalization {
     pub fn clip() -> Self {
-        Self {
-            mean: CLIP_MEAN,
-            std: CLIP_STD,
-        }
+        Self { mean: CLIP_MEAN, std: CLIP_STD }
     }
     pub fn imagenet() -> Self {
-        Self {
-            mean: IMAGENET_MEAN,
-            std: IMAGENET_STD,
-        }
+        Self { mean: IMAGENET_MEAN, std: IMAGENET_STD }
     }
 }
 
@@ -224,15 +212,7 @@ pub struct LoaderConfig {
 
 impl Default for LoaderConfig {
     fn default() -> Self {
-        Self {
-            batch_size: 8,
-            seed: 0,
-            shuffle: true,
-            workers: 0,
-            prefetch_batches: 4,
-            drop_last: false,
-            even_shards: true,
-        }
+        Self { batch_size: 8, seed: 0, shuffle: true, workers: 0, prefetch_batches: 4, drop_last: false, even_shards: true }
     }
 }
 
@@ -268,25 +248,13 @@ impl DataConfig {
 
     /// Parses the `[data]` table of TOML text; `file` only names the source in errors.
     pub fn from_toml_str(text: &str, file: &Path) -> Result<Self> {
-        let config_error = |message: String, hint: &str| DataError::Config {
-            file: file.to_path_buf(),
-            message,
-            hint: hint.into(),
-        };
-        let mut doc: toml::Table = toml::from_str(text).map_err(|e| {
-            config_error(e.to_string(), "fix the TOML syntax at the position shown")
-        })?;
-        let data = doc
-            .remove("data")
-            .ok_or_else(|| config_error("no [data] table".into(), "add a [data] section"))?;
-        let cfg: DataConfig = data.try_into().map_err(|e: toml::de::Error| {
-            config_error(
-                format!("in [data]: {}", e.message()),
-                "check the key names and types against docs/data.md",
-            )
-        })?;
-        cfg.validate()
-            .map_err(|m| config_error(format!("in [data]: {m}"), "see docs/data.md"))?;
+        let config_error = |message: String, hint: &str| DataError::Config { file: file.to_path_buf(), message, hint: hint.into() };
+        let mut doc: toml::Table = toml::from_str(text).map_err(|e| config_error(e.to_string(), "fix the TOML syntax at the position shown"))?;
+        let data = doc.remove("data").ok_or_else(|| config_error("no [data] table".into(), "add a [data] section"))?;
+        let cfg: DataConfig = data
+            .try_into()
+            .map_err(|e: toml::de::Error| config_error(format!("in [data]: {}", e.message()), "check the key names and types against docs/data.md"))?;
+        cfg.validate().map_err(|m| config_error(format!("in [data]: {m}"), "see docs/data.md"))?;
         Ok(cfg)
     }
 
@@ -318,20 +286,12 @@ impl DataConfig {
             return Err("geometry: patch_size and hires_factor must be positive".into());
         }
         if g.tile_size == 0 || !g.tile_size.is_multiple_of(g.patch_size) {
-            return Err(format!(
-                "geometry.tile_size = {} is not a positive multiple of patch_size = {}",
-                g.tile_size, g.patch_size
-            ));
+            return Err(format!("geometry.tile_size = {} is not a positive multiple of patch_size = {}", g.tile_size, g.patch_size));
         }
         if !(g.tile_size * num).is_multiple_of(den) {
-            return Err(format!(
-                "geometry.tile_size = {} × {num}/{den} is not an integer",
-                g.tile_size
-            ));
+            return Err(format!("geometry.tile_size = {} × {num}/{den} is not an integer", g.tile_size));
         }
-        if !g.square_vit_size.is_multiple_of(g.patch_size)
-            || g.square_vit_size as u64 * num as u64 != g.square_hires_size as u64 * den as u64
-        {
+        if !g.square_vit_size.is_multiple_of(g.patch_size) || g.square_vit_size as u64 * num as u64 != g.square_hires_size as u64 * den as u64 {
             return Err(format!(
                 "geometry: square_hires_size = {} must equal square_vit_size = {} × {num}/{den}, \
                  and square_vit_size must be a multiple of patch_size",
@@ -357,11 +317,7 @@ impl DataConfig {
     pub fn square_fill(&self) -> [u8; 3] {
         self.square_pad_color.unwrap_or_else(|| {
             let m = self.vit_norm.mean;
-            [
-                (m[0] * 255.0) as u8,
-                (m[1] * 255.0) as u8,
-                (m[2] * 255.0) as u8,
-            ]
+            [(m[0] * 255.0) as u8, (m[1] * 255.0) as u8, (m[2] * 255.0) as u8]
         })
     }
 }
@@ -371,13 +327,10 @@ mod tests {
     use super::*;
 
     fn read<T: serde::de::DeserializeOwned>(text: &str) -> T {
-        toml::Value::Table(toml::from_str(text).unwrap())
-            .try_into()
-            .unwrap()
+        toml::Value::Table(toml::from_str(text).unwrap()).try_into().unwrap()
     }
 
-    const MINIMAL: &str =
-        "[data]\ntokenizer = \"t.json\"\n[[data.sources]]\npath = \"a.jsonl\"\nimage_folder = \"img\"\n";
+    const MINIMAL: &str = "[data]\ntokenizer = \"t.json\"\n[[data.sources]]\npath = \"a.jsonl\"\nimage_folder = \"img\"\n";
 
     /// A left-out key or section reads as the `Default` impl, so the file and the code cannot
     /// disagree about a default.
@@ -388,23 +341,10 @@ mod tests {
         let minimal = DataConfig::from_toml_str(MINIMAL, Path::new("minimal.toml")).unwrap();
         assert_eq!(minimal.geometry, GeometryConfig::default());
         assert_eq!(minimal.loader, LoaderConfig::default());
-        let one_key =
-            format!("{MINIMAL}[data.loader]\nworkers = 3\n[data.geometry]\ncanvases = [[1, 2]]\n");
+        let one_key = format!("{MINIMAL}[data.loader]\nworkers = 3\n[data.geometry]\ncanvases = [[1, 2]]\n");
         let one_key = DataConfig::from_toml_str(&one_key, Path::new("one_key.toml")).unwrap();
-        assert_eq!(
-            one_key.loader,
-            LoaderConfig {
-                workers: 3,
-                ..LoaderConfig::default()
-            }
-        );
-        assert_eq!(
-            one_key.geometry,
-            GeometryConfig {
-                canvases: vec![[1, 2]],
-                ..GeometryConfig::default()
-            }
-        );
+        assert_eq!(one_key.loader, LoaderConfig { workers: 3, ..LoaderConfig::default() });
+        assert_eq!(one_key.geometry, GeometryConfig { canvases: vec![[1, 2]], ..GeometryConfig::default() });
     }
 
     /// The values themselves: the real model's geometry and LLaVA's text settings.
@@ -412,41 +352,17 @@ mod tests {
     fn the_defaults_are_the_recipe() {
         let c = DataConfig::from_toml_str(MINIMAL, Path::new("minimal.toml")).unwrap();
         let g = &c.geometry;
-        assert_eq!(
-            (g.tile_size, g.patch_size, g.hires_factor),
-            (336, 14, [32, 14])
-        );
+        assert_eq!((g.tile_size, g.patch_size, g.hires_factor), (336, 14, [32, 14]));
         assert_eq!((g.square_vit_size, g.square_hires_size), (336, 768));
         assert_eq!(g.canvases, vec![[1, 2], [2, 1], [2, 2], [3, 1], [1, 3]]);
         let l = &c.loader;
-        assert_eq!(
-            (l.batch_size, l.seed, l.shuffle, l.workers),
-            (8, 0, true, 0)
-        );
-        assert_eq!(
-            (l.prefetch_batches, l.drop_last, l.even_shards),
-            (4, false, true)
-        );
-        assert_eq!(
-            (c.template, c.image_mode, c.on_bad_record),
-            (TemplateKind::Plain, ImageMode::Square, OnBadRecord::Skip)
-        );
-        assert_eq!(
-            (c.vit_norm.clone(), c.hires_norm.clone()),
-            (Normalization::clip(), Normalization::clip())
-        );
-        assert_eq!(
-            (c.max_image_pixels, c.max_len, c.bad_examples),
-            (89_478_485, 2048, 5)
-        );
-        assert_eq!(
-            (c.image_marker.as_str(), c.bos_token.as_str()),
-            ("<image>", "<|begin_of_text|>")
-        );
+        assert_eq!((l.batch_size, l.seed, l.shuffle, l.workers), (8, 0, true, 0));
+        assert_eq!((l.prefetch_batches, l.drop_last, l.even_shards), (4, false, true));
+        assert_eq!((c.template, c.image_mode, c.on_bad_record), (TemplateKind::Plain, ImageMode::Square, OnBadRecord::Skip));
+        assert_eq!((c.vit_norm.clone(), c.hires_norm.clone()), (Normalization::clip(), Normalization::clip()));
+        assert_eq!((c.max_image_pixels, c.max_len, c.bad_examples), (89_478_485, 2048, 5));
+        assert_eq!((c.image_marker.as_str(), c.bos_token.as_str()), ("<image>", "<|begin_of_text|>"));
         assert_eq!(c.plain_end_token, "<|end_of_text|>");
-        assert_eq!(
-            (c.square_fill(), c.canvas_pad_color, c.pad_token_id),
-            ([122, 116, 104], [0, 0, 0], 0)
-        );
+        assert_eq!((c.square_fill(), c.canvas_pad_color, c.pad_token_id), ([122, 116, 104], [0, 0, 0], 0));
     }
 }

@@ -8,11 +8,7 @@ use crate::bad::BadRecord;
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("{file}: {message}\n  hint: {hint}")]
-    Config {
-        file: PathBuf,
-        message: String,
-        hint: String,
-    },
+    Config { file: PathBuf, message: String, hint: String },
     #[error("cannot read {path}: {source}")]
     Io {
         path: PathBuf,
@@ -22,11 +18,7 @@ pub enum DataError {
     #[error("{file}: not a LLaVA JSON list or JSONL file: {message}\n  hint: the file must be a JSON array of records or one record per line (.jsonl)")]
     RecordFile { file: PathBuf, message: String },
     #[error("tokenizer {path}: {message}\n  hint: {hint}")]
-    Tokenizer {
-        path: PathBuf,
-        message: String,
-        hint: String,
-    },
+    Tokenizer { path: PathBuf, message: String, hint: String },
     /// A bad record met while `on_bad_record = "error"`.
     #[error("{0}\n  hint: set on_bad_record = \"skip\" in [data] to skip and count such records")]
     BadRecord(Box<BadRecord>),
@@ -38,10 +30,7 @@ pub enum DataError {
 
 impl DataError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        DataError::Io {
-            path: path.into(),
-            source,
-        }
+        DataError::Io { path: path.into(), source }
     }
 }
 

@@ -46,26 +46,13 @@ impl Geometry {
     /// the same conditions as errors first.
     pub fn new(cfg: &GeometryConfig) -> Self {
         let [num, den] = cfg.hires_factor;
-        assert!(
-            cfg.tile_size.is_multiple_of(cfg.patch_size),
-            "tile must be a multiple of patch"
-        );
-        assert!(
-            (cfg.tile_size * num).is_multiple_of(den),
-            "tile × factor must be an integer"
-        );
+        assert!(cfg.tile_size.is_multiple_of(cfg.patch_size), "tile must be a multiple of patch");
+        assert!((cfg.tile_size * num).is_multiple_of(den), "tile × factor must be an integer");
         let hires_tile = cfg.tile_size * num / den;
         // The stride-32 ConvNeXt stage must land on the ViT grid: one stage-4 cell per ViT cell.
         let grid = cfg.tile_size / cfg.patch_size;
-        assert_eq!(
-            hires_tile % grid,
-            0,
-            "ConvNeXt side per tile must be a multiple of the ViT grid"
-        );
-        assert_eq!(
-            cfg.square_vit_size as u64 * num as u64,
-            cfg.square_hires_size as u64 * den as u64
-        );
+        assert_eq!(hires_tile % grid, 0, "ConvNeXt side per tile must be a multiple of the ViT grid");
+        assert_eq!(cfg.square_vit_size as u64 * num as u64, cfg.square_hires_size as u64 * den as u64);
         Self {
             tile: cfg.tile_size,
             patch: cfg.patch_size,
@@ -73,11 +60,7 @@ impl Geometry {
             hires_tile,
             square_vit: cfg.square_vit_size,
             square_hires: cfg.square_hires_size,
-            canvases: cfg
-                .canvases
-                .iter()
-                .map(|&[cols, rows]| TileGrid { cols, rows })
-                .collect(),
+            canvases: cfg.canvases.iter().map(|&[cols, rows]| TileGrid { cols, rows }).collect(),
         }
     }
 
@@ -109,11 +92,7 @@ impl Geometry {
 
     /// The canvas for an image of `width × height` by the LLaVA-NeXT rule.
     pub fn select_canvas(&self, width: u32, height: u32) -> TileGrid {
-        let sizes: Vec<(u32, u32)> = self
-            .canvases
-            .iter()
-            .map(|&g| self.canvas_pixels(g))
-            .collect();
+        let sizes: Vec<(u32, u32)> = self.canvases.iter().map(|&g| self.canvas_pixels(g)).collect();
         let best = select_canvas(width, height, &sizes);
         self.canvases[best]
     }
@@ -156,20 +135,12 @@ pub fn fit_and_center(width: u32, height: u32, canvas_w: u32, canvas_h: u32) -> 
         let w = ((width as f64 * scale_h).ceil() as u32).clamp(1, canvas_w);
         (w, canvas_h)
     };
-    Placement {
-        canvas: (canvas_w, canvas_h),
-        content: (cw, ch),
-        offset: ((canvas_w - cw) / 2, (canvas_h - ch) / 2),
-    }
+    Placement { canvas: (canvas_w, canvas_h), content: (cw, ch), offset: ((canvas_w - cw) / 2, (canvas_h - ch) / 2) }
 }
 
 /// LLaVA's `expand2square` placement: the image on a square of its longer side, centred
 /// on the shorter axis (offset rounded down).
 pub fn square_placement(width: u32, height: u32) -> Placement {
     let side = width.max(height);
-    Placement {
-        canvas: (side, side),
-        content: (width, height),
-        offset: ((side - width) / 2, (side - height) / 2),
-    }
+    Placement { canvas: (side, side), content: (width, height), offset: ((side - width) / 2, (side - height) / 2) }
 }

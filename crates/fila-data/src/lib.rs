@@ -19,10 +19,7 @@ pub use bad::{BadReason, BadRecord, BadRecordCounts, ReasonCount};
 /// Re-exported so callers name the same `Dataset` trait version.
 pub use burn_dataset;
 pub use commands::{check, inspect, DataCheck, ImageInfo, Inspection, LengthStats};
-pub use config::{
-    DataConfig, GeometryConfig, ImageMode, LoaderConfig, Normalization, OnBadRecord, Sampling,
-    SourceConfig, TemplateKind,
-};
+pub use config::{DataConfig, GeometryConfig, ImageMode, LoaderConfig, Normalization, OnBadRecord, Sampling, SourceConfig, TemplateKind};
 pub use error::{DataError, Result};
 pub use geometry::{select_canvas, Geometry, Placement, TileGrid};
 pub use loader::{collate, Batch, DataLoader, LoaderOptions};

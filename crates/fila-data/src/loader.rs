@@ -59,8 +59,7 @@ pub fn collate(samples: Vec<Sample>, pad_token_id: i64, view_side: usize) -> Bat
     let total_views: usize = samples.iter().map(|s| s.num_views()).sum();
     let view_len = 3 * view_side * view_side;
     let mut views = Vec::with_capacity(total_views * view_len);
-    let (mut views_per_image, mut images_per_sample, mut views_per_sample) =
-        (vec![], vec![], vec![]);
+    let (mut views_per_image, mut images_per_sample, mut views_per_sample) = (vec![], vec![], vec![]);
     let (mut hires, mut grids, mut record_ids) = (vec![], vec![], vec![]);
     for (b, s) in samples.into_iter().enumerate() {
         let n = s.input_ids.len();
@@ -72,11 +71,7 @@ pub fn collate(samples: Vec<Sample>, pad_token_id: i64, view_side: usize) -> Bat
         images_per_sample.push(s.images.len());
         views_per_sample.push(s.num_views());
         for img in s.images {
-            assert_eq!(
-                img.views.data.len(),
-                img.num_views() * view_len,
-                "view side differs from the batch's"
-            );
+            assert_eq!(img.views.data.len(), img.num_views() * view_len, "view side differs from the batch's");
             views_per_image.push(img.num_views());
             views.extend_from_slice(&img.views.data);
             hires.push(img.hires);
@@ -91,10 +86,7 @@ pub fn collate(samples: Vec<Sample>, pad_token_id: i64, view_side: usize) -> Bat
         batch_size,
         seq_len,
         lengths,
-        views: PixelTensor {
-            data: views,
-            shape: vec![total_views, 3, view_side, view_side],
-        },
+        views: PixelTensor { data: views, shape: vec![total_views, 3, view_side, view_side] },
         views_per_image,
         images_per_sample,
         views_per_sample,
@@ -126,13 +118,7 @@ pub struct LoaderOptions {
 }
 
 impl LoaderOptions {
-    pub fn from_config(
-        cfg: &LoaderConfig,
-        rank: usize,
-        world: usize,
-        start: DataCursor,
-        end_epoch: u64,
-    ) -> Self {
+    pub fn from_config(cfg: &LoaderConfig, rank: usize, world: usize, start: DataCursor, end_epoch: u64) -> Self {
         Self {
             batch_size: cfg.batch_size,
             seed: cfg.seed,
@@ -166,18 +152,11 @@ pub struct DataLoader {
 }
 
 impl DataLoader {
-    pub fn start(
-        records: Arc<dyn Dataset<Record>>,
-        pipeline: Arc<Pipeline>,
-        opts: LoaderOptions,
-    ) -> Result<Self> {
+    pub fn start(records: Arc<dyn Dataset<Record>>, pipeline: Arc<Pipeline>, opts: LoaderOptions) -> Result<Self> {
         assert!(opts.batch_size > 0, "batch_size must be ≥ 1");
         let sampler = opts.sampler(records.len());
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(opts.workers)
-            .thread_name(|i| format!("fila-data-{i}"))
-            .build()
-            .map_err(|e| DataError::Config {
+        let pool =
+            rayon::ThreadPoolBuilder::new().num_threads(opts.workers).thread_name(|i| format!("fila-data-{i}")).build().map_err(|e| DataError::Config {
                 file: "[data.loader]".into(),
                 message: format!("cannot start {} preprocessing threads: {e}", opts.workers),
                 hint: "lower loader.workers".into(),
@@ -188,22 +167,11 @@ impl DataLoader {
         let producer = std::thread::Builder::new()
             .name("fila-data-producer".into())
             .spawn(move || {
-                let mut producer = Producer {
-                    records,
-                    pipeline,
-                    pool,
-                    sampler: producer_sampler,
-                    opts,
-                };
+                let mut producer = Producer { records, pipeline, pool, sampler: producer_sampler, opts };
                 producer.run(|item| tx.send(item).is_ok())
             })
             .map_err(|e| DataError::io("fila-data-producer thread", e))?;
-        Ok(Self {
-            rx: Some(rx),
-            producer: Some(producer),
-            bad,
-            sampler,
-        })
+        Ok(Self { rx: Some(rx), producer: Some(producer), bad, sampler })
     }
 
     pub fn bad_counts(&self) -> &BadRecordCounts {
@@ -280,19 +248,13 @@ impl Producer {
         if q.next >= q.order.len() {
             return false;
         }
-        let chunk = self
-            .opts
-            .batch_size
-            .max(2 * self.pool.current_num_threads());
+        let chunk = self.opts.batch_size.max(2 * self.pool.current_num_threads());
         let end = (q.next + chunk).min(q.order.len());
         let outs: Vec<Outcome> = self.pool.install(|| {
             q.order[q.next..end]
                 .par_iter()
                 .map(|&i| {
-                    let record = self
-                        .records
-                        .get(i)
-                        .expect("sampler index within the dataset");
+                    let record = self.records.get(i).expect("sampler index within the dataset");
                     self.pipeline.process(&record)
                 })
                 .collect()
@@ -326,19 +288,10 @@ impl Producer {
         let pad = self.pipeline.config.pad_token_id;
         let side = self.view_side();
         for epoch in self.opts.start.epoch..self.opts.end_epoch {
-            let start = if epoch == self.opts.start.epoch {
-                self.opts.start.position
-            } else {
-                0
-            };
+            let start = if epoch == self.opts.start.epoch { self.opts.start.position } else { 0 };
             let order = self.sampler.epoch_order(epoch);
             let start = start.min(order.len());
-            let mut q = EpochQueue {
-                order,
-                next: start,
-                ready: VecDeque::new(),
-                first: start,
-            };
+            let mut q = EpochQueue { order, next: start, ready: VecDeque::new(), first: start };
             loop {
                 let mut samples = Vec::with_capacity(self.opts.batch_size);
                 let mut skipped = vec![];
@@ -371,17 +324,7 @@ impl Producer {
                 }
                 let mut batch = collate(samples, pad, side);
                 batch.skipped = skipped;
-                batch.cursor = if q.first >= q.order.len() {
-                    DataCursor {
-                        epoch: epoch + 1,
-                        position: 0,
-                    }
-                } else {
-                    DataCursor {
-                        epoch,
-                        position: q.first,
-                    }
-                };
+                batch.cursor = if q.first >= q.order.len() { DataCursor { epoch: epoch + 1, position: 0 } } else { DataCursor { epoch, position: q.first } };
                 if !send(Ok(batch)) {
                     return trailing;
                 }

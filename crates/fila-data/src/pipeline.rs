@@ -44,17 +44,9 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub fn new(config: DataConfig) -> Result<Self> {
-        config.validate().map_err(|m| DataError::Config {
-            file: "[data]".into(),
-            message: m,
-            hint: "see docs/data.md".into(),
-        })?;
+        config.validate().map_err(|m| DataError::Config { file: "[data]".into(), message: m, hint: "see docs/data.md".into() })?;
         let text = TextEncoder::from_config(&config)?;
-        Ok(Self {
-            images: ImagePreprocessor::new(&config),
-            text,
-            config,
-        })
+        Ok(Self { images: ImagePreprocessor::new(&config), text, config })
     }
 
     /// Reads the `[data]` table of `path` and builds the pipeline and the record set.
@@ -64,79 +56,44 @@ impl Pipeline {
         Ok((Arc::new(Pipeline::new(cfg)?), Arc::new(records)))
     }
 
-    fn decode_images(
-        &self,
-        record: &Record,
-    ) -> std::result::Result<Vec<image::RgbImage>, BadRecord> {
+    fn decode_images(&self, record: &Record) -> std::result::Result<Vec<image::RgbImage>, BadRecord> {
         record
             .images
             .iter()
             .map(|rel| {
-                let path = resolve_image_path(&record.image_folder, rel)
-                    .map_err(|(r, d)| record.bad(r, d))?;
+                let path = resolve_image_path(&record.image_folder, rel).map_err(|(r, d)| record.bad(r, d))?;
                 self.images.load(&path).map_err(|(r, d)| record.bad(r, d))
             })
             .collect()
     }
 
-    fn tokenize(
-        &self,
-        record: &Record,
-        images: &[image::RgbImage],
-    ) -> std::result::Result<TokenizedSample, BadRecord> {
-        let visual: Vec<usize> = images
-            .iter()
-            .map(|i| self.images.visual_tokens_for(i.width(), i.height()))
-            .collect();
-        self.text
-            .encode(record, &visual)
-            .map_err(|(r, d)| record.bad(r, d))
+    fn tokenize(&self, record: &Record, images: &[image::RgbImage]) -> std::result::Result<TokenizedSample, BadRecord> {
+        let visual: Vec<usize> = images.iter().map(|i| self.images.visual_tokens_for(i.width(), i.height())).collect();
+        self.text.encode(record, &visual).map_err(|(r, d)| record.bad(r, d))
     }
 
     /// The full sample, or why the record is bad.
     pub fn process(&self, record: &Record) -> std::result::Result<Sample, BadRecord> {
-        self.text
-            .check_structure(record)
-            .map_err(|(r, d)| record.bad(r, d))?;
+        self.text.check_structure(record).map_err(|(r, d)| record.bad(r, d))?;
         let decoded = self.decode_images(record)?;
         let tokens = self.tokenize(record, &decoded)?;
         let images: Vec<ImageViews> = decoded.iter().map(|i| self.images.process(i)).collect();
-        debug_assert!(images
-            .iter()
-            .zip(&tokens.visual_spans)
-            .all(|(i, s)| i.visual_tokens == s.len()));
-        Ok(Sample {
-            record_id: record.id.clone(),
-            input_ids: tokens.input_ids,
-            labels: tokens.labels,
-            images,
-            truncated: tokens.truncated,
-        })
+        debug_assert!(images.iter().zip(&tokens.visual_spans).all(|(i, s)| i.visual_tokens == s.len()));
+        Ok(Sample { record_id: record.id.clone(), input_ids: tokens.input_ids, labels: tokens.labels, images, truncated: tokens.truncated })
     }
 
     /// Decodes images and tokenises without producing pixels (for `check`).
     pub fn scan(&self, record: &Record) -> std::result::Result<ScannedRecord, BadRecord> {
-        self.text
-            .check_structure(record)
-            .map_err(|(r, d)| record.bad(r, d))?;
+        self.text.check_structure(record).map_err(|(r, d)| record.bad(r, d))?;
         let decoded = self.decode_images(record)?;
         let tokens = self.tokenize(record, &decoded)?;
-        Ok(ScannedRecord {
-            seq_len: tokens.input_ids.len(),
-            image_sizes: decoded.iter().map(|i| i.dimensions()).collect(),
-            truncated: tokens.truncated,
-        })
+        Ok(ScannedRecord { seq_len: tokens.input_ids.len(), image_sizes: decoded.iter().map(|i| i.dimensions()).collect(), truncated: tokens.truncated })
     }
 
     /// Applies `on_bad_record`: `Ok(None)` when the record is skipped.
-    pub fn process_or_skip(
-        &self,
-        record: &Record,
-    ) -> Result<std::result::Result<Sample, BadRecord>> {
+    pub fn process_or_skip(&self, record: &Record) -> Result<std::result::Result<Sample, BadRecord>> {
         match self.process(record) {
-            Err(bad) if self.config.on_bad_record == OnBadRecord::Error => {
-                Err(DataError::BadRecord(Box::new(bad)))
-            }
+            Err(bad) if self.config.on_bad_record == OnBadRecord::Error => Err(DataError::BadRecord(Box::new(bad))),
             other => Ok(other),
         }
     }
@@ -148,9 +105,7 @@ pub struct SampleDataset<D> {
     pub pipeline: Arc<Pipeline>,
 }
 
-impl<D: burn_dataset::Dataset<Record>> burn_dataset::Dataset<std::result::Result<Sample, BadRecord>>
-    for SampleDataset<D>
-{
+impl<D: burn_dataset::Dataset<Record>> burn_dataset::Dataset<std::result::Result<Sample, BadRecord>> for SampleDataset<D> {
     fn get(&self, index: usize) -> Option<std::result::Result<Sample, BadRecord>> {
         self.records.get(index).map(|r| self.pipeline.process(&r))
     }

@@ -25,10 +25,7 @@ pub struct PixelTensor {
 impl PixelTensor {
     pub fn zeros(shape: Vec<usize>) -> Self {
         let n = shape.iter().product();
-        Self {
-            data: vec![0.0; n],
-            shape,
-        }
+        Self { data: vec![0.0; n], shape }
     }
 }
 
@@ -103,18 +100,14 @@ impl ImagePreprocessor {
     pub fn visual_tokens_for(&self, width: u32, height: u32) -> usize {
         match self.mode {
             ImageMode::Square => self.geometry.square_tokens(),
-            ImageMode::Tiled => self
-                .geometry
-                .tiled_tokens(self.geometry.select_canvas(width, height)),
+            ImageMode::Tiled => self.geometry.tiled_tokens(self.geometry.select_canvas(width, height)),
         }
     }
 
     /// Reads and decodes an image file, checking the pixel limit before decoding.
     pub fn load(&self, path: &Path) -> Result<RgbImage, ImageProblem> {
-        let bytes = std::fs::read(path)
-            .map_err(|e| (BadReason::MissingImage, format!("{}: {e}", path.display())))?;
-        decode_rgb(&bytes, self.max_pixels)
-            .map_err(|(r, d)| (r, format!("{}: {d}", path.display())))
+        let bytes = std::fs::read(path).map_err(|e| (BadReason::MissingImage, format!("{}: {e}", path.display())))?;
+        decode_rgb(&bytes, self.max_pixels).map_err(|(r, d)| (r, format!("{}: {d}", path.display())))
     }
 
     pub fn process(&self, img: &RgbImage) -> ImageViews {
@@ -133,10 +126,7 @@ impl ImagePreprocessor {
         let (vit, hires) = if w > h {
             // Pad rows are constant: resize the image rows and one fill row instead of the square.
             let fill = self.square_fill;
-            (
-                resize_row_padded(img.as_raw(), (w, h), placement.offset.1, fill, sv),
-                resize_row_padded(img.as_raw(), (w, h), placement.offset.1, fill, sh),
-            )
+            (resize_row_padded(img.as_raw(), (w, h), placement.offset.1, fill, sv), resize_row_padded(img.as_raw(), (w, h), placement.offset.1, fill, sh))
         } else {
             let square;
             let sq = if w == h {
@@ -146,28 +136,13 @@ impl ImagePreprocessor {
                 square.as_slice()
             };
             let side = placement.canvas.0;
-            (
-                resize_rgb(sq, side, side, sv, sv),
-                resize_rgb(sq, side, side, sh, sh),
-            )
+            (resize_rgb(sq, side, side, sv, sv), resize_rgb(sq, side, side, sh, sh))
         };
         let mut views = PixelTensor::zeros(vec![1, 3, sv as usize, sv as usize]);
         normalize_region(&vit, sv, (0, 0, sv, sv), &self.vit_lut, &mut views.data);
         let mut hires_t = PixelTensor::zeros(vec![3, sh as usize, sh as usize]);
-        normalize_region(
-            &hires,
-            sh,
-            (0, 0, sh, sh),
-            &self.hires_lut,
-            &mut hires_t.data,
-        );
-        ImageViews {
-            views,
-            hires: hires_t,
-            grid: None,
-            original_size: (w, h),
-            visual_tokens: self.geometry.square_tokens(),
-        }
+        normalize_region(&hires, sh, (0, 0, sh, sh), &self.hires_lut, &mut hires_t.data);
+        ImageViews { views, hires: hires_t, grid: None, original_size: (w, h), visual_tokens: self.geometry.square_tokens() }
     }
 
     /// Stage 2: canvas choice, aspect-preserving resize, centre padding, row-major tiles, the
@@ -184,13 +159,7 @@ impl ImagePreprocessor {
         let n_views = 1 + grid.tiles() as usize;
         let mut views = PixelTensor::zeros(vec![n_views, 3, t as usize, t as usize]);
         let global = resize_rgb(&canvas, cw, ch, t, t);
-        normalize_region(
-            &global,
-            t,
-            (0, 0, t, t),
-            &self.vit_lut,
-            &mut views.data[..view_len],
-        );
+        normalize_region(&global, t, (0, 0, t, t), &self.vit_lut, &mut views.data[..view_len]);
         for row in 0..grid.rows {
             for col in 0..grid.cols {
                 let k = 1 + (row * grid.cols + col) as usize;
@@ -205,20 +174,8 @@ impl ImagePreprocessor {
         let (cw, ch) = placement.content;
         let content = resize_rgb(img.as_raw(), w, h, cw, ch);
         let mut hires = PixelTensor::zeros(vec![3, hh as usize, hw as usize]);
-        normalize_padded(
-            &content,
-            placement,
-            self.canvas_fill,
-            &self.hires_lut,
-            &mut hires.data,
-        );
-        ImageViews {
-            views,
-            hires,
-            grid: Some(grid),
-            original_size: (w, h),
-            visual_tokens: geo.tiled_tokens(grid),
-        }
+        normalize_padded(&content, placement, self.canvas_fill, &self.hires_lut, &mut hires.data);
+        ImageViews { views, hires, grid: Some(grid), original_size: (w, h), visual_tokens: geo.tiled_tokens(grid) }
     }
 }
 
@@ -226,31 +183,18 @@ impl ImagePreprocessor {
 /// `convert("RGB")`); an animated GIF gives its first frame, as PIL's `open` does.
 pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageProblem> {
     let corrupt = |e: &dyn std::fmt::Display| (BadReason::CorruptImage, e.to_string());
-    let reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| corrupt(&e))?;
+    let reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| corrupt(&e))?;
     if reader.format().is_none() {
         return Err((BadReason::CorruptImage, "unknown image format".into()));
     }
     let (w, h) = reader.into_dimensions().map_err(|e| corrupt(&e))?;
     if w as u64 * h as u64 > max_pixels {
-        return Err((
-            BadReason::ImageTooLarge,
-            format!(
-                "{w}×{h} = {} pixels > max_image_pixels = {max_pixels}",
-                w as u64 * h as u64
-            ),
-        ));
+        return Err((BadReason::ImageTooLarge, format!("{w}×{h} = {} pixels > max_image_pixels = {max_pixels}", w as u64 * h as u64)));
     }
     if looks_truncated(bytes) {
-        return Err((
-            BadReason::CorruptImage,
-            "truncated JPEG (no end-of-image marker)".into(),
-        ));
+        return Err((BadReason::CorruptImage, "truncated JPEG (no end-of-image marker)".into()));
     }
-    let mut reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| corrupt(&e))?;
+    let mut reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| corrupt(&e))?;
     reader.no_limits(); // the pixel limit above is the one that applies
     let img = reader.decode().map_err(|e| corrupt(&e))?;
     Ok(img.into_rgb8())
@@ -271,36 +215,14 @@ pub fn resolve_image_path(folder: &Path, relative: &str) -> Result<PathBuf, Imag
     for comp in rel.components() {
         match comp {
             Component::Normal(_) | Component::CurDir => {}
-            Component::ParentDir => {
-                return Err((
-                    BadReason::ImagePathEscapes,
-                    format!("`{relative}` contains `..`"),
-                ))
-            }
-            Component::RootDir | Component::Prefix(_) => {
-                return Err((
-                    BadReason::ImagePathEscapes,
-                    format!("`{relative}` is absolute"),
-                ))
-            }
+            Component::ParentDir => return Err((BadReason::ImagePathEscapes, format!("`{relative}` contains `..`"))),
+            Component::RootDir | Component::Prefix(_) => return Err((BadReason::ImagePathEscapes, format!("`{relative}` is absolute"))),
         }
     }
     let joined = folder.join(rel);
-    let real = joined.canonicalize().map_err(|e| {
-        (
-            BadReason::MissingImage,
-            format!("{}: {e}", joined.display()),
-        )
-    })?;
+    let real = joined.canonicalize().map_err(|e| (BadReason::MissingImage, format!("{}: {e}", joined.display())))?;
     if !real.starts_with(folder) {
-        return Err((
-            BadReason::ImagePathEscapes,
-            format!(
-                "`{relative}` leads to {} outside {}",
-                real.display(),
-                folder.display()
-            ),
-        ));
+        return Err((BadReason::ImagePathEscapes, format!("`{relative}` leads to {} outside {}", real.display(), folder.display())));
     }
     Ok(real)
 }
@@ -335,13 +257,7 @@ pub fn resize_rgb(src: &[u8], sw: u32, sh: u32, dw: u32, dh: u32) -> Vec<u8> {
 /// Bicubic resize of a `side × side` square made of `image` (`w × h`, `w = side`) with `offset_y`
 /// fill rows above and the rest below: identical to padding then [`resize_rgb`], because the
 /// horizontal pass treats rows independently, but without the padded copy or its horizontal pass.
-fn resize_row_padded(
-    image: &[u8],
-    (w, h): (u32, u32),
-    offset_y: u32,
-    fill: [u8; 3],
-    out_side: u32,
-) -> Vec<u8> {
+fn resize_row_padded(image: &[u8], (w, h): (u32, u32), offset_y: u32, fill: [u8; 3], out_side: u32) -> Vec<u8> {
     let side = w;
     let fill_row: Vec<u8> = fill.iter().copied().cycle().take(3 * w as usize).collect();
     let pad_h = resize_one_pass(&fill_row, w, 1, out_side, 1);
@@ -373,18 +289,11 @@ fn resize_one_pass(src: &[u8], sw: u32, sh: u32, dw: u32, dh: u32) -> Vec<u8> {
 /// in this crate (most of its build time).
 fn resize_one_pass_into(src: &[u8], sw: u32, sh: u32, dw: u32, dh: u32, out: &mut Vec<u8>) {
     type Rgb8 = fr::pixels::U8x3;
-    let src_img = fr::images::TypedImageRef::<Rgb8>::from_buffer(sw, sh, src)
-        .expect("source buffer holds sw×sh RGB pixels");
+    let src_img = fr::images::TypedImageRef::<Rgb8>::from_buffer(sw, sh, src).expect("source buffer holds sw×sh RGB pixels");
     out.resize((dw * dh * 3) as usize, 0);
-    let mut dst = fr::images::TypedImage::<Rgb8>::from_buffer(dw, dh, out)
-        .expect("destination buffer holds dw×dh RGB pixels");
-    let options =
-        fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::CatmullRom));
-    RESIZER.with(|r| {
-        r.borrow_mut()
-            .resize_typed(&src_img, &mut dst, &options)
-            .expect("resizing RGB8 into RGB8 cannot fail")
-    });
+    let mut dst = fr::images::TypedImage::<Rgb8>::from_buffer(dw, dh, out).expect("destination buffer holds dw×dh RGB pixels");
+    let options = fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::CatmullRom));
+    RESIZER.with(|r| r.borrow_mut().resize_typed(&src_img, &mut dst, &options).expect("resizing RGB8 into RGB8 cannot fail"));
 }
 
 /// Resizes `img` to `placement.content` and pastes it on a canvas filled with `fill`.
@@ -398,23 +307,11 @@ fn render_canvas(img: &RgbImage, placement: Placement, fill: [u8; 3]) -> Vec<u8>
 /// A canvas of `placement.canvas` filled with `fill`, with `content` (of `placement.content`
 /// size) copied at `placement.offset`.
 fn paste_on_canvas(content: &[u8], placement: Placement, fill: [u8; 3]) -> Vec<u8> {
-    pad_to_canvas(
-        content,
-        placement.content,
-        placement.canvas,
-        placement.offset,
-        fill,
-    )
+    pad_to_canvas(content, placement.content, placement.canvas, placement.offset, fill)
 }
 
 /// Packed RGB8 `content` of size `content_size` on a `canvas` filled with `fill`, at `offset`.
-pub fn pad_to_canvas(
-    content: &[u8],
-    content_size: (u32, u32),
-    canvas: (u32, u32),
-    offset: (u32, u32),
-    fill: [u8; 3],
-) -> Vec<u8> {
+pub fn pad_to_canvas(content: &[u8], content_size: (u32, u32), canvas: (u32, u32), offset: (u32, u32), fill: [u8; 3]) -> Vec<u8> {
     let (cw, ch) = (canvas.0 as usize, canvas.1 as usize);
     let (w, h) = (content_size.0 as usize, content_size.1 as usize);
     let (ox, oy) = (offset.0 as usize, offset.1 as usize);
@@ -437,13 +334,7 @@ pub fn pad_to_canvas(
 
 /// Writes the region `(x, y, w, h)` of a packed RGB8 image of row width `stride_w` into `out` as
 /// normalised CHW f32 (`out.len() == 3·w·h`).
-fn normalize_region(
-    src: &[u8],
-    stride_w: u32,
-    region: (u32, u32, u32, u32),
-    lut: &NormLut,
-    out: &mut [f32],
-) {
+fn normalize_region(src: &[u8], stride_w: u32, region: (u32, u32, u32, u32), lut: &NormLut, out: &mut [f32]) {
     let (x0, y0, w, h) = region;
     let (w, h) = (w as usize, h as usize);
     let plane = w * h;
@@ -465,13 +356,7 @@ fn normalize_region(
 
 /// Normalised CHW f32 of a canvas holding `content` at `placement`, the rest `fill`, without
 /// building the 8-bit canvas.
-fn normalize_padded(
-    content: &[u8],
-    placement: Placement,
-    fill: [u8; 3],
-    lut: &NormLut,
-    out: &mut [f32],
-) {
+fn normalize_padded(content: &[u8], placement: Placement, fill: [u8; 3], lut: &NormLut, out: &mut [f32]) {
     let (cw, ch) = (placement.canvas.0 as usize, placement.canvas.1 as usize);
     let (w, h) = (placement.content.0 as usize, placement.content.1 as usize);
     let (ox, oy) = (placement.offset.0 as usize, placement.offset.1 as usize);
@@ -538,11 +423,7 @@ mod tests {
         normalize_padded(&content, p, [0, 0, 0], &lut, &mut got);
         assert_eq!(got, want);
         // Horizontal padding too.
-        let p = Placement {
-            canvas: (40, 17),
-            content: (30, 17),
-            offset: (5, 0),
-        };
+        let p = Placement { canvas: (40, 17), content: (30, 17), offset: (5, 0) };
         let canvas = paste_on_canvas(&content, p, [9, 200, 3]);
         let mut want = vec![0f32; 3 * 40 * 17];
         normalize_region(&canvas, 40, (0, 0, 40, 17), &lut, &mut want);

@@ -42,13 +42,7 @@ pub struct Record {
 
 impl Record {
     pub fn bad(&self, reason: BadReason, detail: impl Into<String>) -> BadRecord {
-        BadRecord {
-            reason,
-            record_id: self.id.clone(),
-            file: self.file.as_ref().clone(),
-            line: self.line,
-            detail: detail.into(),
-        }
+        BadRecord { reason, record_id: self.id.clone(), file: self.file.as_ref().clone(), line: self.line, detail: detail.into() }
     }
 }
 
@@ -101,11 +95,7 @@ impl RecordSet {
             per_source.push(kept.len());
             records.extend(kept);
         }
-        Ok(Self {
-            records,
-            load_bad,
-            per_source,
-        })
+        Ok(Self { records, load_bad, per_source })
     }
 }
 
@@ -120,14 +110,11 @@ impl burn_dataset::Dataset<Record> for RecordSet {
 
 /// Parses one source file; malformed entries come back as bad records, an unreadable file as an error.
 pub fn load_source(src: &SourceConfig, source: usize) -> Result<(Vec<Record>, Vec<BadRecord>)> {
-    let folder = src
-        .image_folder
-        .canonicalize()
-        .map_err(|e| DataError::Config {
-            file: src.path.clone(),
-            message: format!("image_folder {}: {e}", src.image_folder.display()),
-            hint: "image_folder must be an existing directory".into(),
-        })?;
+    let folder = src.image_folder.canonicalize().map_err(|e| DataError::Config {
+        file: src.path.clone(),
+        message: format!("image_folder {}: {e}", src.image_folder.display()),
+        hint: "image_folder must be an existing directory".into(),
+    })?;
     let folder = Arc::new(folder);
     let file = Arc::new(src.path.clone());
     let text = std::fs::read_to_string(&src.path).map_err(|e| DataError::io(&src.path, e))?;
@@ -138,29 +125,15 @@ pub fn load_source(src: &SourceConfig, source: usize) -> Result<(Vec<Record>, Ve
     };
     let mut records = Vec::new();
     let mut bad = Vec::new();
-    let mut push = |line: usize, value: std::result::Result<RawRecord, String>| match value
-        .and_then(|raw| to_record(raw, source, &file, line, &folder))
-    {
+    let mut push = |line: usize, value: std::result::Result<RawRecord, String>| match value.and_then(|raw| to_record(raw, source, &file, line, &folder)) {
         Ok(r) => records.push(r),
-        Err(detail) => bad.push(BadRecord {
-            reason: BadReason::MalformedJson,
-            record_id: format!("line {line}"),
-            file: src.path.clone(),
-            line,
-            detail,
-        }),
+        Err(detail) => bad.push(BadRecord { reason: BadReason::MalformedJson, record_id: format!("line {line}"), file: src.path.clone(), line, detail }),
     };
     if is_list {
         let items: Vec<serde_json::Value> =
-            serde_json::from_str(&text).map_err(|e| DataError::RecordFile {
-                file: src.path.clone(),
-                message: e.to_string(),
-            })?;
+            serde_json::from_str(&text).map_err(|e| DataError::RecordFile { file: src.path.clone(), message: e.to_string() })?;
         for (i, item) in items.into_iter().enumerate() {
-            push(
-                i + 1,
-                serde_json::from_value(item).map_err(|e| e.to_string()),
-            );
+            push(i + 1, serde_json::from_value(item).map_err(|e| e.to_string()));
         }
     } else {
         for (i, line) in text.lines().enumerate() {
@@ -173,13 +146,7 @@ pub fn load_source(src: &SourceConfig, source: usize) -> Result<(Vec<Record>, Ve
     Ok((records, bad))
 }
 
-fn to_record(
-    raw: RawRecord,
-    source: usize,
-    file: &Arc<PathBuf>,
-    line: usize,
-    folder: &Arc<PathBuf>,
-) -> std::result::Result<Record, String> {
+fn to_record(raw: RawRecord, source: usize, file: &Arc<PathBuf>, line: usize, folder: &Arc<PathBuf>) -> std::result::Result<Record, String> {
     let id = match raw.id {
         Some(serde_json::Value::String(s)) => s,
         Some(v) => v.to_string(),
@@ -198,25 +165,13 @@ fn to_record(
             "system" => Role::System,
             other => return Err(format!("record {id}: unknown speaker `from: {other}`")),
         };
-        turns.push(Turn {
-            role,
-            text: t.value,
-        });
+        turns.push(Turn { role, text: t.value });
     }
-    Ok(Record {
-        id,
-        images,
-        turns,
-        source,
-        file: file.clone(),
-        line,
-        image_folder: folder.clone(),
-    })
+    Ok(Record { id, images, turns, source, file: file.clone(), line, image_folder: folder.clone() })
 }
 
 fn file_stem(p: &Path) -> String {
-    p.file_stem()
-        .map_or_else(String::new, |s| s.to_string_lossy().into_owned())
+    p.file_stem().map_or_else(String::new, |s| s.to_string_lossy().into_owned())
 }
 
 /// Keeps the records a sampling rule selects, in file order.
@@ -227,11 +182,7 @@ pub fn apply_sampling(records: Vec<Record>, sampling: Sampling) -> Vec<Record> {
         for &i in permutation(n, seed, u64::MAX).iter().take(count) {
             keep[i] = true;
         }
-        records
-            .into_iter()
-            .zip(keep)
-            .filter_map(|(r, k)| k.then_some(r))
-            .collect()
+        records.into_iter().zip(keep).filter_map(|(r, k)| k.then_some(r)).collect()
     };
     match sampling {
         Sampling::All => records,

@@ -68,21 +68,11 @@ pub struct EpochSampler {
 
 impl EpochSampler {
     pub fn new(len: usize, seed: u64, shuffle: bool) -> Self {
-        Self {
-            len,
-            seed,
-            shuffle,
-            rank: 0,
-            world: 1,
-            even_shards: true,
-        }
+        Self { len, seed, shuffle, rank: 0, world: 1, even_shards: true }
     }
 
     pub fn sharded(mut self, rank: usize, world: usize) -> Self {
-        assert!(
-            world >= 1 && rank < world,
-            "rank {rank} out of world {world}"
-        );
+        assert!(world >= 1 && rank < world, "rank {rank} out of world {world}");
         self.rank = rank;
         self.world = world;
         self
@@ -103,20 +93,12 @@ impl EpochSampler {
         if self.even_shards {
             global.truncate(self.len / self.world * self.world);
         }
-        global
-            .into_iter()
-            .skip(self.rank)
-            .step_by(self.world)
-            .collect()
+        global.into_iter().skip(self.rank).step_by(self.world).collect()
     }
 
     /// Records this rank reads per epoch.
     pub fn epoch_len(&self) -> usize {
-        let n = if self.even_shards {
-            self.len / self.world * self.world
-        } else {
-            self.len
-        };
+        let n = if self.even_shards { self.len / self.world * self.world } else { self.len };
         n / self.world + usize::from(self.rank < n % self.world)
     }
 

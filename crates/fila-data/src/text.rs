@@ -62,14 +62,11 @@ impl TextEncoder {
     /// `path` only names the tokenizer in errors.
     pub fn new(tokenizer: Tokenizer, cfg: &DataConfig, path: &Path) -> Result<Self> {
         let lookup = |name: &str, why: &str| -> Result<i64> {
-            tokenizer
-                .token_to_id(name)
-                .map(i64::from)
-                .ok_or_else(|| DataError::Tokenizer {
-                    path: path.to_path_buf(),
-                    message: format!("has no token `{name}` ({why})"),
-                    hint: "add it as a special token or change the [data] key that names it".into(),
-                })
+            tokenizer.token_to_id(name).map(i64::from).ok_or_else(|| DataError::Tokenizer {
+                path: path.to_path_buf(),
+                message: format!("has no token `{name}` ({why})"),
+                hint: "add it as a special token or change the [data] key that names it".into(),
+            })
         };
         let optional = |name: &str, why: &str| -> Result<Option<i64>> {
             if name.is_empty() {
@@ -93,11 +90,7 @@ impl TextEncoder {
         let special = SpecialIds {
             image,
             bos: optional(&cfg.bos_token, "bos_token")?,
-            plain_end: if llama3 {
-                None
-            } else {
-                Some(lookup(&cfg.plain_end_token, "plain_end_token")?)
-            },
+            plain_end: if llama3 { None } else { Some(lookup(&cfg.plain_end_token, "plain_end_token")?) },
             start_header: llama3_only("<|start_header_id|>")?,
             end_header: llama3_only("<|end_header_id|>")?,
             eot: llama3_only("<|eot_id|>")?,
@@ -118,29 +111,16 @@ impl TextEncoder {
         if !record.turns.iter().any(|t| t.role == Role::Assistant) {
             return Err((BadReason::NoAssistantTurn, "no `gpt` turn".into()));
         }
-        let markers: usize = self
-            .used_turns(record)
-            .map(|t| t.text.matches(&self.image_marker).count())
-            .sum();
+        let markers: usize = self.used_turns(record).map(|t| t.text.matches(&self.image_marker).count()).sum();
         if markers != record.images.len() {
-            return Err((
-                BadReason::ImageTokenMismatch,
-                format!(
-                    "{markers} `{}` marker(s) for {} image(s)",
-                    self.image_marker,
-                    record.images.len()
-                ),
-            ));
+            return Err((BadReason::ImageTokenMismatch, format!("{markers} `{}` marker(s) for {} image(s)", self.image_marker, record.images.len())));
         }
         Ok(())
     }
 
     /// Turns the template reads: `plain` uses the first user turn (for its markers) and the first
     /// assistant turn (the caption); `llama3` uses all.
-    fn used_turns<'r>(
-        &self,
-        record: &'r Record,
-    ) -> Box<dyn Iterator<Item = &'r crate::records::Turn> + 'r> {
+    fn used_turns<'r>(&self, record: &'r Record) -> Box<dyn Iterator<Item = &'r crate::records::Turn> + 'r> {
         match self.template {
             TemplateKind::Llama3 => Box::new(record.turns.iter()),
             TemplateKind::Plain => {
@@ -152,11 +132,7 @@ impl TextEncoder {
     }
 
     /// Ids and labels for `record` whose i-th image brings `visual_tokens[i]` tokens.
-    pub fn encode(
-        &self,
-        record: &Record,
-        visual_tokens: &[usize],
-    ) -> std::result::Result<TokenizedSample, ImageProblem> {
+    pub fn encode(&self, record: &Record, visual_tokens: &[usize]) -> std::result::Result<TokenizedSample, ImageProblem> {
         self.check_structure(record)?;
         let mut b = SequenceBuilder::new(self, visual_tokens);
         if let Some(bos) = self.special.bos {
@@ -165,19 +141,11 @@ impl TextEncoder {
         match self.template {
             TemplateKind::Plain => {
                 // LLaVA's pretraining format: the user turn is only where the image goes.
-                let user_markers = record
-                    .turns
-                    .iter()
-                    .find(|t| t.role == Role::User)
-                    .map_or(0, |t| t.text.matches(&self.image_marker).count());
+                let user_markers = record.turns.iter().find(|t| t.role == Role::User).map_or(0, |t| t.text.matches(&self.image_marker).count());
                 for _ in 0..user_markers {
                     b.visual()?;
                 }
-                let caption = record
-                    .turns
-                    .iter()
-                    .find(|t| t.role == Role::Assistant)
-                    .expect("checked");
+                let caption = record.turns.iter().find(|t| t.role == Role::Assistant).expect("checked");
                 b.content(caption.text.trim(), true)?;
                 b.special(self.special.plain_end.expect("plain template"), true);
             }
@@ -205,11 +173,7 @@ impl TextEncoder {
     /// Ids of an inference prompt: the template up to where the assistant's answer begins
     /// (`llama3`: the user turn and the assistant header; `plain`: the visual tokens and the
     /// prompt text). `<image>` markers expand as in training; labels are all ignored.
-    pub fn encode_prompt(
-        &self,
-        prompt: &str,
-        visual_tokens: &[usize],
-    ) -> std::result::Result<TokenizedSample, ImageProblem> {
+    pub fn encode_prompt(&self, prompt: &str, visual_tokens: &[usize]) -> std::result::Result<TokenizedSample, ImageProblem> {
         let mut b = SequenceBuilder::new(self, visual_tokens);
         if let Some(bos) = self.special.bos {
             b.special(bos, false);
@@ -241,10 +205,7 @@ impl TextEncoder {
         if text.is_empty() {
             return vec![];
         }
-        let enc = self
-            .tokenizer
-            .encode(text, false)
-            .expect("byte-level tokenizers encode any text");
+        let enc = self.tokenizer.encode(text, false).expect("byte-level tokenizers encode any text");
         enc.get_ids().iter().map(|&i| i64::from(i)).collect()
     }
 
@@ -253,10 +214,7 @@ impl TextEncoder {
         if id == self.special.image {
             return self.image_marker.clone();
         }
-        u32::try_from(id)
-            .ok()
-            .and_then(|i| self.tokenizer.id_to_token(i))
-            .unwrap_or_else(|| format!("<{id}>"))
+        u32::try_from(id).ok().and_then(|i| self.tokenizer.id_to_token(i)).unwrap_or_else(|| format!("<{id}>"))
     }
 }
 
@@ -270,13 +228,7 @@ struct SequenceBuilder<'a> {
 
 impl<'a> SequenceBuilder<'a> {
     fn new(enc: &'a TextEncoder, visual_tokens: &'a [usize]) -> Self {
-        Self {
-            enc,
-            visual_tokens,
-            ids: vec![],
-            labels: vec![],
-            spans: vec![],
-        }
+        Self { enc, visual_tokens, ids: vec![], labels: vec![], spans: vec![] }
     }
 
     fn special(&mut self, id: i64, supervised: bool) {
@@ -301,15 +253,9 @@ impl<'a> SequenceBuilder<'a> {
     /// Next image's visual tokens, never supervised.
     fn visual(&mut self) -> std::result::Result<(), ImageProblem> {
         let k = self.spans.len();
-        let n = *self.visual_tokens.get(k).ok_or_else(|| {
-            (
-                BadReason::ImageTokenMismatch,
-                format!("marker {} has no image", k + 1),
-            )
-        })?;
+        let n = *self.visual_tokens.get(k).ok_or_else(|| (BadReason::ImageTokenMismatch, format!("marker {} has no image", k + 1)))?;
         let start = self.ids.len();
-        self.ids
-            .extend(std::iter::repeat_n(self.enc.special.image, n));
+        self.ids.extend(std::iter::repeat_n(self.enc.special.image, n));
         self.labels.extend(std::iter::repeat_n(IGNORE_INDEX, n));
         self.spans.push(start..start + n);
         Ok(())
@@ -328,42 +274,22 @@ impl<'a> SequenceBuilder<'a> {
 
     fn finish(mut self, max_len: usize) -> std::result::Result<TokenizedSample, ImageProblem> {
         if self.spans.len() != self.visual_tokens.len() {
-            return Err((
-                BadReason::ImageTokenMismatch,
-                format!(
-                    "{} marker(s) placed for {} image(s)",
-                    self.spans.len(),
-                    self.visual_tokens.len()
-                ),
-            ));
+            return Err((BadReason::ImageTokenMismatch, format!("{} marker(s) placed for {} image(s)", self.spans.len(), self.visual_tokens.len())));
         }
         let truncated = self.ids.len() > max_len;
         if truncated {
             if let Some(span) = self.spans.iter().find(|s| s.end > max_len) {
                 return Err((
                     BadReason::TooLong,
-                    format!(
-                        "{} tokens > max_len {max_len} and visual tokens {}..{} would be cut",
-                        self.ids.len(),
-                        span.start,
-                        span.end
-                    ),
+                    format!("{} tokens > max_len {max_len} and visual tokens {}..{} would be cut", self.ids.len(), span.start, span.end),
                 ));
             }
             self.ids.truncate(max_len);
             self.labels.truncate(max_len);
         }
         if self.labels.iter().all(|&l| l == IGNORE_INDEX) {
-            return Err((
-                BadReason::TooLong,
-                format!("no supervised token within max_len {max_len}"),
-            ));
+            return Err((BadReason::TooLong, format!("no supervised token within max_len {max_len}")));
         }
-        Ok(TokenizedSample {
-            input_ids: self.ids,
-            labels: self.labels,
-            visual_spans: self.spans,
-            truncated,
-        })
+        Ok(TokenizedSample { input_ids: self.ids, labels: self.labels, visual_spans: self.spans, truncated })
     }
 }

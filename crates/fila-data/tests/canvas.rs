@@ -12,8 +12,8 @@ const TABLE: &[Case] = &[
     ((336, 336), (336, 672)), // ties on effective: all five; least waste → first listed
     ((100, 100), (336, 672)), // ties on effective: all five
     ((1000, 1000), (672, 672)),
-    ((672, 336), (672, 336)), // ties on effective: [(672, 336), (672, 672), (1008, 336)]
-    ((336, 672), (336, 672)), // ties on effective: [(336, 672), (672, 672), (336, 1008)]
+    ((672, 336), (672, 336)),  // ties on effective: [(672, 336), (672, 672), (1008, 336)]
+    ((336, 672), (336, 672)),  // ties on effective: [(336, 672), (672, 672), (336, 1008)]
     ((1344, 672), (672, 336)), // ties on effective: [(672, 336), (672, 672), (1008, 336)]
     ((640, 480), (672, 672)),
     ((480, 640), (672, 672)),
@@ -34,10 +34,10 @@ const TABLE: &[Case] = &[
     ((5000, 10), (1008, 336)),
     ((10, 5000), (336, 1008)),
     ((673, 673), (672, 672)),
-    ((671, 335), (672, 336)), // ties on effective: [(672, 336), (672, 672), (1008, 336)]
+    ((671, 335), (672, 336)),  // ties on effective: [(672, 336), (672, 672), (1008, 336)]
     ((1200, 600), (672, 336)), // ties on effective: [(672, 336), (672, 672), (1008, 336)]
     ((600, 1200), (336, 672)), // ties on effective: [(336, 672), (672, 672), (336, 1008)]
-    ((900, 450), (672, 336)), // ties on effective: [(672, 336), (672, 672), (1008, 336)]
+    ((900, 450), (672, 336)),  // ties on effective: [(672, 336), (672, 672), (1008, 336)]
     ((2016, 672), (1008, 336)),
     ((1500, 700), (1008, 336)),
     ((400, 300), (672, 336)), // ties on effective: [(672, 336), (672, 672), (1008, 336)]
@@ -68,10 +68,7 @@ fn canvas_list_order_breaks_full_ties() {
     let canvases = [(336, 1008), (1008, 336), (672, 672), (672, 336), (336, 672)];
     assert_eq!(fila_data::select_canvas(100, 100, &canvases), 3);
     // 672x336 wins its three-way effective tie on waste regardless of order.
-    assert_eq!(
-        canvases[fila_data::select_canvas(1344, 672, &canvases)],
-        (672, 336)
-    );
+    assert_eq!(canvases[fila_data::select_canvas(1344, 672, &canvases)], (672, 336));
 }
 
 #[test]
@@ -94,12 +91,7 @@ fn tile_and_visual_token_counts() {
         assert_eq!(geo.hires_pixels(grid), hires);
     }
     // Tiny geometry, same shape of numbers: tile 56 → 4×4 grid, ConvNeXt 128 per tile.
-    let tiny = Geometry::new(&GeometryConfig {
-        tile_size: 56,
-        square_vit_size: 56,
-        square_hires_size: 128,
-        ..GeometryConfig::default()
-    });
+    let tiny = Geometry::new(&GeometryConfig { tile_size: 56, square_vit_size: 56, square_hires_size: 128, ..GeometryConfig::default() });
     assert_eq!((tiny.grid, tiny.hires_tile), (4, 128));
     assert_eq!(tiny.tiled_tokens(TileGrid { cols: 2, rows: 2 }), 80);
 }

@@ -7,10 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use common::{record, write_image, write_jsonl};
-use fila_data::{
-    inspect, BadReason, DataConfig, DataCursor, DataLoader, LoaderOptions, Pipeline, Record,
-    RecordSet, SampleDataset, IGNORE_INDEX,
-};
+use fila_data::{inspect, BadReason, DataConfig, DataCursor, DataLoader, LoaderOptions, Pipeline, Record, RecordSet, SampleDataset, IGNORE_INDEX};
 
 /// 20 records: image sizes cycle through shapes that pick different canvases; every 7th is bad.
 fn dataset(dir: &Path) {
@@ -23,14 +20,7 @@ fn dataset(dir: &Path) {
             write_image(dir, &name, w, h);
         }
         let answer = "The image shows two people walking along a beach.".repeat(1 + i % 3);
-        lines.push(record(
-            &format!("r{i}"),
-            Some(&name),
-            &[
-                ("human", "<image>\nWhat is in the image?"),
-                ("gpt", &answer),
-            ],
-        ));
+        lines.push(record(&format!("r{i}"), Some(&name), &[("human", "<image>\nWhat is in the image?"), ("gpt", &answer)]));
     }
     write_jsonl(dir, &lines);
 }
@@ -59,10 +49,7 @@ fn opts(start: DataCursor, batch: usize, rank: usize, world: usize) -> LoaderOpt
 
 fn run(p: &Arc<Pipeline>, r: &Arc<RecordSet>, o: LoaderOptions) -> Vec<fila_data::Batch> {
     let records: Arc<dyn burn_dataset::Dataset<Record>> = r.clone();
-    DataLoader::start(records, p.clone(), o)
-        .unwrap()
-        .map(|b| b.unwrap())
-        .collect()
+    DataLoader::start(records, p.clone(), o).unwrap().map(|b| b.unwrap()).collect()
 }
 
 #[test]
@@ -73,18 +60,10 @@ fn batches_follow_the_sampler_and_skip_bad_records() {
     let batches = run(&p, &r, opts(DataCursor::default(), 4, 0, 1));
     let sampler = opts(DataCursor::default(), 4, 0, 1).sampler(20);
     for epoch in 0..2u64 {
-        let want: Vec<String> = sampler
-            .epoch_order(epoch)
-            .into_iter()
-            .filter(|i| i % 7 != 3)
-            .map(|i| format!("r{i}"))
-            .collect();
+        let want: Vec<String> = sampler.epoch_order(epoch).into_iter().filter(|i| i % 7 != 3).map(|i| format!("r{i}")).collect();
         // 17 good records per epoch in batches of 4 → 5 batches per epoch.
         let e = epoch as usize;
-        let got: Vec<String> = batches[5 * e..5 * e + 5]
-            .iter()
-            .flat_map(|b| b.record_ids.clone())
-            .collect();
+        let got: Vec<String> = batches[5 * e..5 * e + 5].iter().flat_map(|b| b.record_ids.clone()).collect();
         assert_eq!(got, want, "epoch {epoch}");
     }
     // 17 good records per epoch in batches of 4 → 4 full + 1 of one.
@@ -92,17 +71,8 @@ fn batches_follow_the_sampler_and_skip_bad_records() {
     assert_eq!(sizes, vec![4, 4, 4, 4, 1, 4, 4, 4, 4, 1]);
     let skipped: usize = batches.iter().map(|b| b.skipped.len()).sum();
     assert_eq!(skipped, 6, "3 missing images per epoch");
-    assert!(batches
-        .iter()
-        .flat_map(|b| &b.skipped)
-        .all(|s| s.reason == BadReason::MissingImage));
-    assert_eq!(
-        batches[4].cursor,
-        DataCursor {
-            epoch: 1,
-            position: 0
-        }
-    );
+    assert!(batches.iter().flat_map(|b| &b.skipped).all(|s| s.reason == BadReason::MissingImage));
+    assert_eq!(batches[4].cursor, DataCursor { epoch: 1, position: 0 });
 }
 
 #[test]
@@ -144,11 +114,7 @@ fn shards_read_disjoint_records() {
     let mut o1 = opts(DataCursor::default(), 2, 1, 2);
     o0.end_epoch = 1;
     o1.end_epoch = 1;
-    let ids = |bs: Vec<fila_data::Batch>| {
-        bs.into_iter()
-            .flat_map(|b| b.record_ids)
-            .collect::<Vec<_>>()
-    };
+    let ids = |bs: Vec<fila_data::Batch>| bs.into_iter().flat_map(|b| b.record_ids).collect::<Vec<_>>();
     let (a, b) = (ids(run(&p, &r, o0)), ids(run(&p, &r, o1)));
     assert!(a.iter().all(|x| !b.contains(x)));
     assert_eq!(a.len() + b.len(), 17);
@@ -158,10 +124,7 @@ fn shards_read_disjoint_records() {
 fn stage2_collation_keeps_per_sample_view_counts() {
     let d = tempfile::tempdir().unwrap();
     dataset(d.path());
-    let (p, r) = open(
-        d.path(),
-        "template = \"llama3\"\nimage_mode = \"tiled\"\npad_token_id = 7",
-    );
+    let (p, r) = open(d.path(), "template = \"llama3\"\nimage_mode = \"tiled\"\npad_token_id = 7");
     let mut o = opts(DataCursor::default(), 5, 0, 1);
     o.shuffle = false;
     o.end_epoch = 1;
@@ -177,20 +140,11 @@ fn stage2_collation_keeps_per_sample_view_counts() {
     for (i, &len) in b.lengths.iter().enumerate() {
         let row = i * b.seq_len;
         assert!(b.attention_mask[row..row + len].iter().all(|&m| m));
-        assert!(b.attention_mask[row + len..row + b.seq_len]
-            .iter()
-            .all(|&m| !m));
-        assert!(b.input_ids[row + len..row + b.seq_len]
-            .iter()
-            .all(|&t| t == 7));
-        assert!(b.labels[row + len..row + b.seq_len]
-            .iter()
-            .all(|&l| l == IGNORE_INDEX));
+        assert!(b.attention_mask[row + len..row + b.seq_len].iter().all(|&m| !m));
+        assert!(b.input_ids[row + len..row + b.seq_len].iter().all(|&t| t == 7));
+        assert!(b.labels[row + len..row + b.seq_len].iter().all(|&l| l == IGNORE_INDEX));
         // Visual tokens per sample = views × 4 (tile 28, patch 14).
-        let visual = b.input_ids[row..row + len]
-            .iter()
-            .filter(|&&t| t == 649)
-            .count();
+        let visual = b.input_ids[row..row + len].iter().filter(|&&t| t == 649).count();
         assert_eq!(visual, b.views_per_sample[i] * 4);
     }
     assert_eq!(b.seq_len, *b.lengths.iter().max().unwrap());
@@ -202,16 +156,10 @@ fn burn_dataset_view_processes_on_get() {
     let d = tempfile::tempdir().unwrap();
     dataset(d.path());
     let (p, r) = open(d.path(), "");
-    let ds = SampleDataset {
-        records: r.clone(),
-        pipeline: p,
-    };
+    let ds = SampleDataset { records: r.clone(), pipeline: p };
     assert_eq!(ds.len(), 20);
     assert_eq!(ds.get(0).unwrap().unwrap().record_id, "r0");
-    assert_eq!(
-        ds.get(3).unwrap().unwrap_err().reason,
-        BadReason::MissingImage
-    );
+    assert_eq!(ds.get(3).unwrap().unwrap_err().reason, BadReason::MissingImage);
     assert!(ds.get(20).is_none());
 }
 
@@ -220,28 +168,15 @@ fn config_rejects_unknown_keys_and_ignores_other_tables() {
     let d = tempfile::tempdir().unwrap();
     let cfg = common::config(d.path(), "");
     assert_eq!(cfg.geometry.tile_size, 28);
-    assert_eq!(
-        cfg.square_fill(),
-        [122, 116, 104],
-        "LLaVA's int(255 * CLIP mean)"
-    );
+    assert_eq!(cfg.square_fill(), [122, 116, 104], "LLaVA's int(255 * CLIP mean)");
     let text = "[train]\nlr = 1\n[data]\ntokenizer = \"t.json\"\nsources = []\nbatch = 3\n";
-    let err = DataConfig::from_toml_str(text, Path::new("stage1.toml"))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("stage1.toml") && err.contains("unknown field `batch`"),
-        "{err}"
-    );
+    let err = DataConfig::from_toml_str(text, Path::new("stage1.toml")).unwrap_err().to_string();
+    assert!(err.contains("stage1.toml") && err.contains("unknown field `batch`"), "{err}");
     let text = "[data]\ntokenizer = \"t.json\"\n[[data.sources]]\npath = \"a.json\"\nimage_folder = \"i\"\nfirst = 1\nrandom = 2\n";
-    let err = DataConfig::from_toml_str(text, Path::new("c.toml"))
-        .unwrap_err()
-        .to_string();
+    let err = DataConfig::from_toml_str(text, Path::new("c.toml")).unwrap_err().to_string();
     assert!(err.contains("at most one of"), "{err}");
     let text = "[data]\ntokenizer = \"t.json\"\n[[data.sources]]\npath = \"a.json\"\nimage_folder = \"i\"\n[data.geometry]\ntile_size = 30\n";
-    let err = DataConfig::from_toml_str(text, Path::new("c.toml"))
-        .unwrap_err()
-        .to_string();
+    let err = DataConfig::from_toml_str(text, Path::new("c.toml")).unwrap_err().to_string();
     assert!(err.contains("tile_size = 30"), "{err}");
 }
 
@@ -249,20 +184,10 @@ fn config_rejects_unknown_keys_and_ignores_other_tables() {
 fn sources_sampling_rules_and_json_lists() {
     let d = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(d.path().join("images")).unwrap();
-    let recs: Vec<serde_json::Value> = (0..50)
-        .map(|i| serde_json::json!({"id": i, "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}))
-        .collect();
-    std::fs::write(
-        d.path().join("list.json"),
-        serde_json::to_string(&recs).unwrap(),
-    )
-    .unwrap();
-    let src = |rule: &str| {
-        format!(
-            "[[data.sources]]\npath = \"{0}/list.json\"\nimage_folder = \"{0}/images\"\n{rule}\n",
-            d.path().display()
-        )
-    };
+    let recs: Vec<serde_json::Value> =
+        (0..50).map(|i| serde_json::json!({"id": i, "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]})).collect();
+    std::fs::write(d.path().join("list.json"), serde_json::to_string(&recs).unwrap()).unwrap();
+    let src = |rule: &str| format!("[[data.sources]]\npath = \"{0}/list.json\"\nimage_folder = \"{0}/images\"\n{rule}\n", d.path().display());
     let text = format!(
         "[data]\ntokenizer = \"{}\"\n{}{}{}{}",
         common::tokenizer_path().display(),
@@ -289,10 +214,7 @@ fn inspect_prints_and_writes_tensors() {
     let (p, r) = open(d.path(), "template = \"llama3\"\nimage_mode = \"tiled\"");
     let ins = inspect(&p, &r, 2).unwrap();
     let text = ins.to_string();
-    assert!(
-        text.contains("60x60 -> canvas 56x56 (2x2 tiles), 5 views, 20 visual tokens"),
-        "{text}"
-    );
+    assert!(text.contains("60x60 -> canvas 56x56 (2x2 tiles), 5 views, 20 visual tokens"), "{text}");
     assert!(text.contains("[\"<image>\"x20]"), "{text}");
     let out = d.path().join("r2.safetensors");
     ins.write_safetensors(&out).unwrap();
@@ -301,25 +223,10 @@ fn inspect_prints_and_writes_tensors() {
     assert_eq!(st.tensor("global").unwrap().shape(), &[3, 28, 28]);
     assert_eq!(st.tensor("tiles").unwrap().shape(), &[4, 3, 28, 28]);
     assert_eq!(st.tensor("hires").unwrap().shape(), &[3, 128, 128]);
-    assert_eq!(
-        st.tensor("canvas").unwrap().data(),
-        [56i64, 56]
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect::<Vec<_>>()
-    );
-    assert_eq!(
-        st.tensor("labels").unwrap().shape(),
-        st.tensor("input_ids").unwrap().shape()
-    );
-    assert!(matches!(
-        inspect(&p, &r, 3),
-        Err(fila_data::DataError::BadRecord(_))
-    ));
-    assert!(matches!(
-        inspect(&p, &r, 99),
-        Err(fila_data::DataError::IndexOutOfRange { .. })
-    ));
+    assert_eq!(st.tensor("canvas").unwrap().data(), [56i64, 56].iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>());
+    assert_eq!(st.tensor("labels").unwrap().shape(), st.tensor("input_ids").unwrap().shape());
+    assert!(matches!(inspect(&p, &r, 3), Err(fila_data::DataError::BadRecord(_))));
+    assert!(matches!(inspect(&p, &r, 99), Err(fila_data::DataError::IndexOutOfRange { .. })));
 }
 
 #[test]
@@ -328,11 +235,7 @@ fn tiny_dataset_configs_are_clean() {
     for (file, records, images) in [("stage1.toml", 8, 8), ("stage2.toml", 13, 12)] {
         let (p, r) = Pipeline::open(&root.join(file)).unwrap();
         let report = fila_data::check(&p, &r);
-        assert_eq!(
-            (report.records, report.good, report.images),
-            (records, records, images),
-            "{file}:\n{report}"
-        );
+        assert_eq!((report.records, report.good, report.images), (records, records, images), "{file}:\n{report}");
         assert_eq!(report.bad.total(), 0, "{file}:\n{report}");
     }
 }

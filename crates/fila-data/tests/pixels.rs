@@ -34,10 +34,7 @@ fn manifest() -> serde_json::Value {
 fn expected(name: &str, tensor: &str) -> (Vec<f32>, [usize; 3]) {
     let m = manifest();
     let s = &m[name][tensor];
-    let (h, w) = (
-        s[0].as_u64().unwrap() as usize,
-        s[1].as_u64().unwrap() as usize,
-    );
+    let (h, w) = (s[0].as_u64().unwrap() as usize, s[1].as_u64().unwrap() as usize);
     let bytes = std::fs::read(common::fixtures().join(format!("pil/{name}.{tensor}.u8"))).unwrap();
     assert_eq!(bytes.len(), h * w * 3);
     let mut out = vec![0f32; 3 * h * w];
@@ -79,31 +76,15 @@ impl Diff {
             self.exact += usize::from(d < 0.01);
             self.total += 1;
         }
-        assert!(
-            self.max_levels <= MAX_LEVELS + 0.01,
-            "{what}: max diff {:.2} levels",
-            self.max_levels
-        );
+        assert!(self.max_levels <= MAX_LEVELS + 0.01, "{what}: max diff {:.2} levels", self.max_levels);
     }
 }
 
 impl Diff {
     fn assert_close(&self, max_levels: f32, exact_fraction: f64) {
-        assert!(
-            self.max_levels <= max_levels + 0.01,
-            "max diff {} levels",
-            self.max_levels
-        );
-        assert!(
-            self.exact as f64 >= exact_fraction * self.total as f64,
-            "only {} of {} exact",
-            self.exact,
-            self.total
-        );
-        assert!(
-            self.sum_levels / (self.total as f64) < 0.02,
-            "mean diff too large"
-        );
+        assert!(self.max_levels <= max_levels + 0.01, "max diff {} levels", self.max_levels);
+        assert!(self.exact as f64 >= exact_fraction * self.total as f64, "only {} of {} exact", self.exact, self.total);
+        assert!(self.sum_levels / (self.total as f64) < 0.02, "mean diff too large");
     }
 
     fn report(&self, what: &str) {
@@ -126,17 +107,9 @@ fn load(name: &str) -> image::RgbImage {
 fn normalisation_matches_numpy() {
     let name = "wide_61x37.png";
     let (ours, _) = expected(name, "s1_vit");
-    let bytes = std::fs::read(common::fixtures().join(format!("pil/{name}.s1_vit_normalized.f32")))
-        .unwrap();
-    let numpy: Vec<f32> = bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect();
-    let max = ours
-        .iter()
-        .zip(&numpy)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let bytes = std::fs::read(common::fixtures().join(format!("pil/{name}.s1_vit_normalized.f32"))).unwrap();
+    let numpy: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    let max = ours.iter().zip(&numpy).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(max < 1e-6, "normalisation differs from numpy by {max}");
 }
 
@@ -145,14 +118,8 @@ fn png_decode_is_exact_and_jpeg_decode_is_close_to_libjpeg() {
     let m = manifest();
     for name in m.as_object().unwrap().keys() {
         let img = load(name);
-        let want =
-            std::fs::read(common::fixtures().join(format!("pil/{name}.decoded.u8"))).unwrap();
-        let diffs: Vec<i32> = img
-            .as_raw()
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (*a as i32 - *b as i32).abs())
-            .collect();
+        let want = std::fs::read(common::fixtures().join(format!("pil/{name}.decoded.u8"))).unwrap();
+        let diffs: Vec<i32> = img.as_raw().iter().zip(&want).map(|(a, b)| (*a as i32 - *b as i32).abs()).collect();
         let max = *diffs.iter().max().unwrap();
         let mean = diffs.iter().sum::<i32>() as f64 / diffs.len() as f64;
         eprintln!("{name}: decode vs PIL max {max} mean {mean:.3} levels");
@@ -161,10 +128,7 @@ fn png_decode_is_exact_and_jpeg_decode_is_close_to_libjpeg() {
         } else {
             // zune-jpeg vs libjpeg-turbo: different IDCT and 4:2:0 chroma upsampling rounding. On
             // this noisy, hard-edged fixture that reaches 9 levels at colour edges, under 1 on average.
-            assert!(
-                max <= 10 && mean < 1.0,
-                "{name}: JPEG decode differs from PIL by {max} (mean {mean:.3}) levels"
-            );
+            assert!(max <= 10 && mean < 1.0, "{name}: JPEG decode differs from PIL by {max} (mean {mean:.3}) levels");
         }
     }
 }
@@ -173,32 +137,15 @@ fn png_decode_is_exact_and_jpeg_decode_is_close_to_libjpeg() {
 fn stage1_square_matches_pil() {
     let pre = tiny(ImageMode::Square);
     let mut diff = Diff::default();
-    for name in [
-        "wide_61x37.png",
-        "big_150x100.png",
-        "small_17x23.png",
-        "tall_40x90.jpg",
-    ] {
+    for name in ["wide_61x37.png", "big_150x100.png", "small_17x23.png", "tall_40x90.jpg"] {
         // For the JPEG start from PIL's decoded pixels, so only the resize is compared.
-        let img = if name.ends_with(".jpg") {
-            pil_decoded(name)
-        } else {
-            load(name)
-        };
+        let img = if name.ends_with(".jpg") { pil_decoded(name) } else { load(name) };
         let out = pre.process(&img);
         assert_eq!(out.views.shape, vec![1, 3, 28, 28]);
         assert_eq!(out.hires.shape, vec![3, 64, 64]);
         assert_eq!(out.visual_tokens, 4);
-        diff.add(
-            &out.views.data,
-            &expected(name, "s1_vit").0,
-            &format!("{name} s1_vit"),
-        );
-        diff.add(
-            &out.hires.data,
-            &expected(name, "s1_hires").0,
-            &format!("{name} s1_hires"),
-        );
+        diff.add(&out.views.data, &expected(name, "s1_vit").0, &format!("{name} s1_vit"));
+        diff.add(&out.hires.data, &expected(name, "s1_hires").0, &format!("{name} s1_hires"));
     }
     diff.report("stage 1");
     diff.assert_close(2.0, 0.995);
@@ -217,44 +164,20 @@ fn stage2_tiles_global_and_hires_match_pil() {
     let pre = tiny(ImageMode::Tiled);
     let m = manifest();
     let mut diff = Diff::default();
-    for name in [
-        "wide_61x37.png",
-        "big_150x100.png",
-        "small_17x23.png",
-        "tall_40x90.jpg",
-    ] {
-        let img = if name.ends_with(".jpg") {
-            pil_decoded(name)
-        } else {
-            load(name)
-        };
+    for name in ["wide_61x37.png", "big_150x100.png", "small_17x23.png", "tall_40x90.jpg"] {
+        let img = if name.ends_with(".jpg") { pil_decoded(name) } else { load(name) };
         let out = pre.process(&img);
         let grid = out.grid.unwrap();
         let want_grid = &m[name]["grid"];
-        assert_eq!(
-            [grid.cols as u64, grid.rows as u64],
-            [
-                want_grid[0].as_u64().unwrap(),
-                want_grid[1].as_u64().unwrap()
-            ],
-            "{name}"
-        );
+        assert_eq!([grid.cols as u64, grid.rows as u64], [want_grid[0].as_u64().unwrap(), want_grid[1].as_u64().unwrap()], "{name}");
         let n = grid.tiles() as usize;
         assert_eq!(out.views.shape, vec![1 + n, 3, 28, 28]);
         assert_eq!(out.visual_tokens, (1 + n) * 4);
         let view = 3 * 28 * 28;
-        diff.add(
-            &out.views.data[..view],
-            &expected(name, "s2_global").0,
-            &format!("{name} global"),
-        );
+        diff.add(&out.views.data[..view], &expected(name, "s2_global").0, &format!("{name} global"));
         for k in 0..n {
             let want = expected(name, &format!("s2_tile{k}")).0;
-            diff.add(
-                &out.views.data[(1 + k) * view..(2 + k) * view],
-                &want,
-                &format!("{name} tile {k}"),
-            );
+            diff.add(&out.views.data[(1 + k) * view..(2 + k) * view], &want, &format!("{name} tile {k}"));
         }
         let (want, shape) = expected(name, "s2_hires");
         assert_eq!(out.hires.shape, shape.to_vec());
@@ -270,22 +193,14 @@ fn jpeg_pipeline_end_to_end_stays_close_to_pil() {
     let pre = tiny(ImageMode::Tiled);
     let out = pre.process(&load("tall_40x90.jpg"));
     let (want, _) = expected("tall_40x90.jpg", "s2_hires");
-    let max = out
-        .hires
-        .data
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs() / LEVEL)
-        .fold(0f32, f32::max);
+    let max = out.hires.data.iter().zip(&want).map(|(a, b)| (a - b).abs() / LEVEL).fold(0f32, f32::max);
     eprintln!("jpeg end to end: max {max:.2} levels");
     assert!(max <= 10.0, "max {max} levels");
 }
 
 /// A picture with few enough colours for GIF's 256-entry palette, so every format stores it exactly.
 fn sixty_colour_picture(w: u32, h: u32, seed: u32) -> image::RgbImage {
-    let palette: Vec<[u8; 3]> = (0..60u32)
-        .map(|i| [(i * 37 % 256) as u8, (i * 91 % 256) as u8, (255 - i * 13 % 256) as u8])
-        .collect();
+    let palette: Vec<[u8; 3]> = (0..60u32).map(|i| [(i * 37 % 256) as u8, (i * 91 % 256) as u8, (255 - i * 13 % 256) as u8]).collect();
     let mut s = seed;
     image::RgbImage::from_fn(w, h, |_, _| {
         s = s.wrapping_mul(1_103_515_245).wrapping_add(12345);
@@ -295,8 +210,7 @@ fn sixty_colour_picture(w: u32, h: u32, seed: u32) -> image::RgbImage {
 
 fn encode(img: &image::RgbImage, format: image::ImageFormat) -> Vec<u8> {
     let mut bytes = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut bytes, format)
-        .unwrap_or_else(|e| panic!("encoding {format:?}: {e}"));
+    img.write_to(&mut bytes, format).unwrap_or_else(|e| panic!("encoding {format:?}: {e}"));
     bytes.into_inner()
 }
 
@@ -306,14 +220,9 @@ fn gif_bmp_and_tiff_decode_to_the_pixels_of_the_png() {
     let img = sixty_colour_picture(37, 23, 7);
     let png = decode_rgb(&encode(&img, image::ImageFormat::Png), u64::MAX).unwrap();
     assert_eq!(png, img);
-    for format in [
-        image::ImageFormat::Gif,
-        image::ImageFormat::Bmp,
-        image::ImageFormat::Tiff,
-    ] {
+    for format in [image::ImageFormat::Gif, image::ImageFormat::Bmp, image::ImageFormat::Tiff] {
         let bytes = encode(&img, format);
-        let decoded = decode_rgb(&bytes, u64::MAX)
-            .unwrap_or_else(|e| panic!("{format:?} must decode: {e:?}"));
+        let decoded = decode_rgb(&bytes, u64::MAX).unwrap_or_else(|e| panic!("{format:?} must decode: {e:?}"));
         assert_eq!(decoded.dimensions(), (37, 23), "{format:?}");
         assert!(decoded == png, "{format:?} decodes to other pixels than the PNG");
         // The pixel limit is checked from the header, before decoding, as for JPEG and PNG.

@@ -7,14 +7,7 @@ fn splitmix_matches_the_published_sequence() {
     // First outputs of SplitMix64 seeded with 1234567 (Vigna's reference splitmix64.c).
     let mut rng = SplitMix64::new(1234567);
     let got: Vec<u64> = (0..3).map(|_| rng.next_u64()).collect();
-    assert_eq!(
-        got,
-        vec![
-            6457827717110365317,
-            3203168211198807973,
-            9817491932198370423
-        ]
-    );
+    assert_eq!(got, vec![6457827717110365317, 3203168211198807973, 9817491932198370423]);
 }
 
 #[test]
@@ -38,10 +31,7 @@ fn resumed_mid_epoch_yields_exactly_the_rest() {
     for epoch in 0..3 {
         let full = s.epoch_order(epoch);
         for cut in [0, 1, 40, 96, 97] {
-            let rest = s.remaining(DataCursor {
-                epoch,
-                position: cut,
-            });
+            let rest = s.remaining(DataCursor { epoch, position: cut });
             assert_eq!(rest, full[cut..], "epoch {epoch} cut {cut}");
         }
     }
@@ -49,16 +39,8 @@ fn resumed_mid_epoch_yields_exactly_the_rest() {
 
 #[test]
 fn shards_partition_the_epoch() {
-    for (len, world, even) in [
-        (100, 4, true),
-        (103, 4, false),
-        (103, 4, true),
-        (5, 8, false),
-    ] {
-        let base = EpochSampler {
-            even_shards: even,
-            ..EpochSampler::new(len, 11, true)
-        };
+    for (len, world, even) in [(100, 4, true), (103, 4, false), (103, 4, true), (5, 8, false)] {
+        let base = EpochSampler { even_shards: even, ..EpochSampler::new(len, 11, true) };
         let global = base.global_order(2);
         let mut union = vec![];
         for rank in 0..world {

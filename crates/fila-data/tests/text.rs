@@ -11,39 +11,20 @@ use fila_data::{BadReason, TemplateKind};
 
 #[test]
 fn rust_tokenizer_gives_python_ids() {
-    let cases: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(common::fixtures().join("tokenizer_cases.json")).unwrap(),
-    )
-    .unwrap();
+    let cases: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(common::fixtures().join("tokenizer_cases.json")).unwrap()).unwrap();
     let tok = tokenizers::Tokenizer::from_file(common::tokenizer_path()).unwrap();
     for case in cases["cases"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
-        let want: Vec<u32> = case["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
-        assert_eq!(
-            tok.encode(text, false).unwrap().get_ids(),
-            want.as_slice(),
-            "{text:?}"
-        );
+        let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        assert_eq!(tok.encode(text, false).unwrap().get_ids(), want.as_slice(), "{text:?}");
     }
     for (name, id) in cases["special"].as_object().unwrap() {
-        assert_eq!(
-            tok.token_to_id(name),
-            Some(id.as_u64().unwrap() as u32),
-            "{name}"
-        );
+        assert_eq!(tok.token_to_id(name), Some(id.as_u64().unwrap() as u32), "{name}");
     }
 }
 
 fn encoder(template: &str, max_len: usize) -> TextEncoder {
-    let cfg = common::config(
-        Path::new("/x"),
-        &format!("template = \"{template}\"\nmax_len = {max_len}"),
-    );
+    let cfg = common::config(Path::new("/x"), &format!("template = \"{template}\"\nmax_len = {max_len}"));
     TextEncoder::from_config(&cfg).unwrap()
 }
 
@@ -51,13 +32,7 @@ fn rec(images: usize, turns: &[(Role, &str)]) -> Record {
     Record {
         id: "r1".into(),
         images: (0..images).map(|i| format!("{i}.png")).collect(),
-        turns: turns
-            .iter()
-            .map(|(r, t)| Turn {
-                role: *r,
-                text: t.to_string(),
-            })
-            .collect(),
+        turns: turns.iter().map(|(r, t)| Turn { role: *r, text: t.to_string() }).collect(),
         source: 0,
         file: Arc::new(PathBuf::from("data.jsonl")),
         line: 1,
@@ -82,11 +57,7 @@ struct Expect<'a> {
 
 impl<'a> Expect<'a> {
     fn new(enc: &'a TextEncoder) -> Self {
-        Self {
-            enc,
-            ids: vec![],
-            labels: vec![],
-        }
+        Self { enc, ids: vec![], labels: vec![] }
     }
     fn id(&mut self, id: i64, sup: bool) -> &mut Self {
         self.ids.push(id);
@@ -94,13 +65,7 @@ impl<'a> Expect<'a> {
         self
     }
     fn text(&mut self, t: &str, sup: bool) -> &mut Self {
-        let ids = self
-            .enc
-            .tokenizer
-            .encode(t, false)
-            .unwrap()
-            .get_ids()
-            .to_vec();
+        let ids = self.enc.tokenizer.encode(t, false).unwrap().get_ids().to_vec();
         assert!(!ids.is_empty());
         for i in ids {
             self.id(i as i64, sup);
@@ -108,10 +73,7 @@ impl<'a> Expect<'a> {
         self
     }
     fn header(&mut self, role: &str) -> &mut Self {
-        self.id(SH, false)
-            .text(role, false)
-            .id(EH, false)
-            .text("\n\n", false)
+        self.id(SH, false).text(role, false).id(EH, false).text("\n\n", false)
     }
     fn image(&mut self, n: usize) -> &mut Self {
         for _ in 0..n {
@@ -125,30 +87,15 @@ impl<'a> Expect<'a> {
 fn plain_template_supervises_caption_and_end_only() {
     let enc = encoder("plain", 256);
     assert_eq!(enc.template, TemplateKind::Plain);
-    let r = rec(
-        1,
-        &[
-            (Role::User, "<image>\nDescribe it."),
-            (Role::Assistant, "A cat sits on a red sofa."),
-        ],
-    );
+    let r = rec(1, &[(Role::User, "<image>\nDescribe it."), (Role::Assistant, "A cat sits on a red sofa.")]);
     let got = enc.encode(&r, &[4]).unwrap();
     let mut want = Expect::new(&enc);
-    want.id(BOS, false)
-        .image(4)
-        .text("A cat sits on a red sofa.", true)
-        .id(END, true);
+    want.id(BOS, false).image(4).text("A cat sits on a red sofa.", true).id(END, true);
     assert_eq!(got.input_ids, want.ids);
     assert_eq!(got.labels, want.labels);
     assert_eq!(got.visual_spans, vec![1..5]);
     // The five leading positions (BOS + 4 visual) are the only masked ones.
-    assert_eq!(
-        got.labels
-            .iter()
-            .take_while(|&&l| l == IGNORE_INDEX)
-            .count(),
-        5
-    );
+    assert_eq!(got.labels.iter().take_while(|&&l| l == IGNORE_INDEX).count(), 5);
     assert!(got.labels[5..].iter().all(|&l| l != IGNORE_INDEX));
 }
 
@@ -167,19 +114,10 @@ fn conversation() -> Record {
 fn llama3_expected(enc: &TextEncoder) -> Expect<'_> {
     let mut e = Expect::new(enc);
     e.id(BOS, false);
-    e.header("user")
-        .image(6)
-        .text("\nWhat is in the image?", false)
-        .id(EOT, false);
-    e.header("assistant")
-        .text("Two people walking along a beach.", true)
-        .id(EOT, true);
-    e.header("user")
-        .text("How many apples are on the table?", false)
-        .id(EOT, false);
-    e.header("assistant")
-        .text("There are three green apples.", true)
-        .id(EOT, true);
+    e.header("user").image(6).text("\nWhat is in the image?", false).id(EOT, false);
+    e.header("assistant").text("Two people walking along a beach.", true).id(EOT, true);
+    e.header("user").text("How many apples are on the table?", false).id(EOT, false);
+    e.header("assistant").text("There are three green apples.", true).id(EOT, true);
     e
 }
 
@@ -194,17 +132,9 @@ fn llama3_multi_turn_masks_token_by_token() {
     }
     assert!(!got.truncated);
     // Supervised = the two answers and their two <|eot_id|>; every header stays masked.
-    let answers = [
-        "Two people walking along a beach.",
-        "There are three green apples.",
-    ]
-    .iter()
-    .map(|t| enc.tokenizer.encode(*t, false).unwrap().len())
-    .sum::<usize>();
-    assert_eq!(
-        got.labels.iter().filter(|&&l| l != IGNORE_INDEX).count(),
-        answers + 2
-    );
+    let answers =
+        ["Two people walking along a beach.", "There are three green apples."].iter().map(|t| enc.tokenizer.encode(*t, false).unwrap().len()).sum::<usize>();
+    assert_eq!(got.labels.iter().filter(|&&l| l != IGNORE_INDEX).count(), answers + 2);
     assert_eq!(got.labels.iter().filter(|&&l| l == EOT).count(), 2);
     assert_eq!(got.input_ids.iter().filter(|&&i| i == EOT).count(), 4);
 }
@@ -232,38 +162,26 @@ fn truncation_never_cuts_visual_tokens() {
     // BOS, <|start_header_id|>, "user" (3 tokens here), <|end_header_id|>, "\n\n" (2 tokens).
     assert_eq!(span.start, 8);
     for max_len in span.start..span.end {
-        let (reason, detail) = encoder("llama3", max_len)
-            .encode(&conversation(), &[6])
-            .unwrap_err();
+        let (reason, detail) = encoder("llama3", max_len).encode(&conversation(), &[6]).unwrap_err();
         assert_eq!(reason, BadReason::TooLong, "max_len {max_len}");
         assert!(detail.contains("visual tokens"), "{detail}");
     }
     // Visual tokens fit but no answer does: also skipped, there would be no loss.
     let after_user = full.labels.iter().position(|&l| l != IGNORE_INDEX).unwrap();
-    let err = encoder("llama3", after_user)
-        .encode(&conversation(), &[6])
-        .unwrap_err();
+    let err = encoder("llama3", after_user).encode(&conversation(), &[6]).unwrap_err();
     assert_eq!(err.0, BadReason::TooLong);
     assert!(err.1.contains("no supervised token"), "{}", err.1);
 }
 
 #[test]
 fn system_prompt_and_text_only_records() {
-    let cfg = common::config(
-        Path::new("/x"),
-        "template = \"llama3\"\nsystem_prompt = \"Be brief.\"",
-    );
+    let cfg = common::config(Path::new("/x"), "template = \"llama3\"\nsystem_prompt = \"Be brief.\"");
     let enc = TextEncoder::from_config(&cfg).unwrap();
     let r = rec(0, &[(Role::User, "Hello world!"), (Role::Assistant, "Hi.")]);
     let got = enc.encode(&r, &[]).unwrap();
     let mut want = Expect::new(&enc);
-    want.id(BOS, false)
-        .header("system")
-        .text("Be brief.", false)
-        .id(EOT, false);
-    want.header("user")
-        .text("Hello world!", false)
-        .id(EOT, false);
+    want.id(BOS, false).header("system").text("Be brief.", false).id(EOT, false);
+    want.header("user").text("Hello world!", false).id(EOT, false);
     want.header("assistant").text("Hi.", true).id(EOT, true);
     assert_eq!(got.input_ids, want.ids);
     assert_eq!(got.labels, want.labels);
@@ -273,18 +191,9 @@ fn system_prompt_and_text_only_records() {
 #[test]
 fn two_images_in_one_turn_get_their_own_token_counts() {
     let enc = encoder("llama3", 256);
-    let r = rec(
-        2,
-        &[
-            (Role::User, "<image> and <image>: same?"),
-            (Role::Assistant, "No."),
-        ],
-    );
+    let r = rec(2, &[(Role::User, "<image> and <image>: same?"), (Role::Assistant, "No.")]);
     let got = enc.encode(&r, &[4, 12]).unwrap();
-    assert_eq!(
-        got.visual_spans.iter().map(|s| s.len()).collect::<Vec<_>>(),
-        vec![4, 12]
-    );
+    assert_eq!(got.visual_spans.iter().map(|s| s.len()).collect::<Vec<_>>(), vec![4, 12]);
     assert_eq!(got.input_ids.iter().filter(|&&i| i == IMG).count(), 16);
 }
 
@@ -293,9 +202,7 @@ fn inference_prompt_is_the_training_sequence_up_to_the_answer() {
     let enc = encoder("llama3", 4096);
     let question = "<image>\nWhat is the code?";
     let prompt = enc.encode_prompt(question, &[3]).unwrap();
-    let full = enc
-        .encode(&rec(1, &[(Role::User, question), (Role::Assistant, "K7Q")]), &[3])
-        .unwrap();
+    let full = enc.encode(&rec(1, &[(Role::User, question), (Role::Assistant, "K7Q")]), &[3]).unwrap();
     let n = prompt.input_ids.len();
     assert_eq!(prompt.input_ids[..], full.input_ids[..n]);
     assert_eq!(prompt.visual_spans, full.visual_spans);
@@ -304,11 +211,7 @@ fn inference_prompt_is_the_training_sequence_up_to_the_answer() {
     assert_eq!(first_supervised, n);
     assert!(prompt.labels.iter().all(|&l| l == IGNORE_INDEX));
     let last_header = prompt.input_ids.iter().rposition(|&i| i == SH).unwrap();
-    let role: String = prompt.input_ids[last_header + 1..]
-        .iter()
-        .take_while(|&&i| i != EH)
-        .map(|&i| enc.piece(i))
-        .collect();
+    let role: String = prompt.input_ids[last_header + 1..].iter().take_while(|&&i| i != EH).map(|&i| enc.piece(i)).collect();
     assert_eq!(role, "assistant");
     let err = enc.encode_prompt("no marker", &[3]).unwrap_err();
     assert_eq!(err.0, BadReason::ImageTokenMismatch);

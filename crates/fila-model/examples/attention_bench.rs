@@ -38,7 +38,11 @@ fn bias(lengths: &[usize], t: usize) -> Tensor<A, 4> {
     let values: Vec<f32> = (0..b * t * t)
         .map(|n| {
             let (row, i, j) = (n / (t * t), n / t % t, n % t);
-            if j > i || j >= lengths[row] { f32::NEG_INFINITY } else { 0.0 }
+            if j > i || j >= lengths[row] {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
         })
         .collect();
     Tensor::from_data(TensorData::new(values, [b, 1, t, t]), &Default::default())

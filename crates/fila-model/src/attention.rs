@@ -116,13 +116,7 @@ pub fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, 
 }
 
 /// [`attention`] with an explicit backward-pass memory budget.
-pub fn attention_with<B: Backend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-    mask: &AttentionMask<B>,
-    config: AttentionConfig,
-) -> Tensor<B, 4> {
+pub fn attention_with<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: &AttentionMask<B>, config: AttentionConfig) -> Tensor<B, 4> {
     let [b, h, tq, hd] = q.dims();
     let [bk, hkv, tk, hdk] = k.dims();
     assert_eq!(k.dims(), v.dims(), "attention: keys {:?} and values {:?} differ in shape", k.dims(), v.dims());
@@ -248,7 +242,16 @@ fn fused_forward<I: Backend>(q: Tensor<I, 4>, k: Tensor<I, 4>, v: Tensor<I, 4>, 
 
 /// Mask for queries `t0..t0+c` against keys `0..keys`: `[B, 1, 1, c, keys]`, or `None`.
 #[allow(clippy::too_many_arguments)]
-fn chunk_mask<I: Backend>(padding: Option<&Tensor<I, 2, Bool>>, spec: Spec, tq: usize, tk: usize, t0: usize, c: usize, keys: usize, device: &I::Device) -> Option<Tensor<I, 5, Bool>> {
+fn chunk_mask<I: Backend>(
+    padding: Option<&Tensor<I, 2, Bool>>,
+    spec: Spec,
+    tq: usize,
+    tk: usize,
+    t0: usize,
+    c: usize,
+    keys: usize,
+    device: &I::Device,
+) -> Option<Tensor<I, 5, Bool>> {
     let padding = padding.map(|p| {
         let b = p.dims()[0];
         p.clone().slice([0..b, 0..keys]).reshape([b, 1, 1, 1, keys]).expand([b, 1, 1, c, keys])
@@ -406,11 +409,7 @@ fn autodiff_attention<I: Backend>(
     let out = fused_forward(inner(&q), inner(&k), inner(&v), padding.clone(), spec).into_primitive().tensor();
     // The checkpointing strategy only matters for memory-bound operations; this one is compute
     // bound, so any strategy type gives the same graph node.
-    match FusedAttentionBackward
-        .prepare::<NoCheckpointing>([q.node.clone(), k.node.clone(), v.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
+    match FusedAttentionBackward.prepare::<NoCheckpointing>([q.node.clone(), k.node.clone(), v.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(mut prep) => {
             let state = SavedAttention {
                 q: prep.checkpoint(&q),
@@ -460,7 +459,8 @@ mod tests {
     fn the_plain_fallback_equals_the_custom_operation() {
         type A = Autodiff<Flex>;
         let [q, k, v] = qkv::<A>();
-        let padding = Tensor::<A, 2, Bool>::from_data(TensorData::from([[false, false, false, false, false], [false, false, true, true, true]]), &Default::default());
+        let padding =
+            Tensor::<A, 2, Bool>::from_data(TensorData::from([[false, false, false, false, false], [false, false, true, true, true]]), &Default::default());
         let results = [true, false].map(|custom| {
             let (q, k, v) = (q.clone().require_grad(), k.clone().require_grad(), v.clone().require_grad());
             let out = if custom {

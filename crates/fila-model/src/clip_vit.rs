@@ -3,9 +3,9 @@
 //! `models/clip/modeling_clip.py`). Field names equal checkpoint tensor names, so the struct
 //! tree is the key map: `embeddings.patch_embedding.weight`, `encoder.layers.{i}.self_attn.q_proj`.
 
+use crate::attention::{attention, AttentionMask};
 use crate::autocast;
 use crate::config::read_hf_config;
-use crate::attention::{attention, AttentionMask};
 use crate::nn::{linear, merge_heads, split_heads, Activation, LayerNorm};
 use crate::ModelError;
 use burn::module::{Module, Param};
@@ -49,15 +49,7 @@ impl Default for ClipVisionConfig {
 impl ClipVisionConfig {
     /// `openai/clip-vit-large-patch14-336`.
     pub fn vit_large_patch14_336() -> Self {
-        Self {
-            hidden_size: 1024,
-            intermediate_size: 4096,
-            num_hidden_layers: 24,
-            num_attention_heads: 16,
-            image_size: 336,
-            patch_size: 14,
-            ..Self::default()
-        }
+        Self { hidden_size: 1024, intermediate_size: 4096, num_hidden_layers: 24, num_attention_heads: 16, image_size: 336, patch_size: 14, ..Self::default() }
     }
 
     /// Reads a `CLIPVisionModel` or whole `CLIPModel` `config.json` (its `vision_config`).
@@ -78,8 +70,7 @@ impl ClipVisionConfig {
     pub fn num_params(&self) -> usize {
         let d = self.hidden_size;
         let f = self.intermediate_size;
-        let embeddings = d + self.num_channels * self.patch_size * self.patch_size * d
-            + self.num_positions() * d;
+        let embeddings = d + self.num_channels * self.patch_size * self.patch_size * d + self.num_positions() * d;
         let layer = 4 * (d * d + d) + (d * f + f) + (f * d + d) + 2 * 2 * d;
         embeddings + 2 * 2 * d + self.num_hidden_layers * layer
     }
@@ -88,18 +79,11 @@ impl ClipVisionConfig {
         let d = self.hidden_size;
         ClipVisionTransformer {
             embeddings: ClipVisionEmbeddings {
-                class_embedding: Param::from_tensor(Tensor::random(
-                    [d],
-                    burn::tensor::Distribution::Normal(0.0, 0.02),
-                    device,
-                )),
-                patch_embedding: Conv2dConfig::new(
-                    [self.num_channels, d],
-                    [self.patch_size, self.patch_size],
-                )
-                .with_stride([self.patch_size, self.patch_size])
-                .with_bias(false)
-                .init(device),
+                class_embedding: Param::from_tensor(Tensor::random([d], burn::tensor::Distribution::Normal(0.0, 0.02), device)),
+                patch_embedding: Conv2dConfig::new([self.num_channels, d], [self.patch_size, self.patch_size])
+                    .with_stride([self.patch_size, self.patch_size])
+                    .with_bias(false)
+                    .init(device),
                 // transformers' CLIP initialisation (initializer_range 0.02): a unit-variance
                 // table would drown the patch content of a fresh tower.
                 position_embedding: EmbeddingConfig::new(self.num_positions(), d)
@@ -152,11 +136,7 @@ impl<B: Backend> ClipVisionEmbeddings<B> {
         let tokens = Tensor::cat(vec![cls, patches], 1);
         let positions = self.position_embedding.weight.val();
         let expected = positions.dims()[0];
-        assert_eq!(
-            1 + (h / self.patch_size) * (w / self.patch_size),
-            expected,
-            "CLIP input {h}x{w} does not match the position table ({expected} positions)"
-        );
+        assert_eq!(1 + (h / self.patch_size) * (w / self.patch_size), expected, "CLIP input {h}x{w} does not match the position table ({expected} positions)");
         tokens + positions.unsqueeze::<3>()
     }
 }

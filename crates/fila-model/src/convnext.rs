@@ -85,10 +85,7 @@ impl ConvNextConfig {
     pub fn from_hf_file(path: &Path) -> Result<Self, ModelError> {
         let config: Self = read_hf_config(path, None)?;
         if config.hidden_sizes.len() != 4 || config.depths.len() != 4 {
-            return Err(ModelError::Config {
-                path: path.to_path_buf(),
-                message: "FILA needs a 4-stage ConvNeXt (hidden_sizes and depths of length 4)".into(),
-            });
+            return Err(ModelError::Config { path: path.to_path_buf(), message: "FILA needs a 4-stage ConvNeXt (hidden_sizes and depths of length 4)".into() });
         }
         Ok(config)
     }
@@ -111,8 +108,7 @@ impl ConvNextConfig {
     /// counting blocks, the patch size from the stem. Activation (exact GELU) and norm epsilons
     /// (1e-6) are timm's defaults for ConvNeXt-T..XL; a mismatching file fails strict loading.
     pub fn from_timm_tensors(checkpoint: &Checkpoint) -> Result<Self, ModelError> {
-        Self::from_timm_shapes(&|key: &str| checkpoint.shape(key))
-            .map_err(|message| ModelError::Checkpoint { path: checkpoint.description().into(), message })
+        Self::from_timm_shapes(&|key: &str| checkpoint.shape(key)).map_err(|message| ModelError::Checkpoint { path: checkpoint.description().into(), message })
     }
 
     /// [`Self::from_timm_tensors`] over any source of tensor shapes (`shape_of` takes full file
@@ -186,18 +182,12 @@ impl ConvNextConfig {
                 });
                 let layers = (0..self.depths[i])
                     .map(|_| ConvNextLayer {
-                        dwconv: Conv2dConfig::new([c, c], [7, 7])
-                            .with_groups(c)
-                            .with_padding(PaddingConfig2d::Explicit(3, 3, 3, 3))
-                            .init(device),
+                        dwconv: Conv2dConfig::new([c, c], [7, 7]).with_groups(c).with_padding(PaddingConfig2d::Explicit(3, 3, 3, 3)).init(device),
                         layernorm: LayerNorm::new(c, INNER_NORM_EPS, device),
                         pwconv1: linear(c, 4 * c, true, device),
                         pwconv2: linear(4 * c, c, true, device),
-                        layer_scale_parameter: (self.layer_scale_init_value > 0.0).then(|| {
-                            Param::from_tensor(
-                                Tensor::ones([c], device) * self.layer_scale_init_value,
-                            )
-                        }),
+                        layer_scale_parameter: (self.layer_scale_init_value > 0.0)
+                            .then(|| Param::from_tensor(Tensor::ones([c], device) * self.layer_scale_init_value)),
                         act: self.hidden_act,
                     })
                     .collect();
@@ -206,12 +196,9 @@ impl ConvNextConfig {
             .collect();
         ConvNextModel {
             embeddings: ConvNextEmbeddings {
-                patch_embeddings: Conv2dConfig::new(
-                    [self.num_channels, h[0]],
-                    [self.patch_size, self.patch_size],
-                )
-                .with_stride([self.patch_size, self.patch_size])
-                .init(device),
+                patch_embeddings: Conv2dConfig::new([self.num_channels, h[0]], [self.patch_size, self.patch_size])
+                    .with_stride([self.patch_size, self.patch_size])
+                    .init(device),
                 layernorm: LayerNorm::new(h[0], INNER_NORM_EPS, device),
             },
             encoder: ConvNextEncoder { stages },

@@ -70,8 +70,7 @@ pub struct CvfmBlock<B: Backend> {
 impl<B: Backend> CvfmBlock<B> {
     pub fn new(vit_dim: usize, conv_dim: usize, ratio: usize, alignment: Alignment, device: &B::Device) -> Self {
         Self {
-            align: (alignment == Alignment::Conv)
-                .then(|| Conv2dConfig::new([conv_dim, conv_dim], [ratio, ratio]).with_stride([ratio, ratio]).init(device)),
+            align: (alignment == Alignment::Conv).then(|| Conv2dConfig::new([conv_dim, conv_dim], [ratio, ratio]).with_stride([ratio, ratio]).init(device)),
             norm_vit: LayerNorm::new(vit_dim, 1e-5, device),
             norm_conv: LayerNorm::new(conv_dim, 1e-5, device),
             fc_in: linear(vit_dim + conv_dim, vit_dim, true, device),
@@ -106,11 +105,7 @@ impl<B: Backend> CvfmBlock<B> {
             None if self.ratio == 1 => map,
             None => nhwc(avg_pool2d(nchw(map), [self.ratio, self.ratio], [self.ratio, self.ratio], [0, 0], true, false)),
         }; // [1, rows·g, cols·g, C]
-        let mut views = vec![if grid.rows == 1 && grid.cols == 1 {
-            aligned.clone()
-        } else {
-            nhwc(adaptive_avg_pool2d(nchw(aligned.clone()), [g, g]))
-        }];
+        let mut views = vec![if grid.rows == 1 && grid.cols == 1 { aligned.clone() } else { nhwc(adaptive_avg_pool2d(nchw(aligned.clone()), [g, g])) }];
         if grid.tiled {
             for i in 0..grid.rows {
                 for j in 0..grid.cols {

@@ -249,11 +249,7 @@ impl<B: Backend> Fila<B> {
     }
 
     pub fn forward(&self, input: FilaInput<B>, trace: Option<&mut Trace>) -> FilaOutput<B> {
-        let visual = if input.images.is_empty() {
-            None
-        } else {
-            Some(self.encode_images(&input.images, trace).0)
-        };
+        let visual = if input.images.is_empty() { None } else { Some(self.encode_images(&input.images, trace).0) };
         let embeds = self.splice(input.input_ids, visual);
         let logits = self.llm.forward_embeds(embeds, Some(input.attention_mask), false).logits;
         let (loss, scored_tokens) = match input.labels {

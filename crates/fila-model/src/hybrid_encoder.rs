@@ -55,10 +55,7 @@ impl HybridConfig {
                 return Err(format!("fusion_layers must be increasing and 1-based, got {:?}", self.fusion_layers));
             }
             if self.fusion_layers[3] > feature {
-                return Err(format!(
-                    "fusion layer {} comes after the feature layer {feature} the projector reads",
-                    self.fusion_layers[3]
-                ));
+                return Err(format!("fusion layer {} comes after the feature layer {feature} the projector reads", self.fusion_layers[3]));
             }
             let strides = convnext.stage_strides();
             if strides[3] != 32 {
@@ -71,9 +68,7 @@ impl HybridConfig {
     pub fn init<B: Backend>(&self, vit: &ClipVisionConfig, convnext: &ConvNextConfig, device: &B::Device) -> HybridEncoder<B> {
         let strides = convnext.stage_strides();
         let (convnext_model, cvfm) = if self.use_convnext {
-            let blocks = (0..4)
-                .map(|k| CvfmBlock::new(vit.hidden_size, convnext.hidden_sizes[k], strides[3] / strides[k], self.alignment, device))
-                .collect();
+            let blocks = (0..4).map(|k| CvfmBlock::new(vit.hidden_size, convnext.hidden_sizes[k], strides[3] / strides[k], self.alignment, device)).collect();
             (Some(convnext.init(device)), blocks)
         } else {
             (None, Vec::new())
@@ -134,11 +129,8 @@ impl<B: Backend> HybridEncoder<B> {
         let stage_maps: Vec<Vec<Tensor<B, 4>>> = match &self.convnext {
             None => Vec::new(),
             Some(convnext) => {
-                let hires: Vec<Tensor<B, 4>> = images
-                    .iter()
-                    .enumerate()
-                    .map(|(i, im)| im.hires.clone().unwrap_or_else(|| panic!("image {i} has no ConvNeXt input")))
-                    .collect();
+                let hires: Vec<Tensor<B, 4>> =
+                    images.iter().enumerate().map(|(i, im)| im.hires.clone().unwrap_or_else(|| panic!("image {i} has no ConvNeXt input"))).collect();
                 for (i, (im, x)) in images.iter().zip(&hires).enumerate() {
                     let [_, _, h, w] = x.dims();
                     assert_eq!(
@@ -154,9 +146,7 @@ impl<B: Backend> HybridEncoder<B> {
                 // Channels-last maps `[1, H, W, C]`: what CVFM reads per pixel.
                 let outputs = if same && hires.len() > 1 {
                     let stages = convnext.forward_channels_last(Tensor::cat(hires, 0)).stages;
-                    (0..images.len())
-                        .map(|i| stages.iter().map(|s| s.clone().narrow(0, i, 1)).collect())
-                        .collect()
+                    (0..images.len()).map(|i| stages.iter().map(|s| s.clone().narrow(0, i, 1)).collect()).collect()
                 } else {
                     hires.into_iter().map(|x| convnext.forward_channels_last(x).stages).collect::<Vec<Vec<_>>>()
                 };
@@ -176,11 +166,8 @@ impl<B: Backend> HybridEncoder<B> {
             let layer_number = index + 1;
             if let Some(k) = self.fusion_layers.iter().position(|&l| l == layer_number) {
                 let block = &self.cvfm[k];
-                let conv: Vec<Tensor<B, 3>> = images
-                    .iter()
-                    .zip(&stage_maps)
-                    .map(|(im, maps)| block.view_features_channels_last(maps[k].clone(), im.grid, g))
-                    .collect();
+                let conv: Vec<Tensor<B, 3>> =
+                    images.iter().zip(&stage_maps).map(|(im, maps)| block.view_features_channels_last(maps[k].clone(), im.grid, g)).collect();
                 h = block.fuse(h, Tensor::cat(conv, 0));
             }
             if let Some(trace) = trace.as_deref_mut() {

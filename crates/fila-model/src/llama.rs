@@ -3,9 +3,9 @@
 //! Grouped-query attention, RoPE in `rotate_half` form (the layout Hugging Face's q/k weights
 //! assume) with the `llama3` frequency scaling, RMSNorm, SwiGLU, tied or untied output embedding.
 
+use crate::attention::{attention, AttentionMask};
 use crate::autocast;
 use crate::config::read_hf_config;
-use crate::attention::{attention, AttentionMask};
 use crate::nn::{linear, merge_heads, split_heads, Activation, RmsNorm};
 use crate::ModelError;
 use burn::module::Module;
@@ -20,12 +20,7 @@ use std::path::Path;
 #[serde(tag = "rope_type", rename_all = "snake_case")]
 pub enum RopeScaling {
     Default,
-    Llama3 {
-        factor: f64,
-        low_freq_factor: f64,
-        high_freq_factor: f64,
-        original_max_position_embeddings: usize,
-    },
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: usize },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -96,9 +91,7 @@ fn parse_rope(value: &serde_json::Value, file: &Path) -> Result<Option<RopeScali
     match kind {
         None | Some("default") => Ok(None),
         Some("llama3") => {
-            let num = |key: &str| {
-                value.get(key).and_then(|v| v.as_f64()).ok_or_else(|| bad(format!("rope scaling llama3 needs `{key}`")))
-            };
+            let num = |key: &str| value.get(key).and_then(|v| v.as_f64()).ok_or_else(|| bad(format!("rope scaling llama3 needs `{key}`")));
             Ok(Some(RopeScaling::Llama3 {
                 factor: num("factor")?,
                 low_freq_factor: num("low_freq_factor")?,
@@ -132,10 +125,7 @@ impl LlamaConfig {
     pub fn from_hf_file(path: &Path) -> Result<Self, ModelError> {
         let file = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
         let raw: HfLlamaConfig = read_hf_config(&file, None)?;
-        let unsupported = |what: &str| ModelError::Config {
-            path: file.clone(),
-            message: format!("{what} is not supported by this Llama implementation"),
-        };
+        let unsupported = |what: &str| ModelError::Config { path: file.clone(), message: format!("{what} is not supported by this Llama implementation") };
         if raw.hidden_act != Activation::Silu {
             return Err(unsupported("hidden_act other than silu"));
         }
@@ -143,10 +133,7 @@ impl LlamaConfig {
             return Err(unsupported("attention_bias / mlp_bias"));
         }
         let rope_source = raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref());
-        let rope_theta = raw
-            .rope_theta
-            .or_else(|| raw.rope_parameters.as_ref().and_then(|p| p.get("rope_theta")).and_then(|v| v.as_f64()))
-            .unwrap_or(10000.0);
+        let rope_theta = raw.rope_theta.or_else(|| raw.rope_parameters.as_ref().and_then(|p| p.get("rope_theta")).and_then(|v| v.as_f64())).unwrap_or(10000.0);
         let rope_scaling = match rope_source {
             Some(v) => parse_rope(v, &file)?,
             None => None,
@@ -176,12 +163,7 @@ impl LlamaConfig {
                 let base = base as f32 as f64; // transformers builds the table in f32
                 let scaled = match &self.rope_scaling {
                     None | Some(RopeScaling::Default) => base,
-                    Some(RopeScaling::Llama3 {
-                        factor,
-                        low_freq_factor,
-                        high_freq_factor,
-                        original_max_position_embeddings,
-                    }) => {
+                    Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => {
                         let old = *original_max_position_embeddings as f64;
                         let wavelen = 2.0 * std::f64::consts::PI / base;
                         let low_freq_wavelen = old / low_freq_factor;
@@ -235,11 +217,7 @@ impl LlamaConfig {
             })
             .collect();
         LlamaForCausalLM {
-            model: LlamaModel {
-                embed_tokens: EmbeddingConfig::new(self.vocab_size, d).init(device),
-                layers,
-                norm: RmsNorm::new(d, self.rms_norm_eps, device),
-            },
+            model: LlamaModel { embed_tokens: EmbeddingConfig::new(self.vocab_size, d).init(device), layers, norm: RmsNorm::new(d, self.rms_norm_eps, device) },
             lm_head: (!self.tie_word_embeddings).then(|| linear(d, self.vocab_size, false, device)),
             inv_freq: self.inv_freq(),
         }
@@ -264,10 +242,7 @@ fn rope_tables<B: Backend>(inv_freq: &[f32], starts: &[usize], len: usize, devic
         }
     }
     let shape = [starts.len(), 1, len, half * 2];
-    (
-        Tensor::from_data(TensorData::new(cos, shape), device),
-        Tensor::from_data(TensorData::new(sin, shape), device),
-    )
+    (Tensor::from_data(TensorData::new(cos, shape), device), Tensor::from_data(TensorData::new(sin, shape), device))
 }
 
 /// `x * cos + rotate_half(x) * sin` with `rotate_half([a, b]) = [-b, a]`; `x`: `[B, H, T, hd]`.

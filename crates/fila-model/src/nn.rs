@@ -16,11 +16,7 @@ pub struct LayerNorm<B: Backend> {
 
 impl<B: Backend> LayerNorm<B> {
     pub fn new(dim: usize, eps: f64, device: &B::Device) -> Self {
-        Self {
-            weight: Param::from_tensor(Tensor::ones([dim], device)),
-            bias: Param::from_tensor(Tensor::zeros([dim], device)),
-            eps,
-        }
+        Self { weight: Param::from_tensor(Tensor::ones([dim], device)), bias: Param::from_tensor(Tensor::zeros([dim], device)), eps }
     }
 
     /// `x`: `[..., dim]`, normalised over the last axis.
@@ -110,9 +106,7 @@ pub fn linear<B: Backend>(d_in: usize, d_out: usize, bias: bool, device: &B::Dev
 /// A linear layer whose weight and bias start at zero (residual branches that must be inert at
 /// initialisation).
 pub fn zero_linear<B: Backend>(d_in: usize, d_out: usize, device: &B::Device) -> Linear<B> {
-    LinearConfig::new(d_in, d_out)
-        .with_initializer(burn::nn::Initializer::Zeros)
-        .init(device)
+    LinearConfig::new(d_in, d_out).with_initializer(burn::nn::Initializer::Zeros).init(device)
 }
 
 /// `[B, T, H*hd]` → `[B, H, T, hd]`.

@@ -15,7 +15,9 @@ use std::fmt;
 pub enum ProjectorKind {
     Linear,
     /// `depth` linear layers with GELU between them.
-    Mlp { depth: usize },
+    Mlp {
+        depth: usize,
+    },
 }
 
 impl TryFrom<String> for ProjectorKind {
@@ -24,14 +26,8 @@ impl TryFrom<String> for ProjectorKind {
         if value == "linear" {
             return Ok(Self::Linear);
         }
-        let depth = value
-            .strip_prefix("mlp")
-            .and_then(|rest| rest.strip_suffix("x_gelu"))
-            .and_then(|n| n.parse::<usize>().ok())
-            .filter(|&n| n >= 1);
-        depth
-            .map(|depth| Self::Mlp { depth })
-            .ok_or_else(|| format!("unknown projector `{value}`; expected `linear` or `mlp<N>x_gelu` such as `mlp2x_gelu`"))
+        let depth = value.strip_prefix("mlp").and_then(|rest| rest.strip_suffix("x_gelu")).and_then(|n| n.parse::<usize>().ok()).filter(|&n| n >= 1);
+        depth.map(|depth| Self::Mlp { depth }).ok_or_else(|| format!("unknown projector `{value}`; expected `linear` or `mlp<N>x_gelu` such as `mlp2x_gelu`"))
     }
 }
 
@@ -63,9 +59,7 @@ impl ProjectorKind {
     }
 
     pub fn init<B: Backend>(&self, vision_dim: usize, text_dim: usize, device: &B::Device) -> Projector<B> {
-        let layers = (0..self.depth())
-            .map(|i| linear(if i == 0 { vision_dim } else { text_dim }, text_dim, true, device))
-            .collect();
+        let layers = (0..self.depth()).map(|i| linear(if i == 0 { vision_dim } else { text_dim }, text_dim, true, device)).collect();
         Projector { layers }
     }
 }

@@ -130,9 +130,9 @@ impl ModelSpec {
             Component::Pretrained(p) => (LlamaConfig::from_hf_file(&abs(p))?, Some(abs(p))),
             Component::Inline(v) => (inline("llm", v, &LlamaConfig::llama3_8b())?, None),
         };
-        let image_token_id = self.image_token_id.ok_or_else(|| {
-            spec_error("`model.image_token_id` is required: the id of the `<image>` placeholder token in the tokenizer".into())
-        })?;
+        let image_token_id = self
+            .image_token_id
+            .ok_or_else(|| spec_error("`model.image_token_id` is required: the id of the `<image>` placeholder token in the tokenizer".into()))?;
         let config = FilaConfig { vision, convnext, hybrid: self.hybrid_config(), projector: self.projector_kind(), llm, image_token_id };
         config.validate().map_err(spec_error)?;
         let source = ModelSource::Components { vision: vision_dir, convnext: convnext_dir, convnext_layout, llm: llm_dir };

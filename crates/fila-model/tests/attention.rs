@@ -13,11 +13,11 @@ mod common;
 
 use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::Autodiff;
-use common::Dev;
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::TensorData;
+use common::Dev;
 use fila_model::attention::{attention, attention_with, AttentionConfig, AttentionMask};
 use fila_model::autocast::{with_compute, Compute};
 

@@ -69,11 +69,7 @@ fn batch() -> (Vec<i64>, Vec<f32>, Vec<i64>, [usize; 2]) {
     row1.resize(t, 0);
     let ids: Vec<i64> = row0.iter().chain(&row1).copied().collect();
     let mask: Vec<f32> = (0..2 * t).map(|i| if i < t || i - t < valid1 { 1.0 } else { 0.0 }).collect();
-    let labels: Vec<i64> = ids
-        .iter()
-        .enumerate()
-        .map(|(i, &id)| if id == IMG || mask[i] == 0.0 || i % t < 2 { -100 } else { id })
-        .collect();
+    let labels: Vec<i64> = ids.iter().enumerate().map(|(i, &id)| if id == IMG || mask[i] == 0.0 || i % t < 2 { -100 } else { id }).collect();
     (ids, mask, labels, [2, t])
 }
 
@@ -263,17 +259,11 @@ fn load_tensors<B: Backend>(tensors: &[(String, TensorData)], dir: &std::path::P
 /// `images()` with fixed pseudo-random pixels, the same on every backend.
 fn fixed_images<B: Backend>() -> Vec<ImageInput<B>> {
     let device = Default::default();
-    let pixels = |shape: [usize; 4], seed| {
-        Tensor::<B, 4>::from_data(TensorData::new(uniform(shape.iter().product(), 1.7, seed), shape), &device)
-    };
+    let pixels = |shape: [usize; 4], seed| Tensor::<B, 4>::from_data(TensorData::new(uniform(shape.iter().product(), 1.7, seed), shape), &device);
     images::<B>()
         .into_iter()
         .enumerate()
-        .map(|(i, im)| ImageInput {
-            views: pixels(im.views.dims(), 2 * i as u64),
-            hires: im.hires.map(|h| pixels(h.dims(), 2 * i as u64 + 1)),
-            grid: im.grid,
-        })
+        .map(|(i, im)| ImageInput { views: pixels(im.views.dims(), 2 * i as u64), hires: im.hires.map(|h| pixels(h.dims(), 2 * i as u64 + 1)), grid: im.grid })
         .collect()
 }
 

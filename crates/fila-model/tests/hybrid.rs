@@ -22,9 +22,7 @@ fn encoder() -> HybridEncoder<Dev> {
     hybrid.validate(&vit_config, &conv_config).unwrap();
     let mut encoder = hybrid.init::<Dev>(&vit_config, &conv_config, &device);
     encoder.vit = load_module(encoder.vit, &Checkpoint::open(&fixture("clip")).unwrap(), &KeyMap::clip_vision()).unwrap();
-    encoder.convnext = Some(
-        load_module(encoder.convnext.take().unwrap(), &Checkpoint::open(&fixture("convnext")).unwrap(), &KeyMap::convnext_hf()).unwrap(),
-    );
+    encoder.convnext = Some(load_module(encoder.convnext.take().unwrap(), &Checkpoint::open(&fixture("convnext")).unwrap(), &KeyMap::convnext_hf()).unwrap());
     encoder
 }
 
@@ -64,7 +62,6 @@ fn trained_cvfm_changes_tokens_and_reads_each_tile_window() {
     let moved = encoder.forward(&[other], None);
     let diff: f32 = (base.clone() - moved).abs().max().into_scalar();
     assert!(diff > 1e-3, "ConvNeXt input had no effect ({diff})");
-
 }
 
 #[test]

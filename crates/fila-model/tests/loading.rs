@@ -15,14 +15,10 @@ use std::path::Path;
 fn rewrite(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>)) {
     let bytes = std::fs::read(fixture("clip_gelu").join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(name, view)| (name, view.dtype(), view.shape().to_vec(), view.data().to_vec()))
-        .collect();
+    let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> =
+        st.tensors().into_iter().map(|(name, view)| (name, view.dtype(), view.shape().to_vec(), view.data().to_vec())).collect();
     edit(&mut tensors);
-    let views: Vec<(String, TensorView)> =
-        tensors.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    let views: Vec<(String, TensorView)> = tensors.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
     std::fs::create_dir_all(dir).unwrap();
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
 }
@@ -268,10 +264,7 @@ fn timm_hub_copy_and_headless_trunk_load_by_detection() {
     let reference = Reference::open("openclip_convnext");
     let want = reference.f32("stage.4");
     // timm's own hub copy: bare trunk names, the CLIP projection as `head.pre_logits.fc` + `head.fc`.
-    let mut bare: Owned = openclip_tensors()
-        .into_iter()
-        .filter_map(|(n, d, s, b)| n.strip_prefix("visual.trunk.").map(|k| (k.to_string(), d, s, b)))
-        .collect();
+    let mut bare: Owned = openclip_tensors().into_iter().filter_map(|(n, d, s, b)| n.strip_prefix("visual.trunk.").map(|k| (k.to_string(), d, s, b))).collect();
     bare.push(("head.pre_logits.fc.weight".into(), Dtype::F32, vec![2, 32], vec![0; 256]));
     bare.push(("head.fc.weight".into(), Dtype::F32, vec![2, 2], vec![0; 16]));
     // Mini-Gemini drops the trunk's head: a file without `head.norm` loads too (the pooler keeps its init).

@@ -75,7 +75,10 @@ fn convnext_stages_pooler_and_gradients() {
         let name = format!("stage.{}", k + 1);
         assert_close(&name, stage.to_data(), &reference.f32(&name), TOL);
         let term = (stage.clone() * reference.tensor::<DevAutodiff, 4>(&format!("probe.{}", k + 1))).sum();
-        loss = Some(match loss { None => term, Some(l) => l + term });
+        loss = Some(match loss {
+            None => term,
+            Some(l) => l + term,
+        });
     }
     assert_close("pooler_output", model.pool(out.stages[3].clone()).to_data(), &reference.f32("pooler_output"), TOL);
     let loss = loss.unwrap();
@@ -103,7 +106,10 @@ fn openclip_convnext_stages_pooler_and_gradients() {
         let name = format!("stage.{}", k + 1);
         assert_close(&name, stage.to_data(), &reference.f32(&name), TOL);
         let term = (stage.clone() * reference.tensor::<DevAutodiff, 4>(&format!("probe.{}", k + 1))).sum();
-        loss = Some(match loss { None => term, Some(l) => l + term });
+        loss = Some(match loss {
+            None => term,
+            Some(l) => l + term,
+        });
     }
     // timm's pooled vector: average pool, then `head.norm` (our pooler norm).
     assert_close("pooler_output", model.pool(out.stages[3].clone()).to_data(), &reference.f32("pooler_output"), TOL);
@@ -177,8 +183,13 @@ fn kv_cache_decoding_matches_the_full_forward() {
     let stepped = Tensor::cat(pieces, 1);
     let diff: f32 = (stepped - full.clone()).abs().max().into_scalar();
     assert!(diff < 1e-5, "cached decoding differs by {diff}");
-    assert_close("logits row 0", full.to_data(), &{
-        let (shape, values) = reference.f32("logits");
-        (vec![1, shape[1], shape[2]], values[..shape[1] * shape[2]].to_vec())
-    }, TOL);
+    assert_close(
+        "logits row 0",
+        full.to_data(),
+        &{
+            let (shape, values) = reference.f32("logits");
+            (vec![1, shape[1], shape[2]], values[..shape[1] * shape[2]].to_vec())
+        },
+        TOL,
+    );
 }

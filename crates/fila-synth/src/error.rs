@@ -20,10 +20,7 @@ pub enum SynthError {
 
 impl SynthError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        SynthError::Io {
-            path: path.into(),
-            source,
-        }
+        SynthError::Io { path: path.into(), source }
     }
 }
 

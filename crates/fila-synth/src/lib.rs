@@ -40,12 +40,7 @@ pub enum QuestionType {
 }
 
 impl QuestionType {
-    pub const ALL: [QuestionType; 4] = [
-        QuestionType::Colour,
-        QuestionType::Shape,
-        QuestionType::Count,
-        QuestionType::Code,
-    ];
+    pub const ALL: [QuestionType; 4] = [QuestionType::Colour, QuestionType::Shape, QuestionType::Count, QuestionType::Code];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -59,15 +54,9 @@ impl QuestionType {
     /// Phrasings; a record uses one at random.
     pub fn templates(self) -> [&'static str; 2] {
         match self {
-            QuestionType::Colour => [
-                "What colour are the shapes?",
-                "Which colour do the shapes have?",
-            ],
+            QuestionType::Colour => ["What colour are the shapes?", "Which colour do the shapes have?"],
             QuestionType::Shape => ["What shape is shown?", "Which shape do you see?"],
-            QuestionType::Count => [
-                "How many shapes are there?",
-                "How many objects are in the image?",
-            ],
+            QuestionType::Count => ["How many shapes are there?", "How many objects are in the image?"],
             QuestionType::Code => ["What is the code?", "What code is written in the image?"],
         }
     }
@@ -98,16 +87,8 @@ pub const CAPTIONS: [&str; 3] = [
 
 fn caption(template: &str, scene: &Scene) -> String {
     let n = scene.count();
-    let shapes = if n == 1 {
-        scene.shape.name().to_string()
-    } else {
-        format!("{}s", scene.shape.name())
-    };
-    template
-        .replace("{n}", &n.to_string())
-        .replace("{colour}", scene.colour_name())
-        .replace("{shapes}", &shapes)
-        .replace("{code}", &scene.code)
+    let shapes = if n == 1 { scene.shape.name().to_string() } else { format!("{}s", scene.shape.name()) };
+    template.replace("{n}", &n.to_string()).replace("{colour}", scene.colour_name()).replace("{shapes}", &shapes).replace("{code}", &scene.code)
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -130,15 +111,7 @@ pub struct SynthOptions {
 
 impl Default for SynthOptions {
     fn default() -> Self {
-        Self {
-            seed: 0,
-            stage1: 600,
-            stage2: 600,
-            heldout: 100,
-            fine: 100,
-            tile_size: 112,
-            fine_fraction: 0.25,
-        }
+        Self { seed: 0, stage1: 600, stage2: 600, heldout: 100, fine: 100, tile_size: 112, fine_fraction: 0.25 }
     }
 }
 
@@ -176,12 +149,7 @@ impl fmt::Display for SynthSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "synthetic dataset in {}", self.out_dir.display())?;
         for s in &self.splits {
-            write!(
-                f,
-                "  {:<13} {:>5} records",
-                format!("{}.jsonl", s.name),
-                s.records
-            )?;
+            write!(f, "  {:<13} {:>5} records", format!("{}.jsonl", s.name), s.records)?;
             for (q, n) in &s.questions {
                 write!(f, "  {q} {n}")?;
             }
@@ -197,18 +165,8 @@ impl fmt::Display for SynthSummary {
                 writeln!(f)?;
             }
         }
-        writeln!(
-            f,
-            "  {} images, {:.1} MB in all",
-            self.images,
-            self.bytes as f64 / 1e6
-        )?;
-        writeln!(
-            f,
-            "  tokenizer {} ({} ids)",
-            self.tokenizer.display(),
-            self.vocab_size
-        )
+        writeln!(f, "  {} images, {:.1} MB in all", self.images, self.bytes as f64 / 1e6)?;
+        writeln!(f, "  tokenizer {} ({} ids)", self.tokenizer.display(), self.vocab_size)
     }
 }
 
@@ -286,22 +244,12 @@ impl Split {
 
 /// The geometry of configs with this tile size: patch 14, ConvNeXt × 32/14, default canvases.
 pub fn geometry_for(tile_size: u32) -> Geometry {
-    Geometry::new(&GeometryConfig {
-        tile_size,
-        square_vit_size: tile_size,
-        square_hires_size: tile_size * 32 / 14,
-        ..GeometryConfig::default()
-    })
+    Geometry::new(&GeometryConfig { tile_size, square_vit_size: tile_size, square_hires_size: tile_size * 32 / 14, ..GeometryConfig::default() })
 }
 
 /// Code glyph height in (global view, ConvNeXt view) pixels for a `width × height` image whose
 /// glyphs are `glyph_px` tall, under stage-2 tiling with `geo`.
-pub fn view_glyph_heights(
-    geo: &Geometry,
-    width: u32,
-    height: u32,
-    glyph_px: u32,
-) -> (TileGrid, f64, f64) {
+pub fn view_glyph_heights(geo: &Geometry, width: u32, height: u32, glyph_px: u32) -> (TileGrid, f64, f64) {
     let grid = geo.select_canvas(width, height);
     let (cw, ch) = geo.canvas_pixels(grid);
     let placed = fit_and_center(width, height, cw, ch);
@@ -313,9 +261,7 @@ pub fn view_glyph_heights(
 
 /// Every text the templates write, for the tokenizer's merges (codes and counts excluded on purpose).
 fn template_texts() -> Vec<String> {
-    let mut texts: Vec<String> = ["user", "assistant", "system", "\n\n"]
-        .map(String::from)
-        .to_vec();
+    let mut texts: Vec<String> = ["user", "assistant", "system", "\n\n"].map(String::from).to_vec();
     for q in QuestionType::ALL {
         texts.extend(q.templates().map(|t| format!("\n{t}")));
     }
@@ -325,10 +271,7 @@ fn template_texts() -> Vec<String> {
             for t in CAPTIONS {
                 for plural in ["", "s"] {
                     texts.push(
-                        t.replace("{n}", "1")
-                            .replace("{colour}", colour)
-                            .replace("{shapes}", &format!("{}{plural}", shape.name()))
-                            .replace("{code}", "X"),
+                        t.replace("{n}", "1").replace("{colour}", colour).replace("{shapes}", &format!("{}{plural}", shape.name())).replace("{code}", "X"),
                     );
                 }
             }
@@ -340,23 +283,15 @@ fn template_texts() -> Vec<String> {
 
 /// The synthetic dataset's tokenizer (the same for every seed and size).
 pub fn build_tokenizer() -> Result<tokenizers::Tokenizer> {
-    tokenizer::build(&template_texts()).map_err(|e| SynthError::Tokenizer {
-        message: e.to_string(),
-    })
+    tokenizer::build(&template_texts()).map_err(|e| SynthError::Tokenizer { message: e.to_string() })
 }
 
 fn check_options(o: &SynthOptions) -> std::result::Result<(), String> {
     if o.tile_size < 56 || !o.tile_size.is_multiple_of(14) {
-        return Err(format!(
-            "tile_size = {} must be a multiple of 14 and at least 56",
-            o.tile_size
-        ));
+        return Err(format!("tile_size = {} must be a multiple of 14 and at least 56", o.tile_size));
     }
     if !(0.0..=1.0).contains(&o.fine_fraction) {
-        return Err(format!(
-            "fine_fraction = {} is outside 0..=1",
-            o.fine_fraction
-        ));
+        return Err(format!("fine_fraction = {} is outside 0..=1", o.fine_fraction));
     }
     Ok(())
 }
@@ -373,18 +308,12 @@ struct Planned {
 pub fn generate(out_dir: &Path, options: &SynthOptions) -> Result<SynthSummary> {
     check_options(options).map_err(|message| SynthError::Options { message })?;
     let geo = geometry_for(options.tile_size);
-    std::fs::create_dir_all(out_dir.join("images"))
-        .map_err(|e| SynthError::io(out_dir.join("images"), e))?;
+    std::fs::create_dir_all(out_dir.join("images")).map_err(|e| SynthError::io(out_dir.join("images"), e))?;
 
     // Scenes are planned in a fixed order so codes can be kept unique across all splits
     // (held-out codes never appear in training); images are then rendered in parallel.
     let mut used_codes = HashSet::new();
-    let splits = [
-        (Split::Stage1, options.stage1),
-        (Split::Stage2, options.stage2),
-        (Split::Heldout, options.heldout),
-        (Split::Fine, options.fine),
-    ];
+    let splits = [(Split::Stage1, options.stage1), (Split::Stage2, options.stage2), (Split::Heldout, options.heldout), (Split::Fine, options.fine)];
     let mut bytes = 0u64;
     let mut summaries = vec![];
     let mut images = 0;
@@ -392,39 +321,20 @@ pub fn generate(out_dir: &Path, options: &SynthOptions) -> Result<SynthSummary> 
         let mut planned = Vec::with_capacity(count);
         for i in 0..count {
             let mut rng = Rng::for_record(options.seed, split.tag(), i);
-            planned.push(plan_record(
-                split,
-                i,
-                &mut rng,
-                options,
-                &geo,
-                &mut used_codes,
-            ));
+            planned.push(plan_record(split, i, &mut rng, options, &geo, &mut used_codes));
         }
-        let written: Vec<u64> = planned
-            .par_iter()
-            .map(|p| write_png(&out_dir.join("images").join(&p.image), &p.scene))
-            .collect::<Result<_>>()?;
+        let written: Vec<u64> = planned.par_iter().map(|p| write_png(&out_dir.join("images").join(&p.image), &p.scene)).collect::<Result<_>>()?;
         bytes += written.iter().sum::<u64>();
         images += planned.len();
 
         let path = out_dir.join(format!("{}.jsonl", split.name()));
         let mut text = String::new();
-        let mut summary = SplitSummary {
-            name: split.name(),
-            records: count,
-            questions: BTreeMap::new(),
-            fine_layout_images: 0,
-            canvases: BTreeMap::new(),
-        };
+        let mut summary = SplitSummary { name: split.name(), records: count, questions: BTreeMap::new(), fine_layout_images: 0, canvases: BTreeMap::new() };
         for p in &planned {
             text.push_str(&serde_json::to_string(&p.record).expect("records serialise"));
             text.push('\n');
             for q in p.record.qtype.iter().chain(&p.record.qtypes) {
-                let q = QuestionType::ALL
-                    .into_iter()
-                    .find(|t| t.as_str() == *q)
-                    .expect("known type");
+                let q = QuestionType::ALL.into_iter().find(|t| t.as_str() == *q).expect("known type");
                 *summary.questions.entry(q).or_default() += 1;
             }
             summary.fine_layout_images += usize::from(p.scene.layout == Layout::Fine);
@@ -440,36 +350,17 @@ pub fn generate(out_dir: &Path, options: &SynthOptions) -> Result<SynthSummary> 
 
     let tok = build_tokenizer()?;
     let tok_path = out_dir.join("tokenizer.json");
-    let json = tok.to_string(true).map_err(|e| SynthError::Encode {
-        path: tok_path.clone(),
-        message: e.to_string(),
-    })?;
+    let json = tok.to_string(true).map_err(|e| SynthError::Encode { path: tok_path.clone(), message: e.to_string() })?;
     bytes += json.len() as u64;
     std::fs::write(&tok_path, json).map_err(|e| SynthError::io(&tok_path, e))?;
-    Ok(SynthSummary {
-        out_dir: out_dir.to_path_buf(),
-        splits: summaries,
-        images,
-        bytes,
-        tokenizer: tok_path,
-        vocab_size: tok.get_vocab_size(true),
-    })
+    Ok(SynthSummary { out_dir: out_dir.to_path_buf(), splits: summaries, images, bytes, tokenizer: tok_path, vocab_size: tok.get_vocab_size(true) })
 }
 
-fn plan_record(
-    split: Split,
-    index: usize,
-    rng: &mut Rng,
-    options: &SynthOptions,
-    geo: &Geometry,
-    used_codes: &mut HashSet<String>,
-) -> Planned {
+fn plan_record(split: Split, index: usize, rng: &mut Rng, options: &SynthOptions, geo: &Geometry, used_codes: &mut HashSet<String>) -> Planned {
     let layout = match split {
         Split::Stage1 => Layout::Normal,
         Split::Fine => Layout::Fine,
-        Split::Stage2 | Split::Heldout if rng.uniform(0.0, 1.0) < options.fine_fraction => {
-            Layout::Fine
-        }
+        Split::Stage2 | Split::Heldout if rng.uniform(0.0, 1.0) < options.fine_fraction => Layout::Fine,
         Split::Stage2 | Split::Heldout => Layout::Normal,
     };
     let code = loop {
@@ -480,8 +371,7 @@ fn plan_record(
     };
     let scene = Scene::sample(rng, geo.tile, layout, &geo.canvases, code);
     if layout == Layout::Fine {
-        let (grid, global, hires) =
-            view_glyph_heights(geo, scene.width, scene.height, scene.glyph_px());
+        let (grid, global, hires) = view_glyph_heights(geo, scene.width, scene.height, scene.glyph_px());
         assert!(
             global < 1.5 && hires >= 5.0,
             "fine layout {}x{} on canvas {grid:?}: glyphs {global:.2} px global, {hires:.2} px ConvNeXt",
@@ -491,14 +381,8 @@ fn plan_record(
     }
     let id = format!("{}-{index:06}", split.name());
     let image = format!("{id}.png");
-    let human = |text: String| TurnOut {
-        from: "human",
-        value: text,
-    };
-    let gpt = |text: String| TurnOut {
-        from: "gpt",
-        value: text,
-    };
+    let human = |text: String| TurnOut { from: "human", value: text };
+    let gpt = |text: String| TurnOut { from: "gpt", value: text };
     let mut record = RecordOut {
         id,
         image: format!("images/{image}"),
@@ -523,43 +407,25 @@ fn plan_record(
             }
             let turns = 2 + rng.below(3);
             if layout == Layout::Fine && !types[..turns].contains(&QuestionType::Code) {
-                let at = types
-                    .iter()
-                    .position(|&t| t == QuestionType::Code)
-                    .expect("all types");
+                let at = types.iter().position(|&t| t == QuestionType::Code).expect("all types");
                 types.swap(turns - 1, at);
             }
             for (t, &q) in types[..turns].iter().enumerate() {
                 let text = ask(q, rng);
-                record.conversations.push(human(if t == 0 {
-                    format!("<image>\n{text}")
-                } else {
-                    text
-                }));
+                record.conversations.push(human(if t == 0 { format!("<image>\n{text}") } else { text }));
                 record.conversations.push(gpt(q.answer(&scene)));
                 record.qtypes.push(q.as_str());
             }
         }
         Split::Heldout | Split::Fine => {
             // Held-out types cycle, so each has exactly a quarter of the records.
-            let q = if matches!(split, Split::Fine) {
-                QuestionType::Code
-            } else {
-                QuestionType::ALL[index % 4]
-            };
+            let q = if matches!(split, Split::Fine) { QuestionType::Code } else { QuestionType::ALL[index % 4] };
             record.id = format!("{}-{}", record.id, q.as_str());
-            record.conversations = vec![
-                human(format!("<image>\n{}", ask(q, rng))),
-                gpt(q.answer(&scene)),
-            ];
+            record.conversations = vec![human(format!("<image>\n{}", ask(q, rng))), gpt(q.answer(&scene))];
             record.qtype = Some(q.as_str());
         }
     }
-    Planned {
-        scene,
-        image,
-        record,
-    }
+    Planned { scene, image, record }
 }
 
 fn write_png(path: &Path, scene: &Scene) -> Result<u64> {
@@ -568,16 +434,8 @@ fn write_png(path: &Path, scene: &Scene) -> Result<u64> {
     let img = scene.render();
     let mut buf = Vec::new();
     PngEncoder::new_with_quality(&mut buf, CompressionType::Default, FilterType::Adaptive)
-        .write_image(
-            img.as_raw(),
-            img.width(),
-            img.height(),
-            image::ExtendedColorType::Rgb8,
-        )
-        .map_err(|e| SynthError::Encode {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        .write_image(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::Rgb8)
+        .map_err(|e| SynthError::Encode { path: path.to_path_buf(), message: e.to_string() })?;
     let mut f = std::fs::File::create(path).map_err(|e| SynthError::io(path, e))?;
     f.write_all(&buf).map_err(|e| SynthError::io(path, e))?;
     Ok(buf.len() as u64)

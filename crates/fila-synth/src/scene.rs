@@ -34,12 +34,7 @@ pub const COLOURS: [(&str, [u8; 3]); 6] = [
     ("purple", [150, 60, 185]),
     ("orange", [245, 130, 25]),
 ];
-const BACKGROUNDS: [[u8; 3]; 4] = [
-    [250, 250, 250],
-    [222, 222, 222],
-    [245, 238, 215],
-    [220, 232, 245],
-];
+const BACKGROUNDS: [[u8; 3]; 4] = [[250, 250, 250], [222, 222, 222], [245, 238, 215], [220, 232, 245]];
 /// Code ink: every channel below [`INK_MAX`] even with background noise added.
 const INKS: [[u8; 3]; 3] = [[10, 10, 10], [45, 45, 45], [20, 30, 60]];
 pub const INK_MAX: u8 = 90;
@@ -108,13 +103,7 @@ impl Scene {
     }
 
     /// Samples a scene; `code` is drawn by the caller (which keeps codes unique across splits).
-    pub fn sample(
-        rng: &mut Rng,
-        tile: u32,
-        layout: Layout,
-        canvases: &[TileGrid],
-        code: String,
-    ) -> Self {
+    pub fn sample(rng: &mut Rng, tile: u32, layout: Layout, canvases: &[TileGrid], code: String) -> Self {
         let (width, height, code_scale) = match layout {
             Layout::Normal => {
                 // Aim at a random canvas, at 0.7-0.95× its size, with ±5 % aspect jitter: an
@@ -126,14 +115,11 @@ impl Scene {
                 let w = (c.cols as f64 * tile as f64 * u * rng.uniform(0.95, 1.05)).round() as u32;
                 let h = (c.rows as f64 * tile as f64 * u * rng.uniform(0.95, 1.05)).round() as u32;
                 let min_side = w.min(h) as f64;
-                let scale = ((min_side * rng.uniform(0.08, 0.14)) / GLYPH_H as f64)
-                    .round()
-                    .max(2.0) as u32;
+                let scale = ((min_side * rng.uniform(0.08, 0.14)) / GLYPH_H as f64).round().max(2.0) as u32;
                 let (w, h) = (w.max(16), h.max(16));
                 // Small tiles: shrink the code until it fits with its margins (at least scale 1).
                 let (unit_w, unit_h) = font::text_size(&code, 1);
-                let fits =
-                    |k: u32| unit_w * k + 2 * k.max(2) <= w && unit_h * k + 2 * k.max(2) <= h;
+                let fits = |k: u32| unit_w * k + 2 * k.max(2) <= w && unit_h * k + 2 * k.max(2) <= h;
                 let scale = (1..=scale).rev().find(|&k| fits(k)).unwrap_or(1);
                 (w, h, scale)
             }
@@ -143,11 +129,7 @@ impl Scene {
             }
         };
         let background = BACKGROUNDS[rng.below(BACKGROUNDS.len())];
-        let noise = if rng.below(2) == 0 {
-            0
-        } else {
-            2 + rng.below(MAX_NOISE as usize - 1) as u8
-        };
+        let noise = if rng.below(2) == 0 { 0 } else { 2 + rng.below(MAX_NOISE as usize - 1) as u8 };
         let noise_seed = rng.next_u64();
         let shape = ShapeKind::ALL[rng.below(3)];
         let colour = rng.below(COLOURS.len());
@@ -156,16 +138,8 @@ impl Scene {
 
         let (cw, ch) = font::text_size(&code, code_scale);
         let margin = code_scale.max(2);
-        let code_pos = (
-            margin + rng.below((width - cw - 2 * margin + 1) as usize) as u32,
-            margin + rng.below((height - ch - 2 * margin + 1) as usize) as u32,
-        );
-        let code_box = (
-            code_pos.0 - margin,
-            code_pos.1 - margin,
-            cw + 2 * margin,
-            ch + 2 * margin,
-        );
+        let code_pos = (margin + rng.below((width - cw - 2 * margin + 1) as usize) as u32, margin + rng.below((height - ch - 2 * margin + 1) as usize) as u32);
+        let code_box = (code_pos.0 - margin, code_pos.1 - margin, cw + 2 * margin, ch + 2 * margin);
 
         // Rejection sampling of non-overlapping shapes; shrink and retry when the image is full.
         let min_side = width.min(height) as f64;
@@ -173,10 +147,7 @@ impl Scene {
         let mut attempts = 0;
         let shapes = 'layout: loop {
             attempts += 1;
-            assert!(
-                attempts < 60,
-                "cannot place {count} shapes in a {width}x{height} image"
-            );
+            assert!(attempts < 60, "cannot place {count} shapes in a {width}x{height} image");
             let s = side.round().max(6.0) as u32;
             let gap = (s / 6).max(2);
             let mut boxes = vec![code_box];
@@ -200,21 +171,7 @@ impl Scene {
             }
             break shapes;
         };
-        Scene {
-            width,
-            height,
-            layout,
-            background,
-            noise,
-            noise_seed,
-            shape,
-            colour,
-            shapes,
-            code,
-            code_scale,
-            code_pos,
-            ink,
-        }
+        Scene { width, height, layout, background, noise, noise_seed, shape, colour, shapes, code, code_scale, code_pos, ink }
     }
 
     pub fn render(&self) -> RgbImage {
@@ -241,14 +198,7 @@ impl Scene {
                 }
             }
         }
-        font::draw_text(
-            &mut img,
-            &self.code,
-            self.code_pos.0,
-            self.code_pos.1,
-            self.code_scale,
-            self.ink,
-        );
+        font::draw_text(&mut img, &self.code, self.code_pos.0, self.code_pos.1, self.code_scale, self.ink);
         if self.noise > 0 {
             let mut rng = Rng::new(self.noise_seed);
             let span = 2 * self.noise as u64 + 1;
@@ -271,9 +221,7 @@ impl Scene {
 /// Draws a code of 3 or 4 characters.
 pub fn sample_code(rng: &mut Rng) -> String {
     let len = 3 + rng.below(2);
-    (0..len)
-        .map(|_| CODE_ALPHABET[rng.below(CODE_ALPHABET.len())] as char)
-        .collect()
+    (0..len).map(|_| CODE_ALPHABET[rng.below(CODE_ALPHABET.len())] as char).collect()
 }
 
 fn overlaps(a: (u32, u32, u32, u32), b: (u32, u32, u32, u32)) -> bool {

@@ -11,28 +11,18 @@ use serde_json::json;
 use tokenizers::Tokenizer;
 
 /// Special tokens and their ids (0-6); `<pad>` is 0, the `[data]` default `pad_token_id`.
-pub const SPECIAL_TOKENS: [&str; 7] = [
-    "<pad>",
-    "<|begin_of_text|>",
-    "<|end_of_text|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    "<|eot_id|>",
-    "<image>",
-];
+pub const SPECIAL_TOKENS: [&str; 7] = ["<pad>", "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<image>"];
 
 /// Llama-3's split rule with single digits (`\p{N}` instead of `\p{N}{1,3}`), without the
 /// English contractions the templates never use.
-const SPLIT_REGEX: &str =
-    r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const SPLIT_REGEX: &str = r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// GPT-2's `bytes_to_unicode`: printable bytes map to themselves, the rest to U+0100 onwards.
 fn byte_chars() -> [char; 256] {
     let mut out = ['\0'; 256];
     let mut extra = 0u32;
     for b in 0..=255u32 {
-        let printable =
-            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
         out[b as usize] = if printable {
             char::from_u32(b).unwrap()
         } else {
@@ -45,18 +35,13 @@ fn byte_chars() -> [char; 256] {
 
 /// Symbols a merge may join: lowercase letters, `Ġ` (space) and `Ċ` (newline).
 fn mergeable(symbol: &str) -> bool {
-    symbol
-        .chars()
-        .all(|c| c.is_ascii_lowercase() || c == 'Ġ' || c == 'Ċ')
+    symbol.chars().all(|c| c.is_ascii_lowercase() || c == 'Ġ' || c == 'Ċ')
 }
 
 /// Greedy BPE on `words` (byte-level strings with counts): the most frequent adjacent pair
 /// first, ties by the smaller pair, until no mergeable pair is left. Deterministic.
 fn learn_merges(words: &BTreeMap<String, u64>) -> Vec<(String, String)> {
-    let mut split: Vec<(Vec<String>, u64)> = words
-        .iter()
-        .map(|(w, &n)| (w.chars().map(String::from).collect(), n))
-        .collect();
+    let mut split: Vec<(Vec<String>, u64)> = words.iter().map(|(w, &n)| (w.chars().map(String::from).collect(), n)).collect();
     let mut merges = vec![];
     loop {
         let mut pairs: BTreeMap<(&str, &str), u64> = BTreeMap::new();
@@ -130,11 +115,7 @@ pub fn build(texts: &[String]) -> tokenizers::Result<Tokenizer> {
 
     let mut vocab = serde_json::Map::new();
     let mut next = 0u32;
-    for s in SPECIAL_TOKENS
-        .iter()
-        .map(|s| s.to_string())
-        .chain(map.iter().map(|c| c.to_string()))
-    {
+    for s in SPECIAL_TOKENS.iter().map(|s| s.to_string()).chain(map.iter().map(|c| c.to_string())) {
         vocab.insert(s, json!(next));
         next += 1;
     }

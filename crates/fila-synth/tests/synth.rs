@@ -10,14 +10,7 @@ use serde_json::Value;
 use tokenizers::Tokenizer;
 
 fn small(seed: u64) -> SynthOptions {
-    SynthOptions {
-        seed,
-        stage1: 24,
-        stage2: 40,
-        heldout: 20,
-        fine: 12,
-        ..SynthOptions::default()
-    }
+    SynthOptions { seed, stage1: 24, stage2: 40, heldout: 20, fine: 12, ..SynthOptions::default() }
 }
 
 fn files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
@@ -26,10 +19,7 @@ fn files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
         for e in std::fs::read_dir(&sub).unwrap() {
             let p = e.unwrap().path();
             if p.is_file() {
-                out.insert(
-                    p.strip_prefix(dir).unwrap().to_path_buf(),
-                    std::fs::read(&p).unwrap(),
-                );
+                out.insert(p.strip_prefix(dir).unwrap().to_path_buf(), std::fs::read(&p).unwrap());
             }
         }
     }
@@ -38,47 +28,29 @@ fn files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 
 /// The image of a generated record.
 fn image_of(dir: &Path, record: &Value) -> image::RgbImage {
-    image::open(dir.join(record["image"].as_str().unwrap()))
-        .unwrap()
-        .to_rgb8()
+    image::open(dir.join(record["image"].as_str().unwrap())).unwrap().to_rgb8()
 }
 
 fn records(dir: &Path, split: &str) -> Vec<Value> {
-    std::fs::read_to_string(dir.join(format!("{split}.jsonl")))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    std::fs::read_to_string(dir.join(format!("{split}.jsonl"))).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 fn data_config(dir: &Path, stage: u8, splits: &[&str]) -> DataConfig {
-    let (template, mode) = if stage == 1 {
-        ("plain", "square")
-    } else {
-        ("llama3", "tiled")
-    };
+    let (template, mode) = if stage == 1 { ("plain", "square") } else { ("llama3", "tiled") };
     let mut text = format!(
         "[data]\ntokenizer = \"{tok}\"\ntemplate = \"{template}\"\nimage_mode = \"{mode}\"\nmax_len = 1024\n\
          on_bad_record = \"skip\"\n[data.geometry]\ntile_size = 112\nsquare_vit_size = 112\nsquare_hires_size = 256\n",
         tok = dir.join("tokenizer.json").display()
     );
     for s in splits {
-        text += &format!(
-            "[[data.sources]]\npath = \"{}\"\nimage_folder = \"{}\"\n",
-            dir.join(format!("{s}.jsonl")).display(),
-            dir.display()
-        );
+        text += &format!("[[data.sources]]\npath = \"{}\"\nimage_folder = \"{}\"\n", dir.join(format!("{s}.jsonl")).display(), dir.display());
     }
     DataConfig::from_toml_str(&text, Path::new("synth-test.toml")).unwrap()
 }
 
 #[test]
 fn same_seed_gives_identical_files() {
-    let (a, b, c) = (
-        tempfile::tempdir().unwrap(),
-        tempfile::tempdir().unwrap(),
-        tempfile::tempdir().unwrap(),
-    );
+    let (a, b, c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let sa = synth::generate(a.path(), &small(7)).unwrap();
     synth::generate(b.path(), &small(7)).unwrap();
     synth::generate(c.path(), &small(8)).unwrap();
@@ -88,39 +60,23 @@ fn same_seed_gives_identical_files() {
     assert_eq!(sa.images, 96);
     assert_eq!(sa.bytes, fa.values().map(|v| v.len() as u64).sum::<u64>());
     assert!(fa == fb, "same seed, different bytes");
-    assert_ne!(
-        fa[Path::new("stage2_train.jsonl")],
-        fc[Path::new("stage2_train.jsonl")]
-    );
-    assert_ne!(
-        fa[Path::new("images/fine-000000.png")],
-        fc[Path::new("images/fine-000000.png")]
-    );
+    assert_ne!(fa[Path::new("stage2_train.jsonl")], fc[Path::new("stage2_train.jsonl")]);
+    assert_ne!(fa[Path::new("images/fine-000000.png")], fc[Path::new("images/fine-000000.png")]);
     // The tokenizer does not depend on the seed.
-    assert_eq!(
-        fa[Path::new("tokenizer.json")],
-        fc[Path::new("tokenizer.json")]
-    );
+    assert_eq!(fa[Path::new("tokenizer.json")], fc[Path::new("tokenizer.json")]);
 }
 
 #[test]
 fn every_record_passes_the_data_pipeline() {
     let dir = tempfile::tempdir().unwrap();
     let summary = synth::generate(dir.path(), &small(1)).unwrap();
-    for (stage, splits, expected) in [
-        (1, vec!["stage1"], 24),
-        (2, vec!["stage2_train", "heldout", "fine"], 40 + 20 + 12),
-    ] {
+    for (stage, splits, expected) in [(1, vec!["stage1"], 24), (2, vec!["stage2_train", "heldout", "fine"], 40 + 20 + 12)] {
         let cfg = data_config(dir.path(), stage, &splits);
         let recs = RecordSet::load(&cfg).unwrap();
         let pipeline = Pipeline::new(cfg).unwrap();
         let report = check(&pipeline, &recs);
         assert_eq!(report.bad.total(), 0, "stage {stage}:\n{report}");
-        assert_eq!(
-            (report.records, report.good, report.truncated),
-            (expected, expected, 0),
-            "{report}"
-        );
+        assert_eq!((report.records, report.good, report.truncated), (expected, expected, 0), "{report}");
         if stage == 2 {
             // The pipeline's canvas choice agrees with the generator's summary.
             let mut ours = BTreeMap::new();
@@ -140,23 +96,10 @@ fn every_record_passes_the_data_pipeline() {
 #[test]
 fn stage2_canvases_cover_all_five() {
     let dir = tempfile::tempdir().unwrap();
-    let s = synth::generate(
-        dir.path(),
-        &SynthOptions {
-            stage1: 0,
-            stage2: 200,
-            heldout: 0,
-            fine: 0,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let s = synth::generate(dir.path(), &SynthOptions { stage1: 0, stage2: 200, heldout: 0, fine: 0, ..Default::default() }).unwrap();
     let canvases = &s.split("stage2_train").unwrap().canvases;
     for c in [(1, 2), (2, 1), (2, 2), (3, 1), (1, 3)] {
-        assert!(
-            canvases.get(&c).copied().unwrap_or(0) >= 10,
-            "canvas {c:?} rare: {canvases:?}"
-        );
+        assert!(canvases.get(&c).copied().unwrap_or(0) >= 10, "canvas {c:?} rare: {canvases:?}");
     }
 }
 
@@ -173,19 +116,14 @@ fn question_types_and_answers() {
                     assert!(r["id"].as_str().unwrap().ends_with(&format!("-{q}")));
                     vec![q.clone()]
                 }
-                (Value::Null, Value::Array(qs)) => {
-                    qs.iter().map(|q| q.as_str().unwrap().to_string()).collect()
-                }
+                (Value::Null, Value::Array(qs)) => qs.iter().map(|q| q.as_str().unwrap().to_string()).collect(),
                 other => panic!("{split}: {other:?}"),
             };
             let turns = r["conversations"].as_array().unwrap();
             assert_eq!(turns.len(), 2 * types.len());
             assert!(turns[0]["value"].as_str().unwrap().starts_with("<image>\n"));
             if split == "stage2_train" && r["layout"] == "fine" {
-                assert!(
-                    types.iter().any(|q| q == "code"),
-                    "fine-layout image without a code question"
-                );
+                assert!(types.iter().any(|q| q == "code"), "fine-layout image without a code question");
             }
             for (q, pair) in types.iter().zip(turns.chunks(2)) {
                 let answer = pair[1]["value"].as_str().unwrap();
@@ -193,30 +131,18 @@ fn question_types_and_answers() {
                     "colour" => colour_names.contains(&answer),
                     "shape" => ["square", "circle", "triangle"].contains(&answer),
                     "count" => ["1", "2", "3", "4", "5"].contains(&answer),
-                    "code" => {
-                        (3..=4).contains(&answer.len())
-                            && answer.bytes().all(|b| CODE_ALPHABET.contains(&b))
-                    }
+                    "code" => (3..=4).contains(&answer.len()) && answer.bytes().all(|b| CODE_ALPHABET.contains(&b)),
                     _ => false,
                 };
                 assert!(ok, "{split} {q}: answer {answer:?}");
                 *counts.entry(q.clone()).or_default() += 1;
             }
         }
-        let expected: BTreeMap<String, usize> = summary
-            .split(split)
-            .unwrap()
-            .questions
-            .iter()
-            .map(|(q, n)| (q.to_string(), *n))
-            .collect();
+        let expected: BTreeMap<String, usize> = summary.split(split).unwrap().questions.iter().map(|(q, n)| (q.to_string(), *n)).collect();
         assert_eq!(counts, expected, "{split}");
     }
     let s = |name| &summary.split(name).unwrap().questions;
-    assert_eq!(
-        s("heldout").values().copied().collect::<Vec<_>>(),
-        vec![5, 5, 5, 5]
-    );
+    assert_eq!(s("heldout").values().copied().collect::<Vec<_>>(), vec![5, 5, 5, 5]);
     assert_eq!(s("fine").get(&QuestionType::Code), Some(&12));
     assert_eq!(s("fine").len(), 1);
     // 2-4 questions per stage-2 record.
@@ -234,12 +160,7 @@ fn held_out_codes_never_appear_in_training() {
     synth::generate(dir.path(), &small(3)).unwrap();
     let code_of = |r: &Value| {
         let img = r["image"].as_str().unwrap().to_string();
-        let ans: Vec<String> = r["conversations"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t["value"].as_str().unwrap().to_string())
-            .collect();
+        let ans: Vec<String> = r["conversations"].as_array().unwrap().iter().map(|t| t["value"].as_str().unwrap().to_string()).collect();
         (img, ans)
     };
     let mut train_text = String::new();
@@ -248,25 +169,17 @@ fn held_out_codes_never_appear_in_training() {
             train_text += &code_of(&r).1.join(" ");
         }
     }
-    for r in records(dir.path(), "heldout")
-        .iter()
-        .chain(&records(dir.path(), "fine"))
-    {
+    for r in records(dir.path(), "heldout").iter().chain(&records(dir.path(), "fine")) {
         if r["qtype"] == "code" {
             let answer = r["conversations"][1]["value"].as_str().unwrap();
-            assert!(
-                !train_text.contains(answer),
-                "held-out code {answer} in training text"
-            );
+            assert!(!train_text.contains(answer), "held-out code {answer} in training text");
         }
     }
 }
 
 /// Height of the code's ink (dark pixels; shapes and noisy backgrounds never get that dark).
 fn ink_rows(img: &image::RgbImage) -> u32 {
-    let rows: Vec<u32> = (0..img.height())
-        .filter(|&y| (0..img.width()).any(|x| img.get_pixel(x, y).0.iter().all(|&c| c < INK_MAX)))
-        .collect();
+    let rows: Vec<u32> = (0..img.height()).filter(|&y| (0..img.width()).any(|x| img.get_pixel(x, y).0.iter().all(|&c| c < INK_MAX))).collect();
     rows.last().unwrap() - rows.first().unwrap() + 1
 }
 
@@ -277,12 +190,7 @@ fn code_box_bounds_the_ink_of_every_split() {
     for split in ["stage1", "stage2_train", "heldout", "fine"] {
         for r in records(dir.path(), split).iter().take(12) {
             let img = image_of(dir.path(), r);
-            let b: Vec<u32> = r["code_box"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect();
+            let b: Vec<u32> = r["code_box"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
             let (x0, y0, w, h) = (b[0], b[1], b[2], b[3]);
             let k = r["glyph_px"].as_u64().unwrap() as u32 / 7;
             assert_eq!(h, 7 * k, "{}", r["id"]);
@@ -291,21 +199,12 @@ fn code_box_bounds_the_ink_of_every_split() {
             let (mut min_x, mut max_x, mut min_y, mut max_y) = (u32::MAX, 0, u32::MAX, 0);
             for (x, y, p) in img.enumerate_pixels() {
                 if p.0.iter().all(|&c| c < INK_MAX) {
-                    assert!(
-                        (x0..x0 + w).contains(&x) && (y0..y0 + h).contains(&y),
-                        "{}: ink at ({x}, {y}) outside {b:?}",
-                        r["id"]
-                    );
-                    (min_x, max_x, min_y, max_y) =
-                        (min_x.min(x), max_x.max(x), min_y.min(y), max_y.max(y));
+                    assert!((x0..x0 + w).contains(&x) && (y0..y0 + h).contains(&y), "{}: ink at ({x}, {y}) outside {b:?}", r["id"]);
+                    (min_x, max_x, min_y, max_y) = (min_x.min(x), max_x.max(x), min_y.min(y), max_y.max(y));
                 }
             }
             assert_eq!((min_y, max_y), (y0, y0 + h - 1), "{}", r["id"]);
-            assert!(
-                min_x < x0 + 5 * k && max_x >= x0 + w - 5 * k,
-                "{}: ink x {min_x}..{max_x} in {b:?}",
-                r["id"]
-            );
+            assert!(min_x < x0 + 5 * k && max_x >= x0 + w - 5 * k, "{}: ink x {min_x}..{max_x} in {b:?}", r["id"]);
         }
     }
 }
@@ -329,18 +228,8 @@ fn fine_codes_are_sub_pixel_in_the_global_view_and_readable_at_convnext_resoluti
         let s = (cw / w as f64).min(ch / h as f64);
         let global = glyph as f64 * s * tile / ch; // padded canvas resized to tile × tile
         let hires = glyph as f64 * s * 32.0 / 14.0; // original pixels onto canvas × 32/14
-        assert!(
-            global < 1.5 && hires >= 5.0,
-            "{}: {global} px global, {hires} px ConvNeXt",
-            r["id"]
-        );
-        seen.insert(
-            (grid.cols, grid.rows),
-            (
-                (global * 100.0).round() / 100.0,
-                (hires * 10.0).round() / 10.0,
-            ),
-        );
+        assert!(global < 1.5 && hires >= 5.0, "{}: {global} px global, {hires} px ConvNeXt", r["id"]);
+        seen.insert((grid.cols, grid.rows), ((global * 100.0).round() / 100.0, (hires * 10.0).round() / 10.0));
         let (_, g2, h2) = synth::view_glyph_heights(&geo, w, h, glyph);
         assert!((g2 - global).abs() < 1e-9 && (h2 - hires).abs() < 1e-9);
     }
@@ -368,23 +257,14 @@ fn tokenizer_is_small_and_round_trips() {
     let summary = synth::generate(dir.path(), &small(5)).unwrap();
     let tok = Tokenizer::from_file(dir.path().join("tokenizer.json")).unwrap();
     assert_eq!(tok.get_vocab_size(true), summary.vocab_size);
-    assert!(
-        (263..600).contains(&summary.vocab_size),
-        "{}",
-        summary.vocab_size
-    );
+    assert!((263..600).contains(&summary.vocab_size), "{}", summary.vocab_size);
     for (id, s) in synth::SPECIAL_TOKENS.iter().enumerate() {
         assert_eq!(tok.token_to_id(s), Some(id as u32), "{s}");
     }
     let ids = |s: &str| tok.encode(s, false).unwrap().get_ids().to_vec();
     // The template pieces the data crate writes are one token each.
     for piece in ["user", "assistant", "\n\n", "<|eot_id|>", "<image>"] {
-        assert_eq!(
-            ids(piece).len(),
-            1,
-            "{piece:?} → {:?}",
-            tok.encode(piece, false).unwrap().get_tokens()
-        );
+        assert_eq!(ids(piece).len(), 1, "{piece:?} → {:?}", tok.encode(piece, false).unwrap().get_tokens());
     }
     // Codes and counts are one token per character; lowercase template words are whole:
     // W·hat·Ġcolour·Ġare·Ġthe·Ġshapes·? (merges never touch capitals).
@@ -409,10 +289,7 @@ fn glyph_table_is_complete_and_distinct() {
     for c in ('A'..='Z').chain('0'..='9') {
         let rows = synth::glyph(c).unwrap_or_else(|| panic!("no glyph {c}"));
         assert!(rows.iter().all(|r| r.len() == 5), "{c}");
-        assert!(
-            rows[0].contains('#') && rows[6].contains('#'),
-            "{c} must span 7 rows"
-        );
+        assert!(rows[0].contains('#') && rows[6].contains('#'), "{c} must span 7 rows");
         assert!(seen.insert(rows.join("")), "{c} duplicates another glyph");
     }
     assert_eq!(synth::text_size("K7QZ", 3), (69, 21));
@@ -421,14 +298,7 @@ fn glyph_table_is_complete_and_distinct() {
 #[test]
 fn bad_tile_size_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
-    let err = synth::generate(
-        dir.path(),
-        &SynthOptions {
-            tile_size: 100,
-            ..small(0)
-        },
-    )
-    .unwrap_err();
+    let err = synth::generate(dir.path(), &SynthOptions { tile_size: 100, ..small(0) }).unwrap_err();
     assert!(err.to_string().contains("multiple of 14"), "{err}");
 }
 
@@ -447,14 +317,7 @@ fn default_sizes_and_time() {
 #[test]
 fn smallest_tile_size_fits_codes_into_small_images() {
     let dir = tempfile::tempdir().unwrap();
-    let options = synth::SynthOptions {
-        tile_size: 56,
-        stage1: 40,
-        stage2: 40,
-        heldout: 20,
-        fine: 10,
-        ..Default::default()
-    };
+    let options = synth::SynthOptions { tile_size: 56, stage1: 40, stage2: 40, heldout: 20, fine: 10, ..Default::default() };
     let summary = synth::generate(dir.path(), &options).unwrap();
     assert_eq!(summary.images, 110);
 }

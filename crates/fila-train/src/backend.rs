@@ -21,11 +21,7 @@ impl std::str::FromStr for Device {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "cpu" => Ok(Device::Cpu),
-            _ => s
-                .strip_prefix("cuda:")
-                .and_then(|i| i.parse().ok())
-                .map(Device::Cuda)
-                .ok_or_else(|| format!("`{s}`: expected \"cpu\" or \"cuda:N\"")),
+            _ => s.strip_prefix("cuda:").and_then(|i| i.parse().ok()).map(Device::Cuda).ok_or_else(|| format!("`{s}`: expected \"cpu\" or \"cuda:N\"")),
         }
     }
 }

@@ -9,9 +9,7 @@ use fila_model::hybrid_encoder::ImageInput;
 
 /// Label positions that count in the loss (`labels[:, 1:] != −100`, matching `causal_lm_loss`).
 pub fn scored_tokens(batch: &Batch) -> usize {
-    (0..batch.batch_size)
-        .map(|b| batch.labels[b * batch.seq_len + 1..(b + 1) * batch.seq_len].iter().filter(|&&l| l != IGNORE_INDEX).count())
-        .sum()
+    (0..batch.batch_size).map(|b| batch.labels[b * batch.seq_len + 1..(b + 1) * batch.seq_len].iter().filter(|&&l| l != IGNORE_INDEX).count()).sum()
 }
 
 fn tensor4<B: Backend>(data: &[f32], shape: [usize; 4], device: &B::Device) -> Tensor<B, 4> {

@@ -165,10 +165,7 @@ impl CheckpointWriter<'_> {
     fn publish(&self, tmp: &Path, dest: &Path) -> Result<()> {
         let size = self.comm.world().size;
         if let Some(r) = (0..size).find(|&r| !tmp.join(shard_file(r, size)).is_file()) {
-            bail!(
-                "rank {r}'s optimizer shard is not in {}: every node must see the same `checkpoint.output_dir` (a shared filesystem)",
-                tmp.display()
-            );
+            bail!("rank {r}'s optimizer shard is not in {}: every node must see the same `checkpoint.output_dir` (a shared filesystem)", tmp.display());
         }
         sync_dir(tmp);
         if dest.exists() {
@@ -272,13 +269,7 @@ pub fn load_trainable<B: Backend>(model: Fila<B>, set: &TrainableSet, dir: &Path
 
 /// Writes `final/`: the whole model, its config, the tokenizer and the run config whose `[data]`
 /// table `fila generate` and `fila eval` read (through a temporary folder).
-pub fn export_final<B: Backend>(
-    output_dir: &Path,
-    model: &Fila<B>,
-    config: &FilaConfig,
-    tokenizer: &Path,
-    run_config: &str,
-) -> Result<PathBuf> {
+pub fn export_final<B: Backend>(output_dir: &Path, model: &Fila<B>, config: &FilaConfig, tokenizer: &Path, run_config: &str) -> Result<PathBuf> {
     let dest = output_dir.join("final");
     let tmp = output_dir.join(".tmp-final");
     if tmp.exists() {

@@ -182,9 +182,7 @@ fn default_keep() -> usize {
 /// `[1, 2]`, `"text"`), or taken as a bare string when it does not parse as one. A number in the
 /// path indexes an array (`data.sources.0.path=...`).
 pub fn apply_override(root: &mut toml::Table, assignment: &str) -> Result<()> {
-    let (key, raw) = assignment
-        .split_once('=')
-        .ok_or_else(|| anyhow!("--set `{assignment}`: expected KEY=VALUE, e.g. --set optimizer.lr=1e-4"))?;
+    let (key, raw) = assignment.split_once('=').ok_or_else(|| anyhow!("--set `{assignment}`: expected KEY=VALUE, e.g. --set optimizer.lr=1e-4"))?;
     let key = key.trim();
     let raw = raw.trim();
     let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {

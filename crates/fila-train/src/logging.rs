@@ -101,7 +101,15 @@ impl Logger {
         } else if m.step.is_multiple_of(every) || m.step == self.total_steps || m.nonfinite {
             println!(
                 "step {}/{} loss {:.6} lr {:.3e} grad_norm {:.4} {:.1} tokens/s {:.2} samples/s {:.3} s/step ETA {}{flag}",
-                m.step, self.total_steps, m.loss, lr, m.grad_norm, m.tokens_per_s, m.samples_per_s, m.step_time_s, hms(eta)
+                m.step,
+                self.total_steps,
+                m.loss,
+                lr,
+                m.grad_norm,
+                m.tokens_per_s,
+                m.samples_per_s,
+                m.step_time_s,
+                hms(eta)
             );
         }
         Ok(())

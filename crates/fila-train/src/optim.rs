@@ -24,12 +24,7 @@ use std::path::Path;
 pub type Grads<I> = BTreeMap<String, Tensor<I, 1>>;
 
 /// Adds the gradients of the trainable parameters in `grads` to `acc` (summing over micro-batches).
-pub fn accumulate_grads<B: AutodiffBackend, M: Module<B>>(
-    model: &M,
-    grads: &B::Gradients,
-    set: &TrainableSet,
-    acc: &mut Grads<B::InnerBackend>,
-) {
+pub fn accumulate_grads<B: AutodiffBackend, M: Module<B>>(model: &M, grads: &B::Gradients, set: &TrainableSet, acc: &mut Grads<B::InnerBackend>) {
     struct Collector<'a, B: AutodiffBackend> {
         grads: &'a B::Gradients,
         set: &'a TrainableSet,
@@ -486,7 +481,14 @@ mod tests {
             .map(|rank| {
                 let (m, set, dir) = (m.clone(), set.clone(), dir.clone());
                 std::thread::spawn(move || {
-                    let world = crate::dist::World { rank, size: 2, local_rank: rank, master_addr: "127.0.0.1".into(), master_port: port, launcher: crate::dist::world::Launcher::Torchrun };
+                    let world = crate::dist::World {
+                        rank,
+                        size: 2,
+                        local_rank: rank,
+                        master_addr: "127.0.0.1".into(),
+                        master_port: port,
+                        launcher: crate::dist::world::Launcher::Torchrun,
+                    };
                     let comm = Comm::connect(world, &crate::dist::Fingerprint { binary: 0, config: 0 }, std::time::Duration::from_secs(20)).unwrap();
                     let mut opt = AdamW::new(config(), &set, FlatLayout::new(&set, 2, rank, 6), &m, &Default::default());
                     let mut m = m;

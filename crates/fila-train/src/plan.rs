@@ -54,13 +54,7 @@ pub fn plan(loaded: &LoadedConfig, world: usize) -> Result<String> {
     // set itself needs the allocated model).
     let modules = crate::trainable::stage_modules(c.stage, &c.trainable);
     let trains = |component: &str| modules.iter().any(|m| crate::trainable::trains_part_of(m, component));
-    let parts = [
-        ("vit", counts.vit),
-        ("convnext", counts.convnext),
-        ("cvfm", counts.cvfm),
-        ("projector", counts.projector),
-        ("llm", counts.llm),
-    ];
+    let parts = [("vit", counts.vit), ("convnext", counts.convnext), ("cvfm", counts.cvfm), ("projector", counts.projector), ("llm", counts.llm)];
     let p = c.precision;
     let trainable: usize = parts.iter().filter(|(n, _)| trains(n)).map(|(_, k)| k).sum();
     let frozen = counts.total() - trainable;
@@ -90,9 +84,7 @@ pub fn plan(loaded: &LoadedConfig, world: usize) -> Result<String> {
         }
     };
     let s_text = data.max_len as f64;
-    let llm_act = arch.llm.num_hidden_layers as f64
-        * layer(s_text, b, arch.llm.hidden_size as f64)
-        + 3.0 * b * s_text * arch.llm.vocab_size as f64 * 4.0;
+    let llm_act = arch.llm.num_hidden_layers as f64 * layer(s_text, b, arch.llm.hidden_size as f64) + 3.0 * b * s_text * arch.llm.vocab_size as f64 * 4.0;
     let feature_layer = arch.hybrid.feature_layer(arch.vision.num_hidden_layers);
     let first_tracked = if trains("vit") { 0 } else { arch.hybrid.fusion_layers.first().copied().unwrap_or(feature_layer) };
     let vit_layers = feature_layer.saturating_sub(first_tracked) as f64;
@@ -114,7 +106,11 @@ pub fn plan(loaded: &LoadedConfig, world: usize) -> Result<String> {
     let total = weights + grads + grad_slice + optimizer + master + activations;
 
     let mut out = String::new();
-    let _ = writeln!(out, "memory plan: stage {} on {} ({:?}), micro-batch {} × accumulation {}, max_len {}", c.stage, c.device, p, c.batch.micro_batch_size, c.batch.accumulation_steps, data.max_len);
+    let _ = writeln!(
+        out,
+        "memory plan: stage {} on {} ({:?}), micro-batch {} × accumulation {}, max_len {}",
+        c.stage, c.device, p, c.batch.micro_batch_size, c.batch.accumulation_steps, data.max_len
+    );
     if let Some(n) = note {
         let _ = writeln!(out, "note: {n}");
     }
@@ -130,10 +126,19 @@ pub fn plan(loaded: &LoadedConfig, world: usize) -> Result<String> {
     }
     let _ = writeln!(out, "  weights           {}  ({})", gib(weights), if p.weight_bytes() == 2 { "bf16" } else { "f32" });
     let _ = writeln!(out, "  gradients         {}  (one backward's, {})", gib(grads), if p.grad_bytes() == 2 { "bf16" } else { "f32" });
-    let _ = writeln!(out, "  gradient slice    {}  (f32 sum over micro-batches and ranks{})", gib(grad_slice), if world > 1 { ", this rank's slice" } else { "" });
+    let _ =
+        writeln!(out, "  gradient slice    {}  (f32 sum over micro-batches and ranks{})", gib(grad_slice), if world > 1 { ", this rank's slice" } else { "" });
     let _ = writeln!(out, "  optimizer state   {}  (AdamW moments, f32{})", gib(optimizer), if world > 1 { ", this rank's slice" } else { "" });
     let _ = writeln!(out, "  master slice      {}  (f32 values of the trainable parameters the optimizer owns)", gib(master));
-    let _ = writeln!(out, "  activations       {}  (estimate; {} views/image, ConvNeXt {}x{}, {} tracked ViT layers)", gib(activations), views, hires_side_w, hires_side_h, vit_layers);
+    let _ = writeln!(
+        out,
+        "  activations       {}  (estimate; {} views/image, ConvNeXt {}x{}, {} tracked ViT layers)",
+        gib(activations),
+        views,
+        hires_side_w,
+        hires_side_h,
+        vit_layers
+    );
     let _ = writeln!(out, "  total             {}", gib(total));
     Ok(out)
 }

@@ -15,14 +15,8 @@ use std::collections::BTreeMap;
 
 /// Module names usable in `trainable.modules` and `trainable.lr_multipliers`, and the model
 /// parameter-path prefix each stands for.
-pub const MODULES: [(&str, &str); 6] = [
-    ("all", ""),
-    ("vit", "encoder.vit."),
-    ("convnext", "encoder.convnext."),
-    ("cvfm", "encoder.cvfm."),
-    ("projector", "projector."),
-    ("llm", "llm."),
-];
+pub const MODULES: [(&str, &str); 6] =
+    [("all", ""), ("vit", "encoder.vit."), ("convnext", "encoder.convnext."), ("cvfm", "encoder.cvfm."), ("projector", "projector."), ("llm", "llm.")];
 
 /// Stage 1's trainable modules unless `trainable.modules` says otherwise.
 pub const STAGE1_MODULES: [&str; 2] = ["cvfm", "projector"];
@@ -111,9 +105,7 @@ pub fn apply_trainable<B: Backend>(model: Fila<B>, stage: u8, config: &Trainable
         let prefix = prefix_of(name);
         if !shapes.keys().any(|p| matches(p, &prefix)) {
             let known: Vec<&str> = MODULES.iter().map(|(n, _)| *n).collect();
-            bail!(
-                "`trainable`: `{name}` matches no parameter; use one of {known:?} or a parameter-path prefix such as `llm.model.layers.0`"
-            );
+            bail!("`trainable`: `{name}` matches no parameter; use one of {known:?} or a parameter-path prefix such as `llm.model.layers.0`");
         }
     }
     let prefixes: Vec<String> = names.iter().map(|n| prefix_of(n)).collect();
@@ -124,12 +116,7 @@ pub fn apply_trainable<B: Backend>(model: Fila<B>, stage: u8, config: &Trainable
             continue;
         }
         // The longest matching prefix decides the multiplier.
-        let lr_multiplier = multipliers
-            .iter()
-            .filter(|(p, _)| matches(path, p))
-            .max_by_key(|(p, _)| p.len())
-            .map(|(_, m)| *m)
-            .unwrap_or(1.0);
+        let lr_multiplier = multipliers.iter().filter(|(p, _)| matches(path, p)).max_by_key(|(p, _)| p.len()).map(|(_, m)| *m).unwrap_or(1.0);
         let decay = shape.len() >= 2 && !is_embedding(path);
         set.params.insert(path.clone(), TrainableParam { shape: shape.clone(), lr_multiplier, decay });
     }

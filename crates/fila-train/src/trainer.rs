@@ -323,7 +323,8 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
         let mut loader = DataLoader::start(records.clone(), pipeline, opts).map_err(|e| anyhow!("{e}"))?;
         // The run's skipped counts live on rank 0; the others count from zero.
         loader.restore_bad_counts(if root { state.skipped.clone() } else { BadRecordCounts::new(state.skipped.max_examples) });
-        let logger = Logger::new(root, &loaded.tensorboard_dir(), &out, state.total_steps, state.step).with_context(|| format!("opening the logs in {}", out.display()))?;
+        let logger = Logger::new(root, &loaded.tensorboard_dir(), &out, state.total_steps, state.step)
+            .with_context(|| format!("opening the logs in {}", out.display()))?;
         let writer = CheckpointWriter { output_dir: out, config_toml, keep_last: c.checkpoint.keep_last, comm };
         Ok(Self {
             lr_groups: set.lr_groups(),
@@ -528,11 +529,8 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
         }
         let dir = self.save(CheckpointReason::End)?;
         let out = &self.writer.output_dir;
-        let final_dir = if root {
-            Some(checkpoint::export_final(out, &self.model, &self.fila_config, &self.loaded.data.tokenizer, &self.loaded.to_toml())?)
-        } else {
-            None
-        };
+        let final_dir =
+            if root { Some(checkpoint::export_final(out, &self.model, &self.fila_config, &self.loaded.data.tokenizer, &self.loaded.to_toml())?) } else { None };
         self.comm.barrier()?;
         self.logger.flush();
         if root {

@@ -18,8 +18,8 @@ use fila_train::batch::to_input;
 use fila_train::config::LoadedConfig;
 use fila_train::dist::Comm;
 use fila_train::optim::{accumulate_grads, AdamW, Grads};
-use fila_train::shard::{FlatLayout, BUCKET_ELEMENTS};
 use fila_train::precision::Precision;
+use fila_train::shard::{FlatLayout, BUCKET_ELEMENTS};
 use fila_train::trainer::build_model;
 use std::sync::Arc;
 

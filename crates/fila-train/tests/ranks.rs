@@ -119,7 +119,8 @@ fn two_ranks_train_like_one_process_in_stage_2() {
     // Uneven shards: 9 instructions without even-shard cutting give rank 0 five and rank 1 four,
     // so the second step has 2 micro-batches on rank 0 and 1 on rank 1 (global 6, then 3).
     let (one, two) = (tmp.path().join("one-uneven"), tmp.path().join("two-uneven"));
-    let uneven = |acc: usize| vec![init.clone(), "data.loader.even_shards=false".into(), "batch.micro_batch_size=1".into(), format!("batch.accumulation_steps={acc}")];
+    let uneven =
+        |acc: usize| vec![init.clone(), "data.loader.even_shards=false".into(), "batch.micro_batch_size=1".into(), format!("batch.accumulation_steps={acc}")];
     ok(&fila_train(&tiny(2), &one, &refs(&uneven(6)), &[]));
     ok(&launched(2, &tiny(2), &two, &refs(&uneven(3)), &[]));
     assert_eq!(losses(&one).len(), 2);
@@ -217,7 +218,8 @@ fn sigint_on_one_rank_stops_all_with_one_checkpoint() {
     assert_eq!(state["reason"], "signal");
     assert!(dir.join("optimizer-00000-of-00002.safetensors").is_file() && dir.join("optimizer-00001-of-00002.safetensors").is_file());
     // One checkpoint, at the step both ranks agreed on.
-    let checkpoints: Vec<PathBuf> = std::fs::read_dir(&out).unwrap().flatten().map(|e| e.path()).filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("step-")).collect();
+    let checkpoints: Vec<PathBuf> =
+        std::fs::read_dir(&out).unwrap().flatten().map(|e| e.path()).filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("step-")).collect();
     assert_eq!(checkpoints, vec![dir]);
 }
 

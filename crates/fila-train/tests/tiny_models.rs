@@ -69,8 +69,5 @@ fn stage1_trains_cvfm_and_projector_unless_the_config_lists_modules() {
         p
     };
     assert_eq!(prefixes(&[]), ["encoder.cvfm", "projector.layers"]);
-    assert_eq!(
-        prefixes(&["trainable.modules=[\"cvfm\", \"projector\", \"llm\"]"]),
-        ["encoder.cvfm", "llm.lm_head", "llm.model", "projector.layers"]
-    );
+    assert_eq!(prefixes(&["trainable.modules=[\"cvfm\", \"projector\", \"llm\"]"]), ["encoder.cvfm", "llm.lm_head", "llm.model", "projector.layers"]);
 }

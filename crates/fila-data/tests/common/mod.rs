@@ -36,11 +36,7 @@ image_folder = "{dir}/images"
 "#,
         tok = tokenizer_path().display(),
         dir = dir.display(),
-        max_len = if extra.contains("max_len") {
-            ""
-        } else {
-            "max_len = 256\n"
-        },
+        max_len = if extra.contains("max_len") { "" } else { "max_len = 256\n" },
     );
     DataConfig::from_toml_str(&text, Path::new("test.toml")).expect("test config parses")
 }
@@ -48,11 +44,7 @@ image_folder = "{dir}/images"
 /// A deterministic RGB test pattern.
 pub fn pattern(w: u32, h: u32, seed: u32) -> image::RgbImage {
     image::RgbImage::from_fn(w, h, |x, y| {
-        image::Rgb([
-            ((x * 7 + y * 3 + seed * 11) % 256) as u8,
-            ((x * x + y + seed) % 256) as u8,
-            (((x / 4 + y / 4) % 2) * 200 + seed % 50) as u8,
-        ])
+        image::Rgb([((x * 7 + y * 3 + seed * 11) % 256) as u8, ((x * x + y + seed) % 256) as u8, (((x / 4 + y / 4) % 2) * 200 + seed % 50) as u8])
     })
 }
 
@@ -69,10 +61,7 @@ pub fn write_jsonl(dir: &Path, lines: &[String]) {
 
 /// A LLaVA record line.
 pub fn record(id: &str, image: Option<&str>, turns: &[(&str, &str)]) -> String {
-    let conv: Vec<_> = turns
-        .iter()
-        .map(|(f, v)| serde_json::json!({"from": f, "value": v}))
-        .collect();
+    let conv: Vec<_> = turns.iter().map(|(f, v)| serde_json::json!({"from": f, "value": v})).collect();
     let mut r = serde_json::json!({"id": id, "conversations": conv});
     if let Some(i) = image {
         r["image"] = serde_json::json!(i);

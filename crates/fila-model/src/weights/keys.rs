@@ -128,13 +128,7 @@ impl KeyMap {
         if tied {
             ignore.push("lm_head.weight");
         }
-        Self {
-            family: "Llama (Hugging Face)",
-            prefixes: vec![""],
-            renames: vec![],
-            ignore,
-            optional: vec![],
-        }
+        Self { family: "Llama (Hugging Face)", prefixes: vec![""], renames: vec![], ignore, optional: vec![] }
     }
 
     /// Our own modules (CVFM, projector) under FILA checkpoint names.
@@ -171,11 +165,7 @@ impl KeyMap {
     /// The first candidate prefix under which the module's first parameter exists.
     pub fn detect_prefix(&self, checkpoint: &Checkpoint, first_param: &str) -> String {
         let key = self.file_key(first_param);
-        self.prefixes
-            .iter()
-            .find(|p| checkpoint.contains(&format!("{p}{key}")))
-            .unwrap_or(&self.prefixes[0])
-            .to_string()
+        self.prefixes.iter().find(|p| checkpoint.contains(&format!("{p}{key}"))).unwrap_or(&self.prefixes[0]).to_string()
     }
 }
 

@@ -35,14 +35,12 @@ impl Checkpoint {
             let single = ["model.safetensors", "open_clip_model.safetensors"].map(|name| path.join(name)).into_iter().find(|f| f.exists());
             if index.exists() {
                 let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io { path: index.clone(), source })?;
-                let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Checkpoint {
-                    path: index.clone(),
-                    message: format!("not valid JSON: {e}"),
-                })?;
-                let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::Checkpoint {
-                    path: index.clone(),
-                    message: "no `weight_map` object".into(),
-                })?;
+                let json: serde_json::Value =
+                    serde_json::from_str(&text).map_err(|e| ModelError::Checkpoint { path: index.clone(), message: format!("not valid JSON: {e}") })?;
+                let map = json
+                    .get("weight_map")
+                    .and_then(|m| m.as_object())
+                    .ok_or_else(|| ModelError::Checkpoint { path: index.clone(), message: "no `weight_map` object".into() })?;
                 let shards: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
                 shards.into_iter().map(|s| path.join(s)).collect()
             } else if let Some(single) = single {
@@ -60,10 +58,8 @@ impl Checkpoint {
             // SAFETY: checkpoints are read-only inputs; a file changed under the map is a user error
             // that safetensors' own bounds checks still catch as a parse failure.
             let mmap = unsafe { Mmap::map(&handle) }.map_err(|source| ModelError::Io { path: file.clone(), source })?;
-            let tensors = SafeTensors::deserialize(&mmap).map_err(|e| ModelError::Checkpoint {
-                path: file.clone(),
-                message: format!("not a valid safetensors file: {e}"),
-            })?;
+            let tensors = SafeTensors::deserialize(&mmap)
+                .map_err(|e| ModelError::Checkpoint { path: file.clone(), message: format!("not a valid safetensors file: {e}") })?;
             for name in tensors.names() {
                 if let Some(prev) = index.insert(name.to_string(), i) {
                     return Err(ModelError::Checkpoint {
@@ -103,25 +99,16 @@ impl Checkpoint {
 
     /// Shape and f32 values of `key`, converting f16/bf16.
     pub fn read_f32(&self, key: &str) -> Result<(Vec<usize>, Vec<f32>), ModelError> {
-        let &i = self.index.get(key).ok_or_else(|| ModelError::Checkpoint {
-            path: PathBuf::from(&self.description),
-            message: format!("no tensor `{key}`"),
-        })?;
+        let &i = self.index.get(key).ok_or_else(|| ModelError::Checkpoint { path: PathBuf::from(&self.description), message: format!("no tensor `{key}`") })?;
         let (path, mmap) = &self.files[i];
-        let tensors = SafeTensors::deserialize(mmap).map_err(|e| ModelError::Checkpoint {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
+        let tensors = SafeTensors::deserialize(mmap).map_err(|e| ModelError::Checkpoint { path: path.clone(), message: e.to_string() })?;
         let view = tensors.tensor(key).map_err(|e| ModelError::Checkpoint { path: path.clone(), message: e.to_string() })?;
         let bytes = view.data();
         let values: Vec<f32> = match view.dtype() {
             Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
             Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
             Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            Dtype::F64 => bytes
-                .chunks_exact(8)
-                .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
-                .collect(),
+            Dtype::F64 => bytes.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32).collect(),
             other => {
                 return Err(ModelError::Checkpoint {
                     path: path.clone(),
@@ -277,11 +264,7 @@ impl<B: Backend> PathMapper<B> for Loader<'_> {
         let expected = param.val().dims().to_vec();
         if shape != expected {
             let file = self.checkpoint.file_of(&key).map(|p| p.display().to_string()).unwrap_or_default();
-            let (shown, wanted) = if transpose {
-                (vec![shape[1], shape[0]], vec![expected[1], expected[0]])
-            } else {
-                (shape, expected)
-            };
+            let (shown, wanted) = if transpose { (vec![shape[1], shape[0]], vec![expected[1], expected[0]]) } else { (shape, expected) };
             self.problems.push(format!("  tensor `{key}` in {file} has shape {shown:?}, the model expects {wanted:?}"));
             return param;
         }
@@ -317,13 +300,7 @@ pub fn parameter_paths<B: Backend, M: Module<B>>(module: &M) -> Vec<String> {
 pub fn load_module<B: Backend, M: Module<B>>(module: M, checkpoint: &Checkpoint, map: &KeyMap) -> Result<M, ModelError> {
     let paths = parameter_paths::<B, M>(&module);
     let prefix = map.detect_prefix(checkpoint, paths.first().map(String::as_str).unwrap_or(""));
-    let mut loader = Loader {
-        checkpoint,
-        map,
-        prefix: prefix.clone(),
-        used: BTreeSet::new(),
-        problems: Vec::new(),
-    };
+    let mut loader = Loader { checkpoint, map, prefix: prefix.clone(), used: BTreeSet::new(), problems: Vec::new() };
     let module = map_params(module, &mut loader);
     let mut problems = loader.problems;
     for key in checkpoint.keys() {
@@ -344,10 +321,7 @@ pub fn load_module<B: Backend, M: Module<B>>(module: M, checkpoint: &Checkpoint,
         family: map.family.to_string(),
         source_desc: checkpoint.description().to_string(),
         problems: text,
-        hint: format!(
-            "check that the folder holds a {} checkpoint whose config.json matches the weights (key prefix used: `{prefix}`)",
-            map.family
-        ),
+        hint: format!("check that the folder holds a {} checkpoint whose config.json matches the weights (key prefix used: `{prefix}`)", map.family),
     })
 }
 
@@ -394,17 +368,14 @@ pub fn parameter_ids<B: Backend, M: Module<B>>(module: &M) -> HashMap<String, Pa
 
 /// Writes named tensors as one f32 safetensors file (with optional string metadata), through a
 /// temporary file renamed into place so a crash never leaves a truncated file at `path`.
-pub fn write_safetensors(
-    path: &Path,
-    tensors: &[(String, TensorData)],
-    metadata: Option<HashMap<String, String>>,
-) -> Result<(), ModelError> {
+pub fn write_safetensors(path: &Path, tensors: &[(String, TensorData)], metadata: Option<HashMap<String, String>>) -> Result<(), ModelError> {
     let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
     for (name, data) in tensors {
-        let values: Vec<f32> = data.clone().convert::<f32>().to_vec::<f32>().map_err(|e| ModelError::Checkpoint {
-            path: path.to_path_buf(),
-            message: format!("tensor `{name}`: {e:?}"),
-        })?;
+        let values: Vec<f32> = data
+            .clone()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .map_err(|e| ModelError::Checkpoint { path: path.to_path_buf(), message: format!("tensor `{name}`: {e:?}") })?;
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         owned.push((name.clone(), data.shape.to_vec(), bytes));
     }
@@ -416,10 +387,8 @@ pub fn write_safetensors(
         })
         .collect();
     let tmp = path.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(views, metadata, &tmp).map_err(|e| ModelError::Checkpoint {
-        path: tmp.clone(),
-        message: format!("could not write: {e}"),
-    })?;
+    safetensors::serialize_to_file(views, metadata, &tmp)
+        .map_err(|e| ModelError::Checkpoint { path: tmp.clone(), message: format!("could not write: {e}") })?;
     std::fs::rename(&tmp, path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })
 }
 

@@ -94,9 +94,7 @@ impl Comm {
         }
         #[cfg(feature = "cuda")]
         {
-            let nccl = super::nccl::Nccl::connect(self.world.rank, self.world.size, ordinal, self.timeout, |mine| {
-                Ok(self.exchange(&mine)?.swap_remove(0))
-            })?;
+            let nccl = super::nccl::Nccl::connect(self.world.rank, self.world.size, ordinal, self.timeout, |mine| Ok(self.exchange(&mine)?.swap_remove(0)))?;
             self.nccl = Some(nccl);
         }
         #[cfg(not(feature = "cuda"))]
@@ -112,7 +110,8 @@ impl Comm {
     pub fn timeout_from_env() -> Result<Duration> {
         match std::env::var("FILA_DIST_TIMEOUT") {
             Ok(s) => {
-                let secs: f64 = s.trim().parse().ok().filter(|v: &f64| *v > 0.0).with_context(|| format!("FILA_DIST_TIMEOUT={s:?}: expected seconds above 0"))?;
+                let secs: f64 =
+                    s.trim().parse().ok().filter(|v: &f64| *v > 0.0).with_context(|| format!("FILA_DIST_TIMEOUT={s:?}: expected seconds above 0"))?;
                 Ok(Duration::from_secs_f64(secs))
             }
             Err(_) => Ok(DEFAULT_TIMEOUT),
@@ -405,9 +404,8 @@ fn bytes_f32(b: &[u8], n: usize, rank: usize) -> Result<Vec<f32>> {
 /// Rank 0: accepts the other ranks until the deadline, checks their fingerprints, answers each.
 /// A refusal waits for every rank to join (or the deadline) so each of them hears the reason.
 fn accept_ranks(world: &World, fingerprint: &Fingerprint, deadline: Instant) -> Result<Vec<TcpStream>> {
-    let listener = TcpListener::bind(("0.0.0.0", world.master_port)).with_context(|| {
-        format!("rank 0 cannot listen on port {} (in use by another run? set MASTER_PORT to a free port)", world.master_port)
-    })?;
+    let listener = TcpListener::bind(("0.0.0.0", world.master_port))
+        .with_context(|| format!("rank 0 cannot listen on port {} (in use by another run? set MASTER_PORT to a free port)", world.master_port))?;
     listener.set_nonblocking(true)?;
     let mut links: Vec<Option<TcpStream>> = (1..world.size).map(|_| None).collect();
     // Connections that cannot take a rank's place (a duplicate or out-of-range rank).
@@ -505,7 +503,14 @@ mod tests {
             .map(|rank| {
                 let fp = fingerprints[rank].clone();
                 std::thread::spawn(move || {
-                    let world = World { rank, size: n, local_rank: rank, master_addr: "127.0.0.1".into(), master_port: port, launcher: super::super::world::Launcher::Torchrun };
+                    let world = World {
+                        rank,
+                        size: n,
+                        local_rank: rank,
+                        master_addr: "127.0.0.1".into(),
+                        master_port: port,
+                        launcher: super::super::world::Launcher::Torchrun,
+                    };
                     f(Comm::connect(world, &fp, Duration::from_secs(20)))
                 })
             })
@@ -576,7 +581,14 @@ mod tests {
     #[test]
     fn a_rank_that_stops_answering_times_out() {
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let world = |rank| World { rank, size: 2, local_rank: rank, master_addr: "127.0.0.1".into(), master_port: port, launcher: super::super::world::Launcher::Torchrun };
+        let world = |rank| World {
+            rank,
+            size: 2,
+            local_rank: rank,
+            master_addr: "127.0.0.1".into(),
+            master_port: port,
+            launcher: super::super::world::Launcher::Torchrun,
+        };
         let fp = Fingerprint { binary: 1, config: 1 };
         let fp2 = fp.clone();
         let w1 = world(1);

@@ -76,9 +76,9 @@ impl World {
         let master_addr = match (get("MASTER_ADDR"), launcher) {
             (Some(a), _) if !a.trim().is_empty() => a.trim().to_string(),
             (_, Launcher::Slurm) => {
-                let list = get("SLURM_JOB_NODELIST").or_else(|| get("SLURM_NODELIST")).context(
-                    "under srun without MASTER_ADDR, the rendezvous host comes from SLURM_JOB_NODELIST, which is not set: export MASTER_ADDR",
-                )?;
+                let list = get("SLURM_JOB_NODELIST")
+                    .or_else(|| get("SLURM_NODELIST"))
+                    .context("under srun without MASTER_ADDR, the rendezvous host comes from SLURM_JOB_NODELIST, which is not set: export MASTER_ADDR")?;
                 first_host(&list)?
             }
             _ if size == 1 => "127.0.0.1".into(),

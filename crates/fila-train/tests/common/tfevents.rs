@@ -74,10 +74,7 @@ pub fn records(data: &[u8]) -> Result<Vec<(usize, &[u8])>> {
 pub fn read_events(file: &Path) -> Result<Vec<Event>> {
     let data = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let records = records(&data).with_context(|| format!("{}", file.display()))?;
-    records
-        .into_iter()
-        .map(|(at, payload)| decode_event(payload).with_context(|| format!("{}: event record at byte {at}", file.display())))
-        .collect()
+    records.into_iter().map(|(at, payload)| decode_event(payload).with_context(|| format!("{}: event record at byte {at}", file.display()))).collect()
 }
 
 /// The event files of a run folder (not its subfolders, as TensorBoard treats each folder as one
