@@ -124,7 +124,10 @@ impl<B: Backend> CvfmBlock<B> {
         let patches = h.slice([0..v, 1..t, 0..d]);
         let norm = |ln: &LayerNorm<B>, x| kernels::layer_norm(x, ln.weight.val(), ln.bias.val(), ln.eps);
         let joined = Tensor::cat(vec![norm(&self.norm_vit, patches.clone()), norm(&self.norm_conv, conv)], 2);
-        let delta = autocast::linear(&self.fc_out, kernels::gelu(autocast::linear(&self.fc_in, joined)));
-        Tensor::cat(vec![cls, patches + delta], 1)
+        // One row per patch token: a single matrix product per layer rather than one per view.
+        let width = joined.dims()[2];
+        let rows = joined.reshape([v * (t - 1), width]);
+        let delta = autocast::linear(&self.fc_out, kernels::gelu(autocast::linear(&self.fc_in, rows)));
+        Tensor::cat(vec![cls, patches + delta.reshape([v, t - 1, d])], 1)
     }
 }

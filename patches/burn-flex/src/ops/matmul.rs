@@ -374,6 +374,44 @@ fn matmul_batched_gemm<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexT
 
     let per_matrix_ops = m.saturating_mul(n).saturating_mul(k);
 
+    // [FILA patch] rhs shared by every batch (a linear layer on `[B, T, D]`
+    // input: the weight is unsqueezed to `[1, D, O]`) and lhs rows evenly
+    // strided across the batch: one `[B·M, K] x [K, N]` gemm instead of B
+    // small ones, which packs the shared rhs once and keeps both cores busy.
+    let rhs_shared = rhs_batch_strides.iter().all(|&s| s == 0);
+    let lhs_rows_flat = {
+        let mut expected = lhs_row_stride * m as isize;
+        let mut ok = m > 0;
+        for (&size, &stride) in broadcast_shape.iter().zip(&lhs_batch_strides).rev() {
+            if size != 1 && stride != expected {
+                ok = false;
+            }
+            expected *= size as isize;
+        }
+        ok
+    };
+    if rhs_shared && lhs_rows_flat && batch_size > 1 {
+        let rows = checked_size(batch_size, m);
+        unsafe {
+            gemm_call::<T>(
+                rows,
+                n,
+                k,
+                out_data.as_mut_ptr(),
+                1,
+                n as isize,
+                lhs_data.as_ptr().offset(lhs_start),
+                lhs_col_stride,
+                lhs_row_stride,
+                rhs_data.as_ptr().offset(rhs_start),
+                rhs_col_stride,
+                rhs_row_stride,
+                get_parallelism(rows, n, k),
+            );
+        }
+        return output;
+    }
+
     // Closure: run gemm for one batch slice at the given pointers
     let run_one = |out_ptr: *mut T, b: usize, parallelism: gemm::Parallelism| {
         let lhs_off = lhs_start + batch_elem_offset(b, &broadcast_shape, &lhs_batch_strides);

@@ -181,4 +181,33 @@ mod tests {
             assert_eq!(view.to_contiguous().storage::<f32>(), &want[..]);
         }
     }
+
+    #[test]
+    fn shared_rhs_batched_matmul_equals_per_batch_products() {
+        let make = |shape: &[usize], seed: usize| {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = (0..n).map(|i| (((i * 7919 + seed * 104729) % 1000) as f32 - 500.0) / 250.0).collect();
+            FlexTensor::new(Bytes::from_elems(data), Layout::contiguous(Shape::from(shape.to_vec())), DType::F32)
+        };
+        for (b, m, k, n) in [(3, 5, 4, 6), (10, 65, 64, 96), (2, 300, 200, 150)] {
+            let lhs = make(&[b, m, k], 1);
+            let rhs = make(&[1, k, n], 2);
+            let out = crate::ops::matmul::matmul(lhs.clone(), rhs.clone());
+            let rhs2 = rhs.reshape(Shape::from(alloc::vec![k, n]));
+            for i in 0..b {
+                let one = lhs.narrow(0, i, 1).reshape(Shape::from(alloc::vec![m, k]));
+                let want = crate::ops::matmul::matmul(one, rhs2.clone());
+                let got = out.narrow(0, i, 1).to_contiguous();
+                assert_eq!(got.storage::<f32>(), want.storage::<f32>(), "batch {i} of {b}x{m}x{k}x{n}");
+            }
+            // A transposed lhs (rows not evenly strided across the batch) keeps the batched path.
+            let lhs_t = make(&[b, k, m], 3).transpose(1, 2);
+            let out = crate::ops::matmul::matmul(lhs_t.clone(), rhs.clone());
+            for i in 0..b {
+                let one = lhs_t.narrow(0, i, 1).reshape(Shape::from(alloc::vec![m, k]));
+                let want = crate::ops::matmul::matmul(one, rhs2.clone());
+                assert_eq!(out.narrow(0, i, 1).to_contiguous().storage::<f32>(), want.storage::<f32>());
+            }
+        }
+    }
 }
