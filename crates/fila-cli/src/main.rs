@@ -222,7 +222,7 @@ fn main() -> Result<()> {
             }
         }
         Command::Bench { size, batch, steps, device, precision, stage, optimizer, json } => {
-            dispatch(device, false, Bench(bench::BenchOptions { size, batch, steps, precision, stage, optimizer, json }))?;
+            dispatch(device, Bench(bench::BenchOptions { size, batch, steps, precision, stage, optimizer, json }))?;
         }
     }
     Ok(())

@@ -444,6 +444,7 @@ mod tests {
 
     #[test]
     fn the_project_backends_take_the_custom_operation() {
+        let _serial = crate::autodiff_lock();
         let run = |spec| {
             let [q, k, v] = qkv::<Flex>();
             via_autodiff::<Flex, Flex>(q, k, v, None, spec).is_ok()
@@ -457,6 +458,7 @@ mod tests {
 
     #[test]
     fn the_plain_fallback_equals_the_custom_operation() {
+        let _serial = crate::autodiff_lock();
         type A = Autodiff<Flex>;
         let [q, k, v] = qkv::<A>();
         let padding =
@@ -480,6 +482,7 @@ mod tests {
 
     #[test]
     fn a_query_that_sees_no_key_gets_zeros_and_zero_gradients() {
+        let _serial = crate::autodiff_lock();
         type A = Autodiff<Flex>;
         let [q, k, v] = qkv::<A>();
         let (q, k, v) = (q.require_grad(), k.require_grad(), v.require_grad());

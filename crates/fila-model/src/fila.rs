@@ -248,9 +248,35 @@ impl<B: Backend> Fila<B> {
         out
     }
 
+    /// The LLM's input embeddings for a batch: token embeddings with the images' visual tokens
+    /// spliced in.
+    pub fn embed_batch(&self, input_ids: Tensor<B, 2, Int>, images: &[ImageInput<B>], trace: Option<&mut Trace>) -> Tensor<B, 3> {
+        let visual = if images.is_empty() { None } else { Some(self.encode_images(images, trace).0) };
+        self.splice(input_ids, visual)
+    }
+
+    /// The training loss: mean cross-entropy over the scored positions, with the output
+    /// projection computed for those rows only (equal to [`causal_lm_loss`] of the full logits).
+    /// Returns the loss `[1]` and the number of scored positions.
+    pub fn loss(&self, input: FilaInput<B>) -> (Tensor<B, 1>, usize) {
+        let labels = input.labels.as_ref().expect("the training loss needs labels");
+        let rows = ScoredRows::of(labels);
+        let embeds = self.embed_batch(input.input_ids, &input.images, None);
+        let context = self.llm.context(&embeds, Some(input.attention_mask));
+        let mut x = embeds;
+        for layer in &self.llm.model.layers {
+            x = layer.forward_in(x, &context);
+        }
+        if rows.is_empty() {
+            return (x.sum().mul_scalar(0.0), 0);
+        }
+        let device = x.device();
+        let sum = self.llm.nll_sum(rows.gather(x), rows.targets(&device));
+        (sum / rows.len().max(1) as f64, rows.len())
+    }
+
     pub fn forward(&self, input: FilaInput<B>, trace: Option<&mut Trace>) -> FilaOutput<B> {
-        let visual = if input.images.is_empty() { None } else { Some(self.encode_images(&input.images, trace).0) };
-        let embeds = self.splice(input.input_ids, visual);
+        let embeds = self.embed_batch(input.input_ids, &input.images, trace);
         let logits = self.llm.forward_embeds(embeds, Some(input.attention_mask), false).logits;
         let (loss, scored_tokens) = match input.labels {
             Some(labels) => {
@@ -260,6 +286,58 @@ impl<B: Backend> Fila<B> {
             None => (None, 0),
         };
         FilaOutput { logits, loss, scored_tokens }
+    }
+}
+
+/// The positions a batch is scored at: position `i` of row `b` predicts `labels[b, i + 1]` when
+/// that label is not −100 (the causal shift of [`causal_lm_loss`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoredRows {
+    /// Flat index `b·T + i` into the `[B·T, D]` hidden states.
+    pub index: Vec<i64>,
+    /// The token each of those positions predicts.
+    pub target: Vec<i64>,
+}
+
+impl ScoredRows {
+    pub fn of<B: Backend>(labels: &Tensor<B, 2, Int>) -> Self {
+        let [b, t] = labels.dims();
+        let labels: Vec<i64> = labels.to_data().convert::<i64>().to_vec().expect("integer labels");
+        let (mut index, mut target) = (Vec::new(), Vec::new());
+        for row in 0..b {
+            for i in 0..t.saturating_sub(1) {
+                let label = labels[row * t + i + 1];
+                if label != IGNORE_INDEX {
+                    index.push((row * t + i) as i64);
+                    target.push(label);
+                }
+            }
+        }
+        Self { index, target }
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// Rows `range` of the scored set.
+    pub fn part(&self, range: std::ops::Range<usize>) -> Self {
+        Self { index: self.index[range.clone()].to_vec(), target: self.target[range].to_vec() }
+    }
+
+    /// The scored rows of hidden states `[B, T, D]` → `[N, D]`.
+    pub fn gather<B: Backend>(&self, hidden: Tensor<B, 3>) -> Tensor<B, 2> {
+        let [b, t, d] = hidden.dims();
+        let device = hidden.device();
+        hidden.reshape([b * t, d]).select(0, Tensor::from_data(TensorData::new(self.index.clone(), [self.len()]), &device))
+    }
+
+    pub fn targets<B: Backend>(&self, device: &B::Device) -> Tensor<B, 1, Int> {
+        Tensor::from_data(TensorData::new(self.target.clone(), [self.len()]), device)
     }
 }
 

@@ -33,3 +33,13 @@ pub enum ModelError {
     #[error("loading {family} weights from {source_desc}:\n{problems}\nhint: {hint}")]
     Weights { family: String, source_desc: String, problems: String, hint: String },
 }
+
+#[cfg(test)]
+/// Serializes the unit tests that run autodiff: in Burn 0.21 a `backward()` on one
+/// thread may free the steps of a graph another thread is still building (tracel-ai/burn#5573),
+/// silently dropping gradients there. The trainer runs one autodiff thread per process; tests
+/// that run in parallel threads take this lock so their graphs never overlap.
+pub(crate) fn autodiff_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -351,6 +351,19 @@ impl<B: Backend> LlamaDecoderLayer<B> {
         let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, mask, cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
+
+    /// One training or prefill forward pass (no cache) with the batch's [`LayerContext`].
+    pub fn forward_in(&self, x: Tensor<B, 3>, context: &LayerContext<B>) -> Tensor<B, 3> {
+        self.forward(x, context.cos.clone(), context.sin.clone(), &context.mask, None)
+    }
+}
+
+/// The per-batch inputs of every decoder layer ([`LlamaForCausalLM::context`]).
+#[derive(Debug, Clone)]
+pub struct LayerContext<B: Backend> {
+    pub cos: Tensor<B, 4>,
+    pub sin: Tensor<B, 4>,
+    pub mask: AttentionMask<B>,
 }
 
 #[derive(Module, Debug)]
@@ -384,26 +397,43 @@ impl<B: Backend> LlamaForCausalLM<B> {
     /// `embeds`: `[B, T, D]`; `valid`: `[B, T]` (1 = token, 0 = right padding: each row's tokens
     /// come first, so the mask is causal plus a key length per row).
     pub fn forward_embeds(&self, embeds: Tensor<B, 3>, valid: Option<Tensor<B, 2>>, keep_hidden: bool) -> LlamaOutput<B> {
-        let [b, t, _] = embeds.dims();
-        let device = embeds.device();
-        let (cos, sin) = rope_tables::<B>(&self.inv_freq, &[0], t, &device);
-        let mask = match valid {
-            Some(valid) => AttentionMask::causal().with_key_lengths(valid.sum_dim(1).int().reshape([b]), t),
-            None => AttentionMask::causal(),
-        };
+        let context = self.context(&embeds, valid);
         let mut hidden = Vec::new();
         let mut x = embeds;
         for layer in &self.model.layers {
             if keep_hidden {
                 hidden.push(x.clone());
             }
-            x = layer.forward(x, cos.clone(), sin.clone(), &mask, None);
+            x = layer.forward_in(x, &context);
         }
         if keep_hidden {
             hidden.push(x.clone());
         }
         let logits = self.logits(self.model.norm.forward(x));
         LlamaOutput { hidden, logits }
+    }
+
+    /// What every decoder layer of a forward pass over `embeds` (`[B, T, D]`) takes: RoPE tables for
+    /// positions `0..T` and the causal mask with each row's key length from `valid` (`[B, T]`, 1 =
+    /// token, right padding after).
+    pub fn context(&self, embeds: &Tensor<B, 3>, valid: Option<Tensor<B, 2>>) -> LayerContext<B> {
+        let [b, t, _] = embeds.dims();
+        let (cos, sin) = rope_tables::<B>(&self.inv_freq, &[0], t, &embeds.device());
+        let mask = match valid {
+            Some(valid) => AttentionMask::causal().with_key_lengths(valid.sum_dim(1).int().reshape([b]), t),
+            None => AttentionMask::causal(),
+        };
+        LayerContext { cos, sin, mask }
+    }
+
+    /// Summed negative log-likelihood of `targets` from final hidden states `rows` (`[N, D]`,
+    /// before the final norm; one row per scored position, as [`crate::fila::ScoredRows`] picks
+    /// them): the output projection runs on the scored rows only, never on the whole sequence.
+    pub fn nll_sum(&self, rows: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+        let [n, _] = rows.dims();
+        let logits = self.logits(self.model.norm.forward(rows.unsqueeze::<3>())).squeeze_dim::<2>(0);
+        let logp = burn::tensor::activation::log_softmax(logits, 1);
+        logp.gather(1, targets.reshape([n, 1])).sum().neg()
     }
 
     /// Incremental decoding: runs `embeds` (`[B, T, D]`, no padding) at the positions after those

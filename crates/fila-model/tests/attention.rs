@@ -169,6 +169,7 @@ fn lengths(seq: usize) -> Keys {
 
 #[test]
 fn causal_with_key_lengths_and_grouped_heads_equals_explicit_attention() {
+    let _serial = common::autodiff_lock();
     let mut seed = 10;
     for seq in [1, 7, 33] {
         for kv_heads in [4, 2, 1] {
@@ -181,6 +182,7 @@ fn causal_with_key_lengths_and_grouped_heads_equals_explicit_attention() {
 
 #[test]
 fn bidirectional_with_and_without_padding_equals_explicit_attention() {
+    let _serial = common::autodiff_lock();
     let mut seed = 500;
     for seq in [1, 7, 33] {
         for (kv_heads, padding) in [(4, Keys::All), (2, lengths(seq)), (1, Keys::All)] {
@@ -193,6 +195,7 @@ fn bidirectional_with_and_without_padding_equals_explicit_attention() {
 
 #[test]
 fn cached_decoding_shapes_equal_explicit_attention() {
+    let _serial = common::autodiff_lock();
     // Fewer queries than keys: causal masking aligns the queries with the last keys, and the
     // key mask has gaps (a right-padded prompt of width 5, then generated tokens).
     let valid = |prompt: usize, total: usize| (0..total).map(|j| j < prompt || j >= 5).collect::<Vec<_>>();
@@ -205,6 +208,7 @@ fn cached_decoding_shapes_equal_explicit_attention() {
 
 #[test]
 fn balanced_checkpointing_gives_the_same_gradients() {
+    let _serial = common::autodiff_lock();
     // The trainer's `--checkpointing` backend: a different strategy type, the same operation.
     let case = Case { batch: 3, heads: 4, kv_heads: 2, queries: 33, keys: 33, head_dim: 8, causal: true, padding: lengths(33) };
     check::<Autodiff<Dev, BalancedCheckpointing>>(case, 1234);
@@ -212,6 +216,7 @@ fn balanced_checkpointing_gives_the_same_gradients() {
 
 #[test]
 fn inputs_upstream_of_the_attention_receive_gradients_through_it() {
+    let _serial = common::autodiff_lock();
     // q, k, v made by tracked ops (as projections make them): gradients reach the leaf.
     type A = Autodiff<Dev>;
     let case = Case { batch: 2, heads: 4, kv_heads: 2, queries: 7, keys: 7, head_dim: 8, causal: true, padding: Keys::Lengths(vec![7, 4]) };
@@ -230,6 +235,7 @@ fn inputs_upstream_of_the_attention_receive_gradients_through_it() {
 
 #[test]
 fn without_autodiff_the_fused_forward_equals_explicit_attention() {
+    let _serial = common::autodiff_lock();
     for (kv_heads, causal, padding) in [(4, false, Keys::All), (2, true, lengths(33)), (1, true, Keys::All)] {
         let case = Case { batch: 3, heads: 4, kv_heads, queries: 33, keys: 33, head_dim: 8, causal, padding };
         let [q, k, v, _] = case.inputs::<Dev>(42);
@@ -240,6 +246,7 @@ fn without_autodiff_the_fused_forward_equals_explicit_attention() {
 
 #[test]
 fn bf16_products_stay_close_to_f32() {
+    let _serial = common::autodiff_lock();
     // bf16 keeps 8 bits of mantissa: values and gradients agree to a few 1e-2 on O(1) inputs.
     let case = Case { batch: 3, heads: 4, kv_heads: 2, queries: 33, keys: 33, head_dim: 16, causal: true, padding: lengths(33) };
     let f = |q: Tensor<Autodiff<Dev>, 4>, k, v| attention(q, k, v, &case.mask());

@@ -86,6 +86,7 @@ fn input<B: Backend>(images: Vec<ImageInput<B>>, with_labels: bool) -> FilaInput
 
 #[test]
 fn visual_tokens_replace_placeholders_in_order_and_loss_matches() {
+    let _serial = autodiff_lock();
     let config = config();
     let model = Fila::<Dev>::load(&config, &components(), &Default::default()).unwrap();
     let images = images::<Dev>();
@@ -132,6 +133,7 @@ fn placeholder_count_must_match_the_images() {
 
 #[test]
 fn fila_checkpoint_round_trips() {
+    let _serial = autodiff_lock();
     let config = config();
     let model = Fila::<Dev>::load(&config, &components(), &Default::default()).unwrap();
     let dir = std::env::temp_dir().join(format!("fila-ckpt-{}", std::process::id()));
@@ -162,6 +164,7 @@ fn model_param_count(model: &Fila<Dev>) -> usize {
 
 #[test]
 fn projector_names_parse() {
+    let _serial = autodiff_lock();
     assert_eq!(ProjectorKind::try_from("linear".to_string()).unwrap(), ProjectorKind::Linear);
     assert_eq!(ProjectorKind::try_from("mlp3x_gelu".to_string()).unwrap(), ProjectorKind::Mlp { depth: 3 });
     assert!(ProjectorKind::try_from("mlp_relu".to_string()).unwrap_err().contains("mlp<N>x_gelu"));
@@ -184,6 +187,7 @@ fn l2_distance(a: &TensorData, b: &TensorData) -> f64 {
 
 #[test]
 fn bf16_compute_stays_near_f32_and_gradients_reach_the_f32_weights() {
+    let _serial = autodiff_lock();
     use fila_model::autocast::{with_compute, Compute};
     use fila_model::fila::fila_key_map;
     use fila_model::weights::named_gradients;
@@ -275,6 +279,7 @@ fn fixed_images<B: Backend>() -> Vec<ImageInput<B>> {
 /// is 5e-5 plus 1 % on CPU (measured: relative errors 5e-6 to 8e-3), plus 10 % on CUDA.
 #[test]
 fn gradients_through_the_whole_model_match_central_differences() {
+    let _serial = autodiff_lock();
     type Exact = burn::backend::Flex;
     use fila_model::fila::fila_key_map;
     use fila_model::weights::named_gradients;

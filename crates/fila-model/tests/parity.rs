@@ -27,6 +27,7 @@ fn check_grads(reference: &Reference, grads: Vec<(String, burn::tensor::TensorDa
 
 #[test]
 fn clip_whole_model_hidden_states_pooler_and_gradients() {
+    let _serial = autodiff_lock();
     let dir = fixture("clip");
     let config = ClipVisionConfig::from_hf_file(&dir).unwrap();
     assert_eq!((config.hidden_size, config.num_hidden_layers, config.image_size), (32, 5, 56));
@@ -49,6 +50,7 @@ fn clip_whole_model_hidden_states_pooler_and_gradients() {
 
 #[test]
 fn clip_bare_vision_model_with_exact_gelu() {
+    let _serial = autodiff_lock();
     let dir = fixture("clip_gelu");
     let config = ClipVisionConfig::from_hf_file(&dir).unwrap();
     assert_eq!(config.hidden_act, fila_model::nn::Activation::Gelu);
@@ -63,6 +65,7 @@ fn clip_bare_vision_model_with_exact_gelu() {
 
 #[test]
 fn convnext_stages_pooler_and_gradients() {
+    let _serial = autodiff_lock();
     let dir = fixture("convnext");
     let config = ConvNextConfig::from_hf_file(&dir).unwrap();
     let model = load_module(config.init::<DevAutodiff>(&Default::default()), &Checkpoint::open(&dir).unwrap(), &KeyMap::convnext_hf()).unwrap();
@@ -91,6 +94,7 @@ fn convnext_stages_pooler_and_gradients() {
 
 #[test]
 fn openclip_convnext_stages_pooler_and_gradients() {
+    let _serial = autodiff_lock();
     // A whole open_clip `CLIP` file (`visual.trunk.*` beside `visual.head.*` and a text tower),
     // read the way a downloaded hub folder is: the layout and the sizes come from the files.
     let dir = fixture("openclip_convnext");
@@ -122,6 +126,7 @@ fn openclip_convnext_stages_pooler_and_gradients() {
 
 #[test]
 fn llama_sharded_gqa_llama3_rope_logits_loss_and_gradients() {
+    let _serial = autodiff_lock();
     let dir = fixture("llama");
     let config = LlamaConfig::from_hf_file(&dir).unwrap();
     assert_eq!(config.num_key_value_heads, 2);
@@ -147,6 +152,7 @@ fn llama_sharded_gqa_llama3_rope_logits_loss_and_gradients() {
 
 #[test]
 fn llama_tied_output_embedding() {
+    let _serial = autodiff_lock();
     let dir = fixture("llama_tied");
     let config = LlamaConfig::from_hf_file(&dir).unwrap();
     assert!(config.tie_word_embeddings);
@@ -159,6 +165,7 @@ fn llama_tied_output_embedding() {
 
 #[test]
 fn published_parameter_counts_from_configs() {
+    let _serial = autodiff_lock();
     // Counted by transformers on the meta device from the same configs (scripts/gen_parity_fixtures.py notes).
     assert_eq!(ClipVisionConfig::vit_large_patch14_336().num_params(), 303_507_456);
     assert_eq!(ConvNextConfig::large().num_params(), 196_230_336);
@@ -167,6 +174,7 @@ fn published_parameter_counts_from_configs() {
 
 #[test]
 fn kv_cache_decoding_matches_the_full_forward() {
+    let _serial = autodiff_lock();
     let dir = fixture("llama");
     let config = LlamaConfig::from_hf_file(&dir).unwrap();
     let llm = load_module(config.init::<Dev>(&Default::default()), &Checkpoint::open(&dir).unwrap(), &KeyMap::llama(false)).unwrap();

@@ -2,7 +2,6 @@
 //! ([`dispatch`]), used by both binaries.
 
 use anyhow::Result;
-use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
@@ -65,28 +64,22 @@ pub trait OnBackend {
     fn run<B: AutodiffBackend>(self, device: &B::Device) -> Result<Self::Output>;
 }
 
-/// Runs `job` on `device`'s backend, with activation checkpointing when asked.
-pub fn dispatch<J: OnBackend>(device: Device, checkpointing: bool, job: J) -> Result<J::Output> {
-    match (device, checkpointing) {
-        (Device::Cpu, false) => job.run::<Autodiff<Flex>>(&Default::default()),
-        (Device::Cpu, true) => job.run::<Autodiff<Flex, BalancedCheckpointing>>(&Default::default()),
-        (Device::Cuda(index), checkpointing) => on_cuda(index, checkpointing, job),
+/// Runs `job` on `device`'s backend (activation checkpointing is the trainer's own segmented
+/// recomputation, [`crate::recompute`], not a backend setting).
+pub fn dispatch<J: OnBackend>(device: Device, job: J) -> Result<J::Output> {
+    match device {
+        Device::Cpu => job.run::<Autodiff<Flex>>(&Default::default()),
+        Device::Cuda(index) => on_cuda(index, job),
     }
 }
 
 #[cfg(feature = "cuda")]
-fn on_cuda<J: OnBackend>(index: usize, checkpointing: bool, job: J) -> Result<J::Output> {
-    use burn::backend::Cuda;
-    let device = burn::backend::cuda::CudaDevice::new(index);
-    if checkpointing {
-        job.run::<Autodiff<Cuda, BalancedCheckpointing>>(&device)
-    } else {
-        job.run::<Autodiff<Cuda>>(&device)
-    }
+fn on_cuda<J: OnBackend>(index: usize, job: J) -> Result<J::Output> {
+    job.run::<Autodiff<burn::backend::Cuda>>(&burn::backend::cuda::CudaDevice::new(index))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn on_cuda<J: OnBackend>(index: usize, _: bool, _: J) -> Result<J::Output> {
+fn on_cuda<J: OnBackend>(index: usize, _: J) -> Result<J::Output> {
     anyhow::bail!("device `cuda:{index}` needs a build with `--features cuda`; this build runs on `cpu` only")
 }
 

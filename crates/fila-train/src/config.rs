@@ -122,8 +122,9 @@ pub struct LoopConfig {
     pub max_grad_norm: f64,
     /// Stop (with a checkpoint) after this many non-finite steps in a row.
     pub max_nonfinite_steps: u64,
-    /// Burn's balanced activation checkpointing: recompute cheap activations in the backward
-    /// pass instead of keeping them (less memory, more compute).
+    /// Activation checkpointing: keep only each LLM decoder layer's input and recompute the layer
+    /// in the backward pass; the loss runs in chunks of scored positions ([`crate::recompute`]).
+    /// About one more forward pass of the LLM, for a fraction of its activation memory.
     pub activation_checkpointing: bool,
 }
 

@@ -12,6 +12,7 @@ pub mod logging;
 pub mod optim;
 pub mod plan;
 pub mod precision;
+pub mod recompute;
 pub mod shard;
 pub mod trainable;
 pub mod trainer;

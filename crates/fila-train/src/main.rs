@@ -76,9 +76,8 @@ fn real_main(world: Result<World>) -> Result<()> {
     let mut comm = Comm::connect(world, &fingerprint, Comm::timeout_from_env()?)?;
     let device = loaded.config.device.for_local_rank(comm.world().local_rank, comm.world().size);
     comm.use_gpu(device)?;
-    let checkpointing = loaded.config.train.activation_checkpointing;
     let options = RunOptions { resume, stop_after: cli.stop_after };
-    let result = dispatch(device, checkpointing, Train { loaded, options, comm: &comm });
+    let result = dispatch(device, Train { loaded, options, comm: &comm });
     if let Err(e) = &result {
         comm.abort(&format!("{e:#}"));
     }

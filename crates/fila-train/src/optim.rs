@@ -23,7 +23,8 @@ use std::path::Path;
 /// Gradients by parameter path, flattened.
 pub type Grads<I> = BTreeMap<String, Tensor<I, 1>>;
 
-/// Adds the gradients of the trainable parameters in `grads` to `acc` (summing over micro-batches).
+/// Adds the gradients of the trainable parameters in `grads` to `acc` (one entry per parameter,
+/// summed where a parameter is reached more than once).
 pub fn accumulate_grads<B: AutodiffBackend, M: Module<B>>(model: &M, grads: &B::Gradients, set: &TrainableSet, acc: &mut Grads<B::InnerBackend>) {
     struct Collector<'a, B: AutodiffBackend> {
         grads: &'a B::Gradients,
@@ -38,10 +39,11 @@ pub fn accumulate_grads<B: AutodiffBackend, M: Module<B>>(model: &M, grads: &B::
             }
             if let Some(g) = param.val().grad(self.grads) {
                 let n = g.shape().num_elements();
-                // Sums over micro-batches in f32 whatever dtype the weight is stored in.
-                let g = g.reshape([n]).cast(FloatDType::F32);
+                // Kept in the weight's dtype (the map holds a whole micro-batch's gradients);
+                // a parameter reached twice (tied weights, or two segments) sums in f32.
+                let g = g.reshape([n]);
                 let sum = match self.acc.remove(&path) {
-                    Some(prev) => prev + g,
+                    Some(prev) => prev.cast(FloatDType::F32) + g.cast(FloatDType::F32),
                     None => g,
                 };
                 self.acc.insert(path, sum);
@@ -180,7 +182,7 @@ impl<I: Backend> AdamW<I> {
         }
         let mut pieces = Vec::with_capacity(layout.buckets.len());
         for b in 0..layout.buckets.len() {
-            let bucket = layout.bucket_tensor(b, &|p| grads.get(&layout.names[p]).cloned(), &device);
+            let bucket = layout.bucket_tensor(b, &|p| grads.get(&layout.names[p]).map(|g| g.clone().cast(FloatDType::F32)), &device);
             pieces.push(comm.reduce_scatter(bucket)?);
         }
         let piece = Tensor::cat(pieces, 0);

@@ -1,10 +1,12 @@
 //! `--plan`: memory per device for the configured stage, batch and precision, computed from the
 //! configs alone (no tensor is allocated).
 //!
-//! Activations are an estimate: per transformer layer `s·b·h·(34 + 5·a·s/h)` bytes at 16 bits
-//! (Korthikanti et al. 2022, no recomputation; doubled for f32), ConvNeXt blocks ~12 maps of
-//! their stage size, plus the logits and their log-softmax. Frozen parts before the first
-//! trainable one record nothing (autodiff tracks no tensor there).
+//! Activations are an estimate: per transformer layer `34·s·b·h` bytes at 16 bits (Korthikanti et
+//! al. 2022 without the attention scores, which the attention op recomputes; scaled for f32),
+//! ConvNeXt blocks ~12 maps of their stage size, plus the logits, their log-softmax and gradient
+//! for every position. With `train.activation_checkpointing` the LLM keeps one f32 hidden state per
+//! layer, one layer's activations and one chunk of logits ([`crate::recompute`]). Frozen parts
+//! before the first trainable one record nothing (autodiff tracks no tensor there).
 
 use crate::config::LoadedConfig;
 use crate::trainable::apply_trainable;
@@ -84,7 +86,19 @@ pub fn plan(loaded: &LoadedConfig, world: usize) -> Result<String> {
         }
     };
     let s_text = data.max_len as f64;
-    let llm_act = arch.llm.num_hidden_layers as f64 * layer(s_text, b, arch.llm.hidden_size as f64) + 3.0 * b * s_text * arch.llm.vocab_size as f64 * 4.0;
+    let (layers, hidden, vocab) = (arch.llm.num_hidden_layers as f64, arch.llm.hidden_size as f64, arch.llm.vocab_size as f64);
+    // The loss: logits, their log-softmax and gradient in f32 for every scored position (at most
+    // all b·s of them), or for one chunk of positions at a time under checkpointing.
+    let recompute = c.train.activation_checkpointing;
+    let head_rows = if recompute { (crate::recompute::HEAD_ROWS as f64).min(b * s_text) } else { b * s_text };
+    let head = 3.0 * head_rows * vocab * 4.0;
+    let llm_act = if recompute {
+        // Each layer's input (the f32 residual stream), plus one layer's activations while it is
+        // recomputed in the backward pass (crate::recompute).
+        layers * b * s_text * hidden * 4.0 + layer(s_text, b, hidden) + head
+    } else {
+        layers * layer(s_text, b, hidden) + head
+    };
     let feature_layer = arch.hybrid.feature_layer(arch.vision.num_hidden_layers);
     let first_tracked = if trains("vit") { 0 } else { arch.hybrid.fusion_layers.first().copied().unwrap_or(feature_layer) };
     let vit_layers = feature_layer.saturating_sub(first_tracked) as f64;
@@ -132,12 +146,13 @@ pub fn plan(loaded: &LoadedConfig, world: usize) -> Result<String> {
     let _ = writeln!(out, "  master slice      {}  (f32 values of the trainable parameters the optimizer owns)", gib(master));
     let _ = writeln!(
         out,
-        "  activations       {}  (estimate; {} views/image, ConvNeXt {}x{}, {} tracked ViT layers)",
+        "  activations       {}  (estimate; {} views/image, ConvNeXt {}x{}, {} tracked ViT layers, LLM layers {})",
         gib(activations),
         views,
         hires_side_w,
         hires_side_h,
-        vit_layers
+        vit_layers,
+        if recompute { "recomputed (train.activation_checkpointing)" } else { "kept" }
     );
     let _ = writeln!(out, "  total             {}", gib(total));
     Ok(out)

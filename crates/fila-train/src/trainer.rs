@@ -10,7 +10,8 @@ use crate::checkpoint::{self, CheckpointReason, CheckpointWriter, TrainState};
 use crate::config::{geometry_difference, LoadedConfig, TrainConfig};
 use crate::dist::Comm;
 use crate::logging::{Logger, StepMetrics};
-use crate::optim::{accumulate_grads, AdamW, Grads, Schedule};
+use crate::optim::{AdamW, Grads, Schedule};
+use crate::recompute::{forward_backward, Recompute};
 use crate::shard::{FlatLayout, BUCKET_ELEMENTS};
 use crate::trainable::{apply_trainable, TrainableSet};
 use anyhow::{anyhow, bail, Context, Result};
@@ -382,14 +383,13 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
             let mut grads: Grads<B::InnerBackend> = Grads::new();
             if let Some(batch) = window.batches.get(slot).filter(|_| finite) {
                 let share = scored_tokens(batch) as f64 / window.tokens.max(1) as f64;
-                let output = self.c.precision.forward(|| self.model.forward(to_input::<B>(batch, &self.device), None));
-                let loss = output.loss.expect("labels given").mul_scalar(share);
-                let value = loss.clone().into_scalar().elem::<f64>();
-                if value.is_finite() {
-                    loss_sum += value;
-                    accumulate_grads(&self.model, &loss.backward(), &self.set, &mut grads);
-                } else {
-                    finite = false;
+                let input = to_input::<B>(batch, &self.device);
+                match forward_backward(&self.model, input, share, self.c.precision, Recompute::from_config(self.c.train.activation_checkpointing), &self.set) {
+                    (value, Some(g)) => {
+                        loss_sum += value;
+                        grads = g;
+                    }
+                    (_, None) => finite = false,
                 }
             }
             self.optimizer.add_gradients(&grads, self.comm)?;

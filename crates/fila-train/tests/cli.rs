@@ -248,8 +248,14 @@ fn activation_checkpointing_keeps_the_losses() {
     ok(&fila_train(&tiny(1), &recomputed, &["train.max_steps=3", "train.activation_checkpointing=true"], &[]));
     let (a, b) = (losses(&plain), losses(&recomputed));
     assert_eq!(a.len(), 3);
-    // Recomputing activations runs the same kernels on the same inputs: identical values.
-    assert_eq!(a, b);
+    // Recomputed layers run the same operations; only float summation order may differ (the
+    // gradients' own comparison is in tests/recompute.rs).
+    for (step, x) in &a {
+        assert!((x - b[step]).abs() <= 1e-6 * x.abs(), "step {step}: loss {x} vs {}", b[step]);
+    }
+    let (wa, wb) = (tensors(&plain.join("final/model.safetensors")), tensors(&recomputed.join("final/model.safetensors")));
+    let worst = wa.iter().map(|(name, (_, va))| max_abs_diff(va, &wb[name].1)).fold(0.0f32, f32::max);
+    assert!(worst <= 1e-5, "largest weight difference {worst}");
 }
 
 #[test]

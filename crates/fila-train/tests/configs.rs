@@ -38,3 +38,26 @@ fn plan_counts_the_trainable_parameters() {
     assert!(out.contains("8571778688") && out.contains("optimizer state"), "{out}");
     assert!(!tmp.path().join("x").exists());
 }
+
+/// The `total` line of a plan, in GiB.
+fn planned_total(config: &str, world: usize, overrides: &[&str]) -> f64 {
+    let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    let loaded = LoadedConfig::load(&repo().join(config), &overrides).unwrap();
+    let text = fila_train::plan::plan(&loaded, world).unwrap();
+    let line = text.lines().find(|l| l.trim_start().starts_with("total ") && l.contains("GiB")).unwrap_or_else(|| panic!("no total in\n{text}"));
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn the_reference_recipe_plans_within_80_gb_gpus() {
+    let gpu = 80e9 / (1u64 << 30) as f64; // 74.5 GiB
+                                          // Stage 1 on one GPU at micro-batch 16, stage 2 on 8 ranks, both with activation checkpointing.
+    let stage1 = planned_total("configs/stage1.toml", 1, &[]);
+    let stage2 = planned_total("configs/stage2.toml", 8, &[]);
+    assert!(stage1 < gpu, "stage 1 plans {stage1} GiB");
+    assert!(stage2 < gpu, "stage 2 plans {stage2} GiB per rank on 8 ranks");
+    // Without recomputation neither would fit; stage 2 does not fit one GPU even with it.
+    assert!(planned_total("configs/stage1.toml", 1, &["train.activation_checkpointing=false"]) > gpu);
+    assert!(planned_total("configs/stage2.toml", 8, &["train.activation_checkpointing=false"]) > gpu);
+    assert!(planned_total("configs/stage2.toml", 1, &[]) > gpu);
+}

@@ -11,6 +11,7 @@ use fila_train::trainer::build_model;
 
 #[test]
 fn stage1_changes_only_cvfm_and_projector_and_final_loads() {
+    let _serial = autodiff_lock();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     let sets = ["train.max_steps=2", "schedule.warmup_steps=0", "checkpoint.every_steps=0"];
@@ -50,6 +51,7 @@ fn stage1_changes_only_cvfm_and_projector_and_final_loads() {
 
 #[test]
 fn stage1_without_convnext_trains_the_projector_alone() {
+    let _serial = autodiff_lock();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("vit-only");
     let text = ok(&fila_train(&tiny(1), &out, &["train.max_steps=1", "model.hybrid.use_convnext=false"], &[]));

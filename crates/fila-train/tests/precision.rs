@@ -27,6 +27,7 @@ type B = Autodiff<Flex>;
 
 #[test]
 fn frozen_weights_stored_in_bf16_compute_what_per_product_casts_compute() {
+    let _serial = autodiff_lock();
     let dev = Default::default();
     let loaded = LoadedConfig::load(&tiny(1), &[]).unwrap();
     let (model, _, set) = build_model::<B>(&loaded, &dev).unwrap();
@@ -79,6 +80,7 @@ fn frozen_weights_stored_in_bf16_compute_what_per_product_casts_compute() {
 /// carries the f32 master values.
 #[test]
 fn trainable_weights_in_bf16_with_f32_masters_train_like_per_product_casts() {
+    let _serial = autodiff_lock();
     let dev = Default::default();
     let loaded = LoadedConfig::load(&tiny(1), &[]).unwrap();
     let (model, _, set) = build_model::<B>(&loaded, &dev).unwrap();

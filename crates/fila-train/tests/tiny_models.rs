@@ -12,6 +12,7 @@ use fila_train::trainer::build_model;
 
 #[test]
 fn the_synthetic_quick_start_starts_from_the_committed_tiny_towers() {
+    let _serial = autodiff_lock();
     let loaded = LoadedConfig::load(&repo().join("configs/tiny/synth-stage1.toml"), &[]).unwrap();
     let (model, _, set) = build_model::<Autodiff<Flex>>(&loaded, &Default::default()).unwrap();
     // The towers stay frozen; the random tiny LLM trains with CVFM and the projector.
@@ -42,6 +43,7 @@ fn the_synthetic_quick_start_starts_from_the_committed_tiny_towers() {
 
 #[test]
 fn a_stage2_list_naming_the_convnext_branch_applies_to_the_vit_only_ablation() {
+    let _serial = autodiff_lock();
     use fila_train::config::TrainableConfig;
     use fila_train::trainable::apply_trainable;
     let loaded = LoadedConfig::load(&tiny(1), &["model.hybrid.use_convnext=false".to_string()]).unwrap();
@@ -60,6 +62,7 @@ fn a_stage2_list_naming_the_convnext_branch_applies_to_the_vit_only_ablation() {
 
 #[test]
 fn stage1_trains_cvfm_and_projector_unless_the_config_lists_modules() {
+    let _serial = autodiff_lock();
     let prefixes = |overrides: &[&str]| {
         let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
         let loaded = LoadedConfig::load(&tiny(1), &overrides).unwrap();

@@ -404,6 +404,7 @@ mod tests {
 
     #[test]
     fn gelu_matches_burn() {
+        let _serial = crate::autodiff_lock();
         // Wide inputs reach both tails of the erf approximation.
         let x = random([3, 1000], 1) * 4.0;
         check("gelu", [x], 1e-6, |kernel, [x]| if kernel { gelu(x) } else { reference::gelu(x) });
@@ -411,6 +412,7 @@ mod tests {
 
     #[test]
     fn layer_norm_matches_burn() {
+        let _serial = crate::autodiff_lock();
         for c in [5, 48, 67] {
             let x = random([2, 9, c], 2) * 3.0 + 1.0;
             let w = random([c], 3).reshape([1, 1, c]);
@@ -428,6 +430,7 @@ mod tests {
 
     #[test]
     fn depthwise_convolution_matches_burn() {
+        let _serial = crate::autodiff_lock();
         for (k, pad, c, h, w) in [(7, 3, 16, 9, 11), (3, 1, 5, 4, 6), (7, 3, 8, 3, 2), (3, 0, 4, 5, 5)] {
             let conv: Conv2d<A> =
                 Conv2dConfig::new([c, c], [k, k]).with_groups(c).with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad)).init(&Default::default());
@@ -450,6 +453,7 @@ mod tests {
 
     #[test]
     fn space_to_depth_and_transpose_match_burn() {
+        let _serial = crate::autodiff_lock();
         for r in [2, 4] {
             let x = random([2, 4 * r, 3 * r, 5], 6);
             check("space_to_depth", [x], 0.0, |kernel, [x]| if kernel { space_to_depth(x, r) } else { reference::space_to_depth(x, r) });
@@ -460,6 +464,7 @@ mod tests {
 
     #[test]
     fn patchify_equals_the_strided_convolution() {
+        let _serial = crate::autodiff_lock();
         let device = Default::default();
         for r in [1, 2, 4] {
             let conv: Conv2d<A> = Conv2dConfig::new([6, 7], [r, r]).with_stride([r, r]).init(&device);

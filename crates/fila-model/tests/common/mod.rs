@@ -81,3 +81,12 @@ pub fn assert_close(name: &str, actual: TensorData, expected: &(Vec<usize>, Vec<
     eprintln!("{name}: max abs error {max:.2e}");
     max
 }
+
+/// Serializes the tests of this binary that run autodiff: in Burn 0.21 a `backward()` on one
+/// thread may free the steps of a graph another thread is still building (tracel-ai/burn#5573),
+/// silently dropping gradients there. The trainer runs one autodiff thread per process; tests
+/// that run in parallel threads take this lock so their graphs never overlap.
+pub fn autodiff_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -73,3 +73,12 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
+
+/// Serializes the tests of this binary that run autodiff: in Burn 0.21 a `backward()` on one
+/// thread may free the steps of a graph another thread is still building (tracel-ai/burn#5573),
+/// silently dropping gradients there. The trainer runs one autodiff thread per process; tests
+/// that run in parallel threads take this lock so their graphs never overlap.
+pub fn autodiff_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
