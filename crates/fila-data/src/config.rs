@@ -208,11 +208,22 @@ pub struct LoaderConfig {
     pub drop_last: bool,
     /// Cut each epoch to a multiple of the world size so every rank sees as many records.
     pub even_shards: bool,
+    /// Sequence-length buckets: a batch is right-padded to the smallest bucket that holds its
+    /// longest sample (or to that sample's length when none does), so a GPU sees a few sequence
+    /// shapes instead of one per batch. Empty: pad to the longest sample.
+    pub seq_len_buckets: Vec<usize>,
+}
+
+impl LoaderConfig {
+    /// The padded length of a batch whose longest sample has `longest` tokens.
+    pub fn padded_len(&self, longest: usize) -> usize {
+        self.seq_len_buckets.iter().copied().filter(|&b| b >= longest).min().unwrap_or(longest)
+    }
 }
 
 impl Default for LoaderConfig {
     fn default() -> Self {
-        Self { batch_size: 8, seed: 0, shuffle: true, workers: 0, prefetch_batches: 4, drop_last: false, even_shards: true }
+        Self { batch_size: 8, seed: 0, shuffle: true, workers: 0, prefetch_batches: 4, drop_last: false, even_shards: true, seq_len_buckets: Vec::new() }
     }
 }
 
@@ -303,6 +314,9 @@ impl DataConfig {
         }
         if self.loader.batch_size == 0 {
             return Err("loader.batch_size must be ≥ 1".into());
+        }
+        if self.loader.seq_len_buckets.contains(&0) {
+            return Err("loader.seq_len_buckets must hold lengths ≥ 1".into());
         }
         if self.max_len == 0 {
             return Err("max_len must be ≥ 1".into());

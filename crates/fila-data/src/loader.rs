@@ -48,10 +48,13 @@ pub struct Batch {
     pub skipped: Vec<BadRecord>,
 }
 
-/// Right-pads and stacks samples. `view_side` gives the view shape when no sample has an image.
-pub fn collate(samples: Vec<Sample>, pad_token_id: i64, view_side: usize) -> Batch {
+/// Right-pads and stacks samples to `padded_len(longest sample)` tokens
+/// ([`crate::config::LoaderConfig::padded_len`]). `view_side` gives the view shape when no sample
+/// has an image.
+pub fn collate(samples: Vec<Sample>, pad_token_id: i64, view_side: usize, padded_len: impl Fn(usize) -> usize) -> Batch {
     let batch_size = samples.len();
-    let seq_len = samples.iter().map(|s| s.input_ids.len()).max().unwrap_or(0);
+    let longest = samples.iter().map(|s| s.input_ids.len()).max().unwrap_or(0);
+    let seq_len = padded_len(longest).max(longest);
     let mut input_ids = vec![pad_token_id; batch_size * seq_len];
     let mut labels = vec![IGNORE_INDEX; batch_size * seq_len];
     let mut attention_mask = vec![false; batch_size * seq_len];
@@ -322,7 +325,7 @@ impl Producer {
                     trailing.extend(skipped);
                     break;
                 }
-                let mut batch = collate(samples, pad, side);
+                let mut batch = collate(samples, pad, side, |longest| self.pipeline.config.loader.padded_len(longest));
                 batch.skipped = skipped;
                 batch.cursor = if q.first >= q.order.len() { DataCursor { epoch: epoch + 1, position: 0 } } else { DataCursor { epoch, position: q.first } };
                 if !send(Ok(batch)) {

@@ -151,6 +151,39 @@ fn stage2_collation_keeps_per_sample_view_counts() {
 }
 
 #[test]
+fn batches_pad_to_sequence_length_buckets() {
+    let d = tempfile::tempdir().unwrap();
+    dataset(d.path());
+    let base = "template = \"llama3\"\nimage_mode = \"tiled\"\npad_token_id = 7";
+    let (p, r) = open(d.path(), base);
+    let (pb, rb) = open(d.path(), &format!("{base}\nloader = {{ seq_len_buckets = [40, 64, 96] }}"));
+    let mut o = opts(DataCursor::default(), 3, 0, 1);
+    o.end_epoch = 1;
+    let (plain, bucketed) = (run(&p, &r, o.clone()), run(&pb, &rb, o));
+    assert_eq!(plain.len(), bucketed.len());
+    let mut seen = std::collections::BTreeSet::new();
+    for (a, b) in plain.iter().zip(&bucketed) {
+        let longest = *a.lengths.iter().max().unwrap();
+        let expected = [40, 64, 96].into_iter().find(|&k| k >= longest).unwrap_or(longest);
+        assert_eq!((a.seq_len, b.seq_len), (longest, expected), "records {:?}", a.record_ids);
+        seen.insert(b.seq_len);
+        // The same tokens, labels and mask, with more right padding.
+        assert_eq!(a.lengths, b.lengths);
+        for i in 0..a.batch_size {
+            let (ra, rb) = (i * a.seq_len, i * b.seq_len);
+            assert_eq!(a.input_ids[ra..ra + a.seq_len], b.input_ids[rb..rb + a.seq_len]);
+            assert_eq!(a.labels[ra..ra + a.seq_len], b.labels[rb..rb + a.seq_len]);
+            assert!(b.input_ids[rb + a.seq_len..rb + b.seq_len].iter().all(|&t| t == 7));
+            assert!(b.labels[rb + a.seq_len..rb + b.seq_len].iter().all(|&l| l == IGNORE_INDEX));
+            assert!(b.attention_mask[rb + a.lengths[i]..rb + b.seq_len].iter().all(|&m| !m));
+        }
+    }
+    assert!(seen.len() < plain.iter().map(|b| b.seq_len).collect::<std::collections::BTreeSet<_>>().len(), "buckets give fewer shapes");
+    let bad = fila_data::config::DataConfig { loader: fila_data::config::LoaderConfig { seq_len_buckets: vec![0], ..Default::default() }, ..p.config.clone() };
+    assert!(bad.validate().unwrap_err().contains("seq_len_buckets"));
+}
+
+#[test]
 fn burn_dataset_view_processes_on_get() {
     use burn_dataset::Dataset;
     let d = tempfile::tempdir().unwrap();

@@ -259,6 +259,20 @@ fn activation_checkpointing_keeps_the_losses() {
 }
 
 #[test]
+fn sequence_length_buckets_keep_the_losses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (plain, bucketed) = (tmp.path().join("plain"), tmp.path().join("bucketed"));
+    ok(&fila_train(&tiny(1), &plain, &["train.max_steps=3"], &[]));
+    ok(&fila_train(&tiny(1), &bucketed, &["train.max_steps=3", "data.loader.seq_len_buckets=[48, 96, 400]"], &[]));
+    let (a, b) = (losses(&plain), losses(&bucketed));
+    assert_eq!(a.len(), 3);
+    // Padding is masked out of attention and the loss: the same losses.
+    for (step, x) in &a {
+        assert!((x - b[step]).abs() <= 1e-6 * x.abs(), "step {step}: loss {x} vs {}", b[step]);
+    }
+}
+
+#[test]
 fn non_finite_steps_are_skipped_then_stop_the_run_with_a_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("blowup");
