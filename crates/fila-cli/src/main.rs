@@ -159,6 +159,7 @@ enum DataCommand {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    fila_train::kernel_events::install();
     match cli.command {
         Command::Forward { config, image, prompt, out } => forward::run(&config, image.as_deref(), &prompt, &out)?,
         Command::Generate { checkpoint, image, prompt, max_new_tokens, config } => {

@@ -8,6 +8,7 @@ pub mod batch;
 pub mod checkpoint;
 pub mod config;
 pub mod dist;
+pub mod kernel_events;
 pub mod logging;
 pub mod optim;
 pub mod plan;

@@ -2,6 +2,7 @@
 //! loss, rate and ETA on a terminal, plain periodic lines otherwise. Only rank 0 of a multi-process
 //! run writes or prints any of them; the others' loggers are silent.
 
+use crate::kernel_events::KernelCounts;
 use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::time::Instant;
@@ -26,6 +27,8 @@ pub struct StepMetrics {
     /// Skipped records so far by reason.
     pub skipped: Vec<(String, u64)>,
     pub nonfinite: bool,
+    /// GPU kernel compilations and autotune runs so far ([`crate::kernel_events`]).
+    pub kernels: KernelCounts,
 }
 
 pub struct Logger {
@@ -61,7 +64,8 @@ impl Logger {
         };
         let line = serde_json::json!({
             "step": m.step, "loss": m.loss, "lr": m.lr, "grad_norm": m.grad_norm,
-            "tokens": m.tokens, "samples": m.samples, "finite": !m.nonfinite
+            "tokens": m.tokens, "samples": m.samples, "finite": !m.nonfinite,
+            "kernels_compiled": m.kernels.compiled, "kernels_from_cache": m.kernels.from_cache, "autotune_runs": m.kernels.tuned
         });
         writeln!(file, "{line}")?;
         w.add_scalar("train/loss", m.loss as f32, step);

@@ -53,6 +53,7 @@ fn main() {
 
 fn real_main(world: Result<World>) -> Result<()> {
     let cli = Cli::parse();
+    fila_train::kernel_events::install();
     let world = world?;
     if let Some(n) = cli.nproc_per_node {
         return launch_ranks(n);

@@ -9,6 +9,7 @@ use crate::batch::{scored_tokens, to_input};
 use crate::checkpoint::{self, CheckpointReason, CheckpointWriter, TrainState};
 use crate::config::{geometry_difference, LoadedConfig, TrainConfig};
 use crate::dist::Comm;
+use crate::kernel_events::{self, KernelCounts};
 use crate::logging::{Logger, StepMetrics};
 use crate::optim::{AdamW, Grads, Schedule};
 use crate::recompute::{forward_backward, Recompute};
@@ -247,7 +248,14 @@ struct Training<'a, B: AutodiffBackend> {
     logger: Logger,
     writer: CheckpointWriter<'a>,
     lr_groups: Vec<f64>,
+    /// The step this process started from, and the kernel counts after its warm-up steps.
+    first_step: u64,
+    kernels_after_warmup: Option<KernelCounts>,
 }
+
+/// Steps after which a run should meet no new kernel shape (each sequence-length bucket and canvas
+/// seen at least once is typical), for the kernel-count report.
+const WARMUP_STEPS: u64 = 10;
 
 impl<'a, B: AutodiffBackend> Training<'a, B> {
     /// Builds the model, restores `resume` if given, and starts this rank's shard of the data.
@@ -328,6 +336,8 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
             .with_context(|| format!("opening the logs in {}", out.display()))?;
         let writer = CheckpointWriter { output_dir: out, config_toml, keep_last: c.checkpoint.keep_last, comm };
         Ok(Self {
+            first_step: state.step,
+            kernels_after_warmup: None,
             lr_groups: set.lr_groups(),
             records: records.records.len(),
             loaded,
@@ -433,7 +443,11 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
             samples: window.samples,
             skipped: self.state.skipped.counts().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
             nonfinite: !finite,
+            kernels: kernel_events::counts(),
         };
+        if self.state.step == self.first_step + WARMUP_STEPS {
+            self.kernels_after_warmup = Some(metrics.kernels);
+        }
         Ok(StepResult { metrics, signalled })
     }
 
@@ -526,6 +540,16 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
         }
         if bad.total() > 0 && root {
             eprintln!("skipped {} bad records (run `fila data check --config {source}` for all of them):\n{bad}", bad.total());
+        }
+        let kernels = kernel_events::counts();
+        if root && kernels != KernelCounts::default() {
+            let later = match self.kernels_after_warmup {
+                Some(warm) => {
+                    format!("; after the first {WARMUP_STEPS} steps: {} compiled, {} autotune runs", kernels.since(warm).compiled, kernels.since(warm).tuned)
+                }
+                None => String::new(),
+            };
+            eprintln!("GPU kernels: {} compiled, {} from the compilation cache, {} autotune runs{later}", kernels.compiled, kernels.from_cache, kernels.tuned);
         }
         let dir = self.save(CheckpointReason::End)?;
         let out = &self.writer.output_dir;
