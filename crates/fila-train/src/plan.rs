@@ -1,10 +1,9 @@
 //! `--plan`: memory per device for the configured stage, batch and precision, computed from the
 //! configs alone (no tensor is allocated).
 //!
-//! Activations are an estimate: per transformer layer `34·s·b·h` bytes at 16 bits (Korthikanti et
-//! al. 2022 without the attention scores, which the attention op recomputes; scaled for f32),
-//! ConvNeXt blocks ~12 maps of their stage size, plus the logits, their log-softmax and gradient
-//! for every position. With `train.activation_checkpointing` the LLM keeps one f32 hidden state per
+//! Activations are an estimate: per transformer layer and token, the tensors its backward pass
+//! keeps ([`layer_bytes`]), ConvNeXt blocks ~12 maps of their stage size, plus the logits, their
+//! log-softmax and gradient for every position. With `train.activation_checkpointing` the LLM keeps one f32 hidden state per
 //! layer, one layer's activations and one chunk of logits ([`crate::recompute`]). Frozen parts
 //! before the first trainable one record nothing (autodiff tracks no tensor there).
 
@@ -22,6 +21,33 @@ const GIB: f64 = (1u64 << 30) as f64;
 
 fn gib(bytes: f64) -> String {
     format!("{:>9.2} GiB", bytes / GIB)
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Block {
+    /// RMSNorm, grouped-query attention with RoPE, SwiGLU MLP.
+    Llama,
+    /// LayerNorm, attention, GELU MLP (CLIP's ViT).
+    Clip,
+}
+
+/// Activation bytes one token keeps for the backward pass in one transformer layer (hidden size
+/// `h`, key/value width `kv`, MLP width `i`), counted from what the layer's operations save: the
+/// f32 residual stream into both norms and their outputs, q, k, v (after RoPE) and the attention
+/// output (the attention op recomputes the scores, `fila_model::attention`), the output
+/// projection's input, and the MLP's hidden activations (Llama: gate, up, SiLU(gate) and their
+/// product plus the gate's sigmoid, 5·i; CLIP: fc1's output and GELU's, 3·i with the GELU
+/// input). Under `bf16_mixed` the products also keep the bf16 copies of their inputs. On the CPU,
+/// a 6-layer Llama (h 512) in f32 measured within a few percent of this (docs/memory-plan.md).
+fn layer_bytes(h: usize, kv: usize, i: usize, block: Block, p: crate::precision::Precision) -> f64 {
+    let (h, kv, i) = (h as f64, kv as f64, i as f64);
+    let f32_elements = match block {
+        Block::Llama => 9.0 * h + 4.0 * kv + 5.0 * i,
+        Block::Clip => 7.0 * h + 2.0 * kv + 3.0 * i,
+    };
+    // Inputs of the q/k/v, output, first MLP and last MLP products.
+    let bf16_copies = 3.0 * h + i;
+    4.0 * f32_elements + if p.weight_bytes() == 2 { 2.0 * bf16_copies } else { 0.0 }
 }
 
 /// The architecture for the plan: the configured one, or the reference components (CLIP ViT-L/14
@@ -72,10 +98,8 @@ pub fn plan(loaded: &LoadedConfig, world: usize) -> Result<String> {
     let data = &loaded.data;
     let b = c.batch.micro_batch_size as f64;
     let act_scale = p.activation_scale();
-    // Per transformer layer, 34·s·b·h elements (Korthikanti et al. 2022) without their 5·a·s²·b
-    // attention-score term: the attention op keeps only q, k, v and its output and recomputes
-    // the scores in the backward pass (fila_model::attention).
-    let layer = |s: f64, batch: f64, h: f64| s * batch * h * 34.0 * act_scale;
+    let llm_layer = layer_bytes(arch.llm.hidden_size, arch.llm.num_key_value_heads * arch.llm.head_dim, arch.llm.intermediate_size, Block::Llama, p);
+    let vit_layer = layer_bytes(arch.vision.hidden_size, arch.vision.hidden_size, arch.vision.intermediate_size, Block::Clip, p);
     let g = (arch.vision.image_size / arch.vision.patch_size) as f64;
     let (views, hires_side_w, hires_side_h) = match c.stage {
         1 => (1.0, data.geometry.square_hires_size as f64, data.geometry.square_hires_size as f64),
@@ -95,14 +119,14 @@ pub fn plan(loaded: &LoadedConfig, world: usize) -> Result<String> {
     let llm_act = if recompute {
         // Each layer's input (the f32 residual stream), plus one layer's activations while it is
         // recomputed in the backward pass (crate::recompute).
-        layers * b * s_text * hidden * 4.0 + layer(s_text, b, hidden) + head
+        layers * b * s_text * hidden * 4.0 + b * s_text * llm_layer + head
     } else {
-        layers * layer(s_text, b, hidden) + head
+        layers * b * s_text * llm_layer + head
     };
     let feature_layer = arch.hybrid.feature_layer(arch.vision.num_hidden_layers);
     let first_tracked = if trains("vit") { 0 } else { arch.hybrid.fusion_layers.first().copied().unwrap_or(feature_layer) };
     let vit_layers = feature_layer.saturating_sub(first_tracked) as f64;
-    let vit_act = vit_layers * layer(1.0 + g * g, b * views, arch.vision.hidden_size as f64);
+    let vit_act = vit_layers * (1.0 + g * g) * b * views * vit_layer;
     let convnext_act = if trains("convnext") && arch.hybrid.use_convnext {
         let strides = arch.convnext.stage_strides();
         (0..4)
