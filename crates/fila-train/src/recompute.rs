@@ -54,8 +54,9 @@ impl Recompute {
 }
 
 /// Forward and backward pass of one micro-batch whose mean loss is scaled by `share`: returns the
-/// scaled loss and, when it is finite, the trainable parameters' gradients (by path). A
-/// non-finite loss returns no gradients.
+/// scaled loss, still on the device (the trainer reads the step's sum once), and the trainable
+/// parameters' gradients by path. A non-finite loss gives non-finite gradients; the trainer then
+/// skips the step.
 pub fn forward_backward<B: AutodiffBackend>(
     model: &Fila<B>,
     input: FilaInput<B>,
@@ -63,24 +64,22 @@ pub fn forward_backward<B: AutodiffBackend>(
     precision: Precision,
     recompute: Recompute,
     set: &TrainableSet,
-) -> (f64, Option<Grads<B::InnerBackend>>) {
+) -> (Tensor<B::InnerBackend, 1>, Grads<B::InnerBackend>) {
     let mut grads = Grads::new();
+    let device = input.input_ids.device();
     if ScoredRows::of(input.labels.as_ref().expect("the training loss needs labels")).is_empty() {
         // Nothing to learn from: no gradient, so no parameter counts as updated by it.
-        return (0.0, Some(grads));
+        return (Tensor::zeros([1], &device), grads);
     }
-    let value = if let Recompute::Layers { head_rows } = recompute {
+    let loss = if let Recompute::Layers { head_rows } = recompute {
         recomputed(model, input, share, precision, head_rows.max(1), &mut |g| accumulate_grads(model, g, set, &mut grads))
     } else {
         let (loss, _) = precision.forward(|| model.loss(input));
         let loss = loss.mul_scalar(share);
-        let value = loss.clone().into_scalar().elem::<f64>();
-        if value.is_finite() {
-            accumulate_grads(model, &loss.backward(), set, &mut grads);
-        }
-        value
+        accumulate_grads(model, &loss.backward(), set, &mut grads);
+        loss.inner()
     };
-    (value, value.is_finite().then_some(grads))
+    (loss, grads)
 }
 
 /// The segmented pass described in the module documentation; `take` receives each segment's
@@ -92,7 +91,7 @@ fn recomputed<B: AutodiffBackend>(
     precision: Precision,
     head_rows: usize,
     take: &mut dyn FnMut(&B::Gradients),
-) -> f64 {
+) -> Tensor<B::InnerBackend, 1> {
     let rows = ScoredRows::of(input.labels.as_ref().expect("the training loss needs labels"));
     let valid = input.attention_mask;
     let embeds = precision.forward(|| model.embed_batch(input.input_ids, &input.images, None));
@@ -113,17 +112,13 @@ fn recomputed<B: AutodiffBackend>(
     // each chunk's rows.
     let last = stored.pop().expect("the last layer's output");
     let scale = share / rows.len().max(1) as f64;
-    let mut value = 0.0;
+    let mut value = Tensor::<B::InnerBackend, 1>::zeros([1], &device);
     let mut grad = Tensor::<B::InnerBackend, 2>::zeros([b * t, d], &device);
     for start in (0..rows.len()).step_by(head_rows) {
         let part = rows.part(start..(start + head_rows).min(rows.len()));
         let leaf = Tensor::<B, 2>::from_inner(part.gather(last.clone())).require_grad();
         let loss = precision.forward(|| model.llm.nll_sum(leaf.clone(), part.targets(&device))).mul_scalar(scale);
-        let chunk = loss.clone().into_scalar().elem::<f64>();
-        value += chunk;
-        if !chunk.is_finite() {
-            return value;
-        }
+        value = value + loss.clone().inner();
         let g = loss.backward();
         take(&g);
         let rows_grad = leaf.grad(&g).expect("the chunk's rows are a leaf that requires a gradient");

@@ -385,28 +385,28 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
         // Each micro-batch's mean loss × its share of the step's scored tokens (all ranks): the
         // sum over micro-batches and ranks is the mean over all the step's tokens, so micro 4 ×
         // accumulation 1 equals micro 1 × accumulation 4, and W ranks equal one with W× the window.
-        let mut loss_sum = 0.0f64;
-        let mut finite = true;
+        // The step's loss stays on the device until the end of the step: one read per step.
+        let mut loss_sum = Tensor::<B::InnerBackend, 1>::zeros([1], &self.device);
         for slot in 0..window.slots {
             // Each micro-batch's gradients go to the optimizer's slice at once (ZeRO-2); a rank
-            // past its last micro-batch, or after a non-finite loss, adds nothing but still joins.
+            // past its last micro-batch adds nothing but still joins.
             let mut grads: Grads<B::InnerBackend> = Grads::new();
-            if let Some(batch) = window.batches.get(slot).filter(|_| finite) {
+            if let Some(batch) = window.batches.get(slot) {
                 let share = scored_tokens(batch) as f64 / window.tokens.max(1) as f64;
                 let input = to_input::<B>(batch, &self.device);
-                match forward_backward(&self.model, input, share, self.c.precision, Recompute::from_config(self.c.train.activation_checkpointing), &self.set) {
-                    (value, Some(g)) => {
-                        loss_sum += value;
-                        grads = g;
-                    }
-                    (_, None) => finite = false,
-                }
+                let (loss, g) =
+                    forward_backward(&self.model, input, share, self.c.precision, Recompute::from_config(self.c.train.activation_checkpointing), &self.set);
+                loss_sum = loss_sum + loss;
+                grads = g;
             }
             self.optimizer.add_gradients(&grads, self.comm)?;
         }
+        // A non-finite loss on any rank skips the step (its gradients are dropped below).
+        let loss_sum = loss_sum.into_scalar().elem::<f64>();
+        let finite = loss_sum.is_finite();
         // One exchange: the loss, whether every rank stayed finite, and whether any was signalled.
         let signalled = STOP.load(Ordering::SeqCst);
-        let totals = self.comm.sum_f64(&[loss_sum, f64::from(u8::from(!finite)), f64::from(u8::from(signalled))])?;
+        let totals = self.comm.sum_f64(&[if finite { loss_sum } else { 0.0 }, f64::from(u8::from(!finite)), f64::from(u8::from(signalled))])?;
         let (loss_sum, mut finite, signalled) = (totals[0], totals[1] == 0.0, totals[2] > 0.0);
         let mut grad_norm = f64::NAN;
         if finite {
