@@ -247,6 +247,46 @@ impl Comm {
         Ok(Tensor::from_data(TensorData::new(out, [k * w]), &device))
     }
 
+    /// Rank `root`'s flat tensor on every rank (`t` is only read on `root`; the others pass any
+    /// tensor of the same length).
+    pub fn broadcast<I: Backend>(&self, t: Tensor<I, 1>, root: usize) -> Result<Tensor<I, 1>> {
+        let (w, me) = (self.world.size, self.world.rank);
+        assert!(root < w, "broadcast from rank {root} in a world of {w}");
+        #[cfg(feature = "cuda")]
+        if let Some(out) = self.nccl.as_ref().map(|n| n.broadcast(&t, root)).transpose()?.flatten() {
+            return Ok(out);
+        }
+        if w == 1 {
+            return Ok(t);
+        }
+        let device = t.device();
+        let n = t.dims()[0];
+        let values = if me == root { t.into_data().to_vec::<f32>().map_err(|e| anyhow!("{e:?}"))? } else { Vec::new() };
+        // Through rank 0, the centre of the star.
+        let at_centre = match (me, root) {
+            (0, 0) => values.clone(),
+            (0, _) => bytes_f32(&self.recv_from(root)?, n, root)?,
+            (_, _) if me == root => {
+                self.send_to(0, DATA, &f32_bytes(&values))?;
+                Vec::new()
+            }
+            _ => Vec::new(),
+        };
+        if me == 0 {
+            for r in (1..w).filter(|&r| r != root) {
+                self.send_to(r, DATA, &f32_bytes(&at_centre))?;
+            }
+        }
+        let mine = if me == root {
+            values
+        } else if me == 0 {
+            at_centre
+        } else {
+            bytes_f32(&self.recv_from(0)?, n, 0)?
+        };
+        Ok(Tensor::from_data(TensorData::new(mine, [n]), &device))
+    }
+
     /// Tells the other ranks that this one fails with `message` (best effort: called on the way
     /// out, so they stop at once instead of waiting for the timeout).
     pub fn abort(&self, message: &str) {
@@ -540,6 +580,10 @@ mod tests {
             let scat = vals(c.reduce_scatter(t((0..6).map(|i| i as f32 + r).collect())).unwrap());
             let gath = vals(c.all_gather(t(vec![r, r + 0.5])).unwrap());
             let f = c.sum_f64(&[r as f64, 1.0]).unwrap();
+            // From the centre of the star and from another rank.
+            let from0 = vals(c.broadcast(t(vec![r + 1.0, -r]), 0).unwrap());
+            let from2 = vals(c.broadcast(t(vec![r + 1.0, -r]), 2).unwrap());
+            assert_eq!((from0, from2), (vec![1.0, 0.0], vec![3.0, -2.0]), "rank {r}");
             c.barrier().unwrap();
             (sum, scat, gath, f)
         });

@@ -108,6 +108,14 @@ impl Nccl {
         })
     }
 
+    /// Rank `root`'s values on every rank.
+    pub fn broadcast<I: Backend>(&self, t: &Tensor<I, 1>, root: usize) -> Result<Option<Tensor<I, 1>>> {
+        let n = t.dims()[0];
+        self.run(t, n, |src, dst, stream| unsafe {
+            result::broadcast(src as _, dst as _, n, sys::ncclDataType_t::ncclFloat32, root as i32, self.comm, stream as _)
+        })
+    }
+
     /// Runs one collective from `input` into a new tensor of `out_len` elements.
     fn run<I: Backend>(
         &self,
