@@ -46,7 +46,7 @@ class TorchSide(bench_torch.TorchSide):
     """The twin at this script's settings: f32, the 2x2-canvas batch, AdamW over the whole trainable set, two warm-up steps."""
 
     def __init__(self, size, stage, batch):
-        o = bench_torch.options(["--size", size, "--stage", str(stage), "--batch", str(batch), "--optimizer", "--warmup", "2"])
+        o = bench_torch.options(["--size", size, "--stage", str(stage), "--batch", str(batch), "--optimizer", "--warmup", "2"], quiet=True)
         super().__init__(o)
 
 

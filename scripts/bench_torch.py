@@ -471,6 +471,7 @@ class TorchSide:
     """The twin model, its optimizer and a step counter; `warmup` untimed steps at construction."""
 
     def __init__(self, o):
+        self.built = time.perf_counter()
         torch.manual_seed(0)
         self.o = o
         self.p = preset(o.size)
@@ -500,9 +501,20 @@ class TorchSide:
             self.optimizer = torch.optim.AdamW(self.master, lr=2e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
         self.optimizer_elements = sum(q.numel() for q in self.slice) if o.optimizer else None
         self.counts = (sum(q.numel() for q in self.trainable), sum(q.numel() for q in self.model.parameters()))
+        self.sync()
+        self.build_s = time.perf_counter() - self.built
+        self.progress(f"model built in {self.build_s:.1f} s")
         self.index = 0
+        self.warmup_s = []
         for _ in range(o.warmup):
-            self.step()
+            r = self.step()
+            self.warmup_s.append(r["seconds"])
+            self.progress(step_line(self.index - 1, r, "warm-up"))
+
+    def progress(self, line):
+        """Per-step lines: stdout for text, stderr under --json (so a run stopped by a time limit still shows them)."""
+        if not getattr(self.o, "quiet", False):
+            print(line, file=sys.stderr if self.o.json else sys.stdout, flush=True)
 
     def sync(self):
         if self.o.device.type == "cuda":
@@ -542,10 +554,25 @@ class TorchSide:
         """`steps` timed steps: per-step records and the summary of `fila bench --json`'s fields."""
         memory = PeakMemory(self.o.device)
         before, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        records = [self.step() for _ in range(steps)]
+        records = []
+        for _ in range(steps):
+            records.append(self.step())
+            self.progress(step_line(self.index - 1, records[-1], "step"))
         after, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - wall0
-        counts = dict(optimizer_elements=self.optimizer_elements, trainable=self.counts[0], parameters=self.counts[1])
+        counts = dict(build_s=self.build_s, warmup_s=self.warmup_s, optimizer_elements=self.optimizer_elements, trainable=self.counts[0], parameters=self.counts[1])
         return summary(self.o, records, memory.finish(), **counts, user_s=after.ru_utime - before.ru_utime, system_s=after.ru_stime - before.ru_stime, wall_s=wall)
+
+
+def canvas_text(canvases):
+    each = [f"{c}x{r}" for c, r in canvases]
+    return f"{each[0]} ×{len(each)}" if len(each) > 1 and len(set(each)) == 1 else " ".join(each)
+
+
+def step_line(index, r, what):
+    return (
+        f"{what} {index + 1:>3}: {r['seconds'] * 1e3:8.1f} ms, {r['tokens']:>6} tokens, {r['tokens'] / r['seconds']:9.1f} tokens/s, "
+        f"{r['samples'] / r['seconds']:7.2f} samples/s, {sum(r['flops']) / 1e9:.2f} GFLOP, canvases {canvas_text(r['canvases'])}"
+    )
 
 
 def summary(o, records, memory, **extra):
@@ -593,8 +620,6 @@ def print_text(s):
         f"{s['precision']}, activation checkpointing {'on' if s['activation_checkpointing'] else 'off'}"
         + (f", AdamW over one rank's slice of a {s['optimizer_world']}-way sharding" if s["optimizer"] and s["optimizer_world"] > 1 else "")
     )
-    for i, (t, n, c) in enumerate(zip(s["step_s"], s["step_tokens"], s["step_canvases"])):
-        print(f"step {s['warmup_steps'] + i + 1:>3}: {t * 1e3:8.1f} ms, {n:>6} tokens, {n / t:9.1f} tokens/s, canvases {c}")
     mfu = f"{s['mfu'] * 100:.1f} % of {s['peak_tflops']} TFLOP/s" if s["mfu"] is not None else "n/a (give --peak-tflops)"
     print(
         f"mean {s['mean_s'] * 1e3:.1f} ms/step, median {s['median_s'] * 1e3:.1f} ms/step; {s['tokens_per_s']:.1f} tokens/s, "

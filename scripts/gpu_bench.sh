@@ -130,7 +130,7 @@ PY
 echo "benchmark done after ${SECONDS} s"
 
 # The NCCL engine at world size 1 (scripts/cuda_check.sh, step 4), only with time to spare.
-if [ "$device" != cpu ] && [ -x "$bin/fila-train" ] && [ $SECONDS -lt 400 ]; then
+if [ "$device" != cpu ] && [ -x "$bin/fila-train" ] && [ $SECONDS -lt 360 ]; then
   data=datasets/synth/generated
   [ -f "$data/tokenizer.json" ] || "$bin/fila" data synth --out "$data" --tile-size 56 > /dev/null
   for mode in plain nccl; do
