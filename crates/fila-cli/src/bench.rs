@@ -404,6 +404,15 @@ fn flop_text(flops: f64) -> String {
     }
 }
 
+/// A step's canvases as `columns×rows` each, one entry with a count where all samples share it.
+fn canvas_text(canvases: &[[usize; 2]]) -> String {
+    let each: Vec<String> = canvases.iter().map(|[c, r]| format!("{c}x{r}")).collect();
+    match each.first() {
+        Some(first) if each.len() > 1 && each.iter().all(|e| e == first) => format!("{first} ×{}", each.len()),
+        _ => each.join(" "),
+    }
+}
+
 /// Figures of one timed step.
 struct StepRecord {
     seconds: f64,
@@ -420,6 +429,7 @@ pub fn run<B: AutodiffBackend>(options: BenchOptions, device: &B::Device) -> any
         options;
     let config = preset(size);
     config.validate().expect("preset is valid");
+    let build_start = Instant::now();
     B::seed(device, 0);
     let modules = stage_modules(stage, &TrainableConfig::default());
     let trains = Trains::from_modules(&modules);
@@ -434,6 +444,8 @@ pub fn run<B: AutodiffBackend>(options: BenchOptions, device: &B::Device) -> any
     let mut adam = slice.as_ref().map(|slice| AdamW::new(adam_config, slice, FlatLayout::new(slice, 1, 0, BUCKET_ELEMENTS), &model, &inner_device));
     // The optimizer holds the f32 values now; the model keeps what the precision stores.
     let mut model = precision.store_trainable(model, &set);
+    B::sync(device).expect("device sync");
+    let build_s = build_start.elapsed().as_secs_f64();
 
     let counts = config.num_params();
     let checkpointing = matches!(recompute, Recompute::Layers { .. });
@@ -476,8 +488,28 @@ pub fn run<B: AutodiffBackend>(options: BenchOptions, device: &B::Device) -> any
         let canvases = grids.iter().map(|g| if g.tiled { [g.cols, g.rows] } else { [1, 1] }).collect();
         Ok((model, StepRecord { seconds, tokens, samples: grids.len(), flops, canvases }))
     };
+    // Progress goes to stderr under --json, so a run stopped by a time limit still shows its steps.
+    let say = |line: String| if json { eprintln!("{line}") } else { println!("{line}") };
+    let line = |i: usize, r: &StepRecord, what: &str| {
+        let mfu = peak_tflops.map(|p| format!("{:.1} %", 100.0 * r.flops.total() as f64 / r.seconds / (p * 1e12))).unwrap_or_else(|| "n/a".into());
+        format!(
+            "{what} {:>3}: {:8.1} ms, {:>6} tokens, {:9.1} tokens/s, {:7.2} samples/s, {}, MFU {mfu}, canvases {}",
+            i + 1,
+            r.seconds * 1e3,
+            r.tokens,
+            r.tokens as f64 / r.seconds,
+            r.samples as f64 / r.seconds,
+            flop_text(r.flops.total() as f64),
+            canvas_text(&r.canvases)
+        )
+    };
+    say(format!("model built in {build_s:.1} s"));
+    let mut warmup_s = Vec::with_capacity(warmup);
     for i in 0..warmup {
-        model = step(model, i)?.0;
+        let (next, record) = step(model, i)?;
+        model = next;
+        say(line(i, &record, "warm-up"));
+        warmup_s.push(record.seconds);
     }
     let memory = PeakMemory::start(options.device);
     let mut records = Vec::with_capacity(steps);
@@ -486,20 +518,7 @@ pub fn run<B: AutodiffBackend>(options: BenchOptions, device: &B::Device) -> any
     for i in warmup..warmup + steps {
         let (next, record) = step(model, i)?;
         model = next;
-        if !json {
-            let r = &record;
-            let mfu = peak_tflops.map(|p| format!("{:.1} %", 100.0 * r.flops.total() as f64 / r.seconds / (p * 1e12))).unwrap_or_else(|| "n/a".into());
-            println!(
-                "step {:>3}: {:8.1} ms, {:>6} tokens, {:9.1} tokens/s, {:7.2} samples/s, {}, MFU {mfu}, canvases {:?}",
-                i + 1,
-                r.seconds * 1e3,
-                r.tokens,
-                r.tokens as f64 / r.seconds,
-                r.samples as f64 / r.seconds,
-                flop_text(r.flops.total() as f64),
-                r.canvases
-            );
-        }
+        say(line(i, &record, "step"));
         records.push(record);
     }
     let wall = wall_start.elapsed().as_secs_f64();
@@ -539,7 +558,9 @@ pub fn run<B: AutodiffBackend>(options: BenchOptions, device: &B::Device) -> any
             "optimizer": optimizer,
             "optimizer_world": optimizer_world,
             "optimizer_elements": slice_elements,
+            "build_s": build_s,
             "warmup_steps": warmup,
+            "warmup_s": warmup_s,
             "steps": steps,
             "step_s": times,
             "step_tokens": records.iter().map(|r| r.tokens).collect::<Vec<_>>(),
