@@ -1,40 +1,88 @@
-//! `fila bench`: the time of one training step on random weights, for a speed baseline and for
-//! `scripts/bench_cpu_compare.py`, which runs the PyTorch twin of the same presets.
+//! `fila bench`: the time of training steps on random weights, for a speed baseline and for
+//! the PyTorch twin of the same presets (`scripts/bench_torch.py`; `scripts/bench_cpu_compare.py`
+//! and `scripts/gpu_bench.sh` run both alternately).
 //!
-//! A step is what the trainer does per optimizer step with one micro-batch: forward, backward
-//! and (with `--optimizer`) gradient collection, global-norm clipping and AdamW on the stage's
-//! trainable set (`fila_train::trainable`).
+//! A step is what the trainer does per optimizer step with one micro-batch: the trainer's own
+//! forward and backward pass (`fila_train::recompute::forward_backward`, with activation
+//! checkpointing of the LLM layers where the preset's config sets it) and, with `--optimizer`,
+//! AdamW on the stage's trainable set (`fila_train::trainable`), gradients clipped at 1.
+//!
+//! Sizes: `tiny` and `mid` are CPU demo sizes; `real` is FILA's published architecture (CLIP
+//! ViT-L/14-336, ConvNeXt-L, Llama-3-8B) from the configs in `fila_model`, random weights, no
+//! download. Batches: `canvas2x2` gives every sample one 2×2 canvas (the CPU comparison's
+//! batch); `recipe` is the stage's: stage 1 one 336² view with ConvNeXt at 768² at micro-batch
+//! 16, stage 2 FILA's five canvases in turn (ConvNeXt at 768-2304 pixels a side) at micro-batch
+//! 1 (configs/stage1.toml, configs/stage2.toml).
+//!
+//! The 8B model's AdamW state does not fit one GPU next to a stage-2 step, and the configs train
+//! stage 2 on 8 ranks; there the optimizer step covers `--optimizer-world`'s share of the
+//! trainable elements: whole parameters in name order up to 1/W of them, with their f32 master
+//! values and moments, so one rank's update work without its collectives (the reduce-scatter
+//! and all-gather that move the other slices).
 
+use crate::flops::{step_flops, SampleShape, StepFlops, Trains};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Distribution, TensorData};
 use fila_model::clip_vit::ClipVisionConfig;
 use fila_model::convnext::ConvNextConfig;
 use fila_model::cvfm::TileGrid;
-use fila_model::fila::{Fila, FilaConfig, FilaInput};
+use fila_model::fila::{Fila, FilaConfig, FilaInput, ScoredRows};
 use fila_model::hybrid_encoder::{HybridConfig, ImageInput};
 use fila_model::llama::LlamaConfig;
 use fila_model::projector::ProjectorKind;
+use fila_train::backend::Device;
 use fila_train::config::{OptimizerConfig, TrainableConfig};
 use fila_train::dist::Comm;
-use fila_train::optim::{accumulate_grads, AdamW, Grads};
+use fila_train::optim::AdamW;
 use fila_train::precision::Precision;
+use fila_train::recompute::{forward_backward, Recompute};
 use fila_train::shard::{FlatLayout, BUCKET_ELEMENTS};
-use fila_train::trainable::apply_trainable;
+use fila_train::trainable::{apply_trainable, stage_modules, TrainableSet};
 use std::time::Instant;
 
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BenchSize {
     /// The CPU demo size: 56-pixel tiles (4×4 cells), ViT 5×64, LLM 2×128.
     Tiny,
     /// A mid size: 112-pixel tiles (8×8 cells), ViT 8×256, ConvNeXt 48-384, LLM 4×512.
     Mid,
+    /// FILA's size: CLIP ViT-L/14-336, ConvNeXt-L, Llama-3-8B (a GPU's work: ~34 GB in f32).
+    Real,
 }
+
+/// The images of a benchmark batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BatchShape {
+    /// One 2×2 canvas per sample (5 ViT views) in both stages: the CPU comparison's batch.
+    Canvas2x2,
+    /// The stage's recipe: stage 1 one view (no tiles), stage 2 the five canvases in turn.
+    Recipe,
+}
+
+/// FILA's stage-2 canvases, `[columns, rows]` of tiles as in configs/stage2.toml; the recipe
+/// batch gives sample n of the run canvas `n mod 5`.
+pub const STAGE2_CANVASES: [[usize; 2]; 5] = [[2, 2], [1, 2], [2, 1], [1, 3], [3, 1]];
+
+/// The H200's dense bf16 peak, the MFU denominator on CUDA unless `--peak-tflops` says otherwise.
+pub const H200_BF16_TFLOPS: f64 = 989.0;
 
 pub fn preset(size: BenchSize) -> FilaConfig {
     let (tile, vit_dim, vit_layers, conv_dims, llm_dim, llm_layers) = match size {
         BenchSize::Tiny => (56, 64, 5, vec![16, 32, 48, 64], 128, 2),
         BenchSize::Mid => (112, 256, 8, vec![48, 96, 192, 384], 512, 4),
+        BenchSize::Real => {
+            return FilaConfig {
+                vision: ClipVisionConfig::vit_large_patch14_336(),
+                convnext: ConvNextConfig::large(),
+                // FILA's fusion after ViT layers 2, 6, 12, 20; the projector reads layer 23.
+                hybrid: HybridConfig::default(),
+                projector: ProjectorKind::Mlp { depth: 2 },
+                llm: LlamaConfig::llama3_8b(),
+                // configs/stage1.toml: Llama-3's first reserved special token.
+                image_token_id: 128002,
+            };
+        }
     };
     FilaConfig {
         vision: ClipVisionConfig {
@@ -67,19 +115,127 @@ pub fn preset(size: BenchSize) -> FilaConfig {
     }
 }
 
-/// What to run.
+/// `fila bench`'s flags; unset ones take the size's and stage's defaults ([`BenchOptions::from_args`]).
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    #[arg(long, value_enum, default_value = "tiny")]
+    pub size: BenchSize,
+    /// Trainable set of this training stage: 1 = CVFM + projector, 2 = everything.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=2))]
+    pub stage: u8,
+    /// Images of the batch [default: recipe for real, canvas2x2 otherwise].
+    #[arg(long, value_enum)]
+    pub batch_shape: Option<BatchShape>,
+    /// Samples per step [default: the recipe's micro-batch (stage 1: 16, stage 2: 1), else 1].
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Text tokens per sample after the visual ones, all scored [default: 32; real: 64 in stage 1, 512 in stage 2].
+    #[arg(long)]
+    pub text_tokens: Option<usize>,
+    /// Timed steps.
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Untimed steps first [default: 5 with stage 2's canvas mix (each canvas once), else 1].
+    #[arg(long)]
+    pub warmup: Option<usize>,
+    /// `cpu` or `cuda:N` (needs the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
+    /// `f32` or `bf16_mixed` (fila-train's precision policy) [default: bf16_mixed for real, f32 otherwise].
+    #[arg(long, value_parser = crate::parse_precision)]
+    pub precision: Option<Precision>,
+    /// Recompute the LLM layers in the backward pass [default: true for real, as the configs set; false otherwise].
+    #[arg(long)]
+    pub activation_checkpointing: Option<bool>,
+    /// Include the optimizer update (gradient clipping and AdamW) in each step.
+    #[arg(long)]
+    pub optimizer: bool,
+    /// The AdamW step covers 1/W of the trainable elements, one rank's share of a W-way
+    /// sharding [default: 8 for real stage 2, 1 otherwise].
+    #[arg(long)]
+    pub optimizer_world: Option<usize>,
+    /// Peak of the device in TFLOP/s for the utilisation [default: 989 (H200 dense bf16) on CUDA; none on CPU].
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
+    /// Print one JSON object (per-step figures and the summary) instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What to run, every default resolved.
 #[derive(Debug, Clone, Copy)]
 pub struct BenchOptions {
     pub size: BenchSize,
-    pub batch: usize,
-    pub steps: usize,
-    pub precision: Precision,
-    /// Trainable set of this training stage (1: CVFM + projector, 2: everything).
     pub stage: u8,
-    /// Include the optimizer update (gradient collection, clipping, AdamW) in each step.
+    pub shape: BatchShape,
+    pub batch: usize,
+    pub text_tokens: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    pub device: Device,
+    pub precision: Precision,
+    pub recompute: Recompute,
     pub optimizer: bool,
-    /// Print one JSON object (per-step times, CPU time) instead of the text summary.
+    pub optimizer_world: usize,
+    pub peak_tflops: Option<f64>,
     pub json: bool,
+}
+
+impl BenchOptions {
+    pub fn from_args(a: &BenchArgs) -> anyhow::Result<Self> {
+        let real = a.size == BenchSize::Real;
+        let shape = a.batch_shape.unwrap_or(if real { BatchShape::Recipe } else { BatchShape::Canvas2x2 });
+        let recipe = shape == BatchShape::Recipe;
+        let mix = recipe && a.stage == 2;
+        let options = Self {
+            size: a.size,
+            stage: a.stage,
+            shape,
+            batch: a.batch.unwrap_or(match (recipe, a.stage) {
+                (true, 1) => 16,
+                _ => 1,
+            }),
+            text_tokens: a.text_tokens.unwrap_or(match (real, a.stage) {
+                (true, 1) => 64,
+                (true, _) => 512,
+                _ => 32,
+            }),
+            steps: a.steps,
+            warmup: a.warmup.unwrap_or(if mix { STAGE2_CANVASES.len() } else { 1 }),
+            device: a.device,
+            precision: a.precision.unwrap_or(if real { Precision::Bf16Mixed } else { Precision::F32 }),
+            recompute: Recompute::from_config(a.activation_checkpointing.unwrap_or(real)),
+            optimizer: a.optimizer,
+            optimizer_world: a.optimizer_world.unwrap_or(if real && a.stage == 2 { 8 } else { 1 }),
+            peak_tflops: a.peak_tflops.or(match a.device {
+                Device::Cuda(_) => Some(H200_BF16_TFLOPS),
+                Device::Cpu => None,
+            }),
+            json: a.json,
+        };
+        anyhow::ensure!(options.steps > 0 && options.batch > 0, "--steps and --batch must be at least 1");
+        anyhow::ensure!(options.optimizer_world > 0, "--optimizer-world must be at least 1");
+        anyhow::ensure!(options.text_tokens > 1, "--text-tokens must be at least 2 (the loss needs a scored position)");
+        anyhow::ensure!(
+            !(real && options.device == Device::Cpu),
+            "--size real builds the 8B model (about 34 GB of f32 weights before the bf16 copies): run it on a GPU (`--device cuda:0`, a `--features cuda` build)"
+        );
+        Ok(options)
+    }
+
+    /// The images of step `step`'s samples.
+    pub fn grids(&self, step: usize) -> Vec<TileGrid> {
+        (0..self.batch)
+            .map(|i| match (self.shape, self.stage) {
+                (BatchShape::Canvas2x2, _) => TileGrid::tiled(2, 2),
+                (BatchShape::Recipe, 1) => TileGrid::untiled(),
+                (BatchShape::Recipe, _) => {
+                    let [cols, rows] = STAGE2_CANVASES[(step * self.batch + i) % STAGE2_CANVASES.len()];
+                    TileGrid::tiled(rows, cols)
+                }
+            })
+            .collect()
+    }
 }
 
 /// CPU time (user, system) of this process so far, all threads, from `/proc/self/stat`; `None`
@@ -93,102 +249,339 @@ fn cpu_times() -> Option<(f64, f64)> {
     Some((tick(11)?, tick(12)?))
 }
 
-/// Runs `steps` training steps (after one untimed warm-up step) on a stage-2 style batch (one
-/// 2×2-canvas image per sample, 5 views, 32 text tokens) and prints the time per step. Each timed
-/// step ends with a device sync, so asynchronous backends are timed to completion.
-pub fn run<B: AutodiffBackend>(options: BenchOptions, device: &B::Device) -> anyhow::Result<()> {
-    let BenchOptions { size, batch, steps, precision, stage, optimizer, json } = options;
-    anyhow::ensure!(steps > 0 && batch > 0, "--steps and --batch must be at least 1");
-    let config = preset(size);
-    config.validate().expect("preset is valid");
-    B::seed(device, 0);
-    let (mut model, set) = apply_trainable(config.init::<B>(device), stage, &TrainableConfig::default())?;
+/// Peak memory over the timed steps, where the device can tell.
+enum PeakMemory {
+    /// The process's peak resident set (`VmHWM`), reset before the timed steps where the kernel
+    /// allows it (`/proc/self/clear_refs`), else since the start.
+    Rss {
+        reset: bool,
+    },
+    #[cfg(feature = "cuda")]
+    Cuda(cuda_memory::Sampler),
+    Unknown,
+}
+
+impl PeakMemory {
+    fn start(device: Device) -> Self {
+        match device {
+            Device::Cpu if std::fs::metadata("/proc/self/status").is_ok() => Self::Rss { reset: std::fs::write("/proc/self/clear_refs", "5").is_ok() },
+            #[cfg(feature = "cuda")]
+            Device::Cuda(ordinal) => cuda_memory::Sampler::start(ordinal).map(Self::Cuda).unwrap_or(Self::Unknown),
+            _ => Self::Unknown,
+        }
+    }
+
+    /// Bytes and what they measure.
+    fn finish(self) -> (Option<u64>, String) {
+        match self {
+            Self::Rss { reset } => {
+                let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+                let kb = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+                let what = if reset { "peak RSS of the process during the timed steps (VmHWM)" } else { "peak RSS of the process since its start (VmHWM)" };
+                (kb.map(|k| k * 1024), what.into())
+            }
+            #[cfg(feature = "cuda")]
+            Self::Cuda(sampler) => sampler.finish(),
+            Self::Unknown => (None, "n/a".into()),
+        }
+    }
+}
+
+/// Device memory in use on a CUDA GPU, sampled from another thread: Burn 0.21 / CubeCL 0.10 report
+/// the current pool use per stream (`ComputeClient::memory_usage`) but no peak, and their pools
+/// free pages on their own schedule, so the peak is read from the driver (`cuMemGetInfo`:
+/// total − free, the whole device as `nvidia-smi` shows it, the CUDA context included).
+#[cfg(feature = "cuda")]
+mod cuda_memory {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::thread::JoinHandle;
+    use std::time::Duration;
+
+    pub struct Sampler {
+        stop: Arc<AtomicBool>,
+        thread: JoinHandle<Result<u64, String>>,
+    }
+
+    impl Sampler {
+        pub fn start(ordinal: usize) -> Option<Self> {
+            let context = cudarc::driver::CudaContext::new(ordinal).ok()?;
+            let stop = Arc::new(AtomicBool::new(false));
+            let flag = stop.clone();
+            let thread = std::thread::spawn(move || {
+                let mut peak = 0u64;
+                loop {
+                    let (free, total) = context.mem_get_info().map_err(|e| format!("cuMemGetInfo: {e:?}"))?;
+                    peak = peak.max((total - free) as u64);
+                    if flag.load(Ordering::Relaxed) {
+                        return Ok(peak);
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            });
+            Some(Self { stop, thread })
+        }
+
+        pub fn finish(self) -> (Option<u64>, String) {
+            self.stop.store(true, Ordering::Relaxed);
+            match self.thread.join() {
+                Ok(Ok(peak)) => {
+                    (Some(peak), "device memory in use during the timed steps (total − free from the driver every 2 ms, CUDA context included)".into())
+                }
+                Ok(Err(e)) => (None, format!("n/a ({e})")),
+                Err(_) => (None, "n/a (the sampling thread panicked)".into()),
+            }
+        }
+    }
+}
+
+/// One rank's share of a `world`-way sharding of `set`: whole parameters in name order (the
+/// optimizer's flat order) until 1/world of the elements. All of `set` for one rank.
+pub fn optimizer_slice(set: &TrainableSet, world: usize) -> TrainableSet {
+    if world <= 1 {
+        return set.clone();
+    }
+    let target = set.num_elements().div_ceil(world);
+    let mut slice = TrainableSet { params: Default::default(), total_params: set.total_params };
+    let mut taken = 0;
+    for (name, param) in &set.params {
+        if taken >= target {
+            break;
+        }
+        taken += param.shape.iter().product::<usize>();
+        slice.params.insert(name.clone(), param.clone());
+    }
+    slice
+}
+
+/// A batch of `grids.len()` samples, each its image's visual tokens then `text` scored text
+/// tokens, right-padded to the longest; returns the input, its shapes and its unpadded tokens.
+fn make_input<B: Backend>(config: &FilaConfig, grids: &[TileGrid], text: usize, device: &B::Device) -> (FilaInput<B>, Vec<SampleShape>, usize, usize) {
     let g = config.vision.grid();
     let t = config.vision.image_size;
-    let grid = TileGrid::tiled(2, 2);
-    let visual = grid.num_views() * g * g;
-    let text = 32;
-    let len = visual + text;
     let normal = Distribution::Normal(0.0, 1.0);
-    let make_input = || {
-        let images = (0..batch)
-            .map(|_| ImageInput {
-                views: Tensor::random([grid.num_views(), 3, t, t], normal, device),
-                hires: Some(Tensor::random([1, 3, 2 * g * 32, 2 * g * 32], normal, device)),
-                grid,
-            })
-            .collect();
-        let mut ids = Vec::with_capacity(batch * len);
-        for _ in 0..batch {
-            ids.extend(std::iter::repeat_n(config.image_token_id as i64, visual));
-            ids.extend((0..text as i64).map(|i| 10 + i));
-        }
-        let labels: Vec<i64> = ids.iter().map(|&i| if i == config.image_token_id as i64 { -100 } else { i }).collect();
-        FilaInput {
-            input_ids: Tensor::from_data(TensorData::new(ids, [batch, len]), device),
-            attention_mask: Tensor::ones([batch, len], device),
-            labels: Some(Tensor::from_data(TensorData::new(labels, [batch, len]), device)),
-            images,
-        }
-    };
-    let counts = config.num_params();
-    if !json {
-        println!(
-            "fila bench {size:?}: {:.1}M parameters ({:.1}M trainable in stage {stage}), batch {batch}, {len} tokens per sample ({visual} visual), {} ViT views of {t}px, {precision:?}",
-            counts.total() as f64 / 1e6,
-            set.num_elements() as f64 / 1e6,
-            grid.num_views()
-        );
+    let image_token = config.image_token_id as i64;
+    let lengths: Vec<usize> = grids.iter().map(|grid| grid.num_views() * g * g + text).collect();
+    let len = lengths.iter().copied().max().unwrap_or(0);
+    let batch = grids.len();
+    let (mut ids, mut mask, mut labels) = (Vec::with_capacity(batch * len), Vec::with_capacity(batch * len), Vec::with_capacity(batch * len));
+    for (grid, &n) in grids.iter().zip(&lengths) {
+        let visual = grid.num_views() * g * g;
+        ids.extend(std::iter::repeat_n(image_token, visual));
+        labels.extend(std::iter::repeat_n(-100i64, visual));
+        // Ordinary ids below the image token in every preset's vocabulary.
+        let words = (0..text as i64).map(|i| 10 + i % 900);
+        ids.extend(words.clone());
+        labels.extend(words);
+        ids.extend(std::iter::repeat_n(0, len - n));
+        labels.extend(std::iter::repeat_n(-100i64, len - n));
+        mask.extend((0..len).map(|i| if i < n { 1.0f32 } else { 0.0 }));
     }
+    let images = grids
+        .iter()
+        .map(|&grid| ImageInput {
+            views: Tensor::random([grid.num_views(), 3, t, t], normal, device),
+            hires: Some(Tensor::random([1, 3, grid.rows * g * 32, grid.cols * g * 32], normal, device)),
+            grid,
+        })
+        .collect();
+    let input = FilaInput {
+        input_ids: Tensor::from_data(TensorData::new(ids, [batch, len]), device),
+        attention_mask: Tensor::from_data(TensorData::new(mask, [batch, len]), device),
+        labels: Some(Tensor::from_data(TensorData::new(labels, [batch, len]), device)),
+        images,
+    };
+    let shapes = grids.iter().map(|&grid| SampleShape { grid, text_tokens: text }).collect();
+    (input, shapes, len, lengths.iter().sum())
+}
+
+/// A FLOP count for people: GFLOP below a TFLOP.
+fn flop_text(flops: f64) -> String {
+    if flops < 1e12 {
+        format!("{:.2} GFLOP", flops / 1e9)
+    } else {
+        format!("{:.1} TFLOP", flops / 1e12)
+    }
+}
+
+/// A step's canvases as `columns×rows` each, one entry with a count where all samples share it.
+fn canvas_text(canvases: &[[usize; 2]]) -> String {
+    let each: Vec<String> = canvases.iter().map(|[c, r]| format!("{c}x{r}")).collect();
+    match each.first() {
+        Some(first) if each.len() > 1 && each.iter().all(|e| e == first) => format!("{first} ×{}", each.len()),
+        _ => each.join(" "),
+    }
+}
+
+/// Figures of one timed step.
+struct StepRecord {
+    seconds: f64,
+    tokens: usize,
+    samples: usize,
+    flops: StepFlops,
+    canvases: Vec<[usize; 2]>,
+}
+
+/// Runs `warmup` untimed and `steps` timed training steps and prints per-step and summary
+/// figures. Each step ends with a device sync, so asynchronous backends are timed to completion.
+pub fn run<B: AutodiffBackend>(options: BenchOptions, device: &B::Device) -> anyhow::Result<()> {
+    let BenchOptions { size, stage, shape, batch, text_tokens, steps, warmup, precision, recompute, optimizer, optimizer_world, peak_tflops, json, .. } =
+        options;
+    let config = preset(size);
+    config.validate().expect("preset is valid");
+    let build_start = Instant::now();
+    B::seed(device, 0);
+    let modules = stage_modules(stage, &TrainableConfig::default());
+    let trains = Trains::from_modules(&modules);
+    // As the trainer builds it: the stage's trainable set, frozen weights stored as the precision says.
+    let (model, set) = apply_trainable(config.init::<B>(device), stage, &TrainableConfig::default())?;
+    let model = precision.store_frozen(model, &set);
     // The trainer's stage-2 recipe (weight decay 0, clipping at 1); the values do not change the work.
     let adam_config = OptimizerConfig { lr: 2e-5, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.0 };
     let comm = Comm::single();
     let inner_device = Tensor::<B, 1>::zeros([1], device).inner().device();
-    let mut adam = optimizer.then(|| AdamW::new(adam_config, &set, FlatLayout::new(&set, 1, 0, BUCKET_ELEMENTS), &model, &inner_device));
-    let mut step = |model: Fila<B>, input| -> anyhow::Result<Fila<B>> {
-        let loss = precision.forward(|| model.forward(input, None)).loss.expect("labels given");
-        let grads = loss.backward();
-        let model = match adam.as_mut() {
-            Some(adam) => {
-                let mut collected: Grads<B::InnerBackend> = Grads::new();
-                accumulate_grads(&model, &grads, &set, &mut collected);
-                drop(grads);
-                adam.add_gradients(&collected, &comm)?;
-                adam.step(model, 2e-5, 1.0, &comm)?.0
+    let slice = optimizer.then(|| optimizer_slice(&set, optimizer_world));
+    let mut adam = slice.as_ref().map(|slice| AdamW::new(adam_config, slice, FlatLayout::new(slice, 1, 0, BUCKET_ELEMENTS), &model, &inner_device));
+    // The optimizer holds the f32 values now; the model keeps what the precision stores.
+    let mut model = precision.store_trainable(model, &set);
+    B::sync(device).expect("device sync");
+    let build_s = build_start.elapsed().as_secs_f64();
+
+    let counts = config.num_params();
+    let checkpointing = matches!(recompute, Recompute::Layers { .. });
+    if !json {
+        println!(
+            "fila bench {size:?} stage {stage}: {:.1}M parameters ({:.1}M trainable), batch {batch} ({shape:?}), {text_tokens} text tokens per sample, {precision:?}, activation checkpointing {}",
+            counts.total() as f64 / 1e6,
+            set.num_elements() as f64 / 1e6,
+            if checkpointing { "on" } else { "off" },
+        );
+        if let Some(slice) = &slice {
+            if optimizer_world > 1 {
+                println!(
+                    "AdamW over one rank's slice of a {optimizer_world}-way sharding: {:.1}M of {:.1}M trainable elements (whole parameters in name order), without the collectives",
+                    slice.num_elements() as f64 / 1e6,
+                    set.num_elements() as f64 / 1e6
+                );
             }
-            None => model,
-        };
-        B::sync(device).expect("device sync");
-        Ok(model)
-    };
-    model = step(model, make_input())?; // warm-up, not timed
-    let mut times = Vec::with_capacity(steps);
-    let cpu_start = cpu_times();
-    let wall_start = Instant::now();
-    for _ in 0..steps {
-        let input = make_input();
+        }
+    }
+
+    let mut step = |model: Fila<B>, index: usize| -> anyhow::Result<(Fila<B>, StepRecord)> {
+        let grids = options.grids(index);
+        let (input, shapes, len, tokens) = make_input::<B>(&config, &grids, text_tokens, device);
+        let scored = ScoredRows::of(input.labels.as_ref().expect("labels given")).len();
+        let flops = step_flops(&config, &shapes, len, scored, trains, checkpointing);
         B::sync(device).expect("device sync");
         let start = Instant::now();
-        model = step(model, input)?;
-        times.push(start.elapsed().as_secs_f64());
+        let (_, grads) = forward_backward(&model, input, 1.0, precision, recompute, &set);
+        let model = match (adam.as_mut(), grads) {
+            (Some(adam), Some(grads)) => {
+                adam.add_gradients(&grads, &comm)?;
+                drop(grads);
+                adam.step(model, 2e-5, 1.0, &comm)?.0
+            }
+            _ => model,
+        };
+        B::sync(device).expect("device sync");
+        let seconds = start.elapsed().as_secs_f64();
+        let canvases = grids.iter().map(|g| if g.tiled { [g.cols, g.rows] } else { [1, 1] }).collect();
+        Ok((model, StepRecord { seconds, tokens, samples: grids.len(), flops, canvases }))
+    };
+    // Progress goes to stderr under --json, so a run stopped by a time limit still shows its steps.
+    let say = |line: String| if json { eprintln!("{line}") } else { println!("{line}") };
+    let line = |i: usize, r: &StepRecord, what: &str| {
+        let mfu = peak_tflops.map(|p| format!("{:.1} %", 100.0 * r.flops.total() as f64 / r.seconds / (p * 1e12))).unwrap_or_else(|| "n/a".into());
+        format!(
+            "{what} {:>3}: {:8.1} ms, {:>6} tokens, {:9.1} tokens/s, {:7.2} samples/s, {}, MFU {mfu}, canvases {}",
+            i + 1,
+            r.seconds * 1e3,
+            r.tokens,
+            r.tokens as f64 / r.seconds,
+            r.samples as f64 / r.seconds,
+            flop_text(r.flops.total() as f64),
+            canvas_text(&r.canvases)
+        )
+    };
+    say(format!("model built in {build_s:.1} s"));
+    let mut warmup_s = Vec::with_capacity(warmup);
+    for i in 0..warmup {
+        let (next, record) = step(model, i)?;
+        model = next;
+        say(line(i, &record, "warm-up"));
+        warmup_s.push(record.seconds);
+    }
+    let memory = PeakMemory::start(options.device);
+    let mut records = Vec::with_capacity(steps);
+    let cpu_start = cpu_times();
+    let wall_start = Instant::now();
+    for i in warmup..warmup + steps {
+        let (next, record) = step(model, i)?;
+        model = next;
+        say(line(i, &record, "step"));
+        records.push(record);
     }
     let wall = wall_start.elapsed().as_secs_f64();
+    let (peak_bytes, peak_source) = memory.finish();
+    drop(model);
     // Input generation is inside the CPU window but outside the step times; it is small.
     let cpu = cpu_start.zip(cpu_times()).map(|((u0, s0), (u1, s1))| (u1 - u0, s1 - s0));
-    let mean = times.iter().sum::<f64>() / steps as f64;
+
+    let times: Vec<f64> = records.iter().map(|r| r.seconds).collect();
+    let seconds: f64 = times.iter().sum();
+    let mean = seconds / steps as f64;
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
     let median = sorted[steps / 2];
+    let tokens: usize = records.iter().map(|r| r.tokens).sum();
+    let samples: usize = records.iter().map(|r| r.samples).sum();
+    let mut flops = StepFlops::default();
+    for r in &records {
+        flops.forward += r.flops.forward;
+        flops.backward += r.flops.backward;
+        flops.recompute += r.flops.recompute;
+    }
+    let achieved = flops.total() as f64 / seconds;
+    let mfu = peak_tflops.map(|p| achieved / (p * 1e12));
+    let mfu_model = peak_tflops.map(|p| flops.model() as f64 / seconds / (p * 1e12));
+    let slice_elements = slice.as_ref().map(|s| s.num_elements());
     if json {
         let value = serde_json::json!({
             "size": format!("{size:?}").to_lowercase(),
-            "batch": batch,
             "stage": stage,
-            "optimizer": optimizer,
+            "batch": batch,
+            "batch_shape": format!("{shape:?}").to_lowercase(),
+            "text_tokens": text_tokens,
+            "device": options.device.to_string(),
             "precision": format!("{precision:?}"),
+            "activation_checkpointing": checkpointing,
+            "optimizer": optimizer,
+            "optimizer_world": optimizer_world,
+            "optimizer_elements": slice_elements,
+            "build_s": build_s,
+            "warmup_steps": warmup,
+            "warmup_s": warmup_s,
+            "steps": steps,
             "step_s": times,
+            "step_tokens": records.iter().map(|r| r.tokens).collect::<Vec<_>>(),
+            "step_canvases": records.iter().map(|r| r.canvases.clone()).collect::<Vec<_>>(),
+            "step_flops": records.iter().map(|r| r.flops.total()).collect::<Vec<_>>(),
             "mean_s": mean,
             "median_s": median,
+            "tokens_per_s": tokens as f64 / seconds,
+            "samples_per_s": samples as f64 / seconds,
+            "flops_per_step": {
+                "forward": flops.forward / steps as u64,
+                "backward": flops.backward / steps as u64,
+                "recompute": flops.recompute / steps as u64,
+                "total": flops.total() / steps as u64,
+            },
+            "achieved_tflops": achieved / 1e12,
+            "peak_tflops": peak_tflops,
+            "mfu": mfu,
+            "mfu_without_recompute": mfu_model,
+            "peak_memory_bytes": peak_bytes,
+            "peak_memory_source": peak_source,
             "wall_s": wall,
             "user_s": cpu.map(|c| c.0),
             "system_s": cpu.map(|c| c.1),
@@ -198,7 +591,29 @@ pub fn run<B: AutodiffBackend>(options: BenchOptions, device: &B::Device) -> any
         println!("{value}");
     } else {
         let what = if optimizer { "forward+backward+AdamW" } else { "forward+backward" };
-        println!("{what}: mean {:.1} ms/step, median {:.1} ms/step, {:.1} ms/sample over {steps} steps", mean * 1e3, median * 1e3, mean * 1e3 / batch as f64);
+        println!(
+            "{what}: mean {:.1} ms/step, median {:.1} ms/step over {steps} steps after {warmup} warm-up; {:.1} tokens/s, {:.2} samples/s",
+            mean * 1e3,
+            median * 1e3,
+            tokens as f64 / seconds,
+            samples as f64 / seconds
+        );
+        println!(
+            "per step {} (forward {}, backward {}, recomputation {}), {:.3} TFLOP/s, MFU {}",
+            flop_text(flops.total() as f64 / steps as f64),
+            flop_text(flops.forward as f64 / steps as f64),
+            flop_text(flops.backward as f64 / steps as f64),
+            flop_text(flops.recompute as f64 / steps as f64),
+            achieved / 1e12,
+            match (mfu, mfu_model, peak_tflops) {
+                (Some(m), Some(n), Some(p)) => format!("{:.1} % of {p} TFLOP/s ({:.1} % without the recomputation)", m * 100.0, n * 100.0),
+                _ => "n/a (give --peak-tflops)".into(),
+            }
+        );
+        match peak_bytes {
+            Some(b) => println!("peak memory {:.2} GiB: {peak_source}", b as f64 / (1u64 << 30) as f64),
+            None => println!("peak memory {peak_source}"),
+        }
         if let Some((user, system)) = cpu {
             println!("CPU: user {user:.2} s, system {system:.2} s over {wall:.2} s wall (user/wall {:.2})", user / wall);
         }

@@ -3,13 +3,14 @@
 
 mod bench;
 mod eval;
+mod flops;
 mod forward;
 mod infer;
 mod metrics;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use fila_train::backend::{dispatch, Device, OnBackend};
+use fila_train::backend::{dispatch, OnBackend};
 use fila_train::precision::Precision;
 use std::path::PathBuf;
 
@@ -95,30 +96,9 @@ enum Command {
     /// Dataset tools.
     #[command(subcommand)]
     Data(DataCommand),
-    /// Training-step time on random weights (forward, backward, optionally AdamW; CPU unless built with `cuda`).
-    Bench {
-        #[arg(long, value_enum, default_value = "tiny")]
-        size: bench::BenchSize,
-        #[arg(long, default_value_t = 1)]
-        batch: usize,
-        #[arg(long, default_value_t = 5)]
-        steps: usize,
-        /// `cpu` or `cuda:N` (needs the `cuda` feature).
-        #[arg(long, default_value = "cpu")]
-        device: Device,
-        /// `f32` or `bf16_mixed` (bf16 matrix products, f32 weights; see fila-train's precision).
-        #[arg(long, default_value = "f32", value_parser = parse_precision)]
-        precision: Precision,
-        /// Trainable set of this training stage: 1 = CVFM + projector, 2 = everything.
-        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=2))]
-        stage: u8,
-        /// Include the optimizer update (gradient clipping and AdamW) in each step.
-        #[arg(long)]
-        optimizer: bool,
-        /// Print one JSON object with the per-step times and CPU time.
-        #[arg(long)]
-        json: bool,
-    },
+    /// Training-step time on random weights (forward, backward, optionally AdamW; CPU unless built with `cuda`):
+    /// step time, tokens/s, samples/s, peak memory, FLOPs and MFU.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -222,8 +202,9 @@ fn main() -> Result<()> {
                 println!("wrote {}", out.display());
             }
         }
-        Command::Bench { size, batch, steps, device, precision, stage, optimizer, json } => {
-            dispatch(device, Bench(bench::BenchOptions { size, batch, steps, precision, stage, optimizer, json }))?;
+        Command::Bench(args) => {
+            let options = bench::BenchOptions::from_args(&args)?;
+            dispatch(options.device, Bench(options))?;
         }
     }
     Ok(())
