@@ -475,8 +475,8 @@ pub fn run<B: AutodiffBackend>(options: BenchOptions, device: &B::Device) -> any
         B::sync(device).expect("device sync");
         let start = Instant::now();
         let (_, grads) = forward_backward(&model, input, 1.0, precision, recompute, &set);
-        let model = match (adam.as_mut(), grads) {
-            (Some(adam), Some(grads)) => {
+        let model = match adam.as_mut() {
+            Some(adam) => {
                 adam.add_gradients(&grads, &comm)?;
                 drop(grads);
                 adam.step(model, 2e-5, 1.0, &comm)?.0
@@ -512,6 +512,7 @@ pub fn run<B: AutodiffBackend>(options: BenchOptions, device: &B::Device) -> any
         warmup_s.push(record.seconds);
     }
     let memory = PeakMemory::start(options.device);
+    let kernels_before = fila_train::kernel_events::counts();
     let mut records = Vec::with_capacity(steps);
     let cpu_start = cpu_times();
     let wall_start = Instant::now();
@@ -522,6 +523,8 @@ pub fn run<B: AutodiffBackend>(options: BenchOptions, device: &B::Device) -> any
         records.push(record);
     }
     let wall = wall_start.elapsed().as_secs_f64();
+    // Kernels compiled and autotune runs during the timed steps (goal: none after warm-up).
+    let kernels = fila_train::kernel_events::counts().since(kernels_before);
     let (peak_bytes, peak_source) = memory.finish();
     drop(model);
     // Input generation is inside the CPU window but outside the step times; it is small.
@@ -587,6 +590,8 @@ pub fn run<B: AutodiffBackend>(options: BenchOptions, device: &B::Device) -> any
             "system_s": cpu.map(|c| c.1),
             "trainable": set.num_elements(),
             "parameters": counts.total(),
+            "kernels_compiled_after_warmup": kernels.compiled,
+            "autotune_runs_after_warmup": kernels.tuned,
         });
         println!("{value}");
     } else {
@@ -617,6 +622,7 @@ pub fn run<B: AutodiffBackend>(options: BenchOptions, device: &B::Device) -> any
         if let Some((user, system)) = cpu {
             println!("CPU: user {user:.2} s, system {system:.2} s over {wall:.2} s wall (user/wall {:.2})", user / wall);
         }
+        println!("after warm-up: {} kernels compiled, {} autotune runs", kernels.compiled, kernels.tuned);
     }
     Ok(())
 }
