@@ -158,6 +158,7 @@ enum DataCommand {
 }
 
 fn main() -> Result<()> {
+    fila_train::alloc::keep_freed_memory();
     let cli = Cli::parse();
     match cli.command {
         Command::Forward { config, image, prompt, out } => forward::run(&config, image.as_deref(), &prompt, &out)?,
