@@ -138,6 +138,7 @@ enum DataCommand {
 }
 
 fn main() -> Result<()> {
+    fila_train::alloc::keep_freed_memory();
     let cli = Cli::parse();
     fila_train::kernel_events::install();
     match cli.command {

@@ -54,8 +54,18 @@ fn high<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     x.cast(FloatDType::F32)
 }
 
-/// `layer(x)` in the current compute dtype; returns f32.
+/// `layer(x)` in the current compute dtype; returns f32. `x`: `[…, in]` → `[…, out]`.
 pub fn linear<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    if D > 2 {
+        // One `[rows, in] @ [in, out]` product: Burn's weight gradient for a batched input is a
+        // product per batch entry and a sum over a `[batch, in, out]` temporary.
+        let dims = x.dims();
+        let rows = dims[..D - 1].iter().product();
+        let y = linear(layer, x.reshape([rows, dims[D - 1]]));
+        let mut out = dims;
+        out[D - 1] = y.dims()[1];
+        return y.reshape(out);
+    }
     match current() {
         Compute::F32 => layer.forward(x),
         Compute::Bf16 => {

@@ -3,6 +3,7 @@
 //! trainable sets, AdamW with warmup-cosine, gradient accumulation, global-norm clipping, atomic
 //! step checkpoints with exact resume, TensorBoard scalars and a `final/` export.
 
+pub mod alloc;
 pub mod backend;
 pub mod batch;
 pub mod checkpoint;

@@ -43,6 +43,7 @@ struct Cli {
 }
 
 fn main() {
+    fila_train::alloc::keep_freed_memory();
     let world = World::from_env();
     let tag = world.as_ref().map(World::tag).unwrap_or_default();
     if let Err(e) = real_main(world) {

@@ -5,6 +5,10 @@
 //! (no groups), its `GradientClippingConfig::Norm` clips each tensor on its own, and it cannot
 //! shard its state or gradients across ranks. Gradients are flat f32 tensors on the inner (non-autodiff)
 //! backend, keyed by model path; the optimizer state is one flat slice per rank ([`FlatLayout`]).
+//!
+//! On the CPU backend (flex) the update is one multi-threaded pass over the slice that writes the
+//! master values and both moments in place ([`fused`]): the same arithmetic as the tensor ops,
+//! which would make about fifteen slice-sized temporaries per step.
 
 use crate::checkpoint::OPTIMIZER_FILE;
 use crate::config::{OptimizerConfig, ScheduleConfig};
@@ -12,11 +16,14 @@ use crate::dist::Comm;
 use crate::shard::FlatLayout;
 use crate::trainable::TrainableSet;
 use anyhow::{anyhow, bail, Context, Result};
+use burn::backend::flex::FlexTensor;
+use burn::backend::Flex;
 use burn::module::{Module, Param};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{FloatDType, TensorData};
 use fila_model::weights::{map_params, visit_params, write_safetensors, Checkpoint, ParamPath, PathMapper, PathVisitor};
+use std::any::Any;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
@@ -103,6 +110,9 @@ pub struct AdamW<I: Backend> {
     /// Per element of the slice: the parameter's LR multiplier, and 1 where weight decay applies.
     lr_multiplier: Tensor<I, 1>,
     decays: Tensor<I, 1>,
+    /// The same per parameter (layout order), for the fused CPU update.
+    param_lr_multiplier: Vec<f32>,
+    param_decays: Vec<bool>,
     /// The step's gradient slice so far (summed over micro-batches and ranks), and which
     /// parameters received a gradient on this rank.
     grad: Option<Tensor<I, 1>>,
@@ -150,10 +160,18 @@ impl<I: Backend> AdamW<I> {
     {
         let values = flat_values::<B, M>(model, &layout);
         let master = layout.own_slice(&|p| values[p].clone(), device);
+        Self::with_master(config, set, layout, master)
+    }
+
+    /// Fresh moments around the master slice `master`.
+    fn with_master(config: OptimizerConfig, set: &TrainableSet, layout: FlatLayout, master: Tensor<I, 1>) -> Self {
+        let device = master.device();
         let info = |p: usize| &set.params[&layout.names[p]];
-        let lr_multiplier = layout.per_element(|p| info(p).lr_multiplier as f32, 0.0, device);
-        let decays = layout.per_element(|p| if info(p).decay { 1.0 } else { 0.0 }, 0.0, device);
-        let zeros = Tensor::zeros([layout.slice_len], device);
+        let lr_multiplier = layout.per_element(|p| info(p).lr_multiplier as f32, 0.0, &device);
+        let decays = layout.per_element(|p| if info(p).decay { 1.0 } else { 0.0 }, 0.0, &device);
+        let param_lr_multiplier = (0..layout.names.len()).map(|p| info(p).lr_multiplier as f32).collect();
+        let param_decays = (0..layout.names.len()).map(|p| info(p).decay).collect();
+        let zeros = Tensor::zeros([layout.slice_len], &device);
         let has_grad = vec![false; layout.names.len()];
         Self {
             config,
@@ -164,6 +182,8 @@ impl<I: Backend> AdamW<I> {
             exp_avg_sq: zeros,
             lr_multiplier,
             decays,
+            param_lr_multiplier,
+            param_decays,
             grad: None,
             has_grad,
             master_in_checkpoint: false,
@@ -185,7 +205,7 @@ impl<I: Backend> AdamW<I> {
             let bucket = layout.bucket_tensor(b, &|p| grads.get(&layout.names[p]).map(|g| g.clone().cast(FloatDType::F32)), &device);
             pieces.push(comm.reduce_scatter(bucket)?);
         }
-        let piece = Tensor::cat(pieces, 0);
+        let piece = if pieces.len() == 1 { pieces.pop().unwrap() } else { Tensor::cat(pieces, 0) };
         self.grad = Some(match self.grad.take() {
             Some(sum) => sum + piece,
             None => piece,
@@ -212,41 +232,24 @@ impl<I: Backend> AdamW<I> {
         // Parameters without a gradient on any rank (unused this step) are left untouched.
         let local: Vec<f64> = self.has_grad.iter().map(|&h| f64::from(u8::from(h))).collect();
         let present: Vec<bool> = comm.sum_f64(&local)?.into_iter().map(|c| c > 0.0).collect();
-        let mut grad = self.grad.take().unwrap_or_else(|| Tensor::zeros([self.layout.slice_len], &device));
+        let grad = self.grad.take().unwrap_or_else(|| Tensor::zeros([self.layout.slice_len], &device));
         self.has_grad.fill(false);
-        let layout = &self.layout;
-        let local_sq = grad.clone().powf_scalar(2.0).sum().into_scalar().elem::<f64>();
+        let local_sq = match as_flex(&grad) {
+            Some(g) => fused::sum_of_squares(&g),
+            None => grad.clone().powf_scalar(2.0).sum().into_scalar().elem::<f64>(),
+        };
         let norm = comm.sum_f64(&[local_sq])?[0].sqrt();
         if !norm.is_finite() {
             return Ok((model, norm));
         }
-        if let Some(coef) = clip_coefficient(norm, max_norm) {
-            grad = grad.mul_scalar(coef as f32);
-        }
-
         self.step += 1;
-        let t = self.step as i32;
-        let [beta1, beta2] = self.config.betas;
-        let (bias_correction1, bias_correction2) = (1.0 - beta1.powi(t), 1.0 - beta2.powi(t));
-        let lr_vec = self.lr_multiplier.clone().mul_scalar(lr as f32);
-        let mut p = self.master.clone();
-        if self.config.weight_decay > 0.0 {
-            let factor = (lr_vec.clone() * self.decays.clone()).mul_scalar(-self.config.weight_decay as f32).add_scalar(1.0);
-            p = p * factor;
-        }
-        let m = self.exp_avg.clone().mul_scalar(beta1 as f32) + grad.clone().mul_scalar((1.0 - beta1) as f32);
-        let v = self.exp_avg_sq.clone().mul_scalar(beta2 as f32) + grad.powf_scalar(2.0).mul_scalar((1.0 - beta2) as f32);
-        let denom = v.clone().sqrt().div_scalar(bias_correction2.sqrt() as f32).add_scalar(self.config.eps as f32);
-        p = p - (m.clone() / denom) * lr_vec.div_scalar(bias_correction1 as f32);
-        if present.iter().all(|&x| x) {
-            (self.master, self.exp_avg, self.exp_avg_sq) = (p, m, v);
-        } else {
-            let absent = layout.per_element(|i| if present[i] { 0.0 } else { 1.0 }, 1.0, &device).equal_elem(1.0);
-            self.master = p.mask_where(absent.clone(), self.master.clone());
-            self.exp_avg = m.mask_where(absent.clone(), self.exp_avg.clone());
-            self.exp_avg_sq = v.mask_where(absent, self.exp_avg_sq.clone());
+        let update = Update::new(&self.config, self.step, lr, clip_coefficient(norm, max_norm));
+        match (self as &mut dyn Any).downcast_mut::<AdamW<Flex>>() {
+            Some(flex) => flex.update_fused(same_type(grad), &present, &update),
+            None => self.update_with_tensors(grad, &present, &update),
         }
 
+        let layout = &self.layout;
         let mut gathered = Vec::with_capacity(layout.buckets.len());
         for bucket in &layout.buckets {
             let piece = bucket.piece(layout.world);
@@ -254,6 +257,32 @@ impl<I: Backend> AdamW<I> {
         }
         let params = layout.params_from_buckets(gathered);
         Ok((map_params(model, &mut SetValues::<B> { layout, params: params.into_iter().map(Some).collect() }), norm))
+    }
+
+    /// The AdamW update of the slice from Burn's tensor ops (any backend).
+    fn update_with_tensors(&mut self, grad: Tensor<I, 1>, present: &[bool], u: &Update) {
+        let grad = match u.clip {
+            Some(coef) => grad.mul_scalar(coef),
+            None => grad,
+        };
+        let lr_vec = self.lr_multiplier.clone().mul_scalar(u.lr);
+        let mut p = self.master.clone();
+        if u.weight_decay > 0.0 {
+            let factor = (lr_vec.clone() * self.decays.clone()).mul_scalar(-u.weight_decay).add_scalar(1.0);
+            p = p * factor;
+        }
+        let m = self.exp_avg.clone().mul_scalar(u.beta1) + grad.clone().mul_scalar(u.one_minus_beta1);
+        let v = self.exp_avg_sq.clone().mul_scalar(u.beta2) + grad.powf_scalar(2.0).mul_scalar(u.one_minus_beta2);
+        let denom = v.clone().sqrt().div_scalar(u.bias_correction2_sqrt).add_scalar(u.eps);
+        p = p - (m.clone() / denom) * lr_vec.div_scalar(u.bias_correction1);
+        if present.iter().all(|&x| x) {
+            (self.master, self.exp_avg, self.exp_avg_sq) = (p, m, v);
+        } else {
+            let absent = self.layout.per_element(|i| if present[i] { 0.0 } else { 1.0 }, 1.0, &self.master.device()).equal_elem(1.0);
+            self.master = p.mask_where(absent.clone(), self.master.clone());
+            self.exp_avg = m.mask_where(absent.clone(), self.exp_avg.clone());
+            self.exp_avg_sq = v.mask_where(absent, self.exp_avg_sq.clone());
+        }
     }
 
     /// Writes this rank's shard ([`shard_file`]) into `dir`: `exp_avg.<path>` and
@@ -334,6 +363,200 @@ impl<I: Backend> AdamW<I> {
         self.master = Tensor::from_data(TensorData::new(master, [n]), &device);
         self.step = step.unwrap_or(0);
         Ok(())
+    }
+}
+
+/// One step's constants, in f32 as the update applies them.
+#[derive(Debug, Clone, Copy)]
+struct Update {
+    lr: f32,
+    weight_decay: f32,
+    beta1: f32,
+    one_minus_beta1: f32,
+    beta2: f32,
+    one_minus_beta2: f32,
+    bias_correction1: f32,
+    bias_correction2_sqrt: f32,
+    eps: f32,
+    /// The gradient's clipping factor, when it is clipped.
+    clip: Option<f32>,
+}
+
+impl Update {
+    /// `step`: this update's number, from 1.
+    fn new(config: &OptimizerConfig, step: u64, lr: f64, clip: Option<f64>) -> Self {
+        let t = step as i32;
+        let [beta1, beta2] = config.betas;
+        Self {
+            lr: lr as f32,
+            weight_decay: config.weight_decay as f32,
+            beta1: beta1 as f32,
+            one_minus_beta1: (1.0 - beta1) as f32,
+            beta2: beta2 as f32,
+            one_minus_beta2: (1.0 - beta2) as f32,
+            bias_correction1: (1.0 - beta1.powi(t)) as f32,
+            bias_correction2_sqrt: (1.0 - beta2.powi(t)).sqrt() as f32,
+            eps: config.eps as f32,
+            clip: clip.map(|c| c as f32),
+        }
+    }
+}
+
+impl AdamW<Flex> {
+    /// The AdamW update of the slice in one pass ([`fused::update`]), writing the master values
+    /// and moments in place where this optimizer is their storage's only owner.
+    fn update_fused(&mut self, grad: Tensor<Flex, 1>, present: &[bool], u: &Update) {
+        let grad = fused::whole(flex_of(grad));
+        let take = |t: &mut Tensor<Flex, 1>| fused::Target::new(flex_of(std::mem::replace(t, Tensor::empty([0], &Default::default()))));
+        let (mut master, mut exp_avg, mut exp_avg_sq) = (take(&mut self.master), take(&mut self.exp_avg), take(&mut self.exp_avg_sq));
+        let params = fused::Params { segments: &self.layout.segments, lr_multiplier: &self.param_lr_multiplier, decays: &self.param_decays, present };
+        fused::update(grad.storage(), [&mut master, &mut exp_avg, &mut exp_avg_sq], &params, u);
+        (self.master, self.exp_avg, self.exp_avg_sq) = (master.into_tensor(), exp_avg.into_tensor(), exp_avg_sq.into_tensor());
+    }
+}
+
+/// The flex primitive of `t` when the backend `I` is flex.
+fn as_flex<I: Backend>(t: &Tensor<I, 1>) -> Option<FlexTensor> {
+    (t as &dyn Any).downcast_ref::<Tensor<Flex, 1>>().map(|t| flex_of(t.clone()))
+}
+
+fn flex_of(t: Tensor<Flex, 1>) -> FlexTensor {
+    t.into_primitive().tensor()
+}
+
+/// Moves a value to the type it is known to have (checked by downcasting beforehand).
+fn same_type<S: 'static, T: 'static>(value: S) -> T {
+    *(Box::new(value) as Box<dyn Any>).downcast::<T>().expect("types checked equal")
+}
+
+/// The AdamW update as one pass over raw `f32` slices (the CPU backend).
+mod fused {
+    use super::Update;
+    use crate::shard::Segment;
+    use burn::backend::flex::FlexTensor;
+    use burn::backend::Flex;
+    use burn::prelude::*;
+    use burn::tensor::{Bytes, TensorPrimitive};
+    use rayon::prelude::*;
+
+    /// Elements per task: fixed, so how the work is cut does not depend on the thread count.
+    pub const CHUNK: usize = 1 << 15;
+
+    /// Whether `t`'s storage is exactly its `f32` elements, in order.
+    fn is_whole(t: &FlexTensor) -> bool {
+        t.dtype() == burn::tensor::DType::F32
+            && t.is_contiguous()
+            && t.layout().start_offset() == 0
+            && t.bytes().len() == t.layout().num_elements() * size_of::<f32>()
+    }
+
+    /// `t` with storage that is exactly its elements (a copy when it is a view).
+    pub fn whole(t: FlexTensor) -> FlexTensor {
+        if is_whole(&t) {
+            t
+        } else {
+            t.to_contiguous()
+        }
+    }
+
+    /// `Σ x²` in f64, summed per fixed chunk and then over chunks in order.
+    pub fn sum_of_squares(t: &FlexTensor) -> f64 {
+        let t = whole(t.clone());
+        let partial: Vec<f64> = t.storage::<f32>().par_chunks(CHUNK).map(|c| c.iter().map(|&x| f64::from(x) * f64::from(x)).sum()).collect();
+        partial.iter().sum()
+    }
+
+    /// One state vector to update: in place when the optimizer is its storage's only owner (the
+    /// moments), else into a fresh buffer (the master values, which the model's parameters share).
+    pub enum Target {
+        InPlace(FlexTensor),
+        Fresh { old: FlexTensor, new: Vec<f32> },
+    }
+
+    impl Target {
+        pub fn new(t: FlexTensor) -> Self {
+            let t = whole(t);
+            if t.is_unique() {
+                Self::InPlace(t)
+            } else {
+                let new = vec![0.0; t.layout().num_elements()];
+                Self::Fresh { old: t, new }
+            }
+        }
+
+        /// The buffer to write, and the old values when they live elsewhere.
+        fn parts(&mut self) -> (&mut [f32], Option<&[f32]>) {
+            match self {
+                Self::InPlace(t) => (t.try_storage_mut().expect("checked unique"), None),
+                Self::Fresh { old, new } => (new, Some(old.storage())),
+            }
+        }
+
+        pub fn into_tensor(self) -> Tensor<Flex, 1> {
+            let t = match self {
+                Self::InPlace(t) => t,
+                Self::Fresh { new, .. } => {
+                    let n = new.len();
+                    FlexTensor::new(Bytes::from_elems(new), burn::backend::flex::Layout::contiguous([n].into()), burn::tensor::DType::F32)
+                }
+            };
+            Tensor::from_primitive(TensorPrimitive::Float(t))
+        }
+    }
+
+    /// Which parameter each run of the slice belongs to, and its settings.
+    pub struct Params<'a> {
+        pub segments: &'a [Segment],
+        pub lr_multiplier: &'a [f32],
+        pub decays: &'a [bool],
+        /// Whether the parameter got a gradient on some rank this step (absent ones keep their
+        /// values and moments).
+        pub present: &'a [bool],
+    }
+
+    /// AdamW on `[master, exp_avg, exp_avg_sq]` from `grad`, element by element as the tensor
+    /// path computes it (PyTorch's single-tensor `AdamW`). Padding between runs is left as it is.
+    pub fn update(grad: &[f32], targets: [&mut Target; 3], params: &Params, u: &Update) {
+        let [master, exp_avg, exp_avg_sq] = targets.map(Target::parts);
+        let n = grad.len();
+        assert!(master.0.len() == n && exp_avg.0.len() == n && exp_avg_sq.0.len() == n, "optimizer state and gradient differ in length");
+        let old = [master.1, exp_avg.1, exp_avg_sq.1];
+        master.0.par_chunks_mut(CHUNK).zip(exp_avg.0.par_chunks_mut(CHUNK)).zip(exp_avg_sq.0.par_chunks_mut(CHUNK)).enumerate().for_each(|(k, ((p, m), v))| {
+            let lo = k * CHUNK;
+            let hi = lo + p.len();
+            for (out, old) in [&mut *p, &mut *m, &mut *v].into_iter().zip(old) {
+                if let Some(old) = old {
+                    out.copy_from_slice(&old[lo..hi]);
+                }
+            }
+            let first = params.segments.partition_point(|s| s.at + s.len <= lo);
+            for s in params.segments[first..].iter().take_while(|s| s.at < hi) {
+                if !params.present[s.param] {
+                    continue;
+                }
+                let (a, b) = (s.at.max(lo), (s.at + s.len).min(hi));
+                let r = a - lo..b - lo;
+                update_run(&grad[a..b], &mut p[r.clone()], &mut m[r.clone()], &mut v[r], params.lr_multiplier[s.param], params.decays[s.param], u);
+            }
+        });
+    }
+
+    /// One parameter's run of elements.
+    fn update_run(grad: &[f32], p: &mut [f32], m: &mut [f32], v: &mut [f32], lr_multiplier: f32, decays: bool, u: &Update) {
+        let lr = lr_multiplier * u.lr;
+        let decay = (u.weight_decay > 0.0 && decays).then(|| lr * -u.weight_decay + 1.0);
+        let step_size = lr / u.bias_correction1;
+        let clip = u.clip.unwrap_or(1.0);
+        for (((&g, p), m), v) in grad.iter().zip(p).zip(m).zip(v) {
+            let g = g * clip;
+            if let Some(factor) = decay {
+                *p *= factor;
+            }
+            *m = *m * u.beta1 + g * u.one_minus_beta1;
+            *v = *v * u.beta2 + g * g * u.one_minus_beta2;
+            let denom = v.sqrt() / u.bias_correction2_sqrt + u.eps;
+            *p -= *m / denom * step_size;
+        }
     }
 }
 
@@ -519,5 +742,51 @@ mod tests {
         std::fs::remove_file(dir.join("optimizer-00001-of-00002.safetensors")).unwrap();
         let e = resumed.load(&dir).unwrap_err().to_string();
         assert!(e.contains("rank 1 of 2 is missing"), "{e}");
+    }
+
+    /// The fused CPU update against the tensor ops on random state over three steps: weight
+    /// decay, LR multipliers, clipping, a parameter without a gradient, runs that cross the fused
+    /// pass's chunks and padding (rank 1 of 2). The first step writes fresh buffers (the state is
+    /// shared with the other optimizer), the later ones write in place.
+    #[test]
+    fn the_fused_cpu_update_computes_what_the_tensor_ops_compute() {
+        use burn::tensor::Distribution;
+        let dev = Default::default();
+        let mut set = TrainableSet::default();
+        for (name, n, lr_multiplier, decay) in [("a", 37, 1.0, true), ("b", 150_001, 0.5, true), ("c", 9, 2.0, false), ("d", 80_000, 2.0, false)] {
+            set.params.insert(name.into(), crate::trainable::TrainableParam { shape: vec![n], lr_multiplier, decay });
+        }
+        let layout = FlatLayout::new(&set, 2, 1, 25_001);
+        let n = layout.slice_len;
+        assert!(n > 2 * fused::CHUNK && layout.buckets.iter().any(|b| b.padded > b.len));
+        Flex::seed(&dev, 19);
+        let random = |lo: f64, hi: f64| Tensor::<Flex, 1>::random([n], Distribution::Uniform(lo, hi), &dev);
+        let mut tensors = AdamW::with_master(config(), &set, layout.clone(), random(-1.0, 1.0));
+        (tensors.exp_avg, tensors.exp_avg_sq) = (random(-0.1, 0.1), random(0.0, 0.01));
+        let mut fused = AdamW::with_master(config(), &set, layout, tensors.master.clone());
+        (fused.exp_avg, fused.exp_avg_sq) = (tensors.exp_avg.clone(), tensors.exp_avg_sq.clone());
+        let before = |t: &Tensor<Flex, 1>| t.clone().into_data().to_vec::<f32>().unwrap();
+        let start = [before(&tensors.master), before(&tensors.exp_avg), before(&tensors.exp_avg_sq)];
+        let present = [true, true, false, true]; // `c` got no gradient
+        for (step, clip) in [(1, None), (2, Some(0.25)), (3, Some(0.5))] {
+            let grad = random(-1.0, 1.0);
+            let u = Update::new(&config(), step, 1e-2, clip);
+            tensors.update_with_tensors(grad.clone(), &present, &u);
+            fused.update_fused(grad, &present, &u);
+        }
+        let pairs = [(&fused.master, &tensors.master), (&fused.exp_avg, &tensors.exp_avg), (&fused.exp_avg_sq, &tensors.exp_avg_sq)];
+        for (k, (f, t)) in pairs.into_iter().enumerate() {
+            let (f, t) = (before(f), before(t));
+            let worst = f.iter().zip(&t).map(|(a, b)| ((a - b).abs() / b.abs().max(1e-6)) as f64).fold(0.0, f64::max);
+            assert!(worst <= 1e-6, "state {k}: largest relative difference {worst:e}");
+            // `c` and the padding keep their values; (almost) every other element moved.
+            let mut updated = vec![false; n];
+            for seg in fused.layout.segments.iter().filter(|s| present[s.param]) {
+                updated[seg.at..seg.at + seg.len].fill(true);
+            }
+            assert!((0..n).filter(|&i| !updated[i]).all(|i| f[i] == start[k][i]), "state {k}");
+            let moved = (0..n).filter(|&i| updated[i] && f[i] != start[k][i]).count();
+            assert!(moved as f64 > 0.999 * updated.iter().filter(|&&u| u).count() as f64, "state {k}: {moved} moved");
+        }
     }
 }
