@@ -7,7 +7,7 @@ if [ -n "${FILA_BIN:-}" ]; then
   bin=$(realpath "$FILA_BIN")
 else
   cargo build --release -p fila-cli -p fila-train
-  bin=$PWD/target/release
+  bin=${CARGO_TARGET_DIR:-$PWD/target}/release
 fi
 fila=$bin/fila
 train=$bin/fila-train
