@@ -75,7 +75,33 @@ pub fn dispatch<J: OnBackend>(device: Device, job: J) -> Result<J::Output> {
 
 #[cfg(feature = "cuda")]
 fn on_cuda<J: OnBackend>(index: usize, job: J) -> Result<J::Output> {
+    let count = cuda_device_count().map_err(|why| {
+        anyhow::anyhow!("device `cuda:{index}`: {why}. Is this a machine with an NVIDIA GPU and its driver? Use `device = \"cpu\"` otherwise")
+    })?;
+    if index >= count {
+        anyhow::bail!(
+            "device `cuda:{index}`: this machine has {count} CUDA device(s){}",
+            if count > 0 { format!(" (cuda:0 .. cuda:{})", count - 1) } else { String::new() }
+        );
+    }
     job.run::<Autodiff<burn::backend::Cuda>>(&burn::backend::cuda::CudaDevice::new(index))
+}
+
+/// The number of CUDA devices, asked of the driver before the backend starts (which otherwise
+/// fails deep inside its runtime thread). cudarc loads the driver library at run time and panics
+/// when it is missing; that panic becomes an error here.
+#[cfg(feature = "cuda")]
+fn cuda_device_count() -> std::result::Result<usize, String> {
+    use cudarc::driver::result;
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let count = std::panic::catch_unwind(|| result::init().and_then(|_| result::device::get_count()));
+    std::panic::set_hook(hook);
+    match count {
+        Ok(Ok(n)) => Ok(n.max(0) as usize),
+        Ok(Err(e)) => Err(format!("the CUDA driver failed to start ({e:?})")),
+        Err(_) => Err("the CUDA driver library (libcuda) could not be loaded".into()),
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
