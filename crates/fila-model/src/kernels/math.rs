@@ -465,3 +465,71 @@ pub fn transpose(x: &[f32], n: usize, rows: usize, cols: usize) -> Vec<f32> {
     });
     out
 }
+
+/// Shape of a RoPE call: the projection output `[b, t, heads·hd]`, and `table_rows` rows of the
+/// `[table_rows, t, hd]` cos/sin tables (1, or one per batch row).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rope {
+    pub b: usize,
+    pub t: usize,
+    pub heads: usize,
+    pub hd: usize,
+    pub table_rows: usize,
+}
+
+impl Rope {
+    /// Offset of the cos/sin row for batch row `bi`, position `ti`.
+    fn table(&self, bi: usize, ti: usize) -> usize {
+        let row = if self.table_rows == 1 { 0 } else { bi };
+        (row * self.t + ti) * self.hd
+    }
+}
+
+/// RoPE in `rotate_half` form with the head split: `x` `[b, t, heads·hd]` → `[b, heads, t, hd]`,
+/// `y = x·cos + rotate_half(x)·sin` with `rotate_half([u, v]) = [−v, u]` (the same products and
+/// sum as the unfused ops, so the same values).
+pub fn rope_heads(geo: &Rope, x: &[f32], cos: &[f32], sin: &[f32]) -> Vec<f32> {
+    let Rope { b, t, heads, hd, .. } = *geo;
+    let half = hd / 2;
+    let mut out = vec![0.0; b * heads * t * hd];
+    // One task per (batch row, head): its `[t, hd]` output block.
+    out.par_chunks_mut(t * hd).enumerate().for_each(|(bh, out)| {
+        let (bi, h) = (bh / heads, bh % heads);
+        for (ti, y) in out.chunks_exact_mut(hd).enumerate() {
+            let src = &x[((bi * t + ti) * heads + h) * hd..][..hd];
+            let at = geo.table(bi, ti);
+            let (c, s) = (&cos[at..at + hd], &sin[at..at + hd]);
+            let (y0, y1) = y.split_at_mut(half);
+            let (u, v) = src.split_at(half);
+            for i in 0..half {
+                y0[i] = u[i] * c[i] + (-v[i]) * s[i];
+                y1[i] = v[i] * c[half + i] + u[i] * s[half + i];
+            }
+        }
+    });
+    out
+}
+
+/// The gradient of [`rope_heads`] with respect to `x`: `g` `[b, heads, t, hd]` → `[b, t, heads·hd]`,
+/// `dx = g·cos + rotate_halfᵀ(g·sin)` with `rotate_halfᵀ([p, q]) = [q, −p]`.
+pub fn rope_heads_grad(geo: &Rope, g: &[f32], cos: &[f32], sin: &[f32]) -> Vec<f32> {
+    let Rope { b, t, heads, hd, .. } = *geo;
+    let half = hd / 2;
+    let mut dx = vec![0.0; b * t * heads * hd];
+    // One task per (batch row, position): its `[heads·hd]` gradient row.
+    dx.par_chunks_mut(heads * hd).enumerate().for_each(|(bt, dx)| {
+        let (bi, ti) = (bt / t, bt % t);
+        let at = geo.table(bi, ti);
+        let (c, s) = (&cos[at..at + hd], &sin[at..at + hd]);
+        for (h, d) in dx.chunks_exact_mut(hd).enumerate() {
+            let src = &g[((bi * heads + h) * t + ti) * hd..][..hd];
+            let (p, q) = src.split_at(half);
+            let (d0, d1) = d.split_at_mut(half);
+            for i in 0..half {
+                d0[i] = p[i] * c[i] + q[i] * s[half + i];
+                d1[i] = q[i] * c[half + i] + -(p[i] * s[i]);
+            }
+        }
+    });
+    dx
+}

@@ -1,7 +1,8 @@
 //! Fused CPU kernels for the operations the ConvNeXt branch, CVFM and the projector spend their
 //! time on, as custom autodiff operations on the flex backend: exact GELU, LayerNorm over the last
 //! axis, the stride-1 depthwise convolution on a channels-last map, the patchify rearrangement of
-//! a stride-`r` `r×r` convolution, and the NCHW → NHWC transpose.
+//! a stride-`r` `r×r` convolution, and the NCHW → NHWC transpose; and the LLM's head split with
+//! RoPE.
 //!
 //! Why: Burn 0.21 builds these from many single-threaded element-wise ops (GELU's erf through
 //! libm, LayerNorm's seven passes, the depthwise convolution's gradients through a generic
@@ -30,6 +31,7 @@ use std::any::{Any, TypeId};
 use std::fmt::Debug;
 
 pub use math::Depthwise;
+use math::Rope;
 
 /// Exact (erf) GELU, element-wise.
 pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
@@ -111,6 +113,21 @@ pub fn patchify_conv_nhwc<B: Backend>(x: Tensor<B, 4>, conv: &Conv2d<B>) -> Tens
     y.reshape([n, h, w, c_out])
 }
 
+/// A query or key projection `[B, T, H·hd]` split into `heads` heads with RoPE applied:
+/// `[B, H, T, hd]`, `x·cos + rotate_half(x)·sin` (Hugging Face's layout), `cos`/`sin`
+/// `[R, 1, T, hd]` with `R` 1 or `B`. The tables are constants: they get no gradient.
+pub fn rope_heads<B: Backend>(x: Tensor<B, 3>, heads: usize, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [b, t, d] = x.dims();
+    let [rows, _, tt, hd] = cos.dims();
+    assert!(d == heads * hd && hd % 2 == 0 && tt == t && (rows == 1 || rows == b), "rope_heads: x {:?} and tables {:?} do not match", x.dims(), cos.dims());
+    assert_eq!(cos.dims(), sin.dims(), "rope_heads: cos and sin differ in shape");
+    let kernel = RopeKernel(Rope { b, t, heads, hd, table_rows: rows });
+    match run::<B, _, 3>(kernel, [prim(x), prim(cos), prim(sin)]) {
+        Ok(y) => float(y),
+        Err([x, cos, sin]) => reference::rope_heads(float(x), heads, float(cos), float(sin)),
+    }
+}
+
 /// `[N, C, H, W]` → a contiguous `[N, H, W, C]`.
 pub fn nchw_to_nhwc<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
     match run::<B, _, 1>(TransposeKernel, [prim(x)]) {
@@ -148,6 +165,16 @@ pub mod reference {
 
     pub fn nchw_to_nhwc<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
         x.permute([0, 2, 3, 1])
+    }
+
+    pub fn rope_heads<B: Backend>(x: Tensor<B, 3>, heads: usize, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [b, t, d] = x.dims();
+        let hd = d / heads;
+        let x = x.reshape([b, t, heads, hd]).swap_dims(1, 2);
+        let first = x.clone().slice([0..b, 0..heads, 0..t, 0..hd / 2]);
+        let second = x.clone().slice([0..b, 0..heads, 0..t, hd / 2..hd]);
+        let rotated = Tensor::cat(vec![second.neg(), first], 3);
+        x * cos + rotated * sin
     }
 }
 
@@ -363,6 +390,26 @@ impl Kernel<1> for TransposeKernel {
     }
 }
 
+#[derive(Debug, Clone)]
+struct RopeKernel(Rope);
+
+impl Kernel<3> for RopeKernel {
+    /// The cos and sin tables.
+    type Saved = [FlexTensor; 2];
+
+    fn forward(&self, [x, cos, sin]: [FlexTensor; 3], save: bool) -> (FlexTensor, Option<[FlexTensor; 2]>) {
+        let geo = &self.0;
+        let y = math::rope_heads(geo, values(&x), values(&cos), values(&sin));
+        (flex(y, &[geo.b, geo.heads, geo.t, geo.hd]), save.then_some([cos, sin]))
+    }
+
+    fn backward(&self, [cos, sin]: [FlexTensor; 2], grad: FlexTensor, wanted: [bool; 3]) -> [Option<FlexTensor>; 3] {
+        let geo = &self.0;
+        let dx = wanted[0].then(|| flex(math::rope_heads_grad(geo, values(&grad), values(&cos), values(&sin)), &[geo.b, geo.t, geo.heads * geo.hd]));
+        [dx, None, None]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -460,6 +507,22 @@ mod tests {
         }
         let x = random([2, 3, 37, 41], 7);
         check("nchw_to_nhwc", [x], 0.0, |kernel, [x]| if kernel { nchw_to_nhwc(x) } else { reference::nchw_to_nhwc(x) });
+    }
+
+    #[test]
+    fn rope_matches_burn() {
+        let _serial = crate::autodiff_lock();
+        // One table row for the batch (training) and one per batch row (padded decoding).
+        for (rows, heads, hd) in [(1, 3, 8), (2, 2, 6)] {
+            let (b, t) = (2, 5);
+            let cos = random([rows, 1, t, hd], 10).detach();
+            let sin = random([rows, 1, t, hd], 11).detach();
+            let x = random([b, t, heads * hd], 12);
+            check("rope", [x], 1e-5, |kernel, [x]| {
+                let y = if kernel { rope_heads(x, heads, cos.clone(), sin.clone()) } else { reference::rope_heads(x, heads, cos.clone(), sin.clone()) };
+                y.reshape([b, heads, t * hd])
+            });
+        }
     }
 
     #[test]
