@@ -533,3 +533,53 @@ pub fn rope_heads_grad(geo: &Rope, g: &[f32], cos: &[f32], sin: &[f32]) -> Vec<f
     });
     dx
 }
+
+/// One query chunk of the attention backward pass: a `[rows, keys]` score tile whose rows are
+/// `rows_per_batch` per batch row, query `row % queries` of the chunk in each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScoreTile {
+    pub rows_per_batch: usize,
+    pub queries: usize,
+    pub keys: usize,
+    /// Causal masking: query `i` of the chunk sees keys `0..=first + i`.
+    pub causal_first: Option<usize>,
+}
+
+/// Probabilities `p = softmax(s)` over each row's visible keys (masked keys 0, a row that sees
+/// no key all 0, as the unfused path's clamped softmax) and the score gradient
+/// `ds = p · (dp − delta)`, in one pass per row. `padding`: `[batch, stride]` flags, nonzero where
+/// a key is padding; `delta`: one value per row.
+pub fn attention_softmax_grad(tile: &ScoreTile, scores: &[f32], dprobs: &[f32], delta: &[f32], padding: Option<(&[u8], usize)>) -> (Vec<f32>, Vec<f32>) {
+    let keys = tile.keys;
+    let mut probs = vec![0.0; scores.len()];
+    let mut dscores = vec![0.0; scores.len()];
+    let block = (ELEMENTS_PER_TASK / keys.max(1)).max(1);
+    probs.par_chunks_mut(block * keys).zip(dscores.par_chunks_mut(block * keys)).enumerate().for_each(|(n, (p, ds))| {
+        with_fma!(|FMA| {
+            for (r, (p, ds)) in p.chunks_exact_mut(keys).zip(ds.chunks_exact_mut(keys)).enumerate() {
+                let row = n * block + r;
+                let (b, i) = (row / tile.rows_per_batch, row % tile.queries);
+                let limit = tile.causal_first.map_or(keys, |first| (first + i + 1).min(keys));
+                let pad = padding.map(|(flags, stride)| &flags[b * stride..b * stride + limit]);
+                let visible = |j: usize| pad.is_none_or(|pad| pad[j] == 0);
+                let s = &scores[row * keys..row * keys + limit];
+                let max = (0..limit).filter(|&j| visible(j)).map(|j| s[j]).fold(f32::NEG_INFINITY, f32::max);
+                if max == f32::NEG_INFINITY {
+                    continue;
+                }
+                let mut sum = 0.0;
+                for j in 0..limit {
+                    let e = if visible(j) { exp_nonpositive::<FMA>(s[j] - max) } else { 0.0 };
+                    p[j] = e;
+                    sum += e;
+                }
+                let (dp, d) = (&dprobs[row * keys..row * keys + limit], delta[row]);
+                for j in 0..limit {
+                    p[j] /= sum;
+                    ds[j] = p[j] * (dp[j] - d);
+                }
+            }
+        })
+    });
+    (probs, dscores)
+}
