@@ -21,6 +21,7 @@
 //! the fused kernel alone when there is no autodiff, and plain differentiable ops otherwise.
 
 use crate::autocast::{self, Compute};
+use crate::kernels;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
@@ -333,16 +334,23 @@ fn chunked_backward<I: Backend>(
             let kc = k.clone().slice([0..b, 0..hkv, 0..keys, 0..hd]);
             let vc = v.clone().slice([0..b, 0..hkv, 0..keys, 0..hd]);
 
-            let scores = autocast::matmul(qc.clone(), kc.clone().swap_dims(2, 3)).reshape([b, hkv, g, c, keys]);
-            let scores = match chunk_mask::<I>(padding.as_ref(), spec, tq, tk, t0, c, keys, &device) {
-                Some(m) => scores.mask_fill(m.expand([b, hkv, g, c, keys]), f32::NEG_INFINITY),
-                None => scores,
+            let scores = autocast::matmul(qc.clone(), kc.clone().swap_dims(2, 3)); // [B, Hkv, G·c, keys]
+            let dprobs = autocast::matmul(doc.clone(), vc.swap_dims(2, 3)); // [B, Hkv, G·c, keys]
+            let causal_first = spec.causal.then_some(tk - tq + t0);
+            // probs, and the gradient of the unscaled scores q·k
+            let (probs, dscores) = match kernels::attention_softmax_grad(scores, dprobs, deltac, padding.as_ref(), causal_first, c) {
+                Ok(fused) => fused,
+                Err([scores, dprobs, deltac]) => {
+                    let scores = scores.reshape([b, hkv, g, c, keys]);
+                    let scores = match chunk_mask::<I>(padding.as_ref(), spec, tq, tk, t0, c, keys, &device) {
+                        Some(m) => scores.mask_fill(m.expand([b, hkv, g, c, keys]), f32::NEG_INFINITY),
+                        None => scores,
+                    };
+                    let probs = safe_softmax(scores).reshape([b, hkv, g * c, keys]);
+                    (probs.clone(), probs * (dprobs - deltac))
+                }
             };
-            let probs = safe_softmax(scores).reshape([b, hkv, g * c, keys]); // [B, Hkv, G·c, keys]
-
-            let dv_part = autocast::matmul(probs.clone().swap_dims(2, 3), doc.clone()); // [B, Hkv, keys, hd]
-            let dprobs = autocast::matmul(doc, vc.swap_dims(2, 3)); // [B, Hkv, G·c, keys]
-            let dscores = probs * (dprobs - deltac); // gradient of the unscaled scores q·k
+            let dv_part = autocast::matmul(probs.swap_dims(2, 3), doc); // [B, Hkv, keys, hd]
             let dq_part = autocast::matmul(dscores.clone(), kc) * spec.scale; // [B, Hkv, G·c, hd]
             let dk_part = autocast::matmul(dscores.swap_dims(2, 3), qc); // [B, Hkv, keys, hd], q already scaled
             dq_chunks.push(dq_part.reshape([b, hkv, g, c, hd]));

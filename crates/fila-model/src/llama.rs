@@ -6,6 +6,7 @@
 use crate::attention::{attention, AttentionMask};
 use crate::autocast;
 use crate::config::read_hf_config;
+use crate::kernels;
 use crate::nn::{linear, merge_heads, split_heads, Activation, RmsNorm};
 use crate::ModelError;
 use burn::module::Module;
@@ -245,15 +246,6 @@ fn rope_tables<B: Backend>(inv_freq: &[f32], starts: &[usize], len: usize, devic
     (Tensor::from_data(TensorData::new(cos, shape), device), Tensor::from_data(TensorData::new(sin, shape), device))
 }
 
-/// `x * cos + rotate_half(x) * sin` with `rotate_half([a, b]) = [-b, a]`; `x`: `[B, H, T, hd]`.
-fn apply_rope<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
-    let [b, h, t, hd] = x.dims();
-    let first = x.clone().slice([0..b, 0..h, 0..t, 0..hd / 2]);
-    let second = x.clone().slice([0..b, 0..h, 0..t, hd / 2..hd]);
-    let rotated = Tensor::cat(vec![second.neg(), first], 3);
-    x * cos + rotated * sin
-}
-
 #[derive(Module, Debug)]
 pub struct LlamaAttention<B: Backend> {
     pub q_proj: Linear<B>,
@@ -299,12 +291,10 @@ impl<B: Backend> LlamaAttention<B> {
         mask: &AttentionMask<B>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     ) -> Tensor<B, 3> {
-        let q = split_heads(autocast::linear(&self.q_proj, x.clone()), self.num_heads);
-        let k = split_heads(autocast::linear(&self.k_proj, x.clone()), self.num_kv_heads);
-        let v = split_heads(autocast::linear(&self.v_proj, x), self.num_kv_heads);
-        let q = apply_rope(q, cos.clone(), sin.clone());
-        let mut k = apply_rope(k, cos, sin);
-        let mut v = v;
+        // Head split and RoPE in one pass (a fused kernel on the CPU).
+        let q = kernels::rope_heads(autocast::linear(&self.q_proj, x.clone()), self.num_heads, cos.clone(), sin.clone());
+        let mut k = kernels::rope_heads(autocast::linear(&self.k_proj, x.clone()), self.num_kv_heads, cos, sin);
+        let mut v = split_heads(autocast::linear(&self.v_proj, x), self.num_kv_heads);
         if let Some(entry) = cache {
             if let Some((k_old, v_old)) = entry.take() {
                 k = Tensor::cat(vec![k_old, k], 2);

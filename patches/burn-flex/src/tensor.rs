@@ -252,7 +252,16 @@ impl FlexTensor {
     pub fn empty(shape: Shape, dtype: DType) -> Self {
         let num_elements = shape.num_elements();
         let elem_size = dtype_size(dtype);
-        let bytes = Bytes::from_bytes_vec(alloc::vec![0u8; num_elements * elem_size]);
+        // [FILA patch] A zeroed vector of the element's width: `Bytes::from_bytes_vec` on a
+        // `Vec<u8>` (alignment 1) copied every fresh buffer into a second, 16-byte aligned one
+        // (a matmul output, for one, was allocated, zeroed and copied). Other constructors
+        // (`filled_typed`, `from_elems` results) also keep the element's own alignment.
+        let bytes = match elem_size {
+            2 => Bytes::from_elems(alloc::vec![0u16; num_elements]),
+            4 => Bytes::from_elems(alloc::vec![0u32; num_elements]),
+            8 => Bytes::from_elems(alloc::vec![0u64; num_elements]),
+            _ => Bytes::from_bytes_vec(alloc::vec![0u8; num_elements * elem_size]),
+        };
         let layout = Layout::contiguous(shape);
         Self {
             data: Arc::new(bytes),

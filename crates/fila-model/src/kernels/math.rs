@@ -465,3 +465,121 @@ pub fn transpose(x: &[f32], n: usize, rows: usize, cols: usize) -> Vec<f32> {
     });
     out
 }
+
+/// Shape of a RoPE call: the projection output `[b, t, heads·hd]`, and `table_rows` rows of the
+/// `[table_rows, t, hd]` cos/sin tables (1, or one per batch row).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rope {
+    pub b: usize,
+    pub t: usize,
+    pub heads: usize,
+    pub hd: usize,
+    pub table_rows: usize,
+}
+
+impl Rope {
+    /// Offset of the cos/sin row for batch row `bi`, position `ti`.
+    fn table(&self, bi: usize, ti: usize) -> usize {
+        let row = if self.table_rows == 1 { 0 } else { bi };
+        (row * self.t + ti) * self.hd
+    }
+}
+
+/// RoPE in `rotate_half` form with the head split: `x` `[b, t, heads·hd]` → `[b, heads, t, hd]`,
+/// `y = x·cos + rotate_half(x)·sin` with `rotate_half([u, v]) = [−v, u]` (the same products and
+/// sum as the unfused ops, so the same values).
+pub fn rope_heads(geo: &Rope, x: &[f32], cos: &[f32], sin: &[f32]) -> Vec<f32> {
+    let Rope { b, t, heads, hd, .. } = *geo;
+    let half = hd / 2;
+    let mut out = vec![0.0; b * heads * t * hd];
+    // One task per (batch row, head): its `[t, hd]` output block.
+    out.par_chunks_mut(t * hd).enumerate().for_each(|(bh, out)| {
+        let (bi, h) = (bh / heads, bh % heads);
+        for (ti, y) in out.chunks_exact_mut(hd).enumerate() {
+            let src = &x[((bi * t + ti) * heads + h) * hd..][..hd];
+            let at = geo.table(bi, ti);
+            let (c, s) = (&cos[at..at + hd], &sin[at..at + hd]);
+            let (y0, y1) = y.split_at_mut(half);
+            let (u, v) = src.split_at(half);
+            for i in 0..half {
+                y0[i] = u[i] * c[i] + (-v[i]) * s[i];
+                y1[i] = v[i] * c[half + i] + u[i] * s[half + i];
+            }
+        }
+    });
+    out
+}
+
+/// The gradient of [`rope_heads`] with respect to `x`: `g` `[b, heads, t, hd]` → `[b, t, heads·hd]`,
+/// `dx = g·cos + rotate_halfᵀ(g·sin)` with `rotate_halfᵀ([p, q]) = [q, −p]`.
+pub fn rope_heads_grad(geo: &Rope, g: &[f32], cos: &[f32], sin: &[f32]) -> Vec<f32> {
+    let Rope { b, t, heads, hd, .. } = *geo;
+    let half = hd / 2;
+    let mut dx = vec![0.0; b * t * heads * hd];
+    // One task per (batch row, position): its `[heads·hd]` gradient row.
+    dx.par_chunks_mut(heads * hd).enumerate().for_each(|(bt, dx)| {
+        let (bi, ti) = (bt / t, bt % t);
+        let at = geo.table(bi, ti);
+        let (c, s) = (&cos[at..at + hd], &sin[at..at + hd]);
+        for (h, d) in dx.chunks_exact_mut(hd).enumerate() {
+            let src = &g[((bi * heads + h) * t + ti) * hd..][..hd];
+            let (p, q) = src.split_at(half);
+            let (d0, d1) = d.split_at_mut(half);
+            for i in 0..half {
+                d0[i] = p[i] * c[i] + q[i] * s[half + i];
+                d1[i] = q[i] * c[half + i] + -(p[i] * s[i]);
+            }
+        }
+    });
+    dx
+}
+
+/// One query chunk of the attention backward pass: a `[rows, keys]` score tile whose rows are
+/// `rows_per_batch` per batch row, query `row % queries` of the chunk in each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScoreTile {
+    pub rows_per_batch: usize,
+    pub queries: usize,
+    pub keys: usize,
+    /// Causal masking: query `i` of the chunk sees keys `0..=first + i`.
+    pub causal_first: Option<usize>,
+}
+
+/// Probabilities `p = softmax(s)` over each row's visible keys (masked keys 0, a row that sees
+/// no key all 0, as the unfused path's clamped softmax) and the score gradient
+/// `ds = p · (dp − delta)`, in one pass per row. `padding`: `[batch, stride]` flags, nonzero where
+/// a key is padding; `delta`: one value per row.
+pub fn attention_softmax_grad(tile: &ScoreTile, scores: &[f32], dprobs: &[f32], delta: &[f32], padding: Option<(&[u8], usize)>) -> (Vec<f32>, Vec<f32>) {
+    let keys = tile.keys;
+    let mut probs = vec![0.0; scores.len()];
+    let mut dscores = vec![0.0; scores.len()];
+    let block = (ELEMENTS_PER_TASK / keys.max(1)).max(1);
+    probs.par_chunks_mut(block * keys).zip(dscores.par_chunks_mut(block * keys)).enumerate().for_each(|(n, (p, ds))| {
+        with_fma!(|FMA| {
+            for (r, (p, ds)) in p.chunks_exact_mut(keys).zip(ds.chunks_exact_mut(keys)).enumerate() {
+                let row = n * block + r;
+                let (b, i) = (row / tile.rows_per_batch, row % tile.queries);
+                let limit = tile.causal_first.map_or(keys, |first| (first + i + 1).min(keys));
+                let pad = padding.map(|(flags, stride)| &flags[b * stride..b * stride + limit]);
+                let visible = |j: usize| pad.is_none_or(|pad| pad[j] == 0);
+                let s = &scores[row * keys..row * keys + limit];
+                let max = (0..limit).filter(|&j| visible(j)).map(|j| s[j]).fold(f32::NEG_INFINITY, f32::max);
+                if max == f32::NEG_INFINITY {
+                    continue;
+                }
+                let mut sum = 0.0;
+                for j in 0..limit {
+                    let e = if visible(j) { exp_nonpositive::<FMA>(s[j] - max) } else { 0.0 };
+                    p[j] = e;
+                    sum += e;
+                }
+                let (dp, d) = (&dprobs[row * keys..row * keys + limit], delta[row]);
+                for j in 0..limit {
+                    p[j] /= sum;
+                    ds[j] = p[j] * (dp[j] - d);
+                }
+            }
+        })
+    });
+    (probs, dscores)
+}

@@ -1,7 +1,8 @@
 //! Fused CPU kernels for the operations the ConvNeXt branch, CVFM and the projector spend their
 //! time on, as custom autodiff operations on the flex backend: exact GELU, LayerNorm over the last
 //! axis, the stride-1 depthwise convolution on a channels-last map, the patchify rearrangement of
-//! a stride-`r` `r×r` convolution, and the NCHW → NHWC transpose.
+//! a stride-`r` `r×r` convolution, and the NCHW → NHWC transpose; and the LLM's head split with
+//! RoPE. [`attention_softmax_grad`] is a plain kernel of the attention backward pass.
 //!
 //! Why: Burn 0.21 builds these from many single-threaded element-wise ops (GELU's erf through
 //! libm, LayerNorm's seven passes, the depthwise convolution's gradients through a generic
@@ -30,6 +31,7 @@ use std::any::{Any, TypeId};
 use std::fmt::Debug;
 
 pub use math::Depthwise;
+use math::{Rope, ScoreTile};
 
 /// Exact (erf) GELU, element-wise.
 pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
@@ -111,6 +113,59 @@ pub fn patchify_conv_nhwc<B: Backend>(x: Tensor<B, 4>, conv: &Conv2d<B>) -> Tens
     y.reshape([n, h, w, c_out])
 }
 
+/// A query or key projection `[B, T, H·hd]` split into `heads` heads with RoPE applied:
+/// `[B, H, T, hd]`, `x·cos + rotate_half(x)·sin` (Hugging Face's layout), `cos`/`sin`
+/// `[R, 1, T, hd]` with `R` 1 or `B`. The tables are constants: they get no gradient.
+pub fn rope_heads<B: Backend>(x: Tensor<B, 3>, heads: usize, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [b, t, d] = x.dims();
+    let [rows, _, tt, hd] = cos.dims();
+    assert!(d == heads * hd && hd % 2 == 0 && tt == t && (rows == 1 || rows == b), "rope_heads: x {:?} and tables {:?} do not match", x.dims(), cos.dims());
+    assert_eq!(cos.dims(), sin.dims(), "rope_heads: cos and sin differ in shape");
+    let kernel = RopeKernel(Rope { b, t, heads, hd, table_rows: rows });
+    match run::<B, _, 3>(kernel, [prim(x), prim(cos), prim(sin)]) {
+        Ok(y) => float(y),
+        Err([x, cos, sin]) => reference::rope_heads(float(x), heads, float(cos), float(sin)),
+    }
+}
+
+/// What [`attention_softmax_grad`] returns: the probabilities and the score gradient.
+pub type ProbsAndScoreGrad<B> = (Tensor<B, 4>, Tensor<B, 4>);
+
+/// The softmax step of one query chunk of the attention backward pass ([`crate::attention`]), on
+/// a plain flex backend: from the scores `s` and the probability gradient `dp` (both
+/// `[B, Hkv, G·c, keys]`, query `row % c` of the chunk in each row) and `delta` (`[B, Hkv, G·c, 1]`,
+/// rowwise dO·O), the probabilities `p = softmax(masked s)` and the score gradient
+/// `p · (dp − delta)`, one pass per row instead of a dozen tensor ops. Keys are masked by
+/// `padding` (`[B, Tk]`, true = padding) and causally (query `i` sees keys `0..=causal_first + i`).
+/// Any other backend or dtype gets its inputs back.
+pub fn attention_softmax_grad<B: Backend>(
+    scores: Tensor<B, 4>,
+    dprobs: Tensor<B, 4>,
+    delta: Tensor<B, 4>,
+    padding: Option<&Tensor<B, 2, Bool>>,
+    causal_first: Option<usize>,
+    queries: usize,
+) -> Result<ProbsAndScoreGrad<B>, [Tensor<B, 4>; 3]> {
+    let dtypes = [&scores, &dprobs, &delta].map(|t| t.dtype());
+    if TypeId::of::<FloatTensor<B>>() != TypeId::of::<FlexTensor>() || dtypes.iter().any(|&d| d != DType::F32) {
+        return Err([scores, dprobs, delta]);
+    }
+    let shape = scores.dims();
+    let [_, hkv, rows, keys] = shape;
+    let padding = padding.map(|p| {
+        let stride = p.dims()[1];
+        let flags: Vec<u8> = p.clone().into_data().iter::<bool>().map(u8::from).collect();
+        (flags, stride)
+    });
+    let inner = |t: Tensor<B, 4>| same_type::<FloatTensor<B>, FlexTensor>(prim(t)).to_contiguous();
+    let (scores, dprobs, delta) = (inner(scores), inner(dprobs), inner(delta));
+    let tile = ScoreTile { rows_per_batch: hkv * rows, queries, keys, causal_first };
+    let (probs, dscores) =
+        math::attention_softmax_grad(&tile, values(&scores), values(&dprobs), values(&delta), padding.as_ref().map(|(f, s)| (f.as_slice(), *s)));
+    let out = |v: Vec<f32>| float::<B, 4>(same_type::<FlexTensor, FloatTensor<B>>(flex(v, &shape)));
+    Ok((out(probs), out(dscores)))
+}
+
 /// `[N, C, H, W]` → a contiguous `[N, H, W, C]`.
 pub fn nchw_to_nhwc<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
     match run::<B, _, 1>(TransposeKernel, [prim(x)]) {
@@ -148,6 +203,16 @@ pub mod reference {
 
     pub fn nchw_to_nhwc<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
         x.permute([0, 2, 3, 1])
+    }
+
+    pub fn rope_heads<B: Backend>(x: Tensor<B, 3>, heads: usize, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [b, t, d] = x.dims();
+        let hd = d / heads;
+        let x = x.reshape([b, t, heads, hd]).swap_dims(1, 2);
+        let first = x.clone().slice([0..b, 0..heads, 0..t, 0..hd / 2]);
+        let second = x.clone().slice([0..b, 0..heads, 0..t, hd / 2..hd]);
+        let rotated = Tensor::cat(vec![second.neg(), first], 3);
+        x * cos + rotated * sin
     }
 }
 
@@ -363,6 +428,26 @@ impl Kernel<1> for TransposeKernel {
     }
 }
 
+#[derive(Debug, Clone)]
+struct RopeKernel(Rope);
+
+impl Kernel<3> for RopeKernel {
+    /// The cos and sin tables.
+    type Saved = [FlexTensor; 2];
+
+    fn forward(&self, [x, cos, sin]: [FlexTensor; 3], save: bool) -> (FlexTensor, Option<[FlexTensor; 2]>) {
+        let geo = &self.0;
+        let y = math::rope_heads(geo, values(&x), values(&cos), values(&sin));
+        (flex(y, &[geo.b, geo.heads, geo.t, geo.hd]), save.then_some([cos, sin]))
+    }
+
+    fn backward(&self, [cos, sin]: [FlexTensor; 2], grad: FlexTensor, wanted: [bool; 3]) -> [Option<FlexTensor>; 3] {
+        let geo = &self.0;
+        let dx = wanted[0].then(|| flex(math::rope_heads_grad(geo, values(&grad), values(&cos), values(&sin)), &[geo.b, geo.t, geo.heads * geo.hd]));
+        [dx, None, None]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -460,6 +545,57 @@ mod tests {
         }
         let x = random([2, 3, 37, 41], 7);
         check("nchw_to_nhwc", [x], 0.0, |kernel, [x]| if kernel { nchw_to_nhwc(x) } else { reference::nchw_to_nhwc(x) });
+    }
+
+    #[test]
+    fn rope_matches_burn() {
+        let _serial = crate::autodiff_lock();
+        // One table row for the batch (training) and one per batch row (padded decoding).
+        for (rows, heads, hd) in [(1, 3, 8), (2, 2, 6)] {
+            let (b, t) = (2, 5);
+            let cos = random([rows, 1, t, hd], 10).detach();
+            let sin = random([rows, 1, t, hd], 11).detach();
+            let x = random([b, t, heads * hd], 12);
+            check("rope", [x], 1e-5, |kernel, [x]| {
+                let y = if kernel { rope_heads(x, heads, cos.clone(), sin.clone()) } else { reference::rope_heads(x, heads, cos.clone(), sin.clone()) };
+                y.reshape([b, heads, t * hd])
+            });
+        }
+    }
+
+    #[test]
+    fn attention_softmax_grad_matches_burn() {
+        // Tk = 7 keys, a chunk of c = 3 queries (causal: query i sees keys
+        // 0..=2 + i), 2 groups; batch row 1 has keys 0..3 and 5..7 padded, so with the causal mask
+        // its first query sees none.
+        let _serial = crate::autodiff_lock();
+        let (b, hkv, g, c, keys) = (2, 2, 2, 3, 7);
+        let r = |seed| {
+            Flex::seed(&Default::default(), seed);
+            Tensor::<Flex, 4>::random([b, hkv, g * c, keys], Distribution::Uniform(-3.0, 3.0), &Default::default())
+        };
+        let (scores, dprobs) = (r(20), r(21));
+        let delta = r(22).slice([0..b, 0..hkv, 0..g * c, 0..1]);
+        let padding = Tensor::<Flex, 2, Bool>::from_data(TensorData::from([[false; 7], [true, true, true, false, false, true, true]]), &Default::default());
+        for causal_first in [None, Some(2)] {
+            let (probs, dscores) =
+                attention_softmax_grad(scores.clone(), dprobs.clone(), delta.clone(), Some(&padding), causal_first, c).expect("flex takes the kernel");
+            let mut mask = padding.clone().reshape([b, 1, 1, keys]).expand([b, hkv, g * c, keys]);
+            if let Some(first) = causal_first {
+                let rows = Tensor::<Flex, 1, Int>::arange(first as i64..(first + c) as i64, &Default::default()).reshape([1, c, 1]).expand([g, c, keys]);
+                let cols = Tensor::<Flex, 1, Int>::arange(0..keys as i64, &Default::default()).reshape([1, 1, keys]).expand([g, c, keys]);
+                mask = mask.bool_or(cols.greater(rows).reshape([1, 1, g * c, keys]).expand([b, hkv, g * c, keys]));
+            }
+            let masked = scores.clone().mask_fill(mask, f32::NEG_INFINITY);
+            let max = masked.clone().max_dim(3).clamp_min(f32::MIN);
+            let exp = (masked - max).exp();
+            let want = exp.clone() / exp.sum_dim(3).clamp_min(f32::MIN_POSITIVE);
+            let want_grad = want.clone() * (dprobs.clone() - delta.clone());
+            for (what, got, want) in [("probs", probs, want), ("score gradient", dscores, want_grad)] {
+                let diff: f32 = (got - want).abs().max().into_scalar();
+                assert!(diff <= 1e-5, "{what} ({causal_first:?}) differs by {diff}");
+            }
+        }
     }
 
     #[test]
