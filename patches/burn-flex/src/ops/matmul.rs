@@ -12,6 +12,51 @@ use burn_std::{Bytes, Shape, bf16, f16};
 
 use crate::{FlexTensor, Layout};
 
+// [FILA patch] Matrix-product outputs are not zero-filled: every call below passes
+// `read_dst = false` (so alpha = 0), and on that path gemm writes every element of the
+// m x n output without reading it (its k == 0, gemv, gevv, small and packed paths alike).
+// The buffer is reserved, gemm writes it through a raw pointer, and only then is the
+// length set, so no uninitialised element is ever read or exposed.
+struct GemmOut<T> {
+    buf: Vec<T>,
+    len: usize,
+}
+
+impl<T: GemmScalar> GemmOut<T> {
+    fn new(len: usize) -> Self {
+        Self {
+            buf: Vec::with_capacity(len),
+            len,
+        }
+    }
+
+    fn ptr(&mut self) -> *mut T {
+        self.buf.as_mut_ptr()
+    }
+
+    /// Safety: gemm must have written all `len` elements.
+    unsafe fn finish(mut self, shape: Shape) -> FlexTensor {
+        unsafe { self.buf.set_len(self.len) };
+        FlexTensor::new(
+            Bytes::from_elems(self.buf),
+            Layout::contiguous(shape),
+            T::dtype(),
+        )
+    }
+}
+
+/// Raw output pointer shared by the batch-parallel gemm calls (each writes its own matrix).
+#[derive(Clone, Copy)]
+struct SendPtr<T>(*mut T);
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
 /// Types that can be used with gemm-based matmul.
 /// Only implement for types that `gemm::gemm` dispatches on via TypeId (f32, f64, f16).
 trait GemmScalar: Element + bytemuck::Pod {
@@ -261,8 +306,8 @@ fn matmul_2d_strided<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexTen
     let rhs_ptr = unsafe { rhs_data.as_ptr().add(rhs.layout().start_offset()) };
 
     let out_shape = Shape::from(vec![m, n]);
-    let mut output = FlexTensor::empty(out_shape, T::dtype());
-    let out_data: &mut [T] = output.storage_mut();
+    // [FILA patch] Not zero-filled: gemm overwrites it (`GemmOut`).
+    let mut output = GemmOut::<T>::new(checked_size(m, n));
 
     let parallelism = get_parallelism(m, n, k);
 
@@ -271,7 +316,7 @@ fn matmul_2d_strided<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexTen
             m,
             n,
             k,
-            out_data.as_mut_ptr(),
+            output.ptr(),
             1,
             n as isize,
             lhs_ptr,
@@ -282,9 +327,8 @@ fn matmul_2d_strided<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexTen
             rhs_row_stride,
             parallelism,
         );
+        output.finish(out_shape)
     }
-
-    output
 }
 
 /// Strided gemm call for one matrix. Wraps `gemm::gemm` with GemmScalar zero/one.
@@ -364,13 +408,14 @@ fn matmul_batched_gemm<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexT
     out_dims.push(n);
     let out_shape = Shape::from(out_dims);
 
-    let mut output = FlexTensor::empty(out_shape, T::dtype());
+    // [FILA patch] Not zero-filled: every batch matrix is overwritten by its gemm call.
+    let mut output = GemmOut::<T>::new(checked_size(batch_size, out_matrix_size));
+    let out_base = SendPtr(output.ptr());
 
     let lhs_data: &[T] = lhs.storage();
     let rhs_data: &[T] = rhs.storage();
     let lhs_start = lhs.layout().start_offset() as isize;
     let rhs_start = rhs.layout().start_offset() as isize;
-    let out_data: &mut [T] = output.storage_mut();
 
     let per_matrix_ops = m.saturating_mul(n).saturating_mul(k);
 
@@ -397,7 +442,7 @@ fn matmul_batched_gemm<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexT
                 rows,
                 n,
                 k,
-                out_data.as_mut_ptr(),
+                out_base.get(),
                 1,
                 n as isize,
                 lhs_data.as_ptr().offset(lhs_start),
@@ -408,8 +453,8 @@ fn matmul_batched_gemm<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexT
                 rhs_row_stride,
                 get_parallelism(rows, n, k),
             );
+            return output.finish(out_shape);
         }
-        return output;
     }
 
     // Closure: run gemm for one batch slice at the given pointers
@@ -447,21 +492,26 @@ fn matmul_batched_gemm<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexT
         if per_matrix_ops >= PARALLEL_THRESHOLD && !prefer_batch_parallel {
             let parallelism = gemm::Parallelism::Rayon(0);
             for b in 0..batch_size {
-                run_one(out_data[b * out_matrix_size..].as_mut_ptr(), b, parallelism);
+                run_one(
+                    unsafe { out_base.get().add(b * out_matrix_size) },
+                    b,
+                    parallelism,
+                );
             }
         } else if total_ops >= BATCH_PARALLEL_THRESHOLD && batch_size > 1 {
             use rayon::prelude::*;
 
-            out_data
-                .par_chunks_mut(out_matrix_size)
-                .enumerate()
-                .for_each(|(b, out_chunk)| {
-                    run_one(out_chunk.as_mut_ptr(), b, gemm::Parallelism::None);
-                });
+            (0..batch_size).into_par_iter().for_each(|b| {
+                run_one(
+                    unsafe { out_base.get().add(b * out_matrix_size) },
+                    b,
+                    gemm::Parallelism::None,
+                );
+            });
         } else {
             for b in 0..batch_size {
                 run_one(
-                    out_data[b * out_matrix_size..].as_mut_ptr(),
+                    unsafe { out_base.get().add(b * out_matrix_size) },
                     b,
                     gemm::Parallelism::None,
                 );
@@ -474,14 +524,15 @@ fn matmul_batched_gemm<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexT
         let _ = per_matrix_ops;
         for b in 0..batch_size {
             run_one(
-                out_data[b * out_matrix_size..].as_mut_ptr(),
+                unsafe { out_base.get().add(b * out_matrix_size) },
                 b,
                 gemm::Parallelism::None,
             );
         }
     }
 
-    output
+    // Every batch matrix was written by its gemm call above.
+    unsafe { output.finish(out_shape) }
 }
 
 // ============================================================================
