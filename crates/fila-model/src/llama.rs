@@ -316,8 +316,8 @@ pub struct LlamaMlp<B: Backend> {
 
 impl<B: Backend> LlamaMlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = burn::tensor::activation::silu(autocast::linear(&self.gate_proj, x.clone()));
-        autocast::linear(&self.down_proj, gate * autocast::linear(&self.up_proj, x))
+        let gate = autocast::linear(&self.gate_proj, x.clone());
+        autocast::linear(&self.down_proj, kernels::swiglu(gate, autocast::linear(&self.up_proj, x)))
     }
 }
 

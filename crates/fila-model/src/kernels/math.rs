@@ -127,6 +127,52 @@ pub fn gelu_grad(x: &[f32], g: &[f32]) -> Vec<f32> {
     dx
 }
 
+/// `(silu(g), sigmoid(g))`, the exponential taken of `−|g|` so it never overflows.
+#[inline(always)]
+fn silu_sigmoid<const FMA: bool>(g: f32) -> (f32, f32) {
+    let e = exp_nonpositive::<FMA>(-g.abs());
+    let inv = 1.0 / (1.0 + e);
+    let sig = if g >= 0.0 { inv } else { e * inv };
+    (g * sig, sig)
+}
+
+#[inline(always)]
+fn swiglu_slice<const FMA: bool>(g: &[f32], u: &[f32], y: &mut [f32]) {
+    for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+        *y = silu_sigmoid::<FMA>(g).0 * u;
+    }
+}
+
+#[inline(always)]
+fn swiglu_grad_slice<const FMA: bool>(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    for ((((dg, du), &g), &u), &dy) in dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(dy) {
+        let (silu, sig) = silu_sigmoid::<FMA>(g);
+        // silu'(g) = σ(g) (1 + g (1 − σ(g))) = σ(g) + silu(g) (1 − σ(g))
+        *dg = dy * u * madd::<FMA>(silu, 1.0 - sig, sig);
+        *du = dy * silu;
+    }
+}
+
+/// The SwiGLU product `silu(g) · u`, element-wise.
+pub fn swiglu(g: &[f32], u: &[f32]) -> Vec<f32> {
+    let mut y = vec![0.0; g.len()];
+    y.par_chunks_mut(ELEMENTS_PER_TASK)
+        .zip(g.par_chunks(ELEMENTS_PER_TASK).zip(u.par_chunks(ELEMENTS_PER_TASK)))
+        .for_each(|(y, (g, u))| with_fma!(|FMA| swiglu_slice::<FMA>(g, u, y)));
+    y
+}
+
+/// Gradients of [`swiglu`] from the output gradient `dy`: `(dy · u · silu'(g), dy · silu(g))`.
+pub fn swiglu_grad(g: &[f32], u: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let mut dg = vec![0.0; g.len()];
+    let mut du = vec![0.0; g.len()];
+    dg.par_chunks_mut(ELEMENTS_PER_TASK)
+        .zip(du.par_chunks_mut(ELEMENTS_PER_TASK))
+        .zip(g.par_chunks(ELEMENTS_PER_TASK).zip(u.par_chunks(ELEMENTS_PER_TASK)).zip(dy.par_chunks(ELEMENTS_PER_TASK)))
+        .for_each(|((dg, du), ((g, u), dy))| with_fma!(|FMA| swiglu_grad_slice::<FMA>(g, u, dy, dg, du)));
+    (dg, du)
+}
+
 /// Sum with eight running partial sums (so it vectorises), added in a fixed order.
 #[inline(always)]
 fn sum8(values: impl Iterator<Item = f32>) -> f32 {

@@ -41,6 +41,15 @@ pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     }
 }
 
+/// The SwiGLU product `silu(gate) · up` of a Llama MLP, element-wise (same shapes).
+pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
+    assert_eq!(gate.dims(), up.dims(), "swiglu: gate and up differ in shape");
+    match run::<B, _, 2>(SwigluKernel, [prim(gate), prim(up)]) {
+        Ok(y) => float(y),
+        Err([gate, up]) => reference::swiglu(float(gate), float(up)),
+    }
+}
+
 /// LayerNorm over the last axis (biased variance, as `torch.nn.LayerNorm`).
 pub fn layer_norm<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 1>, bias: Tensor<B, 1>, eps: f64) -> Tensor<B, D> {
     match run::<B, _, 3>(LayerNormKernel { eps: eps as f32 }, [prim(x), prim(weight), prim(bias)]) {
@@ -183,6 +192,10 @@ pub mod reference {
         activation::gelu(x)
     }
 
+    pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
+        activation::silu(gate) * up
+    }
+
     pub fn layer_norm<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 1>, bias: Tensor<B, 1>, eps: f64) -> Tensor<B, D> {
         let last = D - 1;
         let mean = x.clone().mean_dim(last);
@@ -321,6 +334,24 @@ impl Kernel<1> for GeluKernel {
 
     fn backward(&self, x: FlexTensor, grad: FlexTensor, _: [bool; 1]) -> [Option<FlexTensor>; 1] {
         [Some(flex(math::gelu_grad(values(&x), values(&grad)), &dims(&x)))]
+    }
+}
+
+#[derive(Debug, Clone)]
+struct SwigluKernel;
+
+impl Kernel<2> for SwigluKernel {
+    type Saved = (FlexTensor, FlexTensor);
+
+    fn forward(&self, [gate, up]: [FlexTensor; 2], save: bool) -> (FlexTensor, Option<Self::Saved>) {
+        let y = flex(math::swiglu(values(&gate), values(&up)), &dims(&gate));
+        (y, save.then_some((gate, up)))
+    }
+
+    fn backward(&self, (gate, up): Self::Saved, grad: FlexTensor, wanted: [bool; 2]) -> [Option<FlexTensor>; 2] {
+        let (dg, du) = math::swiglu_grad(values(&gate), values(&up), values(&grad));
+        let shape = dims(&gate);
+        [wanted[0].then(|| flex(dg, &shape)), wanted[1].then(|| flex(du, &shape))]
     }
 }
 
@@ -493,6 +524,15 @@ mod tests {
         // Wide inputs reach both tails of the erf approximation.
         let x = random([3, 1000], 1) * 4.0;
         check("gelu", [x], 1e-6, |kernel, [x]| if kernel { gelu(x) } else { reference::gelu(x) });
+    }
+
+    #[test]
+    fn swiglu_matches_burn() {
+        let _serial = crate::autodiff_lock();
+        // Wide inputs reach both signs and the saturated tails of the sigmoid.
+        let g = random([3, 1000], 5) * 12.0;
+        let u = random([3, 1000], 6) * 2.0;
+        check("swiglu", [g, u], 1e-5, |kernel, [g, u]| if kernel { swiglu(g, u) } else { reference::swiglu(g, u) });
     }
 
     #[test]
