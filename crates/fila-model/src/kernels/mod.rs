@@ -2,7 +2,7 @@
 //! time on, as custom autodiff operations on the flex backend: exact GELU, LayerNorm over the last
 //! axis, the stride-1 depthwise convolution on a channels-last map, the patchify rearrangement of
 //! a stride-`r` `r×r` convolution, and the NCHW → NHWC transpose; and the LLM's head split with
-//! RoPE. [`attention_softmax_grad`] is a plain kernel of the attention backward pass.
+//! RoPE and its MLP's SwiGLU product. [`attention_softmax_grad`] is a plain kernel of the attention backward pass.
 //!
 //! Why: Burn 0.21 builds these from many single-threaded element-wise ops (GELU's erf through
 //! libm, LayerNorm's seven passes, the depthwise convolution's gradients through a generic
