@@ -259,8 +259,12 @@ impl<B: Backend> Fila<B> {
     /// projection computed for those rows only (equal to [`causal_lm_loss`] of the full logits).
     /// Returns the loss `[1]` and the number of scored positions.
     pub fn loss(&self, input: FilaInput<B>) -> (Tensor<B, 1>, usize) {
-        let labels = input.labels.as_ref().expect("the training loss needs labels");
-        let rows = ScoredRows::of(labels);
+        let rows = ScoredRows::of(input.labels.as_ref().expect("the training loss needs labels"));
+        self.loss_at(input, &rows)
+    }
+
+    /// [`Fila::loss`] at `rows`, the scored positions of `input`'s labels, already read.
+    pub fn loss_at(&self, input: FilaInput<B>, rows: &ScoredRows) -> (Tensor<B, 1>, usize) {
         let embeds = self.embed_batch(input.input_ids, &input.images, None);
         let context = self.llm.context(&embeds, Some(input.attention_mask));
         let mut x = embeds;
@@ -301,8 +305,13 @@ pub struct ScoredRows {
 
 impl ScoredRows {
     pub fn of<B: Backend>(labels: &Tensor<B, 2, Int>) -> Self {
-        let [b, t] = labels.dims();
-        let labels: Vec<i64> = labels.to_data().convert::<i64>().to_vec().expect("integer labels");
+        let [_, t] = labels.dims();
+        Self::from_labels(&labels.to_data().convert::<i64>().to_vec::<i64>().expect("integer labels"), t)
+    }
+
+    /// From labels `[B, T]` in row-major order on the host.
+    pub fn from_labels(labels: &[i64], t: usize) -> Self {
+        let b = labels.len().checked_div(t).unwrap_or(0);
         let (mut index, mut target) = (Vec::new(), Vec::new());
         for row in 0..b {
             for i in 0..t.saturating_sub(1) {

@@ -4,12 +4,12 @@ use burn::prelude::*;
 use burn::tensor::TensorData;
 use fila_data::{Batch, PixelTensor};
 use fila_model::cvfm::TileGrid;
-use fila_model::fila::{FilaInput, IGNORE_INDEX};
+use fila_model::fila::{FilaInput, ScoredRows};
 use fila_model::hybrid_encoder::ImageInput;
 
-/// Label positions that count in the loss (`labels[:, 1:] != −100`, matching `causal_lm_loss`).
+/// Label positions that count in the loss ([`ScoredRows`]).
 pub fn scored_tokens(batch: &Batch) -> usize {
-    (0..batch.batch_size).map(|b| batch.labels[b * batch.seq_len + 1..(b + 1) * batch.seq_len].iter().filter(|&&l| l != IGNORE_INDEX).count()).sum()
+    ScoredRows::from_labels(&batch.labels, batch.seq_len).len()
 }
 
 fn tensor4<B: Backend>(data: &[f32], shape: [usize; 4], device: &B::Device) -> Tensor<B, 4> {

@@ -66,15 +66,15 @@ pub fn forward_backward<B: AutodiffBackend>(
     set: &TrainableSet,
 ) -> (Tensor<B::InnerBackend, 1>, Grads<B::InnerBackend>) {
     let mut grads = Grads::new();
-    let device = input.input_ids.device();
-    if ScoredRows::of(input.labels.as_ref().expect("the training loss needs labels")).is_empty() {
+    let rows = ScoredRows::of(input.labels.as_ref().expect("the training loss needs labels"));
+    if rows.is_empty() {
         // Nothing to learn from: no gradient, so no parameter counts as updated by it.
-        return (Tensor::zeros([1], &device), grads);
+        return (Tensor::zeros([1], &input.input_ids.device()), grads);
     }
     let loss = if let Recompute::Layers { head_rows } = recompute {
-        recomputed(model, input, share, precision, head_rows.max(1), &mut |g| accumulate_grads(model, g, set, &mut grads))
+        recomputed(model, input, &rows, share, precision, head_rows.max(1), &mut |g| accumulate_grads(model, g, set, &mut grads))
     } else {
-        let (loss, _) = precision.forward(|| model.loss(input));
+        let (loss, _) = precision.forward(|| model.loss_at(input, &rows));
         let loss = loss.mul_scalar(share);
         accumulate_grads(model, &loss.backward(), set, &mut grads);
         loss.inner()
@@ -87,12 +87,12 @@ pub fn forward_backward<B: AutodiffBackend>(
 fn recomputed<B: AutodiffBackend>(
     model: &Fila<B>,
     input: FilaInput<B>,
+    rows: &ScoredRows,
     share: f64,
     precision: Precision,
     head_rows: usize,
     take: &mut dyn FnMut(&B::Gradients),
 ) -> Tensor<B::InnerBackend, 1> {
-    let rows = ScoredRows::of(input.labels.as_ref().expect("the training loss needs labels"));
     let valid = input.attention_mask;
     let embeds = precision.forward(|| model.embed_batch(input.input_ids, &input.images, None));
     let [b, t, d] = embeds.dims();

@@ -543,10 +543,8 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
         }
         let kernels = kernel_events::counts();
         if root && kernels != KernelCounts::default() {
-            let later = match self.kernels_after_warmup {
-                Some(warm) => {
-                    format!("; after the first {WARMUP_STEPS} steps: {} compiled, {} autotune runs", kernels.since(warm).compiled, kernels.since(warm).tuned)
-                }
+            let later = match self.kernels_after_warmup.map(|warm| kernels.since(warm)) {
+                Some(late) => format!("; after the first {WARMUP_STEPS} steps: {} compiled, {} autotune runs", late.compiled, late.tuned),
                 None => String::new(),
             };
             eprintln!("GPU kernels: {} compiled, {} from the compilation cache, {} autotune runs{later}", kernels.compiled, kernels.from_cache, kernels.tuned);
