@@ -213,6 +213,9 @@ fn kernel_mask<I: Backend>(mask: Tensor<I, 4, Bool>, heads: usize) -> Tensor<I, 
 /// The fused kernel. GQA heads are repeated and the mask materialised (only what the kernel
 /// cannot take as its causal flag); nothing here is kept after the call.
 fn fused_forward<I: Backend>(q: Tensor<I, 4>, k: Tensor<I, 4>, v: Tensor<I, 4>, padding: Option<Tensor<I, 2, Bool>>, spec: Spec) -> Tensor<I, 4> {
+    if TypeId::of::<I>() == TypeId::of::<burn::backend::Flex>() && spec.compute == Compute::F32 {
+        return chunked_forward(q, k, v, padding.as_ref(), spec);
+    }
     let [b, h, tq, _] = q.dims();
     let [_, hkv, tk, _] = k.dims();
     let device = q.device();
@@ -239,6 +242,66 @@ fn fused_forward<I: Backend>(q: Tensor<I, 4>, k: Tensor<I, 4>, v: Tensor<I, 4>, 
             burn::tensor::module::attention(low(q), low(k), low(v), mask, None, options).cast(FloatDType::F32)
         }
     }
+}
+
+/// Queries per chunk: one `[B, H, chunk, Tk]` score tile within the budget. A causal pass takes at
+/// least four chunks (of 64 queries or more): each stops at its last visible key, which skips
+/// about 3/8 of the products, where one chunk would compute the whole square.
+fn query_chunk(spec: Spec, b: usize, h: usize, tq: usize, tk: usize) -> usize {
+    let chunk = (spec.score_budget / (b * h * tk).max(1)).clamp(1, tq.max(1));
+    if spec.causal {
+        chunk.min(tq.div_ceil(4).max(64))
+    } else {
+        chunk
+    }
+}
+
+/// Keys a causal chunk of queries `t0..t0 + c` sees (all `tk` otherwise).
+fn chunk_keys(spec: Spec, tq: usize, tk: usize, t0: usize, c: usize) -> usize {
+    if spec.causal {
+        (tk - tq + t0 + c).min(tk)
+    } else {
+        tk
+    }
+}
+
+/// The masked softmax of one chunk's scores `[B, Hkv, G·c, keys]`: the fused kernel on flex, plain
+/// ops elsewhere.
+#[allow(clippy::too_many_arguments)]
+fn chunk_probs<I: Backend>(scores: Tensor<I, 4>, padding: Option<&Tensor<I, 2, Bool>>, spec: Spec, tq: usize, tk: usize, t0: usize, c: usize) -> Tensor<I, 4> {
+    let causal_first = spec.causal.then_some(tk - tq + t0);
+    kernels::attention_softmax(scores, padding, causal_first, c).unwrap_or_else(|scores| {
+        let [b, hkv, gc, keys] = scores.dims();
+        let scores = scores.reshape([b, hkv, gc / c, c, keys]);
+        let scores = match chunk_mask::<I>(padding, spec, tq, tk, t0, c, keys, &scores.device()) {
+            Some(m) => scores.mask_fill(m.expand([b, hkv, gc / c, c, keys]), f32::NEG_INFINITY),
+            None => scores,
+        };
+        safe_softmax(scores).reshape([b, hkv, gc, keys])
+    })
+}
+
+/// The forward pass one chunk of queries at a time, each group of query heads folded onto its
+/// key/value head (no repeated `k`/`v`), with the fused masked softmax: flex's path (its own
+/// attention kernel takes the softmax one element at a time through `exp`).
+fn chunked_forward<I: Backend>(q: Tensor<I, 4>, k: Tensor<I, 4>, v: Tensor<I, 4>, padding: Option<&Tensor<I, 2, Bool>>, spec: Spec) -> Tensor<I, 4> {
+    let [b, h, tq, hd] = q.dims();
+    let [_, hkv, tk, _] = k.dims();
+    let g = h / hkv;
+    let chunk = query_chunk(spec, b, h, tq, tk);
+    let q5 = (q * spec.scale).reshape([b, hkv, g, tq, hd]);
+    let mut out = Vec::with_capacity(tq.div_ceil(chunk));
+    for t0 in (0..tq).step_by(chunk) {
+        let c = chunk.min(tq - t0);
+        let keys = chunk_keys(spec, tq, tk, t0, c);
+        let qc = q5.clone().slice([0..b, 0..hkv, 0..g, t0..t0 + c, 0..hd]).reshape([b, hkv, g * c, hd]);
+        let kc = k.clone().slice([0..b, 0..hkv, 0..keys, 0..hd]);
+        let vc = v.clone().slice([0..b, 0..hkv, 0..keys, 0..hd]);
+        let probs = chunk_probs(autocast::matmul(qc, kc.swap_dims(2, 3)), padding, spec, tq, tk, t0, c);
+        out.push(autocast::matmul(probs, vc).reshape([b, hkv, g, c, hd]));
+    }
+    let out = if out.len() == 1 { out.pop().expect("one chunk") } else { Tensor::cat(out, 3) };
+    out.reshape([b, h, tq, hd])
 }
 
 /// Mask for queries `t0..t0+c` against keys `0..keys`: `[B, 1, 1, c, keys]`, or `None`.
@@ -309,12 +372,7 @@ fn chunked_backward<I: Backend>(
     let [_, hkv, tk, _] = k.dims();
     let g = h / hkv;
     let device = q.device();
-    let mut chunk = (spec.score_budget / (b * h * tk).max(1)).clamp(1, tq.max(1));
-    if spec.causal {
-        // At least four chunks (of 64 queries or more): each stops at its last visible key, which
-        // skips about 3/8 of the products, where one chunk would compute the whole square.
-        chunk = chunk.min(tq.div_ceil(4).max(64));
-    }
+    let chunk = query_chunk(spec, b, h, tq, tk);
     autocast::with_compute(spec.compute, || {
         // Rowwise dO·O: the softmax Jacobian's correction term, [B, Hkv, G, Tq, 1].
         let delta = (d_out.clone() * out).sum_dim(3).reshape([b, hkv, g, tq, 1]);
@@ -327,7 +385,7 @@ fn chunked_backward<I: Backend>(
         for t0 in (0..tq).step_by(chunk) {
             let c = chunk.min(tq - t0);
             let rows = t0..t0 + c;
-            let keys = if spec.causal { (tk - tq + t0 + c).min(tk) } else { tk };
+            let keys = chunk_keys(spec, tq, tk, t0, c);
             let qc = q5.clone().slice([0..b, 0..hkv, 0..g, rows.clone(), 0..hd]).reshape([b, hkv, g * c, hd]);
             let doc = d_out5.clone().slice([0..b, 0..hkv, 0..g, rows.clone(), 0..hd]).reshape([b, hkv, g * c, hd]);
             let deltac = delta.clone().slice([0..b, 0..hkv, 0..g, rows, 0..1]).reshape([b, hkv, g * c, 1]);
@@ -341,12 +399,7 @@ fn chunked_backward<I: Backend>(
             let (probs, dscores) = match kernels::attention_softmax_grad(scores, dprobs, deltac, padding.as_ref(), causal_first, c) {
                 Ok(fused) => fused,
                 Err([scores, dprobs, deltac]) => {
-                    let scores = scores.reshape([b, hkv, g, c, keys]);
-                    let scores = match chunk_mask::<I>(padding.as_ref(), spec, tq, tk, t0, c, keys, &device) {
-                        Some(m) => scores.mask_fill(m.expand([b, hkv, g, c, keys]), f32::NEG_INFINITY),
-                        None => scores,
-                    };
-                    let probs = safe_softmax(scores).reshape([b, hkv, g * c, keys]);
+                    let probs = chunk_probs(scores, padding.as_ref(), spec, tq, tk, t0, c);
                     (probs.clone(), probs * (dprobs - deltac))
                 }
             };
@@ -358,9 +411,13 @@ fn chunked_backward<I: Backend>(
                 dk = dk + dk_part;
                 dv = dv + dv_part;
             } else {
+                // The sums are formed before the assignment so that `dk` and `dv` hold the only
+                // reference to their buffers and are updated in place (a shared buffer is copied whole).
                 let range = [0..b, 0..hkv, 0..keys, 0..hd];
-                dk = dk.clone().slice_assign(range.clone(), dk.slice(range.clone()) + dk_part);
-                dv = dv.clone().slice_assign(range.clone(), dv.slice(range) + dv_part);
+                let dk_sum = dk.clone().slice(range.clone()) + dk_part;
+                let dv_sum = dv.clone().slice(range.clone()) + dv_part;
+                dk = dk.slice_assign(range.clone(), dk_sum);
+                dv = dv.slice_assign(range, dv_sum);
             }
         }
         let dq = Tensor::cat(dq_chunks, 3).reshape([b, h, tq, hd]);

@@ -84,8 +84,8 @@ pub enum Activation {
 impl Activation {
     pub fn apply<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
         match self {
-            Activation::QuickGelu => x.clone() * activation::sigmoid(x * 1.702),
-            Activation::Gelu => activation::gelu(x),
+            Activation::QuickGelu => crate::kernels::quick_gelu(x),
+            Activation::Gelu => crate::kernels::gelu(x),
             Activation::Silu => activation::silu(x),
         }
     }

@@ -7,6 +7,7 @@
 //! order, so results are the same bit for bit from run to run.
 
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Runs `$body` (a call of `#[inline(always)]` functions generic over `const FMA: bool`) compiled
 /// with AVX2 + FMA when the CPU has them, and for the baseline target otherwise.
@@ -48,6 +49,50 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
 /// Elements per parallel task for element-wise work: large enough that a task costs more than
 /// handing it to a thread.
 const ELEMENTS_PER_TASK: usize = 1 << 15;
+
+/// A fresh output of `len` elements, written by `write(task, chunk, item)` on rayon tasks of
+/// `chunk` elements, each paired with the next item of `with` (a parallel iterator with as many
+/// items as there are chunks). Each task zeroes its own chunk before writing it: `vec![0.0; len]`
+/// would zero the whole buffer on the calling thread while the other cores wait.
+fn par_new_with<T: Send>(
+    len: usize,
+    chunk: usize,
+    with: impl IndexedParallelIterator<Item = T>,
+    write: impl Fn(usize, &mut [f32], T) + Sync + Send,
+) -> Vec<f32> {
+    // A shorter `with` would leave chunks unwritten (`zip` stops at the shorter side).
+    assert!(with.len() >= len.div_ceil(chunk), "par_new_with: fewer items than chunks");
+    let mut out = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len].par_chunks_mut(chunk).zip(with).enumerate().for_each(|(i, (c, t))| write(i, zeroed(c), t));
+    // SAFETY: each of the chunks covering the first `len` elements was zeroed by its task.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// [`par_new_with`] without a paired iterator.
+fn par_new(len: usize, chunk: usize, write: impl Fn(usize, &mut [f32]) + Sync + Send) -> Vec<f32> {
+    par_new_with(len, chunk, rayon::iter::repeat_n((), len.div_ceil(chunk)), |i, out, ()| write(i, out))
+}
+
+/// [`par_new`] for two outputs of the same length, chunked alike.
+fn par_new2(len: usize, chunk: usize, write: impl Fn(usize, &mut [f32], &mut [f32]) + Sync + Send) -> (Vec<f32>, Vec<f32>) {
+    let mut second = Vec::with_capacity(len);
+    let first = par_new_with(len, chunk, second.spare_capacity_mut()[..len].par_chunks_mut(chunk), |i, a, b| write(i, a, zeroed(b)));
+    // SAFETY: as in `par_new_with`: its tasks zeroed every chunk of `second` too.
+    unsafe { second.set_len(len) };
+    (first, second)
+}
+
+fn zeroed(chunk: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    chunk.fill(MaybeUninit::new(0.0));
+    // SAFETY: every element was just initialised, and `MaybeUninit<f32>` has the layout of `f32`.
+    unsafe { &mut *(chunk as *mut [MaybeUninit<f32>] as *mut [f32]) }
+}
+
+/// The `i`-th chunk of `chunk` elements of an input, `len` long (the matching output chunk's length).
+fn part(x: &[f32], i: usize, chunk: usize, len: usize) -> &[f32] {
+    &x[i * chunk..i * chunk + len]
+}
 
 /// `e^v` for `v` in [−87, 0] (results stay normal floats): `2^n · p(r)` with `v = n ln 2 + r`,
 /// `|r| ≤ ln 2 / 2`, `p` the degree-7 Taylor polynomial (relative error below 1e-7).
@@ -113,18 +158,15 @@ fn gelu_grad_slice<const FMA: bool>(x: &[f32], g: &[f32], dx: &mut [f32]) {
 
 /// Exact (erf) GELU, `x Φ(x)`.
 pub fn gelu(x: &[f32]) -> Vec<f32> {
-    let mut y = vec![0.0; x.len()];
-    y.par_chunks_mut(ELEMENTS_PER_TASK).zip(x.par_chunks(ELEMENTS_PER_TASK)).for_each(|(y, x)| with_fma!(|FMA| gelu_slice::<FMA>(x, y)));
-    y
+    par_new(x.len(), ELEMENTS_PER_TASK, |i, y| with_fma!(|FMA| gelu_slice::<FMA>(part(x, i, ELEMENTS_PER_TASK, y.len()), y)))
 }
 
 /// Gradient of [`gelu`]: `g (Φ(x) + x φ(x))`.
 pub fn gelu_grad(x: &[f32], g: &[f32]) -> Vec<f32> {
-    let mut dx = vec![0.0; x.len()];
-    dx.par_chunks_mut(ELEMENTS_PER_TASK)
-        .zip(x.par_chunks(ELEMENTS_PER_TASK).zip(g.par_chunks(ELEMENTS_PER_TASK)))
-        .for_each(|(dx, (x, g))| with_fma!(|FMA| gelu_grad_slice::<FMA>(x, g, dx)));
-    dx
+    par_new(x.len(), ELEMENTS_PER_TASK, |i, dx| {
+        let (x, g) = (part(x, i, ELEMENTS_PER_TASK, dx.len()), part(g, i, ELEMENTS_PER_TASK, dx.len()));
+        with_fma!(|FMA| gelu_grad_slice::<FMA>(x, g, dx))
+    })
 }
 
 /// `(silu(g), sigmoid(g))`, the exponential taken of `−|g|` so it never overflows.
@@ -155,22 +197,50 @@ fn swiglu_grad_slice<const FMA: bool>(g: &[f32], u: &[f32], dy: &[f32], dg: &mut
 
 /// The SwiGLU product `silu(g) · u`, element-wise.
 pub fn swiglu(g: &[f32], u: &[f32]) -> Vec<f32> {
-    let mut y = vec![0.0; g.len()];
-    y.par_chunks_mut(ELEMENTS_PER_TASK)
-        .zip(g.par_chunks(ELEMENTS_PER_TASK).zip(u.par_chunks(ELEMENTS_PER_TASK)))
-        .for_each(|(y, (g, u))| with_fma!(|FMA| swiglu_slice::<FMA>(g, u, y)));
-    y
+    par_new(g.len(), ELEMENTS_PER_TASK, |i, y| {
+        let (g, u) = (part(g, i, ELEMENTS_PER_TASK, y.len()), part(u, i, ELEMENTS_PER_TASK, y.len()));
+        with_fma!(|FMA| swiglu_slice::<FMA>(g, u, y))
+    })
 }
 
 /// Gradients of [`swiglu`] from the output gradient `dy`: `(dy · u · silu'(g), dy · silu(g))`.
 pub fn swiglu_grad(g: &[f32], u: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let mut dg = vec![0.0; g.len()];
-    let mut du = vec![0.0; g.len()];
-    dg.par_chunks_mut(ELEMENTS_PER_TASK)
-        .zip(du.par_chunks_mut(ELEMENTS_PER_TASK))
-        .zip(g.par_chunks(ELEMENTS_PER_TASK).zip(u.par_chunks(ELEMENTS_PER_TASK)).zip(dy.par_chunks(ELEMENTS_PER_TASK)))
-        .for_each(|((dg, du), ((g, u), dy))| with_fma!(|FMA| swiglu_grad_slice::<FMA>(g, u, dy, dg, du)));
-    (dg, du)
+    par_new2(g.len(), ELEMENTS_PER_TASK, |i, dg, du| {
+        let [g, u, dy] = [g, u, dy].map(|t| part(t, i, ELEMENTS_PER_TASK, dg.len()));
+        with_fma!(|FMA| swiglu_grad_slice::<FMA>(g, u, dy, dg, du))
+    })
+}
+
+/// The scale of CLIP's quick GELU, `x · σ(1.702 x)`.
+pub const QUICK_GELU_SCALE: f32 = 1.702;
+
+#[inline(always)]
+fn quick_gelu_slice<const FMA: bool>(x: &[f32], y: &mut [f32]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y = x * silu_sigmoid::<FMA>(QUICK_GELU_SCALE * x).1;
+    }
+}
+
+#[inline(always)]
+fn quick_gelu_grad_slice<const FMA: bool>(x: &[f32], g: &[f32], dx: &mut [f32]) {
+    for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+        // d/dx x σ(a x) = σ + a x σ (1 − σ)
+        let sig = silu_sigmoid::<FMA>(QUICK_GELU_SCALE * x).1;
+        *dx = g * madd::<FMA>(QUICK_GELU_SCALE * x * sig, 1.0 - sig, sig);
+    }
+}
+
+/// CLIP's quick GELU, `x σ(1.702 x)`.
+pub fn quick_gelu(x: &[f32]) -> Vec<f32> {
+    par_new(x.len(), ELEMENTS_PER_TASK, |i, y| with_fma!(|FMA| quick_gelu_slice::<FMA>(part(x, i, ELEMENTS_PER_TASK, y.len()), y)))
+}
+
+/// The gradient of [`quick_gelu`] from the output gradient `g`.
+pub fn quick_gelu_grad(x: &[f32], g: &[f32]) -> Vec<f32> {
+    par_new(x.len(), ELEMENTS_PER_TASK, |i, dx| {
+        let (x, g) = (part(x, i, ELEMENTS_PER_TASK, dx.len()), part(g, i, ELEMENTS_PER_TASK, dx.len()));
+        with_fma!(|FMA| quick_gelu_grad_slice::<FMA>(x, g, dx))
+    })
 }
 
 /// Sum with eight running partial sums (so it vectorises), added in a fixed order.
@@ -218,10 +288,10 @@ fn rows_per_task(len: usize) -> usize {
 /// `rstd = 1 / sqrt(var + eps)` (biased variance). Returns `y` and each row's mean and rstd.
 pub fn layer_norm(x: &[f32], c: usize, weight: &[f32], bias: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let rows = x.len() / c;
-    let mut y = vec![0.0; x.len()];
     let mut stats = vec![(0.0f32, 0.0f32); rows];
     let block = rows_per_task(c);
-    y.par_chunks_mut(block * c).zip(stats.par_chunks_mut(block)).zip(x.par_chunks(block * c)).for_each(|((y, stats), x)| {
+    let y = par_new_with(x.len(), block * c, stats.par_chunks_mut(block), |n, y, stats| {
+        let x = part(x, n, block * c, y.len());
         with_fma!(|FMA| {
             for ((y, x), stat) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)).zip(stats.iter_mut()) {
                 let mean = sum_slice(x) / c as f32;
@@ -243,10 +313,9 @@ pub fn layer_norm_grad(x: &[f32], g: &[f32], c: usize, weight: &[f32], mean: &[f
     let rows = x.len() / c;
     let block = rows_per_task(c);
     let blocks = rows.div_ceil(block);
-    let mut dx = vec![0.0; x.len()];
     // Per block: Σ g·x̂ (dweight) then Σ g (dbias), summed over blocks in order below.
     let mut partial = vec![0.0f32; blocks * 2 * c];
-    dx.par_chunks_mut(block * c).zip(partial.par_chunks_mut(2 * c)).enumerate().for_each(|(b, (dx, partial))| {
+    let dx = par_new_with(x.len(), block * c, partial.par_chunks_mut(2 * c), |b, dx, partial| {
         let r0 = b * block;
         let (dw, db) = partial.split_at_mut(c);
         let mut gy = vec![0.0f32; c];
@@ -361,8 +430,7 @@ fn depthwise_row<const FMA: bool>(geo: &Depthwise, input: &Map, taps: &[f32], (n
 pub fn depthwise_forward(geo: &Depthwise, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     let taps = depthwise_taps(weight, geo.c, geo.k, false);
     let (oh, ow, c) = (geo.out_h(), geo.out_w(), geo.c);
-    let mut out = vec![0.0; geo.n * oh * ow * c];
-    out.par_chunks_mut(ow * c).enumerate().for_each(|(row, out)| {
+    par_new(geo.n * oh * ow * c, ow * c, |row, out| {
         if let Some(bias) = bias {
             for o in out.chunks_exact_mut(c) {
                 o.copy_from_slice(bias);
@@ -370,8 +438,7 @@ pub fn depthwise_forward(geo: &Depthwise, x: &[f32], weight: &[f32], bias: Optio
         }
         let input = Map { data: x, h: geo.h, w: geo.w };
         with_fma!(|FMA| depthwise_row::<FMA>(geo, &input, &taps, (row / oh, row % oh), out));
-    });
-    out
+    })
 }
 
 /// Input gradient: the output gradient correlated with the turned kernel (padding `k − 1 − pad`).
@@ -379,12 +446,10 @@ pub fn depthwise_input_grad(geo: &Depthwise, g: &[f32], weight: &[f32]) -> Vec<f
     let taps = depthwise_taps(weight, geo.c, geo.k, true);
     let (oh, ow, c) = (geo.out_h(), geo.out_w(), geo.c);
     let back = Depthwise { n: geo.n, h: oh, w: ow, c, k: geo.k, pad: geo.k - 1 - geo.pad };
-    let mut dx = vec![0.0; geo.n * geo.h * geo.w * c];
-    dx.par_chunks_mut(geo.w * c).enumerate().for_each(|(row, dx)| {
+    par_new(geo.n * geo.h * geo.w * c, geo.w * c, |row, dx| {
         let input = Map { data: g, h: oh, w: ow };
         with_fma!(|FMA| depthwise_row::<FMA>(&back, &input, &taps, (row / geo.h, row % geo.h), dx));
-    });
-    dx
+    })
 }
 
 /// Weight and bias gradients: `dweight[c, 1, k, k]`, `dbias[c]`.
@@ -450,8 +515,7 @@ pub fn depthwise_weight_grad(geo: &Depthwise, x: &[f32], g: &[f32]) -> (Vec<f32>
 /// `r×r` stride-`r` convolution is this followed by a product with the weight as `[out, in·r·r]`.
 pub fn space_to_depth(x: &[f32], n: usize, h: usize, w: usize, c: usize, r: usize) -> Vec<f32> {
     let (oh, ow, oc) = (h / r, w / r, c * r * r);
-    let mut out = vec![0.0; n * oh * ow * oc];
-    out.par_chunks_mut(ow * oc).enumerate().for_each(|(row, out)| {
+    par_new(n * oh * ow * oc, ow * oc, |row, out| {
         let (b, i) = (row / oh, row % oh);
         for dy in 0..r {
             let src = &x[((b * h) + i * r + dy) * w * c..((b * h) + i * r + dy + 1) * w * c];
@@ -464,15 +528,13 @@ pub fn space_to_depth(x: &[f32], n: usize, h: usize, w: usize, c: usize, r: usiz
                 }
             }
         }
-    });
-    out
+    })
 }
 
 /// The inverse of [`space_to_depth`] (its gradient): `[n, h/r, w/r, c·r·r]` → `[n, h, w, c]`.
 pub fn depth_to_space(y: &[f32], n: usize, h: usize, w: usize, c: usize, r: usize) -> Vec<f32> {
     let (oh, ow, oc) = (h / r, w / r, c * r * r);
-    let mut x = vec![0.0; n * h * w * c];
-    x.par_chunks_mut(w * c).enumerate().for_each(|(row, dst)| {
+    par_new(n * h * w * c, w * c, |row, dst| {
         let (b, yy) = (row / h, row % h);
         let (i, dy) = (yy / r, yy % r);
         let src = &y[(b * oh + i) * ow * oc..(b * oh + i + 1) * ow * oc];
@@ -483,8 +545,7 @@ pub fn depth_to_space(y: &[f32], n: usize, h: usize, w: usize, c: usize, r: usiz
                 *v = patch[(ch * r + dy) * r + dx];
             }
         }
-    });
-    x
+    })
 }
 
 /// Batched transpose: `n` matrices `[rows, cols]` → `[cols, rows]` (NCHW ↔ NHWC with
@@ -537,9 +598,8 @@ impl Rope {
 pub fn rope_heads(geo: &Rope, x: &[f32], cos: &[f32], sin: &[f32]) -> Vec<f32> {
     let Rope { b, t, heads, hd, .. } = *geo;
     let half = hd / 2;
-    let mut out = vec![0.0; b * heads * t * hd];
     // One task per (batch row, head): its `[t, hd]` output block.
-    out.par_chunks_mut(t * hd).enumerate().for_each(|(bh, out)| {
+    par_new(b * heads * t * hd, t * hd, |bh, out| {
         let (bi, h) = (bh / heads, bh % heads);
         for (ti, y) in out.chunks_exact_mut(hd).enumerate() {
             let src = &x[((bi * t + ti) * heads + h) * hd..][..hd];
@@ -552,8 +612,7 @@ pub fn rope_heads(geo: &Rope, x: &[f32], cos: &[f32], sin: &[f32]) -> Vec<f32> {
                 y1[i] = v[i] * c[half + i] + u[i] * s[half + i];
             }
         }
-    });
-    out
+    })
 }
 
 /// The gradient of [`rope_heads`] with respect to `x`: `g` `[b, heads, t, hd]` → `[b, t, heads·hd]`,
@@ -561,9 +620,8 @@ pub fn rope_heads(geo: &Rope, x: &[f32], cos: &[f32], sin: &[f32]) -> Vec<f32> {
 pub fn rope_heads_grad(geo: &Rope, g: &[f32], cos: &[f32], sin: &[f32]) -> Vec<f32> {
     let Rope { b, t, heads, hd, .. } = *geo;
     let half = hd / 2;
-    let mut dx = vec![0.0; b * t * heads * hd];
     // One task per (batch row, position): its `[heads·hd]` gradient row.
-    dx.par_chunks_mut(heads * hd).enumerate().for_each(|(bt, dx)| {
+    par_new(b * t * heads * hd, heads * hd, |bt, dx| {
         let (bi, ti) = (bt / t, bt % t);
         let at = geo.table(bi, ti);
         let (c, s) = (&cos[at..at + hd], &sin[at..at + hd]);
@@ -576,11 +634,10 @@ pub fn rope_heads_grad(geo: &Rope, g: &[f32], cos: &[f32], sin: &[f32]) -> Vec<f
                 d1[i] = q[i] * c[half + i] + -(p[i] * s[i]);
             }
         }
-    });
-    dx
+    })
 }
 
-/// One query chunk of the attention backward pass: a `[rows, keys]` score tile whose rows are
+/// One query chunk of the attention forward or backward pass: a `[rows, keys]` score tile whose rows are
 /// `rows_per_batch` per batch row, query `row % queries` of the chunk in each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ScoreTile {
@@ -591,41 +648,159 @@ pub struct ScoreTile {
     pub causal_first: Option<usize>,
 }
 
-/// Probabilities `p = softmax(s)` over each row's visible keys (masked keys 0, a row that sees
-/// no key all 0, as the unfused path's clamped softmax) and the score gradient
-/// `ds = p · (dp − delta)`, in one pass per row. `padding`: `[batch, stride]` flags, nonzero where
-/// a key is padding; `delta`: one value per row.
+impl ScoreTile {
+    /// Row `row`'s scores over the keys it may see by the causal limit, and their padding flags.
+    fn row<'a>(&self, row: usize, scores: &'a [f32], padding: Option<(&'a [u8], usize)>) -> (&'a [f32], Option<&'a [u8]>) {
+        let (b, i) = (row / self.rows_per_batch, row % self.queries);
+        let limit = self.causal_first.map_or(self.keys, |first| (first + i + 1).min(self.keys));
+        let pad = padding.map(|(flags, stride)| &flags[b * stride..b * stride + limit]);
+        (&scores[row * self.keys..row * self.keys + limit], pad)
+    }
+
+    /// Rows per parallel task.
+    fn rows_per_task(&self) -> usize {
+        rows_per_task(self.keys)
+    }
+}
+
+/// Writes `p = softmax(s)` over the keys whose padding flag is 0 (all when `pad` is `None`) into
+/// the first `s.len()` elements of `p`, masked keys 0. Returns false, leaving `p` untouched, when
+/// the row sees no key. Eight lanes for the maximum and the sum, so the loops vectorise.
+#[inline(always)]
+fn softmax_row<const FMA: bool>(s: &[f32], pad: Option<&[u8]>, p: &mut [f32]) -> bool {
+    let n = s.len();
+    let p = &mut p[..n];
+    let split = n - n % 8;
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    match pad {
+        None => {
+            for c in s[..split].chunks_exact(8) {
+                for k in 0..8 {
+                    lanes[k] = lanes[k].max(c[k]);
+                }
+            }
+            for &v in &s[split..] {
+                lanes[0] = lanes[0].max(v);
+            }
+        }
+        Some(pad) => {
+            for (c, m) in s[..split].chunks_exact(8).zip(pad.chunks_exact(8)) {
+                for k in 0..8 {
+                    lanes[k] = if m[k] == 0 { lanes[k].max(c[k]) } else { lanes[k] };
+                }
+            }
+            for (&v, &m) in s[split..].iter().zip(&pad[split..]) {
+                lanes[0] = if m == 0 { lanes[0].max(v) } else { lanes[0] };
+            }
+        }
+    }
+    let max = lanes.into_iter().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return false;
+    }
+    let mut sums = [0.0f32; 8];
+    // A masked score may exceed the maximum: its exponential is taken of at most 0, then dropped.
+    let exp = |v: f32, visible: bool| if visible { exp_nonpositive::<FMA>((v - max).min(0.0)) } else { 0.0 };
+    let (head, tail) = p.split_at_mut(split);
+    match pad {
+        None => {
+            for (o, c) in head.chunks_exact_mut(8).zip(s.chunks_exact(8)) {
+                for k in 0..8 {
+                    o[k] = exp(c[k], true);
+                    sums[k] += o[k];
+                }
+            }
+            for (o, &v) in tail.iter_mut().zip(&s[split..]) {
+                *o = exp(v, true);
+                sums[0] += *o;
+            }
+        }
+        Some(pad) => {
+            for ((o, c), m) in head.chunks_exact_mut(8).zip(s.chunks_exact(8)).zip(pad.chunks_exact(8)) {
+                for k in 0..8 {
+                    o[k] = exp(c[k], m[k] == 0);
+                    sums[k] += o[k];
+                }
+            }
+            for ((o, &v), &m) in tail.iter_mut().zip(&s[split..]).zip(&pad[split..]) {
+                *o = exp(v, m == 0);
+                sums[0] += *o;
+            }
+        }
+    }
+    let sum = sum8(sums.into_iter());
+    for v in p.iter_mut() {
+        *v /= sum;
+    }
+    true
+}
+
+/// Probabilities `p = softmax(s)` over each row's visible keys: masked keys 0, and a row that sees
+/// no key all 0 (as the unfused path's clamped softmax). `padding`: `[batch, stride]` flags,
+/// nonzero where a key is padding.
+pub fn attention_softmax(tile: &ScoreTile, scores: &[f32], padding: Option<(&[u8], usize)>) -> Vec<f32> {
+    let (keys, block) = (tile.keys, tile.rows_per_task());
+    par_new(scores.len(), block * keys, |n, p| {
+        with_fma!(|FMA| {
+            for (r, p) in p.chunks_exact_mut(keys).enumerate() {
+                let (s, pad) = tile.row(n * block + r, scores, padding);
+                softmax_row::<FMA>(s, pad, p);
+            }
+        })
+    })
+}
+
+/// [`attention_softmax`] and the score gradient `ds = p · (dp − delta)` in one pass per row
+/// (`delta`: one value per row).
 pub fn attention_softmax_grad(tile: &ScoreTile, scores: &[f32], dprobs: &[f32], delta: &[f32], padding: Option<(&[u8], usize)>) -> (Vec<f32>, Vec<f32>) {
-    let keys = tile.keys;
-    let mut probs = vec![0.0; scores.len()];
-    let mut dscores = vec![0.0; scores.len()];
-    let block = (ELEMENTS_PER_TASK / keys.max(1)).max(1);
-    probs.par_chunks_mut(block * keys).zip(dscores.par_chunks_mut(block * keys)).enumerate().for_each(|(n, (p, ds))| {
+    let (keys, block) = (tile.keys, tile.rows_per_task());
+    par_new2(scores.len(), block * keys, |n, p, ds| {
         with_fma!(|FMA| {
             for (r, (p, ds)) in p.chunks_exact_mut(keys).zip(ds.chunks_exact_mut(keys)).enumerate() {
                 let row = n * block + r;
-                let (b, i) = (row / tile.rows_per_batch, row % tile.queries);
-                let limit = tile.causal_first.map_or(keys, |first| (first + i + 1).min(keys));
-                let pad = padding.map(|(flags, stride)| &flags[b * stride..b * stride + limit]);
-                let visible = |j: usize| pad.is_none_or(|pad| pad[j] == 0);
-                let s = &scores[row * keys..row * keys + limit];
-                let max = (0..limit).filter(|&j| visible(j)).map(|j| s[j]).fold(f32::NEG_INFINITY, f32::max);
-                if max == f32::NEG_INFINITY {
-                    continue;
-                }
-                let mut sum = 0.0;
-                for j in 0..limit {
-                    let e = if visible(j) { exp_nonpositive::<FMA>(s[j] - max) } else { 0.0 };
-                    p[j] = e;
-                    sum += e;
-                }
-                let (dp, d) = (&dprobs[row * keys..row * keys + limit], delta[row]);
-                for j in 0..limit {
-                    p[j] /= sum;
-                    ds[j] = p[j] * (dp[j] - d);
+                let (s, pad) = tile.row(row, scores, padding);
+                if softmax_row::<FMA>(s, pad, p) {
+                    let (dp, d) = (&dprobs[row * keys..row * keys + s.len()], delta[row]);
+                    for ((ds, &p), &dp) in ds.iter_mut().zip(p.iter()).zip(dp) {
+                        *ds = p * (dp - d);
+                    }
                 }
             }
         })
-    });
-    (probs, dscores)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fresh_outputs_cover_every_chunk_with_its_own_index() {
+        // 10 elements in chunks of 3: the last chunk is short.
+        let out = par_new(10, 3, |i, c| c.iter_mut().for_each(|v| *v += i as f32 + 1.0));
+        assert_eq!(out, [1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 3.0, 3.0, 3.0, 4.0]);
+        let (a, b) = par_new2(5, 2, |i, a, b| {
+            a.fill(i as f32);
+            b.iter_mut().for_each(|v| *v -= i as f32);
+        });
+        assert_eq!((a, b), (vec![0.0, 0.0, 1.0, 1.0, 2.0], vec![0.0, 0.0, -1.0, -1.0, -2.0]));
+        assert!(par_new(0, 4, |_, _| unreachable!("no chunk")).is_empty());
+    }
+
+    #[test]
+    fn element_wise_kernels_split_over_many_tasks_equal_one_pass() {
+        // Longer than three tasks, not a multiple of the task size.
+        let n = 3 * ELEMENTS_PER_TASK + 123;
+        let x: Vec<f32> = (0..n).map(|i| ((i * 7919) % 2001) as f32 / 200.0 - 5.0).collect();
+        let g: Vec<f32> = (0..n).map(|i| ((i * 104_729) % 997) as f32 / 500.0 - 1.0).collect();
+        // One pass over everything, with the same instruction set as the tasks.
+        let mut one = vec![f32::NAN; n];
+        with_fma!(|FMA| quick_gelu_slice::<FMA>(&x, &mut one));
+        assert_eq!(quick_gelu(&x), one);
+        with_fma!(|FMA| quick_gelu_grad_slice::<FMA>(&x, &g, &mut one));
+        assert_eq!(quick_gelu_grad(&x, &g), one);
+        let (mut dg, mut du) = (vec![f32::NAN; n], vec![f32::NAN; n]);
+        with_fma!(|FMA| swiglu_grad_slice::<FMA>(&x, &g, &x, &mut dg, &mut du));
+        assert_eq!(swiglu_grad(&x, &g, &x), (dg, du));
+    }
 }

@@ -1,8 +1,9 @@
 //! Fused CPU kernels for the operations the ConvNeXt branch, CVFM and the projector spend their
-//! time on, as custom autodiff operations on the flex backend: exact GELU, LayerNorm over the last
-//! axis, the stride-1 depthwise convolution on a channels-last map, the patchify rearrangement of
-//! a stride-`r` `r×r` convolution, and the NCHW → NHWC transpose; and the LLM's head split with
-//! RoPE and its MLP's SwiGLU product. [`attention_softmax_grad`] is a plain kernel of the attention backward pass.
+//! time on, as custom autodiff operations on the flex backend: exact GELU and CLIP's quick GELU,
+//! LayerNorm over the last axis, the stride-1 depthwise convolution on a channels-last map, the
+//! patchify rearrangement of a stride-`r` `r×r` convolution, and the NCHW → NHWC transpose; and the LLM's head split with
+//! RoPE and its MLP's SwiGLU product. [`attention_softmax`] and [`attention_softmax_grad`] are plain
+//! kernels of the attention passes.
 //!
 //! Why: Burn 0.21 builds these from many single-threaded element-wise ops (GELU's erf through
 //! libm, LayerNorm's seven passes, the depthwise convolution's gradients through a generic
@@ -35,9 +36,17 @@ use math::{Rope, ScoreTile};
 
 /// Exact (erf) GELU, element-wise.
 pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    match run::<B, _, 1>(GeluKernel, [prim(x)]) {
+    match run::<B, _, 1>(ActivationKernel::Gelu, [prim(x)]) {
         Ok(y) => float(y),
         Err([x]) => reference::gelu(float(x)),
+    }
+}
+
+/// CLIP's quick GELU `x · σ(1.702 x)`, element-wise.
+pub fn quick_gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    match run::<B, _, 1>(ActivationKernel::QuickGelu, [prim(x)]) {
+        Ok(y) => float(y),
+        Err([x]) => reference::quick_gelu(float(x)),
     }
 }
 
@@ -137,16 +146,29 @@ pub fn rope_heads<B: Backend>(x: Tensor<B, 3>, heads: usize, cos: Tensor<B, 4>, 
     }
 }
 
+/// The masked softmax of one query chunk of attention on a plain flex backend: from the scores
+/// `s` (`[B, Hkv, G·c, keys]`, query `row % c` of the chunk in each row), `p = softmax(masked s)`
+/// in one pass per row instead of a mask, a masked fill, max, exp, sum and division. Keys are
+/// masked by `padding` (`[B, Tk]`, true = padding) and causally (query `i` sees keys
+/// `0..=causal_first + i`); a row that sees no key gets zeros. Any other backend or dtype gets its
+/// scores back.
+pub fn attention_softmax<B: Backend>(
+    scores: Tensor<B, 4>,
+    padding: Option<&Tensor<B, 2, Bool>>,
+    causal_first: Option<usize>,
+    queries: usize,
+) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+    let ([scores], tile, padding) = score_tiles([scores], padding, causal_first, queries).map_err(|[scores]| scores)?;
+    let probs = math::attention_softmax(&tile, values(&scores), padding.as_ref().map(|(f, s)| (f.as_slice(), *s)));
+    Ok(score_tensor(probs, &scores))
+}
+
 /// What [`attention_softmax_grad`] returns: the probabilities and the score gradient.
 pub type ProbsAndScoreGrad<B> = (Tensor<B, 4>, Tensor<B, 4>);
 
-/// The softmax step of one query chunk of the attention backward pass ([`crate::attention`]), on
-/// a plain flex backend: from the scores `s` and the probability gradient `dp` (both
-/// `[B, Hkv, G·c, keys]`, query `row % c` of the chunk in each row) and `delta` (`[B, Hkv, G·c, 1]`,
-/// rowwise dO·O), the probabilities `p = softmax(masked s)` and the score gradient
-/// `p · (dp − delta)`, one pass per row instead of a dozen tensor ops. Keys are masked by
-/// `padding` (`[B, Tk]`, true = padding) and causally (query `i` sees keys `0..=causal_first + i`).
-/// Any other backend or dtype gets its inputs back.
+/// [`attention_softmax`] in the backward pass, with the score gradient `p · (dp − delta)` from the
+/// probability gradient `dp` (shaped as the scores) and `delta` (`[B, Hkv, G·c, 1]`, rowwise dO·O),
+/// in the same pass per row. Any other backend or dtype gets its inputs back.
 pub fn attention_softmax_grad<B: Backend>(
     scores: Tensor<B, 4>,
     dprobs: Tensor<B, 4>,
@@ -155,24 +177,40 @@ pub fn attention_softmax_grad<B: Backend>(
     causal_first: Option<usize>,
     queries: usize,
 ) -> Result<ProbsAndScoreGrad<B>, [Tensor<B, 4>; 3]> {
-    let dtypes = [&scores, &dprobs, &delta].map(|t| t.dtype());
-    if TypeId::of::<FloatTensor<B>>() != TypeId::of::<FlexTensor>() || dtypes.iter().any(|&d| d != DType::F32) {
-        return Err([scores, dprobs, delta]);
+    let ([scores, dprobs, delta], tile, padding) = score_tiles([scores, dprobs, delta], padding, causal_first, queries)?;
+    let (probs, dscores) =
+        math::attention_softmax_grad(&tile, values(&scores), values(&dprobs), values(&delta), padding.as_ref().map(|(f, s)| (f.as_slice(), *s)));
+    Ok((score_tensor(probs, &scores), score_tensor(dscores, &scores)))
+}
+
+/// Key padding flags (nonzero = padding) and their row stride.
+type PaddingFlags = (Vec<u8>, usize);
+
+/// The contiguous flex tensors of an attention softmax call (the first one the scores) and the
+/// geometry of its tile, or the tensors back when `B` is not flex or one is not `f32`.
+#[allow(clippy::type_complexity)]
+fn score_tiles<B: Backend, const N: usize>(
+    tensors: [Tensor<B, 4>; N],
+    padding: Option<&Tensor<B, 2, Bool>>,
+    causal_first: Option<usize>,
+    queries: usize,
+) -> Result<([FlexTensor; N], ScoreTile, Option<PaddingFlags>), [Tensor<B, 4>; N]> {
+    if TypeId::of::<FloatTensor<B>>() != TypeId::of::<FlexTensor>() || tensors.iter().any(|t| t.dtype() != DType::F32) {
+        return Err(tensors);
     }
-    let shape = scores.dims();
-    let [_, hkv, rows, keys] = shape;
+    let [_, hkv, rows, keys] = tensors[0].dims();
     let padding = padding.map(|p| {
         let stride = p.dims()[1];
         let flags: Vec<u8> = p.clone().into_data().iter::<bool>().map(u8::from).collect();
         (flags, stride)
     });
-    let inner = |t: Tensor<B, 4>| same_type::<FloatTensor<B>, FlexTensor>(prim(t)).to_contiguous();
-    let (scores, dprobs, delta) = (inner(scores), inner(dprobs), inner(delta));
-    let tile = ScoreTile { rows_per_batch: hkv * rows, queries, keys, causal_first };
-    let (probs, dscores) =
-        math::attention_softmax_grad(&tile, values(&scores), values(&dprobs), values(&delta), padding.as_ref().map(|(f, s)| (f.as_slice(), *s)));
-    let out = |v: Vec<f32>| float::<B, 4>(same_type::<FlexTensor, FloatTensor<B>>(flex(v, &shape)));
-    Ok((out(probs), out(dscores)))
+    let tensors = tensors.map(|t| same_type::<FloatTensor<B>, FlexTensor>(prim(t)).to_contiguous());
+    Ok((tensors, ScoreTile { rows_per_batch: hkv * rows, queries, keys, causal_first }, padding))
+}
+
+/// `values` as a tensor of the scores' shape.
+fn score_tensor<B: Backend>(values: Vec<f32>, scores: &FlexTensor) -> Tensor<B, 4> {
+    float::<B, 4>(same_type::<FlexTensor, FloatTensor<B>>(flex(values, &dims(scores))))
 }
 
 /// `[N, C, H, W]` → a contiguous `[N, H, W, C]`.
@@ -190,6 +228,10 @@ pub mod reference {
 
     pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
         activation::gelu(x)
+    }
+
+    pub fn quick_gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+        x.clone() * activation::sigmoid(x * math::QUICK_GELU_SCALE)
     }
 
     pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
@@ -321,19 +363,31 @@ fn flex(values: Vec<f32>, dims: &[usize]) -> FlexTensor {
 
 // ---- The kernels ----------------------------------------------------------------------------
 
-#[derive(Debug, Clone)]
-struct GeluKernel;
+/// An element-wise activation that keeps its input for the backward step.
+#[derive(Debug, Clone, Copy)]
+enum ActivationKernel {
+    Gelu,
+    QuickGelu,
+}
 
-impl Kernel<1> for GeluKernel {
+impl Kernel<1> for ActivationKernel {
     type Saved = FlexTensor;
 
     fn forward(&self, [x]: [FlexTensor; 1], save: bool) -> (FlexTensor, Option<FlexTensor>) {
-        let y = flex(math::gelu(values(&x)), &dims(&x));
+        let f = match self {
+            Self::Gelu => math::gelu,
+            Self::QuickGelu => math::quick_gelu,
+        };
+        let y = flex(f(values(&x)), &dims(&x));
         (y, save.then_some(x))
     }
 
     fn backward(&self, x: FlexTensor, grad: FlexTensor, _: [bool; 1]) -> [Option<FlexTensor>; 1] {
-        [Some(flex(math::gelu_grad(values(&x), values(&grad)), &dims(&x)))]
+        let f = match self {
+            Self::Gelu => math::gelu_grad,
+            Self::QuickGelu => math::quick_gelu_grad,
+        };
+        [Some(flex(f(values(&x), values(&grad)), &dims(&x)))]
     }
 }
 
@@ -527,6 +581,14 @@ mod tests {
     }
 
     #[test]
+    fn quick_gelu_matches_burn() {
+        let _serial = crate::autodiff_lock();
+        // Wide inputs reach both signs and the saturated tails of the sigmoid.
+        let x = random([3, 1000], 7) * 8.0;
+        check("quick_gelu", [x], 1e-5, |kernel, [x]| if kernel { quick_gelu(x) } else { reference::quick_gelu(x) });
+    }
+
+    #[test]
     fn swiglu_matches_burn() {
         let _serial = crate::autodiff_lock();
         // Wide inputs reach both signs and the saturated tails of the sigmoid.
@@ -605,22 +667,24 @@ mod tests {
 
     #[test]
     fn attention_softmax_grad_matches_burn() {
-        // Tk = 7 keys, a chunk of c = 3 queries (causal: query i sees keys
-        // 0..=2 + i), 2 groups; batch row 1 has keys 0..3 and 5..7 padded, so with the causal mask
-        // its first query sees none.
+        // Tk = 19 keys (two groups of eight lanes and three more), a chunk of c = 3 queries
+        // (causal: query i sees keys 0..=2 + i or 0..=9 + i), 2 groups; batch row 1 has keys 0..3,
+        // 5..7, 12 and 18 padded, so with the first causal mask its first query sees none.
         let _serial = crate::autodiff_lock();
-        let (b, hkv, g, c, keys) = (2, 2, 2, 3, 7);
+        let (b, hkv, g, c, keys) = (2, 2, 2, 3, 19);
         let r = |seed| {
             Flex::seed(&Default::default(), seed);
             Tensor::<Flex, 4>::random([b, hkv, g * c, keys], Distribution::Uniform(-3.0, 3.0), &Default::default())
         };
         let (scores, dprobs) = (r(20), r(21));
         let delta = r(22).slice([0..b, 0..hkv, 0..g * c, 0..1]);
-        let padding = Tensor::<Flex, 2, Bool>::from_data(TensorData::from([[false; 7], [true, true, true, false, false, true, true]]), &Default::default());
-        for causal_first in [None, Some(2)] {
-            let (probs, dscores) =
-                attention_softmax_grad(scores.clone(), dprobs.clone(), delta.clone(), Some(&padding), causal_first, c).expect("flex takes the kernel");
-            let mut mask = padding.clone().reshape([b, 1, 1, keys]).expand([b, hkv, g * c, keys]);
+        let padded = |j: usize| [0, 1, 2, 5, 6, 12, 18].contains(&j);
+        let padding = Tensor::<Flex, 2, Bool>::from_data(TensorData::new([[false; 19], std::array::from_fn(padded)].concat(), [b, keys]), &Default::default());
+        let none = Tensor::<Flex, 2, Bool>::from_data(TensorData::new(vec![false; b * keys], [b, keys]), &Default::default());
+        for (causal_first, pad) in [None, Some(2), Some(9)].into_iter().flat_map(|f| [(f, None), (f, Some(&padding))]) {
+            let forward = attention_softmax(scores.clone(), pad, causal_first, c).expect("flex takes the kernel");
+            let (probs, dscores) = attention_softmax_grad(scores.clone(), dprobs.clone(), delta.clone(), pad, causal_first, c).expect("flex takes the kernel");
+            let mut mask = pad.unwrap_or(&none).clone().reshape([b, 1, 1, keys]).expand([b, hkv, g * c, keys]);
             if let Some(first) = causal_first {
                 let rows = Tensor::<Flex, 1, Int>::arange(first as i64..(first + c) as i64, &Default::default()).reshape([1, c, 1]).expand([g, c, keys]);
                 let cols = Tensor::<Flex, 1, Int>::arange(0..keys as i64, &Default::default()).reshape([1, 1, keys]).expand([g, c, keys]);
@@ -631,9 +695,9 @@ mod tests {
             let exp = (masked - max).exp();
             let want = exp.clone() / exp.sum_dim(3).clamp_min(f32::MIN_POSITIVE);
             let want_grad = want.clone() * (dprobs.clone() - delta.clone());
-            for (what, got, want) in [("probs", probs, want), ("score gradient", dscores, want_grad)] {
+            for (what, got, want) in [("probs", probs, want.clone()), ("forward probs", forward, want), ("score gradient", dscores, want_grad)] {
                 let diff: f32 = (got - want).abs().max().into_scalar();
-                assert!(diff <= 1e-5, "{what} ({causal_first:?}) differs by {diff}");
+                assert!(diff <= 1e-5, "{what} ({causal_first:?}, padding {}) differs by {diff}", pad.is_some());
             }
         }
     }

@@ -67,38 +67,50 @@ where
 }
 
 /// `dst[i] = op(src[i])` into a new vector, in parallel when large.
-pub(crate) fn map<S: Copy + Sync, E: Copy + Send + bytemuck::Zeroable, Op>(src: &[S], op: Op) -> Vec<E>
+pub(crate) fn map<S: Copy + Sync, E: Copy + Send, Op>(src: &[S], op: Op) -> Vec<E>
 where
     Op: Fn(S) -> E + Send + Sync,
 {
-    let mut out = alloc::vec![E::zeroed(); src.len()];
-    zip_chunks_mut(&mut out, src, |d, s| {
-        for (d, &s) in d.iter_mut().zip(s) {
-            *d = op(s);
+    new_vec(src.len(), |start, d| {
+        for (d, &s) in d.iter_mut().zip(&src[start..]) {
+            d.write(op(s));
         }
-    });
-    out
+    })
 }
 
 /// `dst[i] = op(a[i], b[i])` into a new vector, in parallel when large.
-pub(crate) fn map2<A: Copy + Sync, B: Copy + Sync, E: Copy + Send + bytemuck::Zeroable, Op>(a: &[A], b: &[B], op: Op) -> Vec<E>
+pub(crate) fn map2<A: Copy + Sync, B: Copy + Sync, E: Copy + Send, Op>(a: &[A], b: &[B], op: Op) -> Vec<E>
 where
     Op: Fn(A, B) -> E + Send + Sync,
 {
-    let n = a.len().min(b.len());
-    let mut out = alloc::vec![E::zeroed(); n];
-    let fill = |start: usize, d: &mut [E]| {
-        for (i, d) in d.iter_mut().enumerate() {
-            *d = op(a[start + i], b[start + i]);
+    new_vec(a.len().min(b.len()), |start, d| {
+        for ((d, &a), &b) in d.iter_mut().zip(&a[start..]).zip(&b[start..]) {
+            d.write(op(a, b));
         }
-    };
+    })
+}
+
+/// A new vector of `n` elements, every one written by `fill(start, chunk)` (chunks of
+/// [`PAR_CHUNK`] in parallel when large). The buffer is not zeroed first: upstream's
+/// `vec![zeroed; n]` cleared each output on the calling thread before the parallel loop.
+fn new_vec<E: Send, F>(n: usize, fill: F) -> Vec<E>
+where
+    F: Fn(usize, &mut [core::mem::MaybeUninit<E>]) + Send + Sync,
+{
+    let mut out = Vec::with_capacity(n);
+    let spare = &mut out.spare_capacity_mut()[..n];
     #[cfg(feature = "rayon")]
     if n >= PAR_MIN_ELEMENTS {
         use rayon::prelude::*;
-        out.par_chunks_mut(PAR_CHUNK).enumerate().for_each(|(c, d)| fill(c * PAR_CHUNK, d));
-        return out;
+        spare.par_chunks_mut(PAR_CHUNK).enumerate().for_each(|(c, d)| fill(c * PAR_CHUNK, d));
+    } else {
+        fill(0, spare);
     }
-    fill(0, &mut out);
+    #[cfg(not(feature = "rayon"))]
+    fill(0, spare);
+    // SAFETY: `map` and `map2` write every element of every chunk (their sources are at least
+    // `n` long), so the first `n` elements are initialised.
+    unsafe { out.set_len(n) };
     out
 }
 
