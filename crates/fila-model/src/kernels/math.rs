@@ -105,7 +105,10 @@ fn exp_nonpositive<const FMA: bool>(v: f32) -> f32 {
     // Adding and subtracting 1.5 · 2^23 rounds to the nearest integer without a call.
     const ROUND: f32 = 12_582_912.0;
     let v = v.max(-87.0);
-    let n = (v * LOG2E + ROUND) - ROUND;
+    // `n + 1.5·2^23`: its bits are 0x4B40_0000 + n, which gives 2^n below without a float-to-int
+    // conversion (Rust's saturating `as` keeps such loops from vectorising).
+    let shifted = v * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = madd::<FMA>(-n, LN2_LO, madd::<FMA>(-n, LN2_HI, v));
     let mut p = 1.0 / 5040.0;
     p = madd::<FMA>(p, r, 1.0 / 720.0);
@@ -115,7 +118,7 @@ fn exp_nonpositive<const FMA: bool>(v: f32) -> f32 {
     p = madd::<FMA>(p, r, 0.5);
     p = madd::<FMA>(p, r, 1.0);
     p = madd::<FMA>(p, r, 1.0);
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let scale = f32::from_bits(shifted.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23);
     p * scale
 }
 
@@ -664,75 +667,59 @@ impl ScoreTile {
 }
 
 /// Writes `p = softmax(s)` over the keys whose padding flag is 0 (all when `pad` is `None`) into
-/// the first `s.len()` elements of `p`, masked keys 0. Returns false, leaving `p` untouched, when
-/// the row sees no key. Eight lanes for the maximum and the sum, so the loops vectorise.
+/// the first `s.len()` elements of `p`, masked keys 0. Returns false, with those elements 0, when
+/// the row sees no key. Each step is a plain loop over the row, so that it vectorises.
 #[inline(always)]
 fn softmax_row<const FMA: bool>(s: &[f32], pad: Option<&[u8]>, p: &mut [f32]) -> bool {
-    let n = s.len();
-    let p = &mut p[..n];
-    let split = n - n % 8;
-    let mut lanes = [f32::NEG_INFINITY; 8];
-    match pad {
-        None => {
-            for c in s[..split].chunks_exact(8) {
-                for k in 0..8 {
-                    lanes[k] = lanes[k].max(c[k]);
-                }
-            }
-            for &v in &s[split..] {
-                lanes[0] = lanes[0].max(v);
-            }
-        }
+    let p = &mut p[..s.len()];
+    let max = match pad {
+        None => max_slice(s),
         Some(pad) => {
-            for (c, m) in s[..split].chunks_exact(8).zip(pad.chunks_exact(8)) {
-                for k in 0..8 {
-                    lanes[k] = if m[k] == 0 { lanes[k].max(c[k]) } else { lanes[k] };
-                }
+            // Masked scores count as −∞.
+            for ((o, &v), &m) in p.iter_mut().zip(s).zip(pad) {
+                *o = if m == 0 { v } else { f32::NEG_INFINITY };
             }
-            for (&v, &m) in s[split..].iter().zip(&pad[split..]) {
-                lanes[0] = if m == 0 { lanes[0].max(v) } else { lanes[0] };
-            }
+            max_slice(p)
         }
-    }
-    let max = lanes.into_iter().fold(f32::NEG_INFINITY, f32::max);
+    };
     if max == f32::NEG_INFINITY {
+        p.fill(0.0);
         return false;
     }
-    let mut sums = [0.0f32; 8];
-    // A masked score may exceed the maximum: its exponential is taken of at most 0, then dropped.
-    let exp = |v: f32, visible: bool| if visible { exp_nonpositive::<FMA>((v - max).min(0.0)) } else { 0.0 };
-    let (head, tail) = p.split_at_mut(split);
+    // Taken of every score and then dropped where masked (a select); a masked score may exceed
+    // the maximum, hence the clamp at 0.
     match pad {
         None => {
-            for (o, c) in head.chunks_exact_mut(8).zip(s.chunks_exact(8)) {
-                for k in 0..8 {
-                    o[k] = exp(c[k], true);
-                    sums[k] += o[k];
-                }
-            }
-            for (o, &v) in tail.iter_mut().zip(&s[split..]) {
-                *o = exp(v, true);
-                sums[0] += *o;
+            for (o, &v) in p.iter_mut().zip(s) {
+                *o = exp_nonpositive::<FMA>((v - max).min(0.0));
             }
         }
         Some(pad) => {
-            for ((o, c), m) in head.chunks_exact_mut(8).zip(s.chunks_exact(8)).zip(pad.chunks_exact(8)) {
-                for k in 0..8 {
-                    o[k] = exp(c[k], m[k] == 0);
-                    sums[k] += o[k];
-                }
-            }
-            for ((o, &v), &m) in tail.iter_mut().zip(&s[split..]).zip(&pad[split..]) {
-                *o = exp(v, m == 0);
-                sums[0] += *o;
+            for ((o, &v), &m) in p.iter_mut().zip(s).zip(pad) {
+                let e = exp_nonpositive::<FMA>((v - max).min(0.0));
+                *o = if m == 0 { e } else { 0.0 };
             }
         }
     }
-    let sum = sum8(sums.into_iter());
+    let sum = sum_slice(p);
     for v in p.iter_mut() {
         *v /= sum;
     }
     true
+}
+
+/// The largest element (−∞ for none), with eight running maxima so that it vectorises.
+#[inline(always)]
+fn max_slice(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for k in 0..8 {
+            acc[k] = if c[k] > acc[k] { c[k] } else { acc[k] };
+        }
+    }
+    acc.into_iter().chain(rest.iter().copied()).fold(f32::NEG_INFINITY, |a, v| if v > a { v } else { a })
 }
 
 /// Probabilities `p = softmax(s)` over each row's visible keys: masked keys 0, and a row that sees
@@ -785,6 +772,18 @@ mod tests {
         });
         assert_eq!((a, b), (vec![0.0, 0.0, 1.0, 1.0, 2.0], vec![0.0, 0.0, -1.0, -1.0, -2.0]));
         assert!(par_new(0, 4, |_, _| unreachable!("no chunk")).is_empty());
+    }
+
+    #[test]
+    fn the_exponential_is_within_float_rounding_over_its_range() {
+        for i in 0..=87_000 {
+            let v = -(i as f32) / 1000.0;
+            let want = (v as f64).exp();
+            for got in [exp_nonpositive::<false>(v), with_fma!(|FMA| exp_nonpositive::<FMA>(v))] {
+                let err = (got as f64 - want).abs() / want;
+                assert!(err < 3e-7, "e^{v}: {got} against {want} (relative error {err:e})");
+            }
+        }
     }
 
     #[test]

@@ -233,7 +233,14 @@ fn slice_write_impl<E: Element + bytemuck::Pod>(
     slices: &[Slice],
     source: WriteSource<'_, E>,
 ) -> FlexTensor {
-    let mut tensor = tensor.to_contiguous();
+    // [FILA patch] the input is dropped once its contiguous form exists. Upstream kept it alive
+    // beside that form, which for a contiguous input is a second handle on the same buffer, so
+    // `storage_mut` below copied the whole buffer on every call.
+    let mut tensor = {
+        let contiguous = tensor.to_contiguous();
+        drop(tensor);
+        contiguous
+    };
     let dst_layout = tensor.layout().clone();
     let ndims = dst_layout.num_dims();
 
