@@ -466,41 +466,29 @@ mod fused {
         partial.iter().sum()
     }
 
-    /// One state vector to update: in place when the optimizer is its storage's only owner (the
-    /// moments), else into a fresh buffer (the master values, which the model's parameters share).
-    pub enum Target {
-        InPlace(FlexTensor),
-        Fresh { old: FlexTensor, new: Vec<f32> },
-    }
+    /// One state vector to update in place: its own storage when the optimizer is the only owner
+    /// (the moments), else a copy (the master values, whose buffer the model's parameters are
+    /// views of), made in parallel chunks.
+    pub struct Target(FlexTensor);
 
     impl Target {
         pub fn new(t: FlexTensor) -> Self {
             let t = whole(t);
             if t.is_unique() {
-                Self::InPlace(t)
-            } else {
-                let new = vec![0.0; t.layout().num_elements()];
-                Self::Fresh { old: t, new }
+                return Self(t);
             }
+            // An indexed parallel collect writes each element once, without zero-filling first.
+            let copy: Vec<f32> = t.storage::<f32>().par_iter().with_min_len(CHUNK).copied().collect();
+            let n = copy.len();
+            Self(FlexTensor::new(Bytes::from_elems(copy), burn::backend::flex::Layout::contiguous([n].into()), burn::tensor::DType::F32))
         }
 
-        /// The buffer to write, and the old values when they live elsewhere.
-        fn parts(&mut self) -> (&mut [f32], Option<&[f32]>) {
-            match self {
-                Self::InPlace(t) => (t.try_storage_mut().expect("checked unique"), None),
-                Self::Fresh { old, new } => (new, Some(old.storage())),
-            }
+        fn values(&mut self) -> &mut [f32] {
+            self.0.try_storage_mut().expect("a unique buffer")
         }
 
         pub fn into_tensor(self) -> Tensor<Flex, 1> {
-            let t = match self {
-                Self::InPlace(t) => t,
-                Self::Fresh { new, .. } => {
-                    let n = new.len();
-                    FlexTensor::new(Bytes::from_elems(new), burn::backend::flex::Layout::contiguous([n].into()), burn::tensor::DType::F32)
-                }
-            };
-            Tensor::from_primitive(TensorPrimitive::Float(t))
+            Tensor::from_primitive(TensorPrimitive::Float(self.0))
         }
     }
 
@@ -517,18 +505,12 @@ mod fused {
     /// AdamW on `[master, exp_avg, exp_avg_sq]` from `grad`, element by element as the tensor
     /// path computes it (PyTorch's single-tensor `AdamW`). Padding between runs is left as it is.
     pub fn update(grad: &[f32], targets: [&mut Target; 3], params: &Params, u: &Update) {
-        let [master, exp_avg, exp_avg_sq] = targets.map(Target::parts);
+        let [master, exp_avg, exp_avg_sq] = targets.map(Target::values);
         let n = grad.len();
-        assert!(master.0.len() == n && exp_avg.0.len() == n && exp_avg_sq.0.len() == n, "optimizer state and gradient differ in length");
-        let old = [master.1, exp_avg.1, exp_avg_sq.1];
-        master.0.par_chunks_mut(CHUNK).zip(exp_avg.0.par_chunks_mut(CHUNK)).zip(exp_avg_sq.0.par_chunks_mut(CHUNK)).enumerate().for_each(|(k, ((p, m), v))| {
+        assert!(master.len() == n && exp_avg.len() == n && exp_avg_sq.len() == n, "optimizer state and gradient differ in length");
+        master.par_chunks_mut(CHUNK).zip(exp_avg.par_chunks_mut(CHUNK)).zip(exp_avg_sq.par_chunks_mut(CHUNK)).enumerate().for_each(|(k, ((p, m), v))| {
             let lo = k * CHUNK;
             let hi = lo + p.len();
-            for (out, old) in [&mut *p, &mut *m, &mut *v].into_iter().zip(old) {
-                if let Some(old) = old {
-                    out.copy_from_slice(&old[lo..hi]);
-                }
-            }
             let first = params.segments.partition_point(|s| s.at + s.len <= lo);
             for s in params.segments[first..].iter().take_while(|s| s.at < hi) {
                 if !params.present[s.param] {

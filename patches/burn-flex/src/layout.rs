@@ -295,7 +295,10 @@ impl Layout {
     ///
     /// Returns None if not contiguous or has non-zero offset (would require data copy).
     pub fn reshape(&self, new_shape: Shape) -> Option<Self> {
-        if !self.is_contiguous() || self.start_offset != 0 {
+        // [FILA patch] a contiguous run that starts inside its buffer (a slice of a flat vector)
+        // keeps its offset: upstream returned `None` and the tensor was copied. The trainer's
+        // parameters are such slices of the optimizer's flat master vector.
+        if !self.is_contiguous() {
             return None;
         }
         debug_assert_eq!(
@@ -303,7 +306,9 @@ impl Layout {
             new_shape.num_elements(),
             "reshape must preserve total elements"
         );
-        Some(Self::contiguous(new_shape))
+        let mut layout = Self::contiguous(new_shape);
+        layout.start_offset = self.start_offset;
+        Some(layout)
     }
 
     /// Compute linear index from multi-dimensional indices.

@@ -85,11 +85,14 @@ fn cat_impl<E: Element + bytemuck::Pod>(tensors: Vec<FlexTensor>, dim: usize) ->
             .iter()
             .all(|t| t.layout().contiguous_offsets().is_some())
     {
-        for t in &tensors {
-            let (start, end) = t.layout().contiguous_offsets().unwrap();
-            let data: &[E] = t.storage();
-            output.extend_from_slice(&data[start..end]);
-        }
+        let runs: Vec<&[E]> = tensors
+            .iter()
+            .map(|t| {
+                let (start, end) = t.layout().contiguous_offsets().unwrap();
+                &t.storage::<E>()[start..end]
+            })
+            .collect();
+        copy_runs(&mut output, &runs, total_elements);
     } else {
         // General path: iterate over outer/inner chunks
         // outer_size = product of dims before `dim`
@@ -116,4 +119,36 @@ fn cat_impl<E: Element + bytemuck::Pod>(tensors: Vec<FlexTensor>, dim: usize) ->
 
     let bytes = Bytes::from_elems(output);
     FlexTensor::new(bytes, Layout::contiguous(out_shape), dtype)
+}
+
+/// [FILA patch] Appends `runs` (`total` elements in all) to the empty `output`, in parallel
+/// chunks when large: upstream copied every part on the calling thread (the trainer's gradient
+/// buckets are one concatenation of every gradient).
+fn copy_runs<E: Element + bytemuck::Pod>(output: &mut Vec<E>, runs: &[&[E]], total: usize) {
+    #[cfg(feature = "rayon")]
+    if total >= crate::ops::par::PAR_MIN_ELEMENTS {
+        use rayon::prelude::*;
+        let mut rest = &mut output.spare_capacity_mut()[..total];
+        let mut parts = Vec::with_capacity(runs.len());
+        for run in runs {
+            let (dst, tail) = rest.split_at_mut(run.len());
+            parts.push((dst, *run));
+            rest = tail;
+        }
+        parts.into_par_iter().for_each(|(dst, src)| {
+            dst.par_chunks_mut(crate::ops::par::PAR_CHUNK)
+                .zip(src.par_chunks(crate::ops::par::PAR_CHUNK))
+                .for_each(|(d, s)| {
+                    for (d, &s) in d.iter_mut().zip(s) {
+                        d.write(s);
+                    }
+                })
+        });
+        // SAFETY: the runs cover the first `total` elements, each written once above.
+        unsafe { output.set_len(total) };
+        return;
+    }
+    for run in runs {
+        output.extend_from_slice(run);
+    }
 }
