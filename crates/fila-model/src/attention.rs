@@ -1,7 +1,8 @@
 //! Scaled dot-product attention, the one seam every attention layer of the model goes through.
 //!
-//! The forward pass runs Burn's fused `attention` kernel (a flash kernel on CUDA, a tiled CPU
-//! kernel on flex). Under `Autodiff`, Burn 0.21 would replace that kernel by plain matmul +
+//! The forward pass runs Burn's fused `attention` kernel on CUDA (a flash kernel) and, on flex,
+//! products by query chunk around a one-pass masked softmax ([`kernels::attention_softmax`]; f32
+//! compute). Under `Autodiff`, Burn 0.21 would replace that kernel by plain matmul +
 //! softmax and keep several `[B, H, Tq, Tk]` tensors for the backward pass; here a custom
 //! autodiff operation keeps only `q`, `k`, `v` and the output, and the backward pass recomputes
 //! the attention probabilities one chunk of queries at a time (FlashAttention's backward, with
