@@ -211,8 +211,9 @@ fn kernel_mask<I: Backend>(mask: Tensor<I, 4, Bool>, heads: usize) -> Tensor<I, 
     contiguous(mask.expand([b, heads, tq, tk]))
 }
 
-/// The fused kernel. GQA heads are repeated and the mask materialised (only what the kernel
-/// cannot take as its causal flag); nothing here is kept after the call.
+/// The forward kernel: [`chunked_forward`] on flex in f32, else Burn's fused kernel, for which GQA
+/// heads are repeated and the mask materialised (only what the kernel cannot take as its causal
+/// flag). Nothing here is kept after the call.
 fn fused_forward<I: Backend>(q: Tensor<I, 4>, k: Tensor<I, 4>, v: Tensor<I, 4>, padding: Option<Tensor<I, 2, Bool>>, spec: Spec) -> Tensor<I, 4> {
     if TypeId::of::<I>() == TypeId::of::<burn::backend::Flex>() && spec.compute == Compute::F32 {
         return chunked_forward(q, k, v, padding.as_ref(), spec);
@@ -282,6 +283,13 @@ fn chunk_probs<I: Backend>(scores: Tensor<I, 4>, padding: Option<&Tensor<I, 2, B
     })
 }
 
+/// Queries `rows` of `x` (`[B, Hkv, G, Tq, d]`), each group folded into the rows: `[B, Hkv, G·c, d]`.
+fn chunk_rows<I: Backend>(x: &Tensor<I, 5>, rows: std::ops::Range<usize>) -> Tensor<I, 4> {
+    let [b, hkv, g, _, d] = x.dims();
+    let c = rows.len();
+    x.clone().slice([0..b, 0..hkv, 0..g, rows, 0..d]).reshape([b, hkv, g * c, d])
+}
+
 /// The forward pass one chunk of queries at a time, each group of query heads folded onto its
 /// key/value head (no repeated `k`/`v`), with the fused masked softmax: flex's path (its own
 /// attention kernel takes the softmax one element at a time through `exp`).
@@ -295,7 +303,7 @@ fn chunked_forward<I: Backend>(q: Tensor<I, 4>, k: Tensor<I, 4>, v: Tensor<I, 4>
     for t0 in (0..tq).step_by(chunk) {
         let c = chunk.min(tq - t0);
         let keys = chunk_keys(spec, tq, tk, t0, c);
-        let qc = q5.clone().slice([0..b, 0..hkv, 0..g, t0..t0 + c, 0..hd]).reshape([b, hkv, g * c, hd]);
+        let qc = chunk_rows(&q5, t0..t0 + c);
         let kc = k.clone().slice([0..b, 0..hkv, 0..keys, 0..hd]);
         let vc = v.clone().slice([0..b, 0..hkv, 0..keys, 0..hd]);
         let probs = chunk_probs(autocast::matmul(qc, kc.swap_dims(2, 3)), padding, spec, tq, tk, t0, c);
@@ -387,9 +395,7 @@ fn chunked_backward<I: Backend>(
             let c = chunk.min(tq - t0);
             let rows = t0..t0 + c;
             let keys = chunk_keys(spec, tq, tk, t0, c);
-            let qc = q5.clone().slice([0..b, 0..hkv, 0..g, rows.clone(), 0..hd]).reshape([b, hkv, g * c, hd]);
-            let doc = d_out5.clone().slice([0..b, 0..hkv, 0..g, rows.clone(), 0..hd]).reshape([b, hkv, g * c, hd]);
-            let deltac = delta.clone().slice([0..b, 0..hkv, 0..g, rows, 0..1]).reshape([b, hkv, g * c, 1]);
+            let (qc, doc, deltac) = (chunk_rows(&q5, rows.clone()), chunk_rows(&d_out5, rows.clone()), chunk_rows(&delta, rows));
             let kc = k.clone().slice([0..b, 0..hkv, 0..keys, 0..hd]);
             let vc = v.clone().slice([0..b, 0..hkv, 0..keys, 0..hd]);
 

@@ -159,19 +159,6 @@ fn gelu_grad_slice<const FMA: bool>(x: &[f32], g: &[f32], dx: &mut [f32]) {
     }
 }
 
-/// Exact (erf) GELU, `x Φ(x)`.
-pub fn gelu(x: &[f32]) -> Vec<f32> {
-    par_new(x.len(), ELEMENTS_PER_TASK, |i, y| with_fma!(|FMA| gelu_slice::<FMA>(part(x, i, ELEMENTS_PER_TASK, y.len()), y)))
-}
-
-/// Gradient of [`gelu`]: `g (Φ(x) + x φ(x))`.
-pub fn gelu_grad(x: &[f32], g: &[f32]) -> Vec<f32> {
-    par_new(x.len(), ELEMENTS_PER_TASK, |i, dx| {
-        let (x, g) = (part(x, i, ELEMENTS_PER_TASK, dx.len()), part(g, i, ELEMENTS_PER_TASK, dx.len()));
-        with_fma!(|FMA| gelu_grad_slice::<FMA>(x, g, dx))
-    })
-}
-
 /// `(silu(g), sigmoid(g))`, the exponential taken of `−|g|` so it never overflows.
 #[inline(always)]
 fn silu_sigmoid<const FMA: bool>(g: f32) -> (f32, f32) {
@@ -233,17 +220,36 @@ fn quick_gelu_grad_slice<const FMA: bool>(x: &[f32], g: &[f32], dx: &mut [f32]) 
     }
 }
 
-/// CLIP's quick GELU, `x σ(1.702 x)`.
-pub fn quick_gelu(x: &[f32]) -> Vec<f32> {
-    par_new(x.len(), ELEMENTS_PER_TASK, |i, y| with_fma!(|FMA| quick_gelu_slice::<FMA>(part(x, i, ELEMENTS_PER_TASK, y.len()), y)))
+/// An element-wise activation whose backward step needs only its input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// Exact (erf) GELU, `x Φ(x)`; gradient `g (Φ(x) + x φ(x))`.
+    Gelu,
+    /// CLIP's quick GELU, `x σ(1.702 x)`; gradient `g (σ + 1.702 x σ (1 − σ))`.
+    QuickGelu,
 }
 
-/// The gradient of [`quick_gelu`] from the output gradient `g`.
-pub fn quick_gelu_grad(x: &[f32], g: &[f32]) -> Vec<f32> {
-    par_new(x.len(), ELEMENTS_PER_TASK, |i, dx| {
-        let (x, g) = (part(x, i, ELEMENTS_PER_TASK, dx.len()), part(g, i, ELEMENTS_PER_TASK, dx.len()));
-        with_fma!(|FMA| quick_gelu_grad_slice::<FMA>(x, g, dx))
-    })
+impl Activation {
+    pub fn forward(self, x: &[f32]) -> Vec<f32> {
+        par_new(x.len(), ELEMENTS_PER_TASK, |i, y| {
+            let x = part(x, i, ELEMENTS_PER_TASK, y.len());
+            with_fma!(|FMA| match self {
+                Self::Gelu => gelu_slice::<FMA>(x, y),
+                Self::QuickGelu => quick_gelu_slice::<FMA>(x, y),
+            })
+        })
+    }
+
+    /// The input gradient from the output gradient `g`.
+    pub fn backward(self, x: &[f32], g: &[f32]) -> Vec<f32> {
+        par_new(x.len(), ELEMENTS_PER_TASK, |i, dx| {
+            let (x, g) = (part(x, i, ELEMENTS_PER_TASK, dx.len()), part(g, i, ELEMENTS_PER_TASK, dx.len()));
+            with_fma!(|FMA| match self {
+                Self::Gelu => gelu_grad_slice::<FMA>(x, g, dx),
+                Self::QuickGelu => quick_gelu_grad_slice::<FMA>(x, g, dx),
+            })
+        })
+    }
 }
 
 /// Sum with eight running partial sums (so it vectorises), added in a fixed order.
@@ -795,9 +801,9 @@ mod tests {
         // One pass over everything, with the same instruction set as the tasks.
         let mut one = vec![f32::NAN; n];
         with_fma!(|FMA| quick_gelu_slice::<FMA>(&x, &mut one));
-        assert_eq!(quick_gelu(&x), one);
+        assert_eq!(Activation::QuickGelu.forward(&x), one);
         with_fma!(|FMA| quick_gelu_grad_slice::<FMA>(&x, &g, &mut one));
-        assert_eq!(quick_gelu_grad(&x, &g), one);
+        assert_eq!(Activation::QuickGelu.backward(&x, &g), one);
         let (mut dg, mut du) = (vec![f32::NAN; n], vec![f32::NAN; n]);
         with_fma!(|FMA| swiglu_grad_slice::<FMA>(&x, &g, &x, &mut dg, &mut du));
         assert_eq!(swiglu_grad(&x, &g, &x), (dg, du));

@@ -36,7 +36,7 @@ use math::{Rope, ScoreTile};
 
 /// Exact (erf) GELU, element-wise.
 pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    match run::<B, _, 1>(ActivationKernel::Gelu, [prim(x)]) {
+    match run::<B, _, 1>(math::Activation::Gelu, [prim(x)]) {
         Ok(y) => float(y),
         Err([x]) => reference::gelu(float(x)),
     }
@@ -44,7 +44,7 @@ pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
 
 /// CLIP's quick GELU `x · σ(1.702 x)`, element-wise.
 pub fn quick_gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    match run::<B, _, 1>(ActivationKernel::QuickGelu, [prim(x)]) {
+    match run::<B, _, 1>(math::Activation::QuickGelu, [prim(x)]) {
         Ok(y) => float(y),
         Err([x]) => reference::quick_gelu(float(x)),
     }
@@ -363,31 +363,17 @@ fn flex(values: Vec<f32>, dims: &[usize]) -> FlexTensor {
 
 // ---- The kernels ----------------------------------------------------------------------------
 
-/// An element-wise activation that keeps its input for the backward step.
-#[derive(Debug, Clone, Copy)]
-enum ActivationKernel {
-    Gelu,
-    QuickGelu,
-}
-
-impl Kernel<1> for ActivationKernel {
+/// An element-wise activation keeps its input for the backward step.
+impl Kernel<1> for math::Activation {
     type Saved = FlexTensor;
 
     fn forward(&self, [x]: [FlexTensor; 1], save: bool) -> (FlexTensor, Option<FlexTensor>) {
-        let f = match self {
-            Self::Gelu => math::gelu,
-            Self::QuickGelu => math::quick_gelu,
-        };
-        let y = flex(f(values(&x)), &dims(&x));
+        let y = flex(math::Activation::forward(*self, values(&x)), &dims(&x));
         (y, save.then_some(x))
     }
 
     fn backward(&self, x: FlexTensor, grad: FlexTensor, _: [bool; 1]) -> [Option<FlexTensor>; 1] {
-        let f = match self {
-            Self::Gelu => math::gelu_grad,
-            Self::QuickGelu => math::quick_gelu_grad,
-        };
-        [Some(flex(f(values(&x), values(&grad)), &dims(&x)))]
+        [Some(flex(math::Activation::backward(*self, values(&x), values(&grad)), &dims(&x)))]
     }
 }
 
