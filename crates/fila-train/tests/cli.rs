@@ -239,20 +239,26 @@ fn sigkill_then_resume_goes_on_from_the_last_checkpoint() {
     assert!(std::fs::read(straight.join("final/model.safetensors")).unwrap() == std::fs::read(killed.join("final/model.safetensors")).unwrap());
 }
 
+/// Three steps of the tiny config into `tmp/plain`, and with `setting` into `tmp/changed`; asserts
+/// that the losses agree within 1e-6 relative.
+fn three_steps_with_the_same_losses(tmp: &Path, setting: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (plain, changed) = (tmp.join("plain"), tmp.join("changed"));
+    ok(&fila_train(&tiny(1), &plain, &["train.max_steps=3"], &[]));
+    ok(&fila_train(&tiny(1), &changed, &["train.max_steps=3", setting], &[]));
+    let (a, b) = (losses(&plain), losses(&changed));
+    assert_eq!(a.len(), 3);
+    for (step, x) in &a {
+        assert!((x - b[step]).abs() <= 1e-6 * x.abs(), "{setting}, step {step}: loss {x} vs {}", b[step]);
+    }
+    (plain, changed)
+}
+
 #[test]
 fn activation_checkpointing_keeps_the_losses() {
     let tmp = tempfile::tempdir().unwrap();
-    let plain = tmp.path().join("plain");
-    let recomputed = tmp.path().join("recomputed");
-    ok(&fila_train(&tiny(1), &plain, &["train.max_steps=3"], &[]));
-    ok(&fila_train(&tiny(1), &recomputed, &["train.max_steps=3", "train.activation_checkpointing=true"], &[]));
-    let (a, b) = (losses(&plain), losses(&recomputed));
-    assert_eq!(a.len(), 3);
     // Recomputed layers run the same operations; only float summation order may differ (the
     // gradients' own comparison is in tests/recompute.rs).
-    for (step, x) in &a {
-        assert!((x - b[step]).abs() <= 1e-6 * x.abs(), "step {step}: loss {x} vs {}", b[step]);
-    }
+    let (plain, recomputed) = three_steps_with_the_same_losses(tmp.path(), "train.activation_checkpointing=true");
     let (wa, wb) = (tensors(&plain.join("final/model.safetensors")), tensors(&recomputed.join("final/model.safetensors")));
     let worst = wa.iter().map(|(name, (_, va))| max_abs_diff(va, &wb[name].1)).fold(0.0f32, f32::max);
     assert!(worst <= 1e-5, "largest weight difference {worst}");
@@ -261,15 +267,8 @@ fn activation_checkpointing_keeps_the_losses() {
 #[test]
 fn sequence_length_buckets_keep_the_losses() {
     let tmp = tempfile::tempdir().unwrap();
-    let (plain, bucketed) = (tmp.path().join("plain"), tmp.path().join("bucketed"));
-    ok(&fila_train(&tiny(1), &plain, &["train.max_steps=3"], &[]));
-    ok(&fila_train(&tiny(1), &bucketed, &["train.max_steps=3", "data.loader.seq_len_buckets=[48, 96, 400]"], &[]));
-    let (a, b) = (losses(&plain), losses(&bucketed));
-    assert_eq!(a.len(), 3);
     // Padding is masked out of attention and the loss: the same losses.
-    for (step, x) in &a {
-        assert!((x - b[step]).abs() <= 1e-6 * x.abs(), "step {step}: loss {x} vs {}", b[step]);
-    }
+    three_steps_with_the_same_losses(tmp.path(), "data.loader.seq_len_buckets=[48, 96, 400]");
 }
 
 #[test]
