@@ -209,7 +209,7 @@ impl BenchOptions {
             optimizer_world: a.optimizer_world.unwrap_or(if real && a.stage == 2 { 8 } else { 1 }),
             peak_tflops: a.peak_tflops.or(match a.device {
                 Device::Cuda(_) => Some(H200_BF16_TFLOPS),
-                Device::Cpu => None,
+                Device::Cpu | Device::Wgpu(_) => None,
             }),
             json: a.json,
         };

@@ -6,21 +6,29 @@ use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
-/// `cpu` or `cuda:N` in configs and flags.
+/// `cpu`, `cuda:N` or `wgpu` / `wgpu:N` in configs and flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum Device {
     #[default]
     Cpu,
     Cuda(usize),
+    /// Burn's wgpu backend (Vulkan, Metal, DX12): the `N`th discrete GPU, or with plain `wgpu` the
+    /// default adapter wgpu picks (a software Vulkan driver when there is no GPU).
+    Wgpu(Option<usize>),
 }
 
 impl std::str::FromStr for Device {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
+        let index = |prefix: &str| s.strip_prefix(prefix).and_then(|i| i.parse().ok());
         match s {
             "cpu" => Ok(Device::Cpu),
-            _ => s.strip_prefix("cuda:").and_then(|i| i.parse().ok()).map(Device::Cuda).ok_or_else(|| format!("`{s}`: expected \"cpu\" or \"cuda:N\"")),
+            "wgpu" => Ok(Device::Wgpu(None)),
+            _ => index("cuda:")
+                .map(Device::Cuda)
+                .or_else(|| index("wgpu:").map(|i| Device::Wgpu(Some(i))))
+                .ok_or_else(|| format!("`{s}`: expected \"cpu\", \"cuda:N\", \"wgpu\" or \"wgpu:N\"")),
         }
     }
 }
@@ -43,6 +51,8 @@ impl std::fmt::Display for Device {
         match self {
             Device::Cpu => write!(f, "cpu"),
             Device::Cuda(i) => write!(f, "cuda:{i}"),
+            Device::Wgpu(None) => write!(f, "wgpu"),
+            Device::Wgpu(Some(i)) => write!(f, "wgpu:{i}"),
         }
     }
 }
@@ -70,7 +80,24 @@ pub fn dispatch<J: OnBackend>(device: Device, job: J) -> Result<J::Output> {
     match device {
         Device::Cpu => job.run::<Autodiff<Flex>>(&Default::default()),
         Device::Cuda(index) => on_cuda(index, job),
+        Device::Wgpu(index) => on_wgpu(index, job),
     }
+}
+
+#[cfg(feature = "wgpu")]
+fn on_wgpu<J: OnBackend>(index: Option<usize>, job: J) -> Result<J::Output> {
+    use burn::backend::wgpu::WgpuDevice;
+    let device = match index {
+        Some(i) => WgpuDevice::DiscreteGpu(i),
+        None => WgpuDevice::DefaultDevice,
+    };
+    job.run::<Autodiff<burn::backend::Wgpu>>(&device)
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn on_wgpu<J: OnBackend>(index: Option<usize>, _: J) -> Result<J::Output> {
+    let name = Device::Wgpu(index);
+    anyhow::bail!("device `{name}` needs a build with `--features wgpu`; this build runs on `cpu`{}", if cfg!(feature = "cuda") { " and `cuda:N`" } else { " only" })
 }
 
 #[cfg(feature = "cuda")]
@@ -117,7 +144,11 @@ mod tests {
     fn devices_parse_and_print() {
         assert_eq!("cpu".parse::<Device>(), Ok(Device::Cpu));
         assert_eq!("cuda:3".parse::<Device>(), Ok(Device::Cuda(3)));
-        assert!("cuda".parse::<Device>().unwrap_err().contains("expected \"cpu\" or \"cuda:N\""));
+        assert!("cuda".parse::<Device>().unwrap_err().contains("expected \"cpu\", \"cuda:N\""));
+        assert_eq!("wgpu".parse::<Device>(), Ok(Device::Wgpu(None)));
+        assert_eq!("wgpu:1".parse::<Device>(), Ok(Device::Wgpu(Some(1))));
+        assert!("wgpu:x".parse::<Device>().is_err());
+        assert_eq!(Device::Wgpu(Some(1)).to_string(), "wgpu:1");
         assert!("gpu:0".parse::<Device>().is_err());
         assert_eq!(Device::Cuda(2).to_string(), "cuda:2");
         assert_eq!(Device::Cuda(0).for_local_rank(5, 8), Device::Cuda(5));

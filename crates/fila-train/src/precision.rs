@@ -32,6 +32,9 @@ impl Precision {
     pub fn check_device(self, device: crate::backend::Device) -> Result<(), String> {
         match (self, device) {
             (Precision::Bf16Mixed, crate::backend::Device::Cpu) => Err("`bf16_mixed` is for CUDA devices; on `cpu` use `f32`".into()),
+            (Precision::Bf16Mixed, crate::backend::Device::Wgpu(_)) => {
+                Err("`bf16_mixed` needs bf16 tensors, which Burn's wgpu backend does not have; on `wgpu` use `f32`".into())
+            }
             _ => Ok(()),
         }
     }
