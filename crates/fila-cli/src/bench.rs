@@ -526,6 +526,8 @@ pub fn run<B: AutodiffBackend>(options: BenchOptions, device: &B::Device) -> any
     // Kernels compiled and autotune runs during the timed steps (goal: none after warm-up).
     let kernels = fila_train::kernel_events::counts().since(kernels_before);
     let (peak_bytes, peak_source) = memory.finish();
+    // Every kernel the autotuner chose in this run, warm-up included (GPU backends only).
+    let picks = fila_train::kernel_events::picks_from(0);
     drop(model);
     // Input generation is inside the CPU window but outside the step times; it is small.
     let cpu = cpu_start.zip(cpu_times()).map(|((u0, s0), (u1, s1))| (u1 - u0, s1 - s0));
@@ -592,6 +594,7 @@ pub fn run<B: AutodiffBackend>(options: BenchOptions, device: &B::Device) -> any
             "parameters": counts.total(),
             "kernels_compiled_after_warmup": kernels.compiled,
             "autotune_runs_after_warmup": kernels.tuned,
+            "autotune_picks": picks,
         });
         println!("{value}");
     } else {
@@ -623,6 +626,9 @@ pub fn run<B: AutodiffBackend>(options: BenchOptions, device: &B::Device) -> any
             println!("CPU: user {user:.2} s, system {system:.2} s over {wall:.2} s wall (user/wall {:.2})", user / wall);
         }
         println!("after warm-up: {} kernels compiled, {} autotune runs", kernels.compiled, kernels.tuned);
+        for pick in &picks {
+            println!("autotune: {pick}");
+        }
     }
     Ok(())
 }

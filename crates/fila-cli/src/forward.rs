@@ -5,6 +5,9 @@
 //! `convnext.stage.{i}` (i = 1..4, `[1, C_i, H_i, W_i]`), `image_features` (projector input,
 //! `[tokens, D_vit]`), `visual_tokens` (projector output, `[tokens, D_llm]`), `input_ids` (`[1, T]`,
 //! stored as f32), `logits` (`[1, T, vocab]`).
+//!
+//! It runs on the config's `device` (or `--device`): the same file from `cpu` and from a GPU
+//! backend shows what the GPU kernels change.
 
 use anyhow::{Context, Result};
 use burn::prelude::*;
@@ -14,9 +17,8 @@ use fila_model::fila::Fila;
 use fila_model::hybrid_encoder::{ImageInput, Trace};
 use fila_model::spec::ModelSpec;
 use fila_model::weights::write_safetensors;
-use std::path::Path;
-
-type B = burn::backend::Flex;
+use fila_train::backend::{dispatch, Device, OnBackend};
+use std::path::{Path, PathBuf};
 
 /// Reads the `[model]` table of a run config.
 pub fn read_model_spec(path: &Path) -> Result<ModelSpec> {
@@ -26,18 +28,52 @@ pub fn read_model_spec(path: &Path) -> Result<ModelSpec> {
     model.try_into().map_err(|e| anyhow::anyhow!("{}: [model]: {e}", path.display()))
 }
 
+/// The top-level `device` of a run config (`cpu` when it has none).
+fn read_device(path: &Path) -> Result<Device> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let value: toml::Table = toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
+    match value.get("device") {
+        None => Ok(Device::Cpu),
+        Some(d) => d.as_str().context("a string")?.parse().map_err(|e: String| anyhow::anyhow!(e)).with_context(|| format!("{}: `device`", path.display())),
+    }
+}
+
 /// One preprocessed image as the model takes it.
-pub fn image_input(image: &ImageViews, device: &burn::tensor::Device<B>) -> ImageInput<B> {
+pub fn image_input<B: Backend>(image: &ImageViews, device: &B::Device) -> ImageInput<B> {
     let s = &image.views.shape;
     fila_train::batch::image_input(&image.views.data, [s[0], s[1], s[2], s[3]], &image.hires, image.grid, device)
 }
 
-pub fn run(config_path: &Path, image: Option<&Path>, prompt: &str, out: &Path) -> Result<()> {
+/// `fila forward` on `device` (default: the config's).
+pub fn run(config_path: &Path, image: Option<&Path>, prompt: &str, out: &Path, device: Option<Device>) -> Result<()> {
+    let device = match device {
+        Some(d) => d,
+        None => read_device(config_path)?,
+    };
+    let job = Forward { config: config_path.into(), image: image.map(Into::into), prompt: prompt.into(), out: out.into() };
+    dispatch(device, job)
+}
+
+struct Forward {
+    config: PathBuf,
+    image: Option<PathBuf>,
+    prompt: String,
+    out: PathBuf,
+}
+
+impl OnBackend for Forward {
+    type Output = ();
+    fn run<A: burn::tensor::backend::AutodiffBackend>(self, device: &A::Device) -> Result<()> {
+        forward_on::<A::InnerBackend>(&self.config, self.image.as_deref(), &self.prompt, &self.out, device)
+    }
+}
+
+fn forward_on<B: Backend>(config_path: &Path, image: Option<&Path>, prompt: &str, out: &Path, device: &B::Device) -> Result<()> {
     let base = config_path.parent().unwrap_or(Path::new("."));
     let (config, source) = read_model_spec(config_path)?.resolve(base)?;
     let data = DataConfig::from_toml_file(config_path)?;
     fila_train::trainer::check_geometry(&data, &config).with_context(|| config_path.display().to_string())?;
-    let device = Default::default();
+    let device = device.clone();
     let model = Fila::<B>::load(&config, &source, &device)?;
     let text = TextEncoder::from_config(&data)?;
     let preprocessor = fila_data::ImagePreprocessor::new(&data);
@@ -60,7 +96,7 @@ pub fn run(config_path: &Path, image: Option<&Path>, prompt: &str, out: &Path) -
     let mut trace = Trace::default();
     let mut spliced_visual = None;
     if let Some(views) = &views {
-        let (visual_tokens, features) = model.encode_images(&[image_input(views, &device)], Some(&mut trace));
+        let (visual_tokens, features) = model.encode_images(&[image_input::<B>(views, &device)], Some(&mut trace));
         trace.tensors.push(("image_features".into(), features.to_data()));
         trace.tensors.push(("visual_tokens".into(), visual_tokens.to_data()));
         spliced_visual = Some(visual_tokens);

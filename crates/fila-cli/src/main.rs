@@ -10,7 +10,7 @@ mod metrics;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use fila_train::backend::{dispatch, OnBackend};
+use fila_train::backend::{dispatch, Device, OnBackend};
 use fila_train::precision::Precision;
 use std::path::PathBuf;
 
@@ -35,6 +35,9 @@ enum Command {
         prompt: String,
         #[arg(long, default_value = "forward.safetensors")]
         out: PathBuf,
+        /// `cpu`, `cuda:N`, `wgpu` or `wgpu:N` (default: the config's `device`, else `cpu`).
+        #[arg(long)]
+        device: Option<Device>,
     },
     /// Answer a question about an image with a trained checkpoint (greedy decoding).
     Generate {
@@ -142,7 +145,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     fila_train::kernel_events::install();
     match cli.command {
-        Command::Forward { config, image, prompt, out } => forward::run(&config, image.as_deref(), &prompt, &out)?,
+        Command::Forward { config, image, prompt, out, device } => forward::run(&config, image.as_deref(), &prompt, &out, device)?,
         Command::Generate { checkpoint, image, prompt, max_new_tokens, config } => {
             let inference = infer::Inference::open(&checkpoint, config.as_deref())?;
             let image = image.map(|p| inference.load_image(&p)).transpose()?;

@@ -55,22 +55,28 @@ fn temp(name: &str) -> PathBuf {
     dir
 }
 
+/// `fila forward` on the fixture image with `config`, written to `out`; `extra` more arguments.
+fn forward(config: &Path, out: &Path, extra: &[&str]) {
+    let image = root().join("crates/fila-data/tests/fixtures/pil/big_150x100.png");
+    let status = Command::new(env!("CARGO_BIN_EXE_fila"))
+        .args(["forward", "--config"])
+        .arg(config)
+        .arg("--image")
+        .arg(&image)
+        .args(["--prompt", "What is written here?", "--out"])
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+}
+
 #[test]
 fn forward_writes_the_documented_tensors() {
     let dir = temp("forward");
     let config = write_config(&dir, 56);
     let out = dir.join("out.safetensors");
-    let image = root().join("crates/fila-data/tests/fixtures/pil/big_150x100.png");
-    let status = Command::new(env!("CARGO_BIN_EXE_fila"))
-        .args(["forward", "--config"])
-        .arg(&config)
-        .arg("--image")
-        .arg(&image)
-        .args(["--prompt", "What is written here?", "--out"])
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    forward(&config, &out, &[]);
 
     let bytes = std::fs::read(&out).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -108,4 +114,38 @@ fn forward_refuses_mismatched_geometry() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("tile_size 28 / patch_size 14 differ from the ViT's image_size 56 / patch_size 14"), "{err}");
+}
+
+/// Every tensor of a `fila forward` file as f32, by name.
+#[cfg(feature = "wgpu")]
+fn read_all(file: &Path) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, v)| (name, (v.shape().to_vec(), v.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect())))
+        .collect()
+}
+
+/// The same forward on Burn's wgpu backend (CI: Mesa's software Vulkan driver) gives the CPU's
+/// named tensors within 1e-4 of each tensor's largest value: both compute in f32, the GPU kernels
+/// in another summation order.
+#[cfg(feature = "wgpu")]
+#[test]
+fn forward_on_wgpu_gives_the_cpu_tensors() {
+    let dir = temp("wgpu");
+    let config = write_config(&dir, 56);
+    let (cpu, gpu) = (dir.join("cpu.safetensors"), dir.join("wgpu.safetensors"));
+    forward(&config, &cpu, &["--device", "cpu"]);
+    forward(&config, &gpu, &["--device", "wgpu"]);
+    let (cpu, gpu) = (read_all(&cpu), read_all(&gpu));
+    assert_eq!(cpu.keys().collect::<Vec<_>>(), gpu.keys().collect::<Vec<_>>());
+    for (name, (shape, expected)) in &cpu {
+        let (gpu_shape, actual) = &gpu[name];
+        assert_eq!(shape, gpu_shape, "{name}: shape");
+        let scale = expected.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        let diff = expected.iter().zip(actual).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        eprintln!("{name}: max abs difference {diff:.2e} (largest value {scale:.2e})");
+        assert!(diff <= 1e-4 * scale, "{name}: wgpu differs from cpu by {diff:e} (largest value {scale:e})");
+    }
 }

@@ -4,7 +4,7 @@
 //!
 //! `cargo run -p fila-model --example attention_bench [-- B H T D [bf16]]` (defaults 2 8 512 64,
 //! f32). The dev profile builds dependencies with opt-level 3, so the tensor kernels run at full
-//! speed. With `--features cuda` it runs on CUDA device 0; `bf16` runs the products in bf16.
+//! speed. With `--features cuda` it runs on CUDA device 0 (`--features wgpu`: wgpu's default adapter); `bf16` runs the products in bf16.
 
 use burn::backend::Autodiff;
 use burn::prelude::*;
@@ -14,10 +14,12 @@ use fila_model::attention::{attention, AttentionMask};
 use fila_model::autocast::{self, with_compute, Compute};
 use std::time::Instant;
 
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(any(feature = "cuda", feature = "wgpu")))]
 type Dev = burn::backend::Flex;
 #[cfg(feature = "cuda")]
 type Dev = burn::backend::Cuda;
+#[cfg(all(feature = "wgpu", not(feature = "cuda")))]
+type Dev = burn::backend::Wgpu;
 type A = Autodiff<Dev>;
 
 /// The attention the model computed before the seam: GQA heads repeated, full score matrix.

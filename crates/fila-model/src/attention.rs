@@ -1,6 +1,8 @@
 //! Scaled dot-product attention, the one seam every attention layer of the model goes through.
 //!
-//! The forward pass runs Burn's fused `attention` kernel on CUDA (a flash kernel) and, on flex,
+//! The forward pass runs Burn's `attention` op on the CubeCL backends (CUDA, wgpu), where Burn's
+//! autotune (on in both builds) times its flash kernels against its unfused fallback per shape
+//! and keeps the fastest (`fila bench` and `metrics.jsonl` list the picks), and, on flex,
 //! products by query chunk around a one-pass masked softmax ([`kernels::attention_softmax`]; f32
 //! compute). Under `Autodiff`, Burn 0.21 would replace that kernel by plain matmul +
 //! softmax and keep several `[B, H, Tq, Tk]` tensors for the backward pass; here a custom
@@ -18,7 +20,7 @@
 //! `Autodiff<B>` from outside, and a project backend trait (Burn's custom-kernel examples) would
 //! put its bound on every generic model, trainer and CLI function. The model needs the choice in
 //! one place only, so [`attention`] picks the custom operation when the tensor primitive is an
-//! autodiff tensor over a backend the project runs on (flex, and CUDA with the `cuda` feature),
+//! autodiff tensor over a backend the project runs on (flex, CUDA with the `cuda` feature, wgpu with `wgpu`),
 //! the fused kernel alone when there is no autodiff, and plain differentiable ops otherwise.
 
 use crate::autocast::{self, Compute};
@@ -137,6 +139,11 @@ pub fn attention_with<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B,
     };
     #[cfg(feature = "cuda")]
     let args = match via_autodiff::<B, burn::backend::Cuda>(args.0, args.1, args.2, args.3, spec) {
+        Ok(out) => return out,
+        Err(args) => args,
+    };
+    #[cfg(feature = "wgpu")]
+    let args = match via_autodiff::<B, burn::backend::Wgpu>(args.0, args.1, args.2, args.3, spec) {
         Ok(out) => return out,
         Err(args) => args,
     };

@@ -97,7 +97,10 @@ fn on_wgpu<J: OnBackend>(index: Option<usize>, job: J) -> Result<J::Output> {
 #[cfg(not(feature = "wgpu"))]
 fn on_wgpu<J: OnBackend>(index: Option<usize>, _: J) -> Result<J::Output> {
     let name = Device::Wgpu(index);
-    anyhow::bail!("device `{name}` needs a build with `--features wgpu`; this build runs on `cpu`{}", if cfg!(feature = "cuda") { " and `cuda:N`" } else { " only" })
+    anyhow::bail!(
+        "device `{name}` needs a build with `--features wgpu`; this build runs on `cpu`{}",
+        if cfg!(feature = "cuda") { " and `cuda:N`" } else { " only" }
+    )
 }
 
 #[cfg(feature = "cuda")]

@@ -39,6 +39,8 @@ pub struct Logger {
     total_steps: u64,
     started: Instant,
     first_step: u64,
+    /// Autotune picks already written to `metrics.jsonl`.
+    picks_logged: usize,
 }
 
 impl Logger {
@@ -52,7 +54,7 @@ impl Logger {
         } else {
             (None, None)
         };
-        Ok(Self { writer, metrics, terminal: std::io::stderr().is_terminal(), total_steps, started: Instant::now(), first_step })
+        Ok(Self { writer, metrics, terminal: std::io::stderr().is_terminal(), total_steps, started: Instant::now(), first_step, picks_logged: 0 })
     }
 
     /// Writes the step's scalars and `metrics.jsonl` line and, every `every` steps (or always on
@@ -62,11 +64,17 @@ impl Logger {
         let (Some(w), Some(file)) = (&mut self.writer, &mut self.metrics) else {
             return Ok(());
         };
-        let line = serde_json::json!({
+        let mut line = serde_json::json!({
             "step": m.step, "loss": m.loss, "lr": m.lr, "grad_norm": m.grad_norm,
             "tokens": m.tokens, "samples": m.samples, "finite": !m.nonfinite,
             "kernels_compiled": m.kernels.compiled, "kernels_from_cache": m.kernels.from_cache, "autotune_runs": m.kernels.tuned
         });
+        // The kernels CubeCL's autotune chose since the previous line (GPU backends only).
+        let picks = crate::kernel_events::picks_from(self.picks_logged);
+        if !picks.is_empty() {
+            self.picks_logged += picks.len();
+            line["autotune_picks"] = serde_json::to_value(&picks)?;
+        }
         writeln!(file, "{line}")?;
         w.add_scalar("train/loss", m.loss as f32, step);
         if m.lrs.len() == 1 {

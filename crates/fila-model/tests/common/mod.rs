@@ -7,16 +7,22 @@ use burn::tensor::TensorData;
 use fila_model::weights::Checkpoint;
 use std::path::PathBuf;
 
-/// The backend the tests run on: the CPU backend, or CUDA device 0 in a build with
-/// `--features cuda` (`cargo test -p fila-model --features cuda` checks parity on the GPU).
-#[cfg(not(feature = "cuda"))]
+/// The backend the tests run on: the CPU backend; CUDA device 0 in a build with `--features
+/// cuda` (`cargo test -p fila-model --features cuda` checks parity on the GPU); wgpu's default
+/// adapter in a build with `--features wgpu` only (CI runs it on Mesa's software Vulkan driver).
+#[cfg(not(any(feature = "cuda", feature = "wgpu")))]
 pub type Dev = burn::backend::Flex;
 #[cfg(feature = "cuda")]
 pub type Dev = burn::backend::Cuda;
+#[cfg(all(feature = "wgpu", not(feature = "cuda")))]
+pub type Dev = burn::backend::Wgpu;
 pub type DevAutodiff = Autodiff<Dev>;
 
-/// f32 parity tolerance on CPU, absolute: the fixtures' own f32-vs-f64 error is below 4e-6
-/// (fixtures/README.md).
+/// Whether [`Dev`] is CUDA, whose f32 products round their operands (see [`TOL`]).
+pub const ON_CUDA: bool = cfg!(feature = "cuda");
+
+/// f32 parity tolerance on CPU and wgpu, absolute: the fixtures' own f32-vs-f64 error is below
+/// 4e-6 (fixtures/README.md); wgpu's kernels compute in full f32, in another order.
 #[cfg(not(feature = "cuda"))]
 pub const TOL: f32 = 1e-4;
 /// On CUDA, relative to the tensor's largest value: Burn's CUDA backend multiplies f32 matrices
@@ -75,7 +81,7 @@ pub fn assert_close(name: &str, actual: TensorData, expected: &(Vec<usize>, Vec<
     let values: Vec<f32> = actual.convert::<f32>().to_vec().unwrap();
     let max = values.iter().zip(&expected.1).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
     // On CUDA the tolerance scales with the tensor (see `TOL`).
-    let scale = if cfg!(feature = "cuda") { expected.1.iter().fold(1.0f32, |m, v| m.max(v.abs())) } else { 1.0 };
+    let scale = if ON_CUDA { expected.1.iter().fold(1.0f32, |m, v| m.max(v.abs())) } else { 1.0 };
     let tol = tol * scale;
     assert!(max <= tol, "{name}: max abs error {max:e} > {tol:e}");
     eprintln!("{name}: max abs error {max:.2e}");

@@ -1,0 +1,66 @@
+//! The trainer on Burn's wgpu backend (`--features wgpu`; CI runs it on Mesa's software Vulkan
+//! driver), against the same runs on the CPU: the tiny stage 1, a stop and resume on wgpu, and the
+//! tiny stage 2 from stage 1's export. This is the CubeCL path the CUDA build runs (the attention
+//! seam's custom backward on a device-thread backend, bool masks stored as integers, Burn's tuned
+//! kernels), without a GPU.
+#![cfg(feature = "wgpu")]
+
+mod common;
+
+use common::*;
+use std::collections::BTreeMap;
+
+/// 4 steps of micro 2 × accumulation 2, a checkpoint every step, no warmup.
+const FOUR_STEPS: &[&str] = &["train.max_steps=4", "checkpoint.every_steps=1", "checkpoint.keep_last=0", "schedule.warmup_steps=0"];
+
+/// Both backends compute in f32, in other summation orders; four AdamW steps (whose first updates
+/// are ±lr wherever a gradient is nonzero) carry the difference into the losses.
+const LOSS_TOL: f64 = 1e-3;
+
+fn with(sets: &[&str], more: &[&'static str]) -> Vec<String> {
+    sets.iter().chain(more).map(|s| s.to_string()).collect()
+}
+
+fn run(config: u8, out: &std::path::Path, sets: &[String], extra: &[&str]) -> String {
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    ok(&fila_train(&tiny(config), out, &sets, extra))
+}
+
+fn assert_close(what: &str, cpu: &BTreeMap<u64, f64>, gpu: &BTreeMap<u64, f64>) {
+    assert_eq!(cpu.keys().collect::<Vec<_>>(), gpu.keys().collect::<Vec<_>>(), "{what}: steps");
+    for (step, a) in cpu {
+        let b = gpu[step];
+        eprintln!("{what} step {step}: cpu {a:.7} wgpu {b:.7} (rel. {:.1e})", (a - b).abs() / a.abs());
+        assert!((a - b).abs() <= LOSS_TOL * a.abs(), "{what} step {step}: cpu loss {a} against wgpu {b}");
+    }
+}
+
+#[test]
+fn tiny_stages_on_wgpu_follow_the_cpu_and_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = |name: &str| tmp.path().join(name);
+    let cpu = with(FOUR_STEPS, &["device=\"cpu\""]);
+    let gpu = with(FOUR_STEPS, &["device=\"wgpu\""]);
+
+    // Stage 1: the same four steps on both backends.
+    run(1, &dir("cpu1"), &cpu, &[]);
+    let text = run(1, &dir("gpu1"), &gpu, &[]);
+    assert!(text.contains("wgpu"), "the run names its device:\n{text}");
+    let gpu1 = losses(&dir("gpu1"));
+    assert_close("stage 1", &losses(&dir("cpu1")), &gpu1);
+    assert!(gpu1[&4] < gpu1[&1], "the wgpu run trains: {gpu1:?}");
+
+    // Stopped after two steps on wgpu and resumed there: the uninterrupted run's losses.
+    run(1, &dir("split"), &gpu, &["--stop-after", "2"]);
+    let text = run(1, &dir("split"), &gpu, &["--resume"]);
+    assert!(text.contains("resumed from") && text.contains("at step 2"), "{text}");
+    assert_close("stage 1 resumed", &gpu1, &losses(&dir("split")));
+
+    // Stage 2 (everything trained, tiled images) from the wgpu stage 1's export, on both backends.
+    let init = format!("model.checkpoint=\"{}\"", dir("gpu1").join("final").display());
+    let stage2 =
+        |device: &'static str| with(&["train.max_steps=3", "schedule.warmup_steps=0"], &[device]).into_iter().chain([init.clone()]).collect::<Vec<_>>();
+    run(2, &dir("cpu2"), &stage2("device=\"cpu\""), &[]);
+    run(2, &dir("gpu2"), &stage2("device=\"wgpu\""), &[]);
+    assert_close("stage 2", &losses(&dir("cpu2")), &losses(&dir("gpu2")));
+}
