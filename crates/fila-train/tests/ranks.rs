@@ -246,7 +246,7 @@ fn ranks_with_different_configs_are_refused() {
 
 /// The sets of a `steps`-step run of global batch 4 (micro 1 × `acc` per rank) in `bf16_mixed`:
 /// bf16 product weights and f32 master slices in the sharded optimizer, the path every GPU run
-/// takes ([docs/precision.md]), here on the CPU backend.
+/// takes (docs/precision.md), here on the CPU backend.
 fn bf16_mixed(steps: u64, acc: usize) -> Vec<String> {
     let mut s = sets(acc);
     s[0] = format!("train.max_steps={steps}");
