@@ -1,7 +1,8 @@
 //! The precision policy, in one place.
 //!
-//! - `f32`: everything in f32. The only mode on CPU, and the default.
-//! - `bf16_mixed` (CUDA only): matrix products and convolutions compute in bf16
+//! - `f32`: everything in f32. The default, and the mode for training on the CPU.
+//! - `bf16_mixed` (for CUDA; on the CPU for testing that path, [`Precision::device_note`]; not
+//!   on wgpu, which has no bf16): matrix products and convolutions compute in bf16
 //!   ([`fila_model::autocast`]); norms, softmax, activations, residual sums and the loss are f32.
 //!   The weights read only by products are *stored* in bf16 ([`Precision::store_frozen`],
 //!   [`Precision::store_trainable`]): the products read them as they are, so no bf16 copy is
@@ -11,6 +12,7 @@
 //!   come out of the backward in bf16 and are summed over micro-batches and ranks in f32 in the
 //!   optimizer's slice; AdamW's moments are f32. A step computes what per-product casts of f32 weights compute: the same bits, but
 //!   for the summation order of some kernels, which depends on the weights' memory layout.
+use crate::backend::Device;
 use crate::trainable::TrainableSet;
 use burn::module::{Module, Param};
 use burn::prelude::*;
@@ -29,13 +31,24 @@ pub enum Precision {
 
 impl Precision {
     /// Refuses combinations the policy does not allow.
-    pub fn check_device(self, device: crate::backend::Device) -> Result<(), String> {
+    pub fn check_device(self, device: Device) -> Result<(), String> {
         match (self, device) {
-            (Precision::Bf16Mixed, crate::backend::Device::Cpu) => Err("`bf16_mixed` is for CUDA devices; on `cpu` use `f32`".into()),
-            (Precision::Bf16Mixed, crate::backend::Device::Wgpu(_)) => {
+            (Precision::Bf16Mixed, Device::Wgpu(_)) => {
                 Err("`bf16_mixed` needs bf16 tensors, which Burn's wgpu backend does not have; on `wgpu` use `f32`".into())
             }
             _ => Ok(()),
+        }
+    }
+
+    /// A start-up line for an allowed combination that is not what this mode is for: `bf16_mixed`
+    /// on the CPU runs the GPUs' precision path (bf16 weights, f32 master slices, their
+    /// checkpoints, several ranks) so tests can check it, but saves no time there.
+    pub fn device_note(self, device: Device) -> Option<&'static str> {
+        match (self, device) {
+            (Precision::Bf16Mixed, Device::Cpu) => Some(
+                "`bf16_mixed` on `cpu` is for testing the GPU precision path, not for speed: the CPU backend computes bf16 products through f32 copies (train on the CPU in `f32`)",
+            ),
+            _ => None,
         }
     }
 
@@ -104,8 +117,6 @@ impl Precision {
         self.store_product_weights(model, |path| set.contains(path))
     }
 
-    /// Product weights are rank ≥ 2 `….weight` tensors that are not embedding tables (those are
-    /// read by lookups and sums, and stay f32 like norms and biases).
     fn store_product_weights<B: Backend, M: Module<B>>(self, model: M, select: impl Fn(&str) -> bool) -> M {
         struct ToBf16<F> {
             select: F,
@@ -113,8 +124,7 @@ impl Precision {
         impl<B: Backend, F: Fn(&str) -> bool> PathMapper<B> for ToBf16<F> {
             fn map<const D: usize>(&mut self, at: &ParamPath, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
                 let path = at.path();
-                let product_weight = D >= 2 && path.ends_with(".weight") && !path.contains("embed");
-                if !product_weight || !(self.select)(&path) {
+                if !is_product_weight(&path, D) || !(self.select)(&path) {
                     return param;
                 }
                 let (id, tensor, mapper) = param.consume();
@@ -140,4 +150,11 @@ impl Precision {
             }
         }
     }
+}
+
+/// Whether `bf16_mixed` stores the parameter at `path` (of rank `rank`) in bf16: the weights read
+/// only by matrix products and convolutions, rank ≥ 2 `….weight` tensors that are not embedding
+/// tables (those are read by lookups and sums, and stay f32 like norms and biases).
+pub fn is_product_weight(path: &str, rank: usize) -> bool {
+    rank >= 2 && path.ends_with(".weight") && !path.contains("embed")
 }

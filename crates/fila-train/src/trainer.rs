@@ -266,6 +266,9 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
         let out = c.checkpoint.output_dir.clone();
         if root {
             eprintln!("precision: {}", c.precision.effective_note());
+            if let Some(note) = c.precision.device_note(c.device) {
+                eprintln!("note: {note}");
+            }
         }
         let (mut model, fila_config, set) = build_model::<B>(&loaded, device)?;
         if let (true, Some(dir)) = (root, &c.model.checkpoint) {

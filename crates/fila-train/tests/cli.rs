@@ -88,8 +88,12 @@ fn config_errors_name_the_key() {
     assert!(stage.contains("`stage`"), "{stage}");
     let module = failed(&fila_train(&tiny(2), &out, &["trainable.modules=[\"vision\"]", "model.checkpoint=/nonexistent"], &["--check"]));
     assert!(module.contains("`trainable.modules`") && module.contains("`vision`"), "{module}");
+    let wgpu = failed(&fila_train(&tiny(1), &out, &["device=wgpu", "precision=bf16_mixed"], &["--check"]));
+    assert!(wgpu.contains("`precision`") && wgpu.contains("on `wgpu` use `f32`"), "{wgpu}");
     assert!(!out.exists(), "--check writes nothing");
     ok(&fila_train(&tiny(1), &out, &[], &["--check"]));
+    // On the CPU, `bf16_mixed` runs for tests (tests/ranks.rs).
+    ok(&fila_train(&tiny(1), &out, &["precision=bf16_mixed"], &["--check"]));
 }
 
 #[test]

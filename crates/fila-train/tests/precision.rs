@@ -2,8 +2,8 @@
 //! ones once the optimizer holds their f32 master values): steps compute the same bits as f32
 //! weights cast at every product, only product weights change dtype, and a checkpoint carries the
 //! master values so a resumed run continues exactly.
-//! (Run on the CPU backend, whose bf16 products the policy does not use for training but which
-//! compute the same way.)
+//! (Run on the CPU backend, where `bf16_mixed` is accepted for tests: its bf16 products compute
+//! the same way. The same path through the binary, on several ranks: `tests/ranks.rs`.)
 
 mod common;
 

@@ -56,15 +56,47 @@ pub fn metric(out: &Path, key: &str) -> BTreeMap<u64, f64> {
         .collect()
 }
 
-/// Every tensor of a safetensors file as f32.
+/// Every tensor of a safetensors file of f32 tensors (what fila-train writes).
 pub fn tensors(file: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
     let bytes = std::fs::read(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     st.tensors()
         .into_iter()
         .map(|(name, view)| {
+            assert_eq!(view.dtype(), safetensors::Dtype::F32, "{}: `{name}`", file.display());
             let values = view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
             (name, (view.shape().to_vec(), values))
+        })
+        .collect()
+}
+
+/// One kind of optimizer state (`master`, `exp_avg`, `exp_avg_sq`) of the step checkpoint
+/// `step_dir` by parameter path, put together from the `<kind>.<path>` and `<kind>.<path>@<start>`
+/// runs of all its optimizer shards (whatever the world size that wrote them); every element
+/// of every trainable parameter must be stored exactly once.
+pub fn optimizer_state(step_dir: &Path, kind: &str) -> BTreeMap<String, Vec<f32>> {
+    let sizes: BTreeMap<String, usize> = tensors(&step_dir.join("trainable.safetensors")).into_iter().map(|(n, (_, v))| (n, v.len())).collect();
+    let mut runs: BTreeMap<String, Vec<Option<f32>>> = BTreeMap::new();
+    let shards = std::fs::read_dir(step_dir).unwrap().flatten().map(|e| e.path()).filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("optimizer"));
+    for shard in shards {
+        for (key, (_, values)) in tensors(&shard) {
+            let Some(rest) = key.strip_prefix(kind).and_then(|r| r.strip_prefix('.')) else { continue };
+            let (name, start) = match rest.rsplit_once('@') {
+                Some((name, start)) => (name, start.parse::<usize>().unwrap()),
+                None => (rest, 0),
+            };
+            let len = *sizes.get(name).unwrap_or_else(|| panic!("{}: `{key}` is not a trainable parameter", shard.display()));
+            let slot = runs.entry(name.to_string()).or_insert_with(|| vec![None; len]);
+            for (i, v) in values.into_iter().enumerate() {
+                assert!(slot[start + i].replace(v).is_none(), "{}: element {} of `{name}` stored twice", shard.display(), start + i);
+            }
+        }
+    }
+    assert_eq!(runs.len(), sizes.len(), "{}: `{kind}` for {} of {} parameters", step_dir.display(), runs.len(), sizes.len());
+    runs.into_iter()
+        .map(|(name, v)| {
+            let full = v.into_iter().collect::<Option<Vec<f32>>>().unwrap_or_else(|| panic!("{}: `{kind}.{name}` is incomplete", step_dir.display()));
+            (name, full)
         })
         .collect()
 }
