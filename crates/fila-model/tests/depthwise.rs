@@ -1,14 +1,14 @@
 //! The depthwise convolution of ConvNeXt blocks: the tap-product autodiff operation the CubeCL
 //! backends run under autodiff (`kernels::depthwise::via_autodiff`, here called on
-//! `Autodiff<Flex>`) and the router (`kernels::depthwise_conv2d_nhwc`, on flex the fused kernel)
-//! against Burn's grouped convolution: values and the input, weight and bias gradients, on odd map
-//! sizes, a map smaller than the kernel, padding 3 with kernel 7, no padding, padding larger than
-//! half the kernel, and batches of 1 to 3.
+//! `Autodiff<Flex>`) and the fused flex kernel against Burn's grouped convolution on the CPU:
+//! values and the input, weight and bias gradients, on odd map sizes, a map smaller than the
+//! kernel, padding 3 with kernel 7, no padding, padding larger than half the kernel, and batches
+//! of 1 to 3.
 //!
-//! Tolerance 1e-5 in f32 on the CPU, relative to the tensor's largest value where that exceeds 1:
-//! the sides sum the same products in different orders (a weight gradient sums up to N·H'·W' = 198
-//! products here). With `--features cuda` the operation and the router run on the GPU
-//! (`common::Dev`) and are compared with the CPU reference at 1e-4: the GPU sums in other orders.
+//! Tolerance 1e-5 in f32, relative to the tensor's largest value where that exceeds 1: the sides
+//! sum the same products in different orders (a weight gradient sums up to N·H'·W' = 198 products
+//! here). In a `cuda` or `wgpu` build one more test runs the operation and the router on the GPU
+//! (`common::Dev`) against the CPU reference, at 1e-4: the GPU sums in other orders again.
 
 mod common;
 
@@ -20,15 +20,12 @@ use burn::nn::PaddingConfig2d;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, TensorData};
-use common::Dev;
 use fila_model::autocast::{with_compute, Compute};
 use fila_model::kernels::{self, depthwise, reference};
 
 type Cpu = Autodiff<Flex>;
 
 const TOL: f32 = 1e-5;
-/// For the test backend: on a GPU the sums run in other orders than on the CPU reference.
-const DEV_TOL: f32 = if cfg!(any(feature = "cuda", feature = "wgpu")) { 1e-4 } else { 1e-5 };
 
 /// A batch of `n` maps `h×w` with `c` channels, a `k×k` kernel and `pad` zeros on each side.
 #[derive(Debug, Clone, Copy)]
@@ -159,9 +156,10 @@ fn the_tap_operation_takes_only_autodiff_tensors_over_its_backend_and_depthwise_
 #[test]
 fn under_bf16_compute_the_tap_operation_returns_f32_near_the_f32_values() {
     let _serial = common::autodiff_lock();
-    // bf16 keeps 8 bits of mantissa: the output (49 products of O(1) values) and the input gradient
-    // agree with f32 to about 1e-2 of their largest value; the weight and bias gradients are summed
-    // in f32, from bf16 inputs (weight) or the f32 output gradient (bias).
+    // bf16 keeps 8 bits of mantissa: the output and the input gradient (sums of up to 49 bf16
+    // products) came within 3.8e-3 of f32 relative to their largest value, the weight gradient
+    // (f32 sums over the bf16 input) within 1.3e-3; the bias gradient is the f32 sum of the f32
+    // output gradient.
     for case in [CASES[0], CASES[1]] {
         let exact = run::<Cpu>(case, ALL, reference::depthwise_conv2d_nhwc);
         let low = with_compute(Compute::Bf16, || run::<Cpu>(case, ALL, tap_operation::<Cpu, Flex>));
@@ -172,17 +170,19 @@ fn under_bf16_compute_the_tap_operation_returns_f32_near_the_f32_values() {
         assert!(bias_diff <= TOL, "bias gradient: differs by {bias_diff}");
         let output_diff = relative_diff(low[0].as_ref().unwrap(), exact[0].as_ref().unwrap());
         assert!(output_diff > 1e-4, "bf16 was not used: the output differs by {output_diff} only");
-        assert_close("bf16 tap operation", case, &low, &exact, 2e-2);
+        assert_close("bf16 tap operation", case, &low, &exact, 1e-2);
     }
 }
 
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 #[test]
-fn on_the_test_backend_the_tap_operation_and_the_router_match_the_cpu() {
+fn on_the_gpu_the_tap_operation_and_the_router_match_the_cpu() {
+    use common::Dev;
+    type Gpu = Autodiff<Dev>;
     let _serial = common::autodiff_lock();
-    type Device = Autodiff<Dev>;
     for case in CASES {
         let want = run::<Cpu>(case, ALL, reference::depthwise_conv2d_nhwc);
-        assert_close("tap operation", case, &run::<Device>(case, ALL, tap_operation::<Device, Dev>), &want, DEV_TOL);
-        assert_close("router", case, &run::<Device>(case, ALL, kernels::depthwise_conv2d_nhwc), &want, DEV_TOL);
+        assert_close("tap operation", case, &run::<Gpu>(case, ALL, tap_operation::<Gpu, Dev>), &want, 1e-4);
+        assert_close("router", case, &run::<Gpu>(case, ALL, kernels::depthwise_conv2d_nhwc), &want, 1e-4);
     }
 }

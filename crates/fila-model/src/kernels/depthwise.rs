@@ -15,17 +15,19 @@
 //!   `groups ≠ 1` loops over the groups on the host (with autotune too: its implicit-GEMM
 //!   candidates refuse groups, the fallback is the one left). Per channel: two slices, a whole
 //!   convolution of the `[1, H, W, N]` input with the `[1, H', W', N]` output gradient as its
-//!   kernel (itself autotuned under autotune; each of its k² outputs one thread summing N·H'·W'
-//!   products), a transpose and a `slice_assign` into the result. ConvNeXt-L's 36 blocks have
-//!   27 072 channels in all: that many host iterations and several times as many launches in
-//!   every backward pass.
+//!   kernel (k² outputs, each a sum of N·H'·W' products; autotuned per shape under autotune), a
+//!   transpose and a `slice_assign` into the result. ConvNeXt-L's 36 blocks have 27 072 channels
+//!   in all: that many host iterations, and several times as many launches, in every backward pass.
 //!
 //! Here the forward pass is Burn's convolution (the direct kernel), the input gradient the same
-//! depthwise convolution of the output gradient with the kernel turned by 180°, the bias gradient
-//! one sum, and the weight gradient k² shifted products: for tap `(i, j)`, the zero-padded input
-//! shifted by `(i, j)` times the output gradient, summed over N, H', W' (the shift is a view;
-//! each product is freed before the next, so the pass holds one padded copy of the input and one
-//! product at a time, and nothing beyond the input is kept from the forward pass).
+//! depthwise convolution of the output gradient with the kernel turned by 180° (padding
+//! `k − 1 − pad`), the bias gradient one sum, and the weight gradient k² shifted products: for tap
+//! `(i, j)`, the zero-padded input shifted by `(i, j)` (a slice: a view on CubeCL where its byte
+//! offsets are aligned, as with ConvNeXt's channel counts, else a copy) times the output gradient,
+//! summed over N, H', W'. About 2k² launches instead of several per channel. Each product is
+//! freed before the next: the backward pass holds one padded f32 copy of the input and one product
+//! at a time, and the forward pass keeps nothing but the input (only when the weight wants a
+//! gradient) and the weight (only when the input does).
 //!
 //! Precision follows [`autocast`]: under [`Compute::Bf16`] the convolutions run in bf16 and the
 //! output is f32; the weight and bias gradients are summed in f32 from the bf16 input the forward
