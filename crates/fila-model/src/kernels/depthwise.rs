@@ -75,11 +75,12 @@ struct Spec {
     compute: Compute,
 }
 
-impl Spec {
-    fn options(&self, channels: usize, pad: usize) -> ConvOptions<2> {
-        ConvOptions::new([1, 1], [pad, pad], [1, 1], channels)
-    }
+/// Stride 1, `pad` zeros on each side, one group per channel.
+fn options(channels: usize, pad: usize) -> ConvOptions<2> {
+    ConvOptions::new([1, 1], [pad, pad], [1, 1], channels)
+}
 
+impl Spec {
     /// `x` in the compute dtype (bf16 under [`Compute::Bf16`], unchanged under f32).
     fn low<I: Backend, const D: usize>(&self, x: Tensor<I, D>) -> Tensor<I, D> {
         match self.compute {
@@ -101,7 +102,7 @@ fn float<I: Backend, const D: usize>(x: FloatTensor<I>) -> Tensor<I, D> {
 /// the compute dtype → `[N, H', W', C]` (f32 under bf16 compute, as [`autocast::conv2d`]).
 fn forward<I: Backend>(x: Tensor<I, 4>, weight: Tensor<I, 4>, bias: Tensor<I, 1>, spec: Spec) -> Tensor<I, 4> {
     let c = x.dims()[3];
-    let y = burn::tensor::module::conv2d(x.permute([0, 3, 1, 2]), weight, Some(bias), spec.options(c, spec.pad)).permute([0, 2, 3, 1]);
+    let y = burn::tensor::module::conv2d(x.permute([0, 3, 1, 2]), weight, Some(bias), options(c, spec.pad)).permute([0, 2, 3, 1]);
     match spec.compute {
         Compute::F32 => y,
         Compute::Bf16 => y.cast(FloatDType::F32),
@@ -113,8 +114,7 @@ fn forward<I: Backend>(x: Tensor<I, 4>, weight: Tensor<I, 4>, bias: Tensor<I, 1>
 fn input_grad<I: Backend>(grad: Tensor<I, 4>, weight: Tensor<I, 4>, spec: Spec) -> Tensor<I, 4> {
     let c = grad.dims()[3];
     let turned = weight.flip([2, 3]);
-    let options = spec.options(c, spec.k - 1 - spec.pad);
-    burn::tensor::module::conv2d(spec.low(grad).permute([0, 3, 1, 2]), turned, None, options).permute([0, 2, 3, 1])
+    burn::tensor::module::conv2d(spec.low(grad).permute([0, 3, 1, 2]), turned, None, options(c, spec.k - 1 - spec.pad)).permute([0, 2, 3, 1])
 }
 
 /// `[C, 1, k, k]` weight gradient from the input `x` `[N, H, W, C]` and the output gradient
