@@ -12,8 +12,11 @@
 //!
 //! Like [`crate::attention`], each function checks what the generic backend is: on `Autodiff<Flex>`
 //! it records its own backward step, on plain `Flex` it runs the forward kernel, and on any other
-//! backend (CUDA) or dtype it computes the same function from Burn's ops. Tests compare both.
+//! backend (CUDA, wgpu) or dtype it computes the same function from Burn's ops. Tests compare both.
+//! The depthwise convolution is the exception: on the CubeCL backends under autodiff it runs the
+//! operation of [`depthwise`], whose weight gradient Burn would compute one channel at a time.
 
+pub mod depthwise;
 mod math;
 
 use crate::autocast::{self, Compute};
@@ -68,30 +71,51 @@ pub fn layer_norm<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B,
 }
 
 /// `conv` (a depthwise convolution: groups = channels, stride 1, square kernel, symmetric
-/// padding) on a channels-last map `[N, H, W, C]` → `[N, H', W', C]`.
+/// padding) on a channels-last map `[N, H, W, C]` → `[N, H', W', C]`: the fused kernel on flex in
+/// f32, the tap-product operation of [`depthwise`] on the CubeCL backends under autodiff, Burn's
+/// convolution otherwise.
 pub fn depthwise_conv2d_nhwc<B: Backend>(x: Tensor<B, 4>, conv: &Conv2d<B>) -> Tensor<B, 4> {
     let [_, _, _, c] = x.dims();
     let [k, kw] = conv.kernel_size;
     assert_eq!(conv.weight.dims(), [c, 1, k, kw], "depthwise_conv2d_nhwc: the convolution is not depthwise over {c} channels");
-    let pad = match conv.padding {
-        PaddingConfig2d::Explicit(top, left, bottom, right) if top == left && left == bottom && bottom == right => Some(top),
-        PaddingConfig2d::Valid => Some(0),
-        _ => None,
-    };
-    let fits = conv.groups == c && k == kw && conv.stride == [1, 1] && conv.dilation == [1, 1] && pad.is_some_and(|p| p < k);
+    let Some((k, pad)) = depthwise_geometry(conv, c) else { return reference::depthwise_conv2d_nhwc(x, conv) };
     // Under bf16 compute the convolution runs in bf16, as every convolution does (autocast).
-    if fits && autocast::current() == Compute::F32 {
+    let x = if autocast::current() == Compute::F32 {
         let bias = match &conv.bias {
             Some(b) => b.val(),
             None => Tensor::zeros([c], &x.device()),
         };
-        let kernel = DepthwiseKernel { k, pad: pad.unwrap_or(0) };
-        match run::<B, _, 3>(kernel, [prim(x), prim(conv.weight.val()), prim(bias)]) {
+        match run::<B, _, 3>(DepthwiseKernel { k, pad }, [prim(x), prim(conv.weight.val()), prim(bias)]) {
             Ok(y) => return float(y),
-            Err([x, _, _]) => return reference::depthwise_conv2d_nhwc(float(x), conv),
+            Err([x, _, _]) => float(x),
         }
-    }
+    } else {
+        x
+    };
+    #[cfg(feature = "cuda")]
+    let x = match depthwise::via_autodiff::<B, burn::backend::Cuda>(x, conv) {
+        Ok(y) => return y,
+        Err(x) => x,
+    };
+    #[cfg(feature = "wgpu")]
+    let x = match depthwise::via_autodiff::<B, burn::backend::Wgpu>(x, conv) {
+        Ok(y) => return y,
+        Err(x) => x,
+    };
     reference::depthwise_conv2d_nhwc(x, conv)
+}
+
+/// `(k, pad)` of a depthwise convolution over `c` channels that the depthwise kernels take (stride
+/// 1, a square `k×k` kernel, the same padding `pad < k` on every side); `None` for any other.
+fn depthwise_geometry<B: Backend>(conv: &Conv2d<B>, c: usize) -> Option<(usize, usize)> {
+    let [k, kw] = conv.kernel_size;
+    let pad = match conv.padding {
+        PaddingConfig2d::Explicit(top, left, bottom, right) if top == left && left == bottom && bottom == right => top,
+        PaddingConfig2d::Valid => 0,
+        _ => return None,
+    };
+    let depthwise = conv.weight.dims() == [c, 1, k, kw] && conv.groups == c;
+    (depthwise && k == kw && conv.stride == [1, 1] && conv.dilation == [1, 1] && pad < k).then_some((k, pad))
 }
 
 /// `[N, H, W, C]` → `[N, H/r, W/r, C·r·r]`, each output pixel holding its `r×r` input patch in
