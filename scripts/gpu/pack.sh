@@ -30,7 +30,7 @@ tests=$(
 for f in $bins $tests; do
   name=$(basename "$f")
   # Test binaries are named `<test>-<hash>`: keep `<test>`.
-  case " $tests " in *" $f "*) name=${name%-*} ;; esac
+  case $f in */deps/*) name=${name%-*} ;; esac
   strip -o "$stage/$name" "$f"
 done
 ls -l "$stage"
