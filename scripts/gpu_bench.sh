@@ -1,23 +1,23 @@
 #!/usr/bin/env bash
 # The real-size benchmark on one GPU in one call: `fila bench --size real` and its PyTorch twin
-# (scripts/bench_torch.py) for stage 1 and stage 2, alternately on the same device (ours stage 1,
-# PyTorch stage 1, ours stage 2, PyTorch stage 2), then a side-by-side markdown table (ours,
-# PyTorch, ratio) printed and written to OUT_DIR/real-bench.md with every run's JSON beside it.
-# Then, if time is left and BIN_DIR has `fila-train`, the NCCL world-1 check of scripts/cuda_check.sh.
+# (scripts/bench_torch.py) for stage 1 and stage 2 on the same device (ours stage 1, ours stage 2,
+# then PyTorch's: ours first, as the PyTorch numbers can be had on any GPU later), then a
+# side-by-side markdown table (ours, PyTorch, ratio) printed and written to OUT_DIR/real-bench.md
+# with every run's JSON beside it. scripts/gpu/check.sh runs it as one of its steps.
 #
 # What runs (docs/gpu-notes.md, "Real-size benchmark"): CLIP ViT-L/14-336 + ConvNeXt-L +
 # Llama-3-8B at random init, bf16_mixed, activation checkpointing of the LLM layers, AdamW
 # (stage 2: one rank's 1/8 slice); stage 1 micro-batch 16 (one 336² view, ConvNeXt 768²),
 # stage 2 micro-batch 1 over FILA's five canvases (5 warm-up steps: each canvas once).
-# Each run has a time limit, so the whole script ends within about 8 minutes.
+# Each run has a time limit, cut to what is left of BUDGET; a run without 20 s left is skipped.
 #
 # Usage (from the repository root; BIN_DIR holds a `--features cuda` build of `fila`, optionally `fila-train`):
 #   bash scripts/gpu_bench.sh BIN_DIR OUT_DIR
 # Dry run on a machine without a GPU (tiny size, CPU, f32; checks the script and both sides):
 #   bash scripts/gpu_bench.sh BIN_DIR OUT_DIR --device cpu --size tiny
 # Environment: STEPS1 / STEPS2 (timed steps, default 3 / 5), LIMIT_OURS / LIMIT_TORCH (seconds
-# per run, default 120 / 90: ours compiles and autotunes its kernels in the warm-up), PYTHON
-# (default python3).
+# per run, default 150 / 90: ours compiles and autotunes its kernels in the warm-up), BUDGET
+# (seconds for the whole script, default 480), PYTHON (default python3).
 set -u
 bin=$(cd "$1" && pwd)
 out=$(mkdir -p "$2" && cd "$2" && pwd)
@@ -35,8 +35,9 @@ cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 steps1=${STEPS1:-3}
 steps2=${STEPS2:-5}
-limit_ours=${LIMIT_OURS:-120}
+limit_ours=${LIMIT_OURS:-150}
 limit_torch=${LIMIT_TORCH:-90}
+budget=${BUDGET:-480}
 SECONDS=0
 
 # Both sides take the same flags; the size's defaults (bench.rs `BenchOptions::from_args`, bench_torch.py
@@ -59,6 +60,13 @@ export PYTHONUNBUFFERED=1
 run() {
   local name=$1 limit=$2
   shift 2
+  # 15 s stay for the table.
+  local left=$((budget - SECONDS - 15))
+  if [ "$left" -lt 20 ]; then
+    echo "== $name SKIPPED: ${left} s of the budget left" | tee -a "$out/runs.log"
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   local start=$SECONDS
   echo "== $name (limit ${limit} s): $*" | tee -a "$out/runs.log"
   timeout --kill-after=10 "$limit" "$@" > "$out/$name.out" 2> "$out/$name.err"
@@ -67,13 +75,18 @@ run() {
   cat "$out/$name.err" >> "$out/runs.log"
   tail -n 3 "$out/$name.err"
   rm -f "$out/$name.out" "$out/$name.err"
-  echo "   exit $rc after $((SECONDS - start)) s" | tee -a "$out/runs.log"
+  echo "   $name: exit $rc after $((SECONDS - start)) s" | tee -a "$out/runs.log"
 }
 
-for stage in 1 2; do
-  steps=$([ $stage = 1 ] && echo "$steps1" || echo "$steps2")
-  run "ours-stage$stage" "$limit_ours" "$bin/fila" bench --device "$device" --stage $stage --steps "$steps" "${common[@]}"
-  run "torch-stage$stage" "$limit_torch" "$py" scripts/bench_torch.py --device "$torch_device" --stage $stage --steps "$steps" "${common[@]}"
+for side in ours torch; do
+  for stage in 1 2; do
+    steps=$([ $stage = 1 ] && echo "$steps1" || echo "$steps2")
+    if [ $side = ours ]; then
+      run "ours-stage$stage" "$limit_ours" "$bin/fila" bench --device "$device" --stage $stage --steps "$steps" "${common[@]}"
+    else
+      run "torch-stage$stage" "$limit_torch" "$py" scripts/bench_torch.py --device "$torch_device" --stage $stage --steps "$steps" "${common[@]}"
+    fi
+  done
 done
 
 "$py" - "$out" "$size" "$device" <<'PY' | tee "$out/real-bench.md"
@@ -94,7 +107,7 @@ rows = [
     ("tokens/s (higher is better)", lambda s: s["tokens_per_s"], lambda x: f"{x:,.0f}"),
     ("samples/s", lambda s: s["samples_per_s"], lambda x: f"{x:.2f}"),
     ("step time, mean (lower is better)", lambda s: s["mean_s"], lambda x: f"{x:.3f} s"),
-    ("peak memory", lambda s: s["peak_memory_bytes"], gib),
+    ("peak memory reserved (driver total − free)", lambda s: s["peak_memory_bytes"], gib),
     ("MFU (recomputation counted)", lambda s: s["mfu"], pct),
     ("MFU without the recomputation", lambda s: s["mfu_without_recompute"], pct),
     ("TFLOP per step (same count)", lambda s: s["flops_per_step"]["total"] / 1e12, lambda x: f"{x:.3f}"),
@@ -128,27 +141,3 @@ for stage in (1, 2):
     print()
 PY
 echo "benchmark done after ${SECONDS} s"
-
-# The NCCL engine at world size 1 (scripts/cuda_check.sh, step 4), only with time to spare.
-if [ "$device" != cpu ] && [ -x "$bin/fila-train" ] && [ $SECONDS -lt 360 ]; then
-  data=datasets/synth/generated
-  [ -f "$data/tokenizer.json" ] || "$bin/fila" data synth --out "$data" --tile-size 56 > /dev/null
-  for mode in plain nccl; do
-    echo "== tiny synthetic stage 1 on $device, f32, collectives $mode"
-    if [ $mode = nccl ]; then export FILA_NCCL=1; else unset FILA_NCCL; fi
-    timeout 60 "$bin/fila-train" --config configs/tiny/synth-stage1.toml --set "device=\"$device\"" \
-      --set 'precision="f32"' --set "checkpoint.output_dir=\"$out/stage1-$mode\"" 2>&1 | tail -n 2
-  done
-  "$py" - "$out/stage1-plain/metrics.jsonl" "$out/stage1-nccl/metrics.jsonl" <<'PY'
-import json, sys
-try:
-    a, b = ([json.loads(l)["loss"] for l in open(p)] for p in sys.argv[1:3])
-except OSError as e:
-    sys.exit(f"NCCL check incomplete: {e}")
-worst = max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b)) if a and len(a) == len(b) else float("nan")
-print(f"NCCL vs plain: {len(a)} / {len(b)} steps, largest relative loss difference {worst:.3g}")
-PY
-  # Only the table and the JSON files come back (at most 8 files): drop the runs' folders.
-  rm -rf "$out/stage1-plain" "$out/stage1-nccl"
-fi
-echo "all done after ${SECONDS} s"

@@ -1,6 +1,6 @@
 //! `fila bench`: the time of training steps on random weights, for a speed baseline and for
 //! the PyTorch twin of the same presets (`scripts/bench_torch.py`; `scripts/bench_cpu_compare.py`
-//! and `scripts/gpu_bench.sh` run both alternately).
+//! runs both alternately, `scripts/gpu_bench.sh` one after the other).
 //!
 //! A step is what the trainer does per optimizer step with one micro-batch: the trainer's own
 //! forward and backward pass (`fila_train::recompute::forward_backward`, with activation
@@ -287,10 +287,13 @@ impl PeakMemory {
     }
 }
 
-/// Device memory in use on a CUDA GPU, sampled from another thread: Burn 0.21 / CubeCL 0.10 report
-/// the current pool use per stream (`ComputeClient::memory_usage`) but no peak, and their pools
-/// free pages on their own schedule, so the peak is read from the driver (`cuMemGetInfo`:
-/// total − free, the whole device as `nvidia-smi` shows it, the CUDA context included).
+/// Device memory reserved on a CUDA GPU, sampled from another thread: Burn 0.21 / CubeCL 0.10 report
+/// the current pool use per stream (`ComputeClient::memory_usage`) but no peak, so the peak is
+/// read from the driver (`cuMemGetInfo`: total − free, the whole device as `nvidia-smi` shows
+/// it, the CUDA context included). CubeCL's pools keep the pages they reserve, so this is
+/// reserved memory, like PyTorch's `max_memory_reserved` (plus the context), not what the
+/// tensors of a step occupy; the bench cleans the pools up after the warm-up to start from
+/// what is still in use.
 #[cfg(feature = "cuda")]
 mod cuda_memory {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -326,7 +329,7 @@ mod cuda_memory {
             self.stop.store(true, Ordering::Relaxed);
             match self.thread.join() {
                 Ok(Ok(peak)) => {
-                    (Some(peak), "device memory in use during the timed steps (total − free from the driver every 2 ms, CUDA context included)".into())
+                    (Some(peak), "device memory reserved during the timed steps (total − free from the driver every 2 ms: CubeCL's pools and the CUDA context included, like max_memory_reserved + context)".into())
                 }
                 Ok(Err(e)) => (None, format!("n/a ({e})")),
                 Err(_) => (None, "n/a (the sampling thread panicked)".into()),
@@ -511,6 +514,10 @@ pub fn run<B: AutodiffBackend>(options: BenchOptions, device: &B::Device) -> any
         say(line(i, &record, "warm-up"));
         warmup_s.push(record.seconds);
     }
+    // Pages the warm-up's pools no longer use go back first (CubeCL keeps them otherwise), so
+    // the peak below is the timed steps' own.
+    B::memory_cleanup(device);
+    B::sync(device).expect("device sync");
     let memory = PeakMemory::start(options.device);
     let kernels_before = fila_train::kernel_events::counts();
     let mut records = Vec::with_capacity(steps);

@@ -12,12 +12,14 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The checkout: `FILA_REPO_DIR` when set (test binaries run from another checkout), else the
+/// one they were built in.
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    std::env::var_os("FILA_REPO_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."), PathBuf::from).canonicalize().unwrap()
 }
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/eval")
+    root().join("crates/fila-cli/tests/fixtures/eval")
 }
 
 fn temp(name: &str) -> PathBuf {

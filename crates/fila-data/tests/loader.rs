@@ -264,7 +264,7 @@ fn inspect_prints_and_writes_tensors() {
 
 #[test]
 fn tiny_dataset_configs_are_clean() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/tiny");
+    let root = common::crate_dir().join("../../datasets/tiny");
     for (file, records, images) in [("stage1.toml", 8, 8), ("stage2.toml", 13, 12)] {
         let (p, r) = Pipeline::open(&root.join(file)).unwrap();
         let report = fila_data::check(&p, &r);

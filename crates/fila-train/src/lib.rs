@@ -9,6 +9,8 @@ pub mod batch;
 pub mod checkpoint;
 pub mod config;
 pub mod dist;
+#[cfg(feature = "cuda")]
+pub mod dylib;
 pub mod kernel_events;
 pub mod logging;
 pub mod optim;

@@ -131,7 +131,8 @@ pub fn shard_file(rank: usize, world: usize) -> String {
     }
 }
 
-/// The flat values of the trainable parameters of `model`, by layout index.
+/// The flat values of the trainable parameters of `model` in their own dtypes, by layout index
+/// (views: nothing is copied).
 fn flat_values<B: AutodiffBackend, M: Module<B>>(model: &M, layout: &FlatLayout) -> Vec<Option<Tensor<B::InnerBackend, 1>>> {
     struct Collect<'a, I: Backend> {
         layout: &'a FlatLayout,
@@ -142,7 +143,7 @@ fn flat_values<B: AutodiffBackend, M: Module<B>>(model: &M, layout: &FlatLayout)
             if let Ok(i) = self.layout.names.binary_search(&at.path()) {
                 let t = param.val().inner();
                 let n = t.shape().num_elements();
-                self.out[i] = Some(t.reshape([n]).cast(FloatDType::F32));
+                self.out[i] = Some(t.reshape([n]));
             }
         }
     }
@@ -202,7 +203,7 @@ impl<I: Backend> AdamW<I> {
         }
         let mut pieces = Vec::with_capacity(layout.buckets.len());
         for b in 0..layout.buckets.len() {
-            let bucket = layout.bucket_tensor(b, &|p| grads.get(&layout.names[p]).map(|g| g.clone().cast(FloatDType::F32)), &device);
+            let bucket = layout.bucket_tensor(b, &|p| grads.get(&layout.names[p]).cloned(), &device);
             pieces.push(comm.reduce_scatter(bucket)?);
         }
         let piece = if pieces.len() == 1 { pieces.pop().unwrap() } else { Tensor::cat(pieces, 0) };
@@ -248,15 +249,29 @@ impl<I: Backend> AdamW<I> {
             Some(flex) => flex.update_fused(same_type(grad), &present, &update),
             None => self.update_with_tensors(grad, &present, &update),
         }
+        Ok((self.write_back(model, comm)?, norm))
+    }
 
+    /// Puts the master values into `model`'s trainable parameters, in their own dtypes: each
+    /// rank's slice is all-gathered bucket by bucket and each bucket cast into parameters before
+    /// the next is gathered ([`FlatLayout::params_from_buckets`]). Besides the new parameters (the
+    /// old ones are freed as they are replaced) at most one f32 bucket is alive.
+    pub fn write_back<B, M>(&self, model: M, comm: &Comm) -> Result<M>
+    where
+        B: AutodiffBackend<InnerBackend = I>,
+        M: Module<B>,
+    {
         let layout = &self.layout;
-        let mut gathered = Vec::with_capacity(layout.buckets.len());
-        for bucket in &layout.buckets {
-            let piece = bucket.piece(layout.world);
-            gathered.push(comm.all_gather(self.master.clone().slice(bucket.at..bucket.at + piece))?);
-        }
-        let params = layout.params_from_buckets(gathered);
-        Ok((map_params(model, &mut SetValues::<B> { layout, params: params.into_iter().map(Some).collect() }), norm))
+        let dtypes: Vec<FloatDType> = flat_values::<B, M>(&model, layout)
+            .iter()
+            .enumerate()
+            .map(|(p, t)| t.as_ref().map(|t| t.dtype().into()).ok_or_else(|| anyhow!("trainable parameter `{}` is not in the model", layout.names[p])))
+            .collect::<Result<_>>()?;
+        let params = layout.params_from_buckets(&dtypes, |b| {
+            let bucket = &layout.buckets[b];
+            comm.all_gather(self.master.clone().slice(bucket.at..bucket.at + bucket.piece(layout.world)))
+        })?;
+        Ok(map_params(model, &mut SetValues::<B> { layout, params: params.into_iter().map(Some).collect() }))
     }
 
     /// The AdamW update of the slice from Burn's tensor ops (any backend).
@@ -566,7 +581,8 @@ fn shard_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     Ok(found.into_values().map(|(_, p)| p).collect())
 }
 
-/// Puts whole flat parameter values (layout order) back into the model as trainable parameters.
+/// Puts whole flat parameter values (layout order, in the parameters' dtypes) back into the
+/// model as trainable parameters.
 struct SetValues<'a, B: AutodiffBackend> {
     layout: &'a FlatLayout,
     params: Vec<Option<Tensor<B::InnerBackend, 1>>>,
@@ -581,8 +597,6 @@ impl<B: AutodiffBackend> PathMapper<B> for SetValues<'_, B> {
             return param;
         };
         let (id, tensor, mapper) = param.consume();
-        // The model keeps its own storage dtype (bf16 product weights under bf16_mixed).
-        let flat = flat.cast(FloatDType::from(tensor.dtype()));
         let value = Tensor::<B, D>::from_inner(flat.reshape(tensor.dims())).require_grad();
         Param::from_mapped_value(id, value, mapper)
     }

@@ -10,6 +10,7 @@
 
 use crate::trainable::TrainableSet;
 use burn::prelude::*;
+use burn::tensor::FloatDType;
 
 /// Elements per bucket (256 MiB of f32): bounds the extra memory of one collective.
 pub const BUCKET_ELEMENTS: usize = 1 << 26;
@@ -114,15 +115,15 @@ impl FlatLayout {
         out
     }
 
-    /// Bucket `b` as one padded flat tensor, built from each parameter's flat values
-    /// (`None`: zeros, e.g. a parameter that got no gradient).
+    /// Bucket `b` as one padded flat f32 tensor, built from each parameter's flat values in any
+    /// float dtype, cast run by run (`None`: zeros, e.g. a parameter that got no gradient).
     pub fn bucket_tensor<I: Backend>(&self, b: usize, value: &dyn Fn(usize) -> Option<Tensor<I, 1>>, device: &I::Device) -> Tensor<I, 1> {
         let bucket = &self.buckets[b];
         let mut parts = Vec::new();
         for (p, s, n, _) in self.runs(bucket.start, bucket.len) {
             parts.push(match value(p) {
-                Some(t) if s == 0 && n == self.numel(p) => t,
-                Some(t) => t.slice(s..s + n),
+                Some(t) if s == 0 && n == self.numel(p) => t.cast(FloatDType::F32),
+                Some(t) => t.slice(s..s + n).cast(FloatDType::F32),
                 None => Tensor::zeros([n], device),
             });
         }
@@ -132,27 +133,54 @@ impl FlatLayout {
         Tensor::cat(parts, 0)
     }
 
-    /// This rank's slice of flat values (no communication: every rank holds the full values).
+    /// This rank's slice of flat values as f32 (no communication: every rank holds the full
+    /// values), built from this rank's runs alone, each cast after it is cut and then joined
+    /// into one new tensor: no whole bucket, and no f32 copy of a whole parameter, is made.
     pub fn own_slice<I: Backend>(&self, value: &dyn Fn(usize) -> Option<Tensor<I, 1>>, device: &I::Device) -> Tensor<I, 1> {
-        let parts: Vec<Tensor<I, 1>> = (0..self.buckets.len())
-            .map(|b| {
-                let piece = self.buckets[b].piece(self.world);
-                self.bucket_tensor(b, value, device).slice(self.rank * piece..(self.rank + 1) * piece)
-            })
-            .collect();
+        let mut parts = Vec::with_capacity(2 * self.segments.len() + 1);
+        let mut at = 0;
+        for s in &self.segments {
+            if s.at > at {
+                parts.push(Tensor::zeros([s.at - at], device));
+            }
+            parts.push(match value(s.param) {
+                Some(t) => t.slice(s.start..s.start + s.len).cast(FloatDType::F32),
+                None => Tensor::zeros([s.len], device),
+            });
+            at = s.at + s.len;
+        }
+        if self.slice_len > at {
+            parts.push(Tensor::zeros([self.slice_len - at], device));
+        }
         Tensor::cat(parts, 0)
     }
 
-    /// Splits full gathered buckets back into whole flat parameters, in name order.
-    pub fn params_from_buckets<I: Backend>(&self, buckets: Vec<Tensor<I, 1>>) -> Vec<Tensor<I, 1>> {
-        let mut pieces: Vec<Vec<Tensor<I, 1>>> = vec![Vec::new(); self.names.len()];
-        for (b, t) in buckets.into_iter().enumerate() {
-            let bucket = &self.buckets[b];
-            for (p, _, n, off) in self.runs(bucket.start, bucket.len) {
-                pieces[p].push(t.clone().slice(off..off + n));
+    /// Whole flat parameters from the gathered buckets, one bucket at a time: `gather(b)` gives
+    /// bucket `b` in full (f32), whose runs are cast to the parameter's `dtypes` entry at once,
+    /// so at most one f32 bucket is alive besides the result (the parameters in their own
+    /// dtypes). A parameter split over buckets is joined when its last run arrives.
+    pub fn params_from_buckets<I: Backend, E>(
+        &self,
+        dtypes: &[FloatDType],
+        mut gather: impl FnMut(usize) -> Result<Tensor<I, 1>, E>,
+    ) -> Result<Vec<Tensor<I, 1>>, E> {
+        let mut done: Vec<Option<Tensor<I, 1>>> = vec![None; self.names.len()];
+        let mut partial: Vec<Vec<Tensor<I, 1>>> = vec![Vec::new(); self.names.len()];
+        for (b, bucket) in self.buckets.iter().enumerate() {
+            let full = gather(b)?;
+            for (p, start, n, off) in self.runs(bucket.start, bucket.len) {
+                let run = full.clone().slice(off..off + n).cast(dtypes[p]);
+                if start == 0 && n == self.numel(p) {
+                    done[p] = Some(run);
+                } else {
+                    partial[p].push(run);
+                    if start + n == self.numel(p) {
+                        done[p] = Some(Tensor::cat(std::mem::take(&mut partial[p]), 0));
+                    }
+                }
             }
         }
-        pieces.into_iter().map(|p| if p.len() == 1 { p.into_iter().next().unwrap() } else { Tensor::cat(p, 0) }).collect()
+        Ok(done.into_iter().map(|t| t.expect("every parameter lies in the buckets")).collect())
     }
 
     /// A per-element vector of the slice from a per-parameter value (padding gets `pad`).
@@ -215,7 +243,14 @@ mod tests {
         };
         let buckets: Vec<Tensor<Flex, 1>> = (0..l.buckets.len()).map(|b| l.bucket_tensor(b, &value, &dev)).collect();
         assert_eq!(buckets.iter().map(|b| b.dims()[0]).collect::<Vec<_>>(), vec![6, 6, 3]);
-        let params = l.params_from_buckets(buckets);
+        let mut asked = Vec::new();
+        let params = l
+            .params_from_buckets(&[FloatDType::F32; 3], |b| {
+                asked.push(b);
+                Ok::<_, ()>(buckets[b].clone())
+            })
+            .unwrap();
+        assert_eq!(asked, vec![0, 1, 2]);
         for (p, t) in params.into_iter().enumerate() {
             assert_eq!(t.into_data().to_vec::<f32>().unwrap(), value(p).unwrap().into_data().to_vec::<f32>().unwrap());
         }

@@ -184,7 +184,7 @@ fn tensorboard_scalars(dir: &Path) -> std::collections::BTreeMap<String, Vec<(i6
 fn sigint_finishes_the_step_checkpoints_and_exits_0() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_fila-train"))
+    let child = std::process::Command::new(common::binary())
         .arg("--config")
         .arg(tiny(1))
         .args(["--set", &format!("checkpoint.output_dir={}", out.display())])
@@ -221,7 +221,7 @@ fn sigkill_then_resume_goes_on_from_the_last_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let (killed, straight) = (tmp.path().join("killed"), tmp.path().join("straight"));
     let sets = ["train.max_steps=6", "checkpoint.every_steps=2", "checkpoint.keep_last=0", "schedule.warmup_steps=0"];
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_fila-train"));
+    let mut cmd = std::process::Command::new(common::binary());
     cmd.arg("--config").arg(tiny(1)).args(["--set", &format!("checkpoint.output_dir={}", killed.display())]);
     for s in sets {
         cmd.args(["--set", s]);

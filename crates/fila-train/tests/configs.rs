@@ -26,6 +26,30 @@ fn every_config_parses_and_validates() {
     assert_eq!(found, 6);
 }
 
+/// A test binary built here and run from another checkout (a GPU machine's) finds the files
+/// through `FILA_REPO_DIR`: the config test passes reading a checkout elsewhere, and fails when
+/// that variable names a folder without configs (so the variable, not the build path, is used).
+#[test]
+fn the_checkout_is_found_through_fila_repo_dir() {
+    if std::env::var_os("FILA_REPO_DIR").is_some() {
+        return; // one of the runs below
+    }
+    let run = |dir: &std::path::Path| {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "every_config_parses_and_validates"])
+            .env("FILA_REPO_DIR", dir)
+            .output()
+            .unwrap()
+    };
+    let elsewhere = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(repo().join("configs"), elsewhere.path().join("configs")).unwrap();
+    let out = run(elsewhere.path());
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("1 passed"), "{out:?}");
+    let empty = tempfile::tempdir().unwrap();
+    let out = run(empty.path());
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stdout).contains("1 failed"), "{out:?}");
+}
+
 #[test]
 fn plan_counts_the_trainable_parameters() {
     let loaded = LoadedConfig::load(&tiny(1), &[]).unwrap();

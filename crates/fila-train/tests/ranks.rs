@@ -35,7 +35,7 @@ fn launched(n: usize, config: &Path, out: &Path, sets: &[&str], extra: &[&str]) 
 
 /// Rank `rank` of `world` started by hand with torchrun's variables.
 fn rank_process(rank: usize, world: usize, port: u16, config: &Path, out: &Path, sets: &[&str], timeout_s: &str) -> Child {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fila-train"));
+    let mut cmd = Command::new(common::binary());
     cmd.arg("--config").arg(config).arg("--set").arg(format!("checkpoint.output_dir={}", out.display()));
     for s in sets {
         cmd.arg("--set").arg(s);

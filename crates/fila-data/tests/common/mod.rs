@@ -5,8 +5,14 @@ use std::path::{Path, PathBuf};
 
 use fila_data::DataConfig;
 
+/// This crate's folder, in the checkout `FILA_REPO_DIR` when set (test binaries built in one
+/// checkout and run from another).
+pub fn crate_dir() -> PathBuf {
+    std::env::var_os("FILA_REPO_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), |d| PathBuf::from(d).join("crates/fila-data"))
+}
+
 pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    crate_dir().join("tests/fixtures")
 }
 
 pub fn tokenizer_path() -> PathBuf {

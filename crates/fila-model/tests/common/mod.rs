@@ -31,8 +31,11 @@ pub const TOL: f32 = 1e-4;
 #[cfg(feature = "cuda")]
 pub const TOL: f32 = 1e-2;
 
+/// `tests/fixtures/<name>` of this crate, in the checkout `FILA_REPO_DIR` when set (test binaries
+/// built in one checkout and run from another, e.g. on a GPU machine).
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    let dir = std::env::var_os("FILA_REPO_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), |d| PathBuf::from(d).join("crates/fila-model"));
+    dir.join("tests/fixtures").join(name)
 }
 
 pub struct Reference(Checkpoint);

@@ -6,8 +6,9 @@
 //! rank gets the same bits and a run is deterministic for a given world size. Small host values
 //! (losses, token counts, cursors, flags) always travel over TCP.
 //!
-//! With the `cuda` feature and CUDA tensors, the tensor collectives run on NCCL instead
-//! ([`super::nccl`]), on the GPU memory itself.
+//! With the `cuda` feature, a run on CUDA with several ranks (or `FILA_NCCL=1`) runs the tensor
+//! collectives on NCCL instead ([`super::nccl`]), on the GPU memory itself; a tensor NCCL cannot
+//! reach is then an error, never a silent fall back to TCP.
 //!
 //! Faults never hang: a rank that exits is seen at once (its socket closes), one that stops
 //! answering after the timeout (`FILA_DIST_TIMEOUT`, seconds), and the first rank to see a
@@ -94,6 +95,9 @@ impl Comm {
         }
         #[cfg(feature = "cuda")]
         {
+            // The driver, device and toolkit first: a machine without them gets the error that
+            // names what is missing (cudarc panics on a missing driver library).
+            crate::backend::cuda_preflight(ordinal)?;
             let nccl = super::nccl::Nccl::connect(self.world.rank, self.world.size, ordinal, self.timeout, |mine| Ok(self.exchange(&mine)?.swap_remove(0)))?;
             self.nccl = Some(nccl);
         }
@@ -187,8 +191,8 @@ impl Comm {
     /// The sum over ranks of a flat tensor, on every rank.
     pub fn all_reduce<I: Backend>(&self, t: Tensor<I, 1>) -> Result<Tensor<I, 1>> {
         #[cfg(feature = "cuda")]
-        if let Some(out) = self.nccl.as_ref().map(|n| n.all_reduce(&t)).transpose()?.flatten() {
-            return Ok(out);
+        if let Some(nccl) = &self.nccl {
+            return nccl.all_reduce(&t);
         }
         let n = t.dims()[0];
         self.reduce_and_share(t, |_| 0..n)
@@ -197,12 +201,13 @@ impl Comm {
     /// Sums a flat tensor over ranks and keeps this rank's slice: rank r gets elements
     /// `[r·n/W, (r+1)·n/W)`. `n` must be a multiple of the world size.
     pub fn reduce_scatter<I: Backend>(&self, t: Tensor<I, 1>) -> Result<Tensor<I, 1>> {
-        #[cfg(feature = "cuda")]
-        if let Some(out) = self.nccl.as_ref().map(|n| n.reduce_scatter(&t)).transpose()?.flatten() {
-            return Ok(out);
-        }
         let (n, w) = (t.dims()[0], self.world.size);
+        // NCCL would drop the tail silently.
         assert_eq!(n % w, 0, "reduce_scatter of {n} elements over {w} ranks");
+        #[cfg(feature = "cuda")]
+        if let Some(nccl) = &self.nccl {
+            return nccl.reduce_scatter(&t);
+        }
         let k = n / w;
         self.reduce_and_share(t, |r| r * k..(r + 1) * k)
     }
@@ -231,8 +236,8 @@ impl Comm {
     pub fn all_gather<I: Backend>(&self, t: Tensor<I, 1>) -> Result<Tensor<I, 1>> {
         let w = self.world.size;
         #[cfg(feature = "cuda")]
-        if let Some(out) = self.nccl.as_ref().map(|n| n.all_gather(&t)).transpose()?.flatten() {
-            return Ok(out);
+        if let Some(nccl) = &self.nccl {
+            return nccl.all_gather(&t);
         }
         if w == 1 {
             return Ok(t);
@@ -253,8 +258,8 @@ impl Comm {
         let (w, me) = (self.world.size, self.world.rank);
         assert!(root < w, "broadcast from rank {root} in a world of {w}");
         #[cfg(feature = "cuda")]
-        if let Some(out) = self.nccl.as_ref().map(|n| n.broadcast(&t, root)).transpose()?.flatten() {
-            return Ok(out);
+        if let Some(nccl) = &self.nccl {
+            return nccl.broadcast(&t, root);
         }
         if w == 1 {
             return Ok(t);
@@ -594,6 +599,22 @@ mod tests {
             assert_eq!(scat, vec![3.0 * i + 3.0, 3.0 * (i + 1.0) + 3.0]);
             assert_eq!(gath, vec![0.0, 0.5, 1.0, 1.5, 2.0, 2.5]);
             assert_eq!(f, vec![3.0, 3.0]);
+        }
+    }
+
+    /// A length that does not split evenly stops every rank before anything is sent (NCCL's
+    /// reduce-scatter would drop the tail silently; the check comes before either engine).
+    #[test]
+    fn reduce_scatter_refuses_a_length_that_does_not_split() {
+        let out = ranks(2, same(2), |c| {
+            let c = c.unwrap();
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.reduce_scatter(t(vec![1.0; 5]))))
+                .map(|_| ())
+                .map_err(|p| p.downcast_ref::<String>().cloned().unwrap_or_default())
+        });
+        for r in out {
+            let e = r.unwrap_err();
+            assert!(e.contains("reduce_scatter of 5 elements over 2 ranks"), "{e}");
         }
     }
 

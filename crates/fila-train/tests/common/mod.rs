@@ -8,8 +8,18 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The checkout the tests read configs and data from: `FILA_REPO_DIR` when set (test binaries
+/// built in one checkout and run from another, e.g. on a GPU machine), else the one they were
+/// built in.
 pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    let dir = std::env::var_os("FILA_REPO_DIR").map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."), PathBuf::from);
+    dir.canonicalize().unwrap_or_else(|e| panic!("the checkout {}: {e} (set FILA_REPO_DIR to the repository root)", dir.display()))
+}
+
+/// The `fila-train` binary: `$FILA_BIN_DIR/fila-train` when set (test binaries run away from
+/// their build folder), else the one Cargo built with the tests.
+pub fn binary() -> PathBuf {
+    std::env::var_os("FILA_BIN_DIR").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_fila-train")), |d| PathBuf::from(d).join("fila-train"))
 }
 
 pub fn tiny(stage: u8) -> PathBuf {
@@ -18,7 +28,7 @@ pub fn tiny(stage: u8) -> PathBuf {
 
 /// Runs the binary; `sets` are `--set` overrides, `extra` more arguments.
 pub fn fila_train(config: &Path, out: &Path, sets: &[&str], extra: &[&str]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fila-train"));
+    let mut cmd = Command::new(binary());
     cmd.arg("--config").arg(config).arg("--set").arg(format!("checkpoint.output_dir={}", out.display()));
     for s in sets {
         cmd.arg("--set").arg(s);
