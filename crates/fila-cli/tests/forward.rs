@@ -131,15 +131,29 @@ fn read_all(file: &Path) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<
 
 /// The same forward on Burn's wgpu backend (CI: Mesa's software Vulkan driver) gives the CPU's
 /// named tensors within 1e-4 of each tensor's largest value: both compute in f32, the GPU kernels
-/// in another summation order.
+/// in another summation order. The whole model comes from one FILA checkpoint (fresh parameters
+/// are drawn by each backend's own generator, so the config's random projector and LLM would
+/// differ between devices).
 #[cfg(feature = "wgpu")]
 #[test]
 fn forward_on_wgpu_gives_the_cpu_tensors() {
+    use fila_model::fila::Fila;
     let dir = temp("wgpu");
-    let config = write_config(&dir, 56);
+    let components = write_config(&dir, 56);
+    let text = std::fs::read_to_string(&components).unwrap();
+    let table: toml::Table = toml::from_str(&text).unwrap();
+    let spec: fila_model::spec::ModelSpec = table["model"].clone().try_into().unwrap();
+    let (config, source) = spec.resolve(&dir).unwrap();
+    let model = Fila::<burn::backend::Flex>::load(&config, &source, &Default::default()).unwrap();
+    let tokenizer = root().join("crates/fila-data/tests/fixtures/tokenizer.json");
+    let final_dir = fila_train::checkpoint::export_final(&dir, &model, &config, &tokenizer, &text).unwrap();
+    let data = &text[text.find("[data]").unwrap()..];
+    let whole = dir.join("whole.toml");
+    std::fs::write(&whole, format!("[model]\ncheckpoint = \"{}\"\n\n{data}", final_dir.display())).unwrap();
+
     let (cpu, gpu) = (dir.join("cpu.safetensors"), dir.join("wgpu.safetensors"));
-    forward(&config, &cpu, &["--device", "cpu"]);
-    forward(&config, &gpu, &["--device", "wgpu"]);
+    forward(&whole, &cpu, &["--device", "cpu"]);
+    forward(&whole, &gpu, &["--device", "wgpu"]);
     let (cpu, gpu) = (read_all(&cpu), read_all(&gpu));
     assert_eq!(cpu.keys().collect::<Vec<_>>(), gpu.keys().collect::<Vec<_>>());
     for (name, (shape, expected)) in &cpu {

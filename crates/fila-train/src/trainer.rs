@@ -265,7 +265,7 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
         let root = world.is_root();
         let out = c.checkpoint.output_dir.clone();
         if root {
-            eprintln!("precision: {}", c.precision.effective_note());
+            eprintln!("device: {}; precision: {}", c.device, c.precision.effective_note());
             if let Some(note) = c.precision.device_note(c.device) {
                 eprintln!("note: {note}");
             }

@@ -35,32 +35,51 @@ fn assert_close(what: &str, cpu: &BTreeMap<u64, f64>, gpu: &BTreeMap<u64, f64>) 
     }
 }
 
+/// `configs/tiny/stage1.toml` starting from the FILA checkpoint `init` instead of fresh
+/// parameters (each backend draws its own from the seed), with its paths made absolute.
+fn stage1_from(init: &std::path::Path, dir: &std::path::Path) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(tiny(1)).unwrap();
+    let (head, rest) = text.split_once("[model]").unwrap();
+    let data = &rest[rest.find("[data]").unwrap()..];
+    let text = format!("{head}[model]\ncheckpoint = \"{}\"\n\n{data}", init.display()).replace("\"../../", &format!("\"{}/", repo().display()));
+    let path = dir.join("stage1-from-checkpoint.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 #[test]
 fn tiny_stages_on_wgpu_follow_the_cpu_and_resume() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = |name: &str| tmp.path().join(name);
-    let cpu = with(FOUR_STEPS, &["device=\"cpu\""]);
-    let gpu = with(FOUR_STEPS, &["device=\"wgpu\""]);
+    let cpu = with(FOUR_STEPS, &["device=cpu"]);
+    let gpu = with(FOUR_STEPS, &["device=wgpu"]);
+    // The starting point of both backends: four CPU steps of stage 1, exported.
+    run(1, &dir("init"), &cpu, &[]);
+    let stage1 = stage1_from(&dir("init").join("final"), tmp.path());
+    let run1 = |out: &std::path::Path, sets: &[String], extra: &[&str]| {
+        let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        ok(&fila_train(&stage1, out, &sets, extra))
+    };
 
     // Stage 1: the same four steps on both backends.
-    run(1, &dir("cpu1"), &cpu, &[]);
-    let text = run(1, &dir("gpu1"), &gpu, &[]);
-    assert!(text.contains("wgpu"), "the run names its device:\n{text}");
+    run1(&dir("cpu1"), &cpu, &[]);
+    let text = run1(&dir("gpu1"), &gpu, &[]);
+    assert!(text.contains("device: wgpu;"), "the run names its device:\n{text}");
     let gpu1 = losses(&dir("gpu1"));
     assert_close("stage 1", &losses(&dir("cpu1")), &gpu1);
     assert!(gpu1[&4] < gpu1[&1], "the wgpu run trains: {gpu1:?}");
 
     // Stopped after two steps on wgpu and resumed there: the uninterrupted run's losses.
-    run(1, &dir("split"), &gpu, &["--stop-after", "2"]);
-    let text = run(1, &dir("split"), &gpu, &["--resume"]);
+    run1(&dir("split"), &gpu, &["--stop-after", "2"]);
+    let text = run1(&dir("split"), &gpu, &["--resume"]);
     assert!(text.contains("resumed from") && text.contains("at step 2"), "{text}");
     assert_close("stage 1 resumed", &gpu1, &losses(&dir("split")));
 
-    // Stage 2 (everything trained, tiled images) from the wgpu stage 1's export, on both backends.
-    let init = format!("model.checkpoint=\"{}\"", dir("gpu1").join("final").display());
+    // Stage 2 (everything trained, tiled images) from the same export, on both backends.
+    let init = format!("model.checkpoint={}", dir("init").join("final").display());
     let stage2 =
         |device: &'static str| with(&["train.max_steps=3", "schedule.warmup_steps=0"], &[device]).into_iter().chain([init.clone()]).collect::<Vec<_>>();
-    run(2, &dir("cpu2"), &stage2("device=\"cpu\""), &[]);
-    run(2, &dir("gpu2"), &stage2("device=\"wgpu\""), &[]);
+    run(2, &dir("cpu2"), &stage2("device=cpu"), &[]);
+    run(2, &dir("gpu2"), &stage2("device=wgpu"), &[]);
     assert_close("stage 2", &losses(&dir("cpu2")), &losses(&dir("gpu2")));
 }
