@@ -17,7 +17,7 @@ use burn::prelude::*;
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::TensorData;
-use common::Dev;
+use common::{random, Dev};
 use fila_model::attention::{attention, attention_with, AttentionConfig, AttentionMask};
 use fila_model::autocast::{with_compute, Compute};
 
@@ -25,19 +25,6 @@ use fila_model::autocast::{with_compute, Compute};
 const TOL: f32 = 1e-5;
 #[cfg(feature = "cuda")]
 const TOL: f32 = 1e-2;
-
-/// Deterministic values in [-2, 2) from a 64-bit LCG, so failures reproduce.
-fn random<B: Backend, const D: usize>(shape: [usize; D], seed: u64) -> Tensor<B, D> {
-    let n: usize = shape.iter().product();
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    let values: Vec<f32> = (0..n)
-        .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
-        })
-        .collect();
-    Tensor::from_data(TensorData::new(values, shape), &Default::default())
-}
 
 /// Which keys each query may see in a case.
 #[derive(Clone, Debug)]

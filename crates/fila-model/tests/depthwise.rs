@@ -20,6 +20,7 @@ use burn::nn::PaddingConfig2d;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, TensorData};
+use common::random;
 use fila_model::autocast::{with_compute, Compute};
 use fila_model::kernels::{self, depthwise, reference};
 
@@ -49,19 +50,6 @@ const CASES: [Case; 5] = [
     // Padding k − 1: the output is larger than the input, the input gradient needs no padding.
     Case { n: 1, h: 6, w: 8, c: 3, k: 5, pad: 4 },
 ];
-
-/// Deterministic values in [-2, 2) from a 64-bit LCG, the same on every backend.
-fn random<B: Backend, const D: usize>(shape: [usize; D], seed: u64) -> Tensor<B, D> {
-    let n: usize = shape.iter().product();
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    let values: Vec<f32> = (0..n)
-        .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
-        })
-        .collect();
-    Tensor::from_data(TensorData::new(values, shape), &Default::default())
-}
 
 /// Which inputs are leaves that want a gradient.
 #[derive(Debug, Clone, Copy)]
