@@ -7,7 +7,7 @@ pub use crate::convnext::ConvNextLayout;
 use crate::hybrid_encoder::{HybridConfig, HybridEncoder, ImageInput, Trace};
 use crate::llama::{KvCache, LlamaConfig, LlamaForCausalLM};
 use crate::projector::{Projector, ProjectorKind};
-use crate::weights::{load_module, named_tensors, Checkpoint, KeyMap};
+use crate::weights::{load_module, named_sources, named_tensors, Checkpoint, KeyMap, TensorSource};
 use crate::ModelError;
 use burn::module::Module;
 use burn::prelude::*;
@@ -191,6 +191,12 @@ impl<B: Backend> Fila<B> {
     /// All parameters under FILA checkpoint names, in PyTorch layout.
     pub fn named_tensors(&self) -> Vec<(String, TensorData)> {
         named_tensors::<B, _>(self, &fila_key_map(), "")
+    }
+
+    /// [`Fila::named_tensors`] of the parameters whose Burn path `keep` accepts, as sources read
+    /// one at a time while a file is written ([`crate::weights::write_safetensors_from`]).
+    pub fn named_sources(&self, keep: &dyn Fn(&str) -> bool) -> Vec<TensorSource<'static>> {
+        named_sources::<B, _>(self, &fila_key_map(), "", keep)
     }
 
     /// Visual tokens for the images, `[Σ tokens, text_dim]`, and the projector input.

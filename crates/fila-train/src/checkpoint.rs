@@ -17,10 +17,9 @@ use crate::trainable::TrainableSet;
 use anyhow::{anyhow, bail, Context, Result};
 use burn::module::Param;
 use burn::prelude::*;
-use burn::tensor::TensorData;
 use fila_data::{BadRecordCounts, DataCursor};
 use fila_model::fila::{Fila, FilaConfig};
-use fila_model::weights::{map_params, visit_params, with_value, write_safetensors, Checkpoint, ParamPath, PathMapper, PathVisitor};
+use fila_model::weights::{map_params, visit_params, with_value, write_safetensors_from, Checkpoint, ParamPath, PathMapper, PathVisitor, TensorSource};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -102,17 +101,18 @@ pub fn latest(output_dir: &Path) -> Option<PathBuf> {
     list(output_dir).pop().map(|(_, p)| p)
 }
 
-/// Trainable parameters by path, in Burn layout.
-fn trainable_tensors<B: Backend>(model: &Fila<B>, set: &TrainableSet) -> Vec<(String, TensorData)> {
+/// Trainable parameters by path, in Burn layout, read one at a time as the file is written.
+fn trainable_tensors<B: Backend>(model: &Fila<B>, set: &TrainableSet) -> Vec<TensorSource<'static>> {
     struct Collect<'a> {
         set: &'a TrainableSet,
-        out: Vec<(String, TensorData)>,
+        out: Vec<TensorSource<'static>>,
     }
     impl<B: Backend> PathVisitor<B> for Collect<'_> {
         fn visit<const D: usize>(&mut self, at: &ParamPath, param: &Param<Tensor<B, D>>) {
             let path = at.path();
             if self.set.contains(&path) {
-                self.out.push((path, param.val().to_data()));
+                let value = param.val();
+                self.out.push(TensorSource::new(path, value.dims().to_vec(), move || value.to_data()));
             }
         }
     }
@@ -149,7 +149,7 @@ impl CheckpointWriter<'_> {
             std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
             optimizer.save(&tmp)?;
             if world.is_root() {
-                write_safetensors(&tmp.join(WEIGHTS_FILE), &trainable_tensors(model, set), None).map_err(|e| anyhow!("{e}"))?;
+                write_safetensors_from(&tmp.join(WEIGHTS_FILE), trainable_tensors(model, set), None).map_err(|e| anyhow!("{e}"))?;
                 std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(state)?)?;
                 std::fs::write(tmp.join(CONFIG_FILE), &self.config_toml)?;
             }
@@ -276,7 +276,7 @@ pub fn export_final<B: Backend>(output_dir: &Path, model: &Fila<B>, config: &Fil
         std::fs::remove_dir_all(&tmp)?;
     }
     std::fs::create_dir_all(&tmp)?;
-    write_safetensors(&tmp.join("model.safetensors"), &model.named_tensors(), None).map_err(|e| anyhow!("{e}"))?;
+    write_safetensors_from(&tmp.join("model.safetensors"), model.named_sources(&|_| true), None).map_err(|e| anyhow!("{e}"))?;
     std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(config)?)?;
     std::fs::copy(tokenizer, tmp.join("tokenizer.json")).with_context(|| format!("copying {}", tokenizer.display()))?;
     std::fs::write(tmp.join("run.toml"), run_config)?;

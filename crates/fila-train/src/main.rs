@@ -30,6 +30,10 @@ struct Cli {
     /// Ranks the plan assumes (default: the launcher's WORLD_SIZE / SLURM_NTASKS, else 1).
     #[arg(long, value_name = "N", requires = "plan")]
     world_size: Option<usize>,
+    /// Print each step's heap use by phase (forward segments, loss, backward, optimizer) and the
+    /// process's peak resident set, to check `--plan` against (docs/memory-plan.md).
+    #[arg(long)]
+    profile_memory: bool,
     /// Check the config and exit.
     #[arg(long)]
     check: bool,
@@ -41,6 +45,9 @@ struct Cli {
     #[arg(long, value_name = "N")]
     nproc_per_node: Option<usize>,
 }
+
+#[global_allocator]
+static HEAP: fila_train::alloc::Counting = fila_train::alloc::Counting;
 
 fn main() {
     fila_train::alloc::keep_freed_memory();
@@ -78,8 +85,14 @@ fn real_main(world: Result<World>) -> Result<()> {
     let mut comm = Comm::connect(world, &fingerprint, Comm::timeout_from_env()?)?;
     let device = loaded.config.device.for_local_rank(comm.world().local_rank, comm.world().size);
     comm.use_gpu(device)?;
+    if cli.profile_memory {
+        fila_train::alloc::profile_phases();
+    }
     let options = RunOptions { resume, stop_after: cli.stop_after };
     let result = dispatch(device, Train { loaded, options, comm: &comm });
+    if let (true, Some(rss)) = (cli.profile_memory, fila_train::alloc::peak_rss_bytes()) {
+        eprintln!("memory run: peak RSS {:.1} MiB (checkpoints and the final export included)", rss as f64 / (1u64 << 20) as f64);
+    }
     if let Err(e) = &result {
         comm.abort(&format!("{e:#}"));
     }

@@ -22,7 +22,7 @@ use burn::module::{Module, Param};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{FloatDType, TensorData};
-use fila_model::weights::{map_params, visit_params, write_safetensors, Checkpoint, ParamPath, PathMapper, PathVisitor};
+use fila_model::weights::{map_params, visit_params, write_safetensors_from, Checkpoint, ParamPath, PathMapper, PathVisitor, TensorSource};
 use std::any::Any;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -107,10 +107,7 @@ pub struct AdamW<I: Backend> {
     master: Tensor<I, 1>,
     exp_avg: Tensor<I, 1>,
     exp_avg_sq: Tensor<I, 1>,
-    /// Per element of the slice: the parameter's LR multiplier, and 1 where weight decay applies.
-    lr_multiplier: Tensor<I, 1>,
-    decays: Tensor<I, 1>,
-    /// The same per parameter (layout order), for the fused CPU update.
+    /// Per parameter (layout order): its LR multiplier and whether weight decay applies.
     param_lr_multiplier: Vec<f32>,
     param_decays: Vec<bool>,
     /// The step's gradient slice so far (summed over micro-batches and ranks), and which
@@ -168,8 +165,6 @@ impl<I: Backend> AdamW<I> {
     fn with_master(config: OptimizerConfig, set: &TrainableSet, layout: FlatLayout, master: Tensor<I, 1>) -> Self {
         let device = master.device();
         let info = |p: usize| &set.params[&layout.names[p]];
-        let lr_multiplier = layout.per_element(|p| info(p).lr_multiplier as f32, 0.0, &device);
-        let decays = layout.per_element(|p| if info(p).decay { 1.0 } else { 0.0 }, 0.0, &device);
         let param_lr_multiplier = (0..layout.names.len()).map(|p| info(p).lr_multiplier as f32).collect();
         let param_decays = (0..layout.names.len()).map(|p| info(p).decay).collect();
         let zeros = Tensor::zeros([layout.slice_len], &device);
@@ -181,8 +176,6 @@ impl<I: Backend> AdamW<I> {
             master,
             exp_avg: zeros.clone(),
             exp_avg_sq: zeros,
-            lr_multiplier,
-            decays,
             param_lr_multiplier,
             param_decays,
             grad: None,
@@ -201,16 +194,17 @@ impl<I: Backend> AdamW<I> {
         for (p, name) in layout.names.iter().enumerate() {
             self.has_grad[p] |= grads.contains_key(name);
         }
-        let mut pieces = Vec::with_capacity(layout.buckets.len());
-        for b in 0..layout.buckets.len() {
-            let bucket = layout.bucket_tensor(b, &|p| grads.get(&layout.names[p]).cloned(), &device);
-            pieces.push(comm.reduce_scatter(bucket)?);
+        // Each bucket's reduced piece is added into its range of the slice at once (in place where
+        // the backend can), so besides the slice and the gradients one bucket is alive.
+        let first = self.grad.is_none();
+        let mut sum = self.grad.take().unwrap_or_else(|| Tensor::zeros([layout.slice_len], &device));
+        for (b, bucket) in layout.buckets.iter().enumerate() {
+            let piece = comm.reduce_scatter(layout.bucket_tensor(b, &|p| grads.get(&layout.names[p]).cloned(), &device))?;
+            let range = bucket.at..bucket.at + piece.dims()[0];
+            let piece = if first { piece } else { sum.clone().slice(range.clone()) + piece };
+            sum = sum.slice_assign(range, piece);
         }
-        let piece = if pieces.len() == 1 { pieces.pop().unwrap() } else { Tensor::cat(pieces, 0) };
-        self.grad = Some(match self.grad.take() {
-            Some(sum) => sum + piece,
-            None => piece,
-        });
+        self.grad = Some(sum);
         Ok(())
     }
 
@@ -280,10 +274,14 @@ impl<I: Backend> AdamW<I> {
             Some(coef) => grad.mul_scalar(coef),
             None => grad,
         };
-        let lr_vec = self.lr_multiplier.clone().mul_scalar(u.lr);
+        // The per-element LR multipliers and weight-decay mask, filled on the device for this update
+        // only (the fused CPU update reads the per-parameter values).
+        let device = self.master.device();
+        let lr_vec = self.layout.per_element(|p| self.param_lr_multiplier[p], 0.0, &device).mul_scalar(u.lr);
         let mut p = self.master.clone();
         if u.weight_decay > 0.0 {
-            let factor = (lr_vec.clone() * self.decays.clone()).mul_scalar(-u.weight_decay).add_scalar(1.0);
+            let decays = self.layout.per_element(|p| if self.param_decays[p] { 1.0 } else { 0.0 }, 0.0, &device);
+            let factor = (lr_vec.clone() * decays).mul_scalar(-u.weight_decay).add_scalar(1.0);
             p = p * factor;
         }
         let m = self.exp_avg.clone().mul_scalar(u.beta1) + grad.clone().mul_scalar(u.one_minus_beta1);
@@ -305,19 +303,19 @@ impl<I: Backend> AdamW<I> {
     /// parameter run of the slice (`…@<start>` when the run is part of the parameter), the step
     /// count in the metadata.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        let mut tensors = Vec::with_capacity(2 * self.layout.segments.len());
+        let mut sources = Vec::with_capacity(3 * self.layout.segments.len());
         for s in &self.layout.segments {
             let name = &self.layout.names[s.param];
             let key = if s.start == 0 && s.len == self.layout.numel(s.param) { name.clone() } else { format!("{name}@{}", s.start) };
             let kinds = [("exp_avg", &self.exp_avg), ("exp_avg_sq", &self.exp_avg_sq), ("master", &self.master)];
             for (kind, t) in kinds.into_iter().take(if self.master_in_checkpoint { 3 } else { 2 }) {
-                tensors.push((format!("{kind}.{key}"), t.clone().slice(s.at..s.at + s.len).to_data()));
+                sources.push(TensorSource::new(format!("{kind}.{key}"), vec![s.len], move || t.clone().slice(s.at..s.at + s.len).to_data()));
             }
         }
         let mut meta = HashMap::new();
         meta.insert("step".to_string(), self.step.to_string());
         let path = dir.join(shard_file(self.layout.rank, self.layout.world));
-        write_safetensors(&path, &tensors, Some(meta)).map_err(|e| anyhow!("{e}"))
+        write_safetensors_from(&path, sources, Some(meta)).map_err(|e| anyhow!("{e}"))
     }
 
     /// Reads the optimizer shards of checkpoint `dir`, written at any world size, and keeps this

@@ -1,11 +1,16 @@
 //! `--plan`: memory per device for the configured stage, batch and precision, computed from the
 //! configs alone (no tensor is allocated).
 //!
-//! Activations are an estimate: per transformer layer and token, the tensors its backward pass
-//! keeps ([`layer_bytes`]), ConvNeXt blocks ~12 maps of their stage size, plus the logits, their
-//! log-softmax and gradient for every position. With `train.activation_checkpointing` the LLM keeps one f32 hidden state per
-//! layer, one layer's activations and one chunk of logits ([`crate::recompute`]). Frozen parts
-//! before the first trainable one record nothing (autodiff tracks no tensor there).
+//! The plan is what stays for the run (weights, master values, AdamW moments) plus the larger of a
+//! step's two transient phases: the forward and backward pass (one backward's gradients, the f32
+//! gradient slice, the activations) or the update (the slice and the update's temporaries), plus
+//! the allocator's and process's overhead. Activations: per transformer layer and token, the
+//! tensors its backward pass keeps ([`layer_bytes`], trainable and frozen layers apart),
+//! ConvNeXt blocks ~12 maps of their stage size, plus the loss's logits, their log-softmax and
+//! gradient. With `train.activation_checkpointing` the LLM keeps one f32 hidden state per layer,
+//! then one loss chunk or one layer's activations at a time ([`crate::recompute`]). Frozen parts
+//! before the first trainable one record nothing (autodiff tracks no tensor there). The CPU
+//! profile (`fila-train --profile-memory`, [`crate::alloc`]) checks it (tests/memory_plan.rs).
 
 use crate::config::LoadedConfig;
 use crate::trainable::apply_trainable;
@@ -32,21 +37,28 @@ enum Block {
 }
 
 /// Activation bytes one token keeps for the backward pass in one transformer layer (hidden size
-/// `h`, key/value width `kv`, MLP width `i`), counted from what the layer's operations save: the
-/// f32 residual stream into both norms and their outputs, q, k, v (after RoPE) and the attention
-/// output (the attention op recomputes the scores, `fila_model::attention`), the output
-/// projection's input, and the MLP's hidden activations (Llama: gate, up, SiLU(gate) and their
-/// product plus the gate's sigmoid, 5·i; CLIP: fc1's output and GELU's, 3·i with the GELU
-/// input). Under `bf16_mixed` the products also keep the bf16 copies of their inputs. On the CPU,
-/// a 6-layer Llama (h 512) in f32 measured within a few percent of this (docs/memory-plan.md).
-fn layer_bytes(h: usize, kv: usize, i: usize, block: Block, p: crate::precision::Precision) -> f64 {
+/// `h`, key/value width `kv`, MLP width `i`), counted from what the layer's operations save (the
+/// layer's input is the previous layer's output, counted there):
+/// - a layer whose weights train: both norms' outputs and the second norm's input (the residual
+///   stream after attention), q after RoPE, k, v and the attention output (the attention op
+///   recomputes the scores, `fila_model::attention`), and the MLP's gate, up, activated gate and
+///   product (Llama `5h + 2kv + 4i` f32 elements, measured; CLIP, with LayerNorm's saved
+///   statistics and a GELU MLP, counted as `6h + 2kv + 3i`);
+/// - a frozen layer that passes a gradient down: a product with a frozen weight keeps nothing of
+///   its input, so the norms' outputs and the MLP product are not kept (Llama `4h + 2kv + 2i`).
+///
+/// Under `bf16_mixed` the products also keep bf16 copies of their inputs. Measured on the CPU with
+/// the exact heap counter (docs/memory-plan.md): within 4 % per layer, trainable and frozen.
+fn layer_bytes(h: usize, kv: usize, i: usize, block: Block, trains: bool, p: crate::precision::Precision) -> f64 {
     let (h, kv, i) = (h as f64, kv as f64, i as f64);
-    let f32_elements = match block {
-        Block::Llama => 9.0 * h + 4.0 * kv + 5.0 * i,
-        Block::Clip => 7.0 * h + 2.0 * kv + 3.0 * i,
+    let f32_elements = match (block, trains) {
+        (Block::Llama, true) => 5.0 * h + 2.0 * kv + 4.0 * i,
+        (Block::Llama, false) => 4.0 * h + 2.0 * kv + 2.0 * i,
+        (Block::Clip, true) => 6.0 * h + 2.0 * kv + 3.0 * i,
+        (Block::Clip, false) => 4.0 * h + 2.0 * kv + 2.0 * i,
     };
     // Inputs of the q/k/v, output, first MLP and last MLP products.
-    let bf16_copies = 3.0 * h + i;
+    let bf16_copies = if trains { 3.0 * h + i } else { 0.0 };
     4.0 * f32_elements + if p.weight_bytes() == 2 { 2.0 * bf16_copies } else { 0.0 }
 }
 
@@ -70,10 +82,81 @@ pub fn plan_architecture(loaded: &LoadedConfig) -> (FilaConfig, Option<String>) 
     }
 }
 
-/// The plan as printable text, per rank of a run over `world` processes (one per GPU): weights,
-/// one backward's gradients and activations are whole on every rank; the gradient sums, AdamW
-/// moments and f32 master values of the trainable parameters are sharded ([`crate::shard`]).
+/// One term of a plan: bytes per device and what they are.
+#[derive(Debug, Clone)]
+pub struct Term {
+    pub name: &'static str,
+    pub bytes: f64,
+    pub note: String,
+}
+
+/// Memory per device for a configured run: what stays for the whole run, and the larger of the
+/// two transient phases of a step (the forward and backward pass of a micro-batch, or the
+/// optimizer's update), plus the allocator's and process's overhead.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub header: Vec<String>,
+    /// Weights, master values, optimizer moments (and per-element factors on GPUs).
+    pub resident: Vec<Term>,
+    /// The phase with the larger peak: its name and terms.
+    pub phase: (&'static str, Vec<Term>),
+    /// The other phase's total, for the printout.
+    pub other_phase: (&'static str, f64),
+    pub overhead: Term,
+}
+
+impl Plan {
+    /// Tensor bytes at the step's peak: the resident and peak-phase terms.
+    pub fn tensors(&self) -> f64 {
+        self.resident.iter().chain(&self.phase.1).map(|t| t.bytes).sum()
+    }
+
+    pub fn total(&self) -> f64 {
+        self.tensors() + self.overhead.bytes
+    }
+
+    /// The plan as printed by `--plan`: every term, then the largest ones.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for line in &self.header {
+            let _ = writeln!(out, "{line}");
+        }
+        let term = |out: &mut String, t: &Term| {
+            let _ = writeln!(out, "  {:<22}{}  ({})", t.name, gib(t.bytes), t.note);
+        };
+        let _ = writeln!(out, "resident for the whole run:");
+        for t in self.resident.iter().filter(|t| t.bytes > 0.0) {
+            term(&mut out, t);
+        }
+        let _ = writeln!(
+            out,
+            "at the step's peak, during the {} (the {} needs {} less):",
+            self.phase.0,
+            self.other_phase.0,
+            gib(self.phase.1.iter().map(|t| t.bytes).sum::<f64>() - self.other_phase.1).trim()
+        );
+        for t in self.phase.1.iter().filter(|t| t.bytes > 0.0) {
+            term(&mut out, t);
+        }
+        term(&mut out, &self.overhead);
+        let _ = writeln!(out, "  {:<22}{}", "total", gib(self.total()));
+        let mut largest: Vec<&Term> = self.resident.iter().chain(&self.phase.1).collect();
+        largest.sort_by(|a, b| b.bytes.total_cmp(&a.bytes));
+        let shares: Vec<String> = largest.iter().take(3).map(|t| format!("{} {:.0} %", t.name, 100.0 * t.bytes / self.total())).collect();
+        let _ = writeln!(out, "largest terms: {}", shares.join(", "));
+        out
+    }
+}
+
+/// The plan as printable text, per rank of a run over `world` processes (one per GPU).
 pub fn plan(loaded: &LoadedConfig, world: usize) -> Result<String> {
+    Ok(plan_of(loaded, world)?.render())
+}
+
+/// The plan per rank of a run over `world` processes (one per GPU): weights, one backward's
+/// gradients and activations are whole on every rank; the gradient sums, AdamW moments and f32
+/// master values of the trainable parameters are sharded ([`crate::shard`]).
+pub fn plan_of(loaded: &LoadedConfig, world: usize) -> Result<Plan> {
     let world = world.max(1);
     let c = &loaded.config;
     let (arch, note) = plan_architecture(loaded);
@@ -84,22 +167,19 @@ pub fn plan(loaded: &LoadedConfig, world: usize) -> Result<String> {
     let trains = |component: &str| modules.iter().any(|m| crate::trainable::trains_part_of(m, component));
     let parts = [("vit", counts.vit), ("convnext", counts.convnext), ("cvfm", counts.cvfm), ("projector", counts.projector), ("llm", counts.llm)];
     let p = c.precision;
+    let gpu = c.device != crate::backend::Device::Cpu;
     let trainable: usize = parts.iter().filter(|(n, _)| trains(n)).map(|(_, k)| k).sum();
     let frozen = counts.total() - trainable;
-    let weights = (counts.total() * p.weight_bytes()) as f64;
-    // One backward's gradients (the weights' dtype), reduce-scattered into each rank's f32 slice.
-    let grads = (trainable * p.grad_bytes()) as f64;
-    let grad_slice = (trainable * 4) as f64 / world as f64;
-    let optimizer = (trainable * p.optimizer_bytes()) as f64 / world as f64;
-    // The optimizer's f32 master slice (every rank also holds the whole model in `weights`).
-    let master = (trainable * 4) as f64 / world as f64;
+    let slice = trainable as f64 / world as f64;
 
     // Activation estimate for one micro-batch.
     let data = &loaded.data;
     let b = c.batch.micro_batch_size as f64;
     let act_scale = p.activation_scale();
-    let llm_layer = layer_bytes(arch.llm.hidden_size, arch.llm.num_key_value_heads * arch.llm.head_dim, arch.llm.intermediate_size, Block::Llama, p);
-    let vit_layer = layer_bytes(arch.vision.hidden_size, arch.vision.hidden_size, arch.vision.intermediate_size, Block::Clip, p);
+    let llm_trains = trains("llm");
+    let llm_layer =
+        layer_bytes(arch.llm.hidden_size, arch.llm.num_key_value_heads * arch.llm.head_dim, arch.llm.intermediate_size, Block::Llama, llm_trains, p);
+    let vit_layer = layer_bytes(arch.vision.hidden_size, arch.vision.hidden_size, arch.vision.intermediate_size, Block::Clip, trains("vit"), p);
     let g = (arch.vision.image_size / arch.vision.patch_size) as f64;
     let (views, hires_side_w, hires_side_h) = match c.stage {
         1 => (1.0, data.geometry.square_hires_size as f64, data.geometry.square_hires_size as f64),
@@ -116,13 +196,19 @@ pub fn plan(loaded: &LoadedConfig, world: usize) -> Result<String> {
     let recompute = c.train.activation_checkpointing;
     let head_rows = if recompute { (crate::recompute::HEAD_ROWS as f64).min(b * s_text) } else { b * s_text };
     let head = 3.0 * head_rows * vocab * 4.0;
-    let llm_act = if recompute {
-        // Each layer's input (the f32 residual stream), plus one layer's activations while it is
-        // recomputed in the backward pass (crate::recompute).
-        layers * b * s_text * hidden * 4.0 + b * s_text * llm_layer + head
-    } else {
-        layers * b * s_text * llm_layer + head
-    };
+    // One layer's attention scores at a time, `[B, heads, T, T]` f32: the unfused attention's
+    // probabilities in the forward pass, recomputed in the backward pass (measured on the CPU; a
+    // fused GPU kernel keeps less).
+    let scores = b * arch.llm.num_attention_heads as f64 * s_text * s_text * 4.0;
+    let llm_act = scores
+        + if recompute {
+            // Each layer's input (the f32 residual stream), the last layer's output and the gradient
+            // of the hidden state, plus one chunk of the loss or, later, one layer's activations while
+            // it is recomputed in the backward pass (crate::recompute).
+            (layers + 2.0) * b * s_text * hidden * 4.0 + head.max(b * s_text * llm_layer)
+        } else {
+            layers * b * s_text * llm_layer + head
+        };
     let feature_layer = arch.hybrid.feature_layer(arch.vision.num_hidden_layers);
     let first_tracked = if trains("vit") { 0 } else { arch.hybrid.fusion_layers.first().copied().unwrap_or(feature_layer) };
     let vit_layers = feature_layer.saturating_sub(first_tracked) as f64;
@@ -141,45 +227,83 @@ pub fn plan(loaded: &LoadedConfig, world: usize) -> Result<String> {
         0.0
     };
     let activations = llm_act + vit_act + convnext_act;
-    let total = weights + grads + grad_slice + optimizer + master + activations;
 
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
+    let this_slice = if world > 1 { ", this rank's slice" } else { "" };
+    let dtype = |bytes: usize| if bytes == 2 { "bf16" } else { "f32" };
+    // In f32 on one rank the master values are the model's own weights (the update writes them
+    // back as views of the slice); otherwise they are a copy.
+    let master_apart = p.master_apart() || world > 1;
+    let resident = vec![
+        Term { name: "weights", bytes: (counts.total() * p.weight_bytes()) as f64, note: dtype(p.weight_bytes()).into() },
+        Term {
+            name: "master slice",
+            bytes: if master_apart { slice * 4.0 } else { 0.0 },
+            note: format!("f32 values of the trainable parameters the optimizer owns{this_slice}"),
+        },
+        Term { name: "optimizer state", bytes: slice * p.optimizer_bytes() as f64, note: format!("AdamW moments, f32{this_slice}") },
+    ];
+    let bucket = (crate::shard::BUCKET_ELEMENTS.min(trainable) * 4) as f64;
+    let backward = vec![
+        Term { name: "gradients", bytes: (trainable * p.grad_bytes()) as f64, note: format!("one backward's, {}", dtype(p.grad_bytes())) },
+        Term {
+            name: "gradient slice",
+            bytes: if c.batch.accumulation_steps > 1 { slice * 4.0 } else { 0.0 },
+            note: format!("f32 sum over micro-batches and ranks{this_slice}, made by the first micro-batch"),
+        },
+        Term {
+            name: "activations",
+            bytes: activations,
+            note: format!(
+                "{views} views/image, ConvNeXt {hires_side_w}x{hires_side_h}, {vit_layers} tracked ViT layers, LLM layers {}",
+                if recompute { "recomputed (train.activation_checkpointing)" } else { "kept" }
+            ),
+        },
+    ];
+    // The update: the CPU's fused pass works in place; the tensor ops on a GPU make new moments,
+    // values and two temporaries before the old ones are freed. Then the slice is written back
+    // bucket by bucket.
+    let optimizer = vec![
+        Term { name: "gradient slice", bytes: slice * 4.0, note: "the step's sum".into() },
+        Term {
+            name: "update temporaries",
+            bytes: if gpu { slice * 4.0 * 7.0 } else { 0.0 },
+            note: "GPU: new moments and values, the LR and decay factors, two temporaries".into(),
+        },
+        Term { name: "write-back bucket", bytes: bucket, note: "one f32 bucket while the slice is written into the weights".into() },
+    ];
+    let sum = |terms: &[Term]| terms.iter().map(|t| t.bytes).sum::<f64>();
+    let (phase, other_phase) = if sum(&backward) >= sum(&optimizer) {
+        (("forward and backward pass", backward.clone()), ("update", sum(&optimizer)))
+    } else {
+        (("update", optimizer.clone()), ("forward and backward pass", sum(&backward)))
+    };
+    // CPU: the process (code, thread stacks, the data loader) and what glibc keeps from freed
+    // buffers (crate::alloc keeps freed memory for reuse); GPU: the memory pool's rounding and
+    // the CUDA context. Measured on the CPU (docs/memory-plan.md).
+    let overhead = Term {
+        name: "allocator, process",
+        bytes: 64.0 * (1u64 << 20) as f64 + 0.1 * sum(&phase.1),
+        note: format!("{}: 64 MiB and 10 % of the step's transient tensors", if gpu { "estimate" } else { "measured on the CPU" }),
+    };
+
+    let mut header = vec![format!(
         "memory plan: stage {} on {} ({:?}), micro-batch {} × accumulation {}, max_len {}",
         c.stage, c.device, p, c.batch.micro_batch_size, c.batch.accumulation_steps, data.max_len
-    );
+    )];
     if let Some(n) = note {
-        let _ = writeln!(out, "note: {n}");
+        header.push(format!("note: {n}"));
     }
-    let _ = writeln!(out, "parameters:");
+    header.push("parameters:".into());
     for (name, k) in parts {
-        let _ = writeln!(out, "  {name:<10} {k:>14} {}", if trains(name) { "trainable" } else { "frozen" });
+        header.push(format!("  {name:<10} {k:>14} {}", if trains(name) { "trainable" } else { "frozen" }));
     }
-    let _ = writeln!(out, "  {:<10} {:>14} ({} trainable, {} frozen)", "total", counts.total(), trainable, frozen);
-    if world == 1 {
-        let _ = writeln!(out, "memory per device (one device):");
+    header.push(format!("  {:<10} {:>14} ({} trainable, {} frozen)", "total", counts.total(), trainable, frozen));
+    header.push(if world == 1 {
+        "memory per device (one device):".into()
     } else {
-        let _ = writeln!(out, "memory per rank ({world} ranks, one GPU each; gradient sums, optimizer state and master values sharded {world} ways):");
-    }
-    let _ = writeln!(out, "  weights           {}  ({})", gib(weights), if p.weight_bytes() == 2 { "bf16" } else { "f32" });
-    let _ = writeln!(out, "  gradients         {}  (one backward's, {})", gib(grads), if p.grad_bytes() == 2 { "bf16" } else { "f32" });
-    let _ =
-        writeln!(out, "  gradient slice    {}  (f32 sum over micro-batches and ranks{})", gib(grad_slice), if world > 1 { ", this rank's slice" } else { "" });
-    let _ = writeln!(out, "  optimizer state   {}  (AdamW moments, f32{})", gib(optimizer), if world > 1 { ", this rank's slice" } else { "" });
-    let _ = writeln!(out, "  master slice      {}  (f32 values of the trainable parameters the optimizer owns)", gib(master));
-    let _ = writeln!(
-        out,
-        "  activations       {}  (estimate; {} views/image, ConvNeXt {}x{}, {} tracked ViT layers, LLM layers {})",
-        gib(activations),
-        views,
-        hires_side_w,
-        hires_side_h,
-        vit_layers,
-        if recompute { "recomputed (train.activation_checkpointing)" } else { "kept" }
-    );
-    let _ = writeln!(out, "  total             {}", gib(total));
-    Ok(out)
+        format!("memory per rank ({world} ranks, one GPU each; gradient sums, optimizer state and master values sharded {world} ways):")
+    });
+    Ok(Plan { header, resident, phase, other_phase, overhead })
 }
 
 /// The exact trainable element count on a built tiny model (used by tests to check `plan`).

@@ -19,6 +19,7 @@
 //! graph, so both ways give the same gradients up to float summation order (tested in
 //! `tests/recompute.rs`). The cost is a second forward pass of the decoder layers.
 
+use crate::alloc;
 use crate::optim::{accumulate_grads, Grads};
 use crate::precision::Precision;
 use crate::trainable::TrainableSet;
@@ -76,7 +77,9 @@ pub fn forward_backward<B: AutodiffBackend>(
     } else {
         let (loss, _) = precision.forward(|| model.loss_at(input, &rows));
         let loss = loss.mul_scalar(share);
+        alloc::mark("forward");
         accumulate_grads(model, &loss.backward(), set, &mut grads);
+        alloc::mark("backward");
         loss.inner()
     };
     (loss, grads)
@@ -97,6 +100,7 @@ fn recomputed<B: AutodiffBackend>(
     let embeds = precision.forward(|| model.embed_batch(input.input_ids, &input.images, None));
     let [b, t, d] = embeds.dims();
     let device = embeds.device();
+    alloc::mark("encoder and embeddings");
 
     // 2. The decoder layers without a graph, keeping each layer's input.
     let llm = model.llm.valid();
@@ -107,6 +111,7 @@ fn recomputed<B: AutodiffBackend>(
         stored.push(precision.forward(|| layer.forward_in(x, &inner_context)));
     }
     drop(llm);
+    alloc::mark("decoder layers without a graph");
 
     // 3. The loss over chunks of scored rows; the gradient of the last hidden state collects
     // each chunk's rows.
@@ -124,6 +129,7 @@ fn recomputed<B: AutodiffBackend>(
         let rows_grad = leaf.grad(&g).expect("the chunk's rows are a leaf that requires a gradient");
         let index = Tensor::from_data(TensorData::new(part.index.clone(), [part.len()]), &device);
         grad = grad.select_assign(0, index, rows_grad, IndexingUpdateOp::Add);
+        alloc::mark("loss chunk");
     }
     drop(last);
 
@@ -142,6 +148,7 @@ fn recomputed<B: AutodiffBackend>(
         let out = precision.forward(|| layer.forward_in(x.clone(), &context));
         let g = (out * Tensor::from_inner(grad)).sum().backward();
         take(&g);
+        alloc::mark("layer recomputed and backward");
         match x.grad(&g) {
             Some(below) => grad = below,
             None => return value, // the lowest training layer: nothing below needs a gradient
@@ -151,6 +158,7 @@ fn recomputed<B: AutodiffBackend>(
     // 5. The embeddings' graph.
     if upstream_trains {
         take(&(embeds * Tensor::from_inner(grad)).sum().backward());
+        alloc::mark("encoder backward");
     }
     value
 }

@@ -183,13 +183,27 @@ impl FlatLayout {
         Ok(done.into_iter().map(|t| t.expect("every parameter lies in the buckets")).collect())
     }
 
-    /// A per-element vector of the slice from a per-parameter value (padding gets `pad`).
+    /// A per-element vector of the slice from a per-parameter value (padding gets `pad`), filled
+    /// on the device run by run (runs of one value merged): no host copy of the slice is made.
     pub fn per_element<I: Backend>(&self, value: impl Fn(usize) -> f32, pad: f32, device: &I::Device) -> Tensor<I, 1> {
-        let mut v = vec![pad; self.slice_len];
+        let mut out = Tensor::full([self.slice_len], pad, device);
+        let mut run: Option<(usize, usize, f32)> = None;
         for s in &self.segments {
-            v[s.at..s.at + s.len].fill(value(s.param));
+            let v = value(s.param);
+            run = match run {
+                Some((start, end, w)) if end == s.at && w.to_bits() == v.to_bits() => Some((start, s.at + s.len, w)),
+                previous => {
+                    if let Some((start, end, w)) = previous.filter(|r| r.2.to_bits() != pad.to_bits()) {
+                        out = out.slice_fill(start..end, w);
+                    }
+                    Some((s.at, s.at + s.len, v))
+                }
+            };
         }
-        Tensor::from_data(burn::tensor::TensorData::new(v, [self.slice_len]), device)
+        if let Some((start, end, w)) = run.filter(|r| r.2.to_bits() != pad.to_bits()) {
+            out = out.slice_fill(start..end, w);
+        }
+        out
     }
 }
 

@@ -5,6 +5,7 @@
 //! step's reductions, the checkpoint writer and the logger, so one process and many run the same
 //! code.
 
+use crate::alloc;
 use crate::batch::{scored_tokens, to_input};
 use crate::checkpoint::{self, CheckpointReason, CheckpointWriter, TrainState};
 use crate::config::{geometry_difference, LoadedConfig, TrainConfig};
@@ -384,6 +385,8 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
     /// gradient norm is not finite on any rank).
     fn train_step(&mut self, window: Window) -> Result<StepResult> {
         let t0 = std::time::Instant::now();
+        alloc::mark("between steps");
+        let live_before = alloc::live_bytes();
         let lr = self.schedule.lr(self.state.step);
         // Each micro-batch's mean loss × its share of the step's scored tokens (all ranks): the
         // sum over micro-batches and ranks is the mean over all the step's tokens, so micro 4 ×
@@ -403,6 +406,7 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
                 grads = g;
             }
             self.optimizer.add_gradients(&grads, self.comm)?;
+            alloc::mark("gradients to the slice");
         }
         // A non-finite loss on any rank skips the step (its gradients are dropped below).
         let loss_sum = loss_sum.into_scalar().elem::<f64>();
@@ -420,6 +424,10 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
             finite = norm.is_finite();
         } else {
             self.optimizer.clear_gradients();
+        }
+        alloc::mark("optimizer step");
+        if alloc::profiling() && self.comm.world().is_root() {
+            eprintln!("{}", alloc::profile_line(&format!("step {}", self.state.step + 1), live_before));
         }
         if finite {
             self.state.nonfinite_in_a_row = 0;

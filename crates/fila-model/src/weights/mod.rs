@@ -328,25 +328,61 @@ pub fn load_module<B: Backend, M: Module<B>>(module: M, checkpoint: &Checkpoint,
 /// Float parameters of `module` under the checkpoint names of `map`, in PyTorch layout (Linear
 /// weights transposed back to `[out, in]`), ready to be written with [`write_safetensors`].
 pub fn named_tensors<B: Backend, M: Module<B>>(module: &M, map: &KeyMap, prefix: &str) -> Vec<(String, TensorData)> {
-    struct Exporter<'a> {
+    named_sources::<B, M>(module, map, prefix, &|_| true).into_iter().map(|s| (s.name.clone(), s.read())).collect()
+}
+
+/// A tensor to be written: its name and shape now, its values when the writer reaches it
+/// ([`write_safetensors_from`]), so a file of many tensors is written holding one at a time.
+pub struct TensorSource<'a> {
+    pub name: String,
+    pub shape: Vec<usize>,
+    values: Box<dyn Fn() -> TensorData + 'a>,
+}
+
+impl<'a> TensorSource<'a> {
+    pub fn new(name: String, shape: Vec<usize>, values: impl Fn() -> TensorData + 'a) -> Self {
+        Self { name, shape, values: Box::new(values) }
+    }
+
+    /// The values, read now (from the device, for a GPU tensor).
+    pub fn read(&self) -> TensorData {
+        (self.values)()
+    }
+}
+
+/// [`named_tensors`] as sources for [`write_safetensors_from`], for the parameters whose Burn
+/// path `keep` accepts: each holds a handle on its parameter (no copy) until it is written.
+pub fn named_sources<B: Backend, M: Module<B>>(module: &M, map: &KeyMap, prefix: &str, keep: &dyn Fn(&str) -> bool) -> Vec<TensorSource<'static>> {
+    struct Sources<'a> {
         map: &'a KeyMap,
         prefix: &'a str,
-        out: Vec<(String, TensorData)>,
+        keep: &'a dyn Fn(&str) -> bool,
+        out: Vec<TensorSource<'static>>,
     }
-    impl<B: Backend> PathVisitor<B> for Exporter<'_> {
+    impl<B: Backend> PathVisitor<B> for Sources<'_> {
         fn visit<const D: usize>(&mut self, at: &ParamPath, param: &Param<Tensor<B, D>>) {
-            let key = format!("{}{}", self.prefix, self.map.file_key(&at.path()));
-            self.out.push((key, pytorch_layout(at, param.val())));
+            let path = at.path();
+            if !(self.keep)(&path) {
+                return;
+            }
+            let key = format!("{}{}", self.prefix, self.map.file_key(&path));
+            let value = param.val();
+            let mut shape = value.dims().to_vec();
+            let linear = D == 2 && at.is_linear_weight();
+            if linear {
+                shape.reverse();
+            }
+            self.out.push(TensorSource::new(key, shape, move || pytorch_layout(linear, value.clone())));
         }
     }
-    let mut exporter = Exporter { map, prefix, out: Vec::new() };
-    visit_params(module, &mut exporter);
-    exporter.out
+    let mut sources = Sources { map, prefix, keep, out: Vec::new() };
+    visit_params(module, &mut sources);
+    sources.out
 }
 
 /// A parameter (or its gradient) in PyTorch layout: Linear weights transposed back to `[out, in]`.
-fn pytorch_layout<B: Backend, const D: usize>(at: &ParamPath, value: Tensor<B, D>) -> TensorData {
-    if D == 2 && at.is_linear_weight() {
+fn pytorch_layout<B: Backend, const D: usize>(linear_weight: bool, value: Tensor<B, D>) -> TensorData {
+    if linear_weight {
         value.transpose().into_data()
     } else {
         value.into_data()
@@ -369,24 +405,36 @@ pub fn parameter_ids<B: Backend, M: Module<B>>(module: &M) -> HashMap<String, Pa
 /// Writes named tensors as one f32 safetensors file (with optional string metadata), through a
 /// temporary file renamed into place so a crash never leaves a truncated file at `path`.
 pub fn write_safetensors(path: &Path, tensors: &[(String, TensorData)], metadata: Option<HashMap<String, String>>) -> Result<(), ModelError> {
-    let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
-    for (name, data) in tensors {
-        let values: Vec<f32> = data
-            .clone()
-            .convert::<f32>()
-            .to_vec::<f32>()
-            .map_err(|e| ModelError::Checkpoint { path: path.to_path_buf(), message: format!("tensor `{name}`: {e:?}") })?;
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        owned.push((name.clone(), data.shape.to_vec(), bytes));
+    let sources = tensors.iter().map(|(name, data)| TensorSource::new(name.clone(), data.shape.to_vec(), move || data.clone())).collect();
+    write_safetensors_from(path, sources, metadata)
+}
+
+/// [`write_safetensors`] from sources read one at a time as the file is written: besides the
+/// tensors themselves, one tensor's values and their f32 bytes are held at once.
+pub fn write_safetensors_from(path: &Path, sources: Vec<TensorSource<'_>>, metadata: Option<HashMap<String, String>>) -> Result<(), ModelError> {
+    struct F32View<'s, 'a> {
+        source: &'s TensorSource<'a>,
+        path: &'s Path,
     }
-    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
-        .iter()
-        .map(|(name, shape, bytes)| {
-            let view = safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytes).expect("consistent f32 view");
-            (name.clone(), view)
-        })
-        .collect();
+    impl safetensors::View for F32View<'_, '_> {
+        fn dtype(&self) -> Dtype {
+            Dtype::F32
+        }
+        fn shape(&self) -> &[usize] {
+            &self.source.shape
+        }
+        fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+            let data = self.source.read();
+            assert_eq!(data.shape.to_vec(), self.source.shape, "{}: tensor `{}` changed shape while being written", self.path.display(), self.source.name);
+            let values = data.convert::<f32>().into_vec::<f32>().unwrap_or_else(|e| panic!("{}: tensor `{}`: {e:?}", self.path.display(), self.source.name));
+            std::borrow::Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+        }
+        fn data_len(&self) -> usize {
+            4 * self.source.shape.iter().product::<usize>()
+        }
+    }
     let tmp = path.with_extension("safetensors.tmp");
+    let views = sources.iter().map(|source| (source.name.clone(), F32View { source, path }));
     safetensors::serialize_to_file(views, metadata, &tmp)
         .map_err(|e| ModelError::Checkpoint { path: tmp.clone(), message: format!("could not write: {e}") })?;
     std::fs::rename(&tmp, path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })
@@ -409,7 +457,7 @@ pub fn named_gradients<B: burn::tensor::backend::AutodiffBackend, M: Module<B>>(
         fn visit<const D: usize>(&mut self, at: &ParamPath, param: &Param<Tensor<B, D>>) {
             if let Some(grad) = param.val().grad(self.grads) {
                 let key = format!("{}{}", self.prefix, self.map.file_key(&at.path()));
-                self.out.push((key, pytorch_layout(at, grad)));
+                self.out.push((key, pytorch_layout(D == 2 && at.is_linear_weight(), grad)));
             }
         }
     }
