@@ -34,7 +34,7 @@ pub fn keep_freed_memory() {
 }
 
 /// The heap's bytes in use, counted exactly: the system allocator with two counters (live bytes
-/// and their peak). `fila-train` and `fila` install it as the global allocator; the memory profile
+/// and their peak). `fila-train` installs it as the global allocator; the memory profile
 /// (`fila-train --profile-memory`) and the memory-plan tests read it. Tensors on the CPU backend
 /// are heap buffers, so on the CPU this is the live tensor memory plus the process's small change.
 pub struct Counting;
