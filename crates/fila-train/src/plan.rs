@@ -24,8 +24,13 @@ use std::fmt::Write;
 
 const GIB: f64 = (1u64 << 30) as f64;
 
+/// Bytes in GiB, or in MiB below 1 GiB (the tiny configs).
 fn gib(bytes: f64) -> String {
-    format!("{:>9.2} GiB", bytes / GIB)
+    if bytes >= GIB {
+        format!("{:>9.2} GiB", bytes / GIB)
+    } else {
+        format!("{:>9.1} MiB", bytes / (1u64 << 20) as f64)
+    }
 }
 
 #[derive(Clone, Copy, PartialEq)]

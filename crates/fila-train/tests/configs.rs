@@ -63,13 +63,11 @@ fn plan_counts_the_trainable_parameters() {
     assert!(!tmp.path().join("x").exists());
 }
 
-/// The `total` line of a plan, in GiB.
+/// The plan's total, in GiB.
 fn planned_total(config: &str, world: usize, overrides: &[&str]) -> f64 {
     let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
     let loaded = LoadedConfig::load(&repo().join(config), &overrides).unwrap();
-    let text = fila_train::plan::plan(&loaded, world).unwrap();
-    let line = text.lines().find(|l| l.trim_start().starts_with("total ") && l.contains("GiB")).unwrap_or_else(|| panic!("no total in\n{text}"));
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    fila_train::plan::plan_of(&loaded, world).unwrap().total() / (1u64 << 30) as f64
 }
 
 #[test]
