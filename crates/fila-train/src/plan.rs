@@ -87,6 +87,11 @@ pub fn plan_architecture(loaded: &LoadedConfig) -> (FilaConfig, Option<String>) 
     }
 }
 
+/// The process itself in the plan's overhead term: code, libraries, thread stacks and the data
+/// loader, about what a release build of `fila-train` holds before it builds the model (a debug
+/// build with full debug information holds more; `--profile-memory` prints the real figure).
+pub const PROCESS_BYTES: f64 = (64u64 << 20) as f64;
+
 /// One term of a plan: bytes per device and what they are.
 #[derive(Debug, Clone)]
 pub struct Term {
@@ -287,7 +292,7 @@ pub fn plan_of(loaded: &LoadedConfig, world: usize) -> Result<Plan> {
     // the CUDA context. Measured on the CPU (docs/memory-plan.md).
     let overhead = Term {
         name: "allocator, process",
-        bytes: 64.0 * (1u64 << 20) as f64 + 0.1 * sum(&phase.1),
+        bytes: PROCESS_BYTES + 0.1 * sum(&phase.1),
         note: format!("{}: 64 MiB and 10 % of the step's transient tensors", if gpu { "estimate" } else { "measured on the CPU" }),
     };
 
