@@ -130,11 +130,6 @@ pub fn peak_rss_bytes() -> Option<u64> {
     status_bytes("VmHWM:")
 }
 
-/// The process's resident set now (`VmRSS`), where Linux tells it.
-pub fn rss_bytes() -> Option<u64> {
-    status_bytes("VmRSS:")
-}
-
 fn status_bytes(key: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with(key))?;

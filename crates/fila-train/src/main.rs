@@ -61,13 +61,6 @@ fn main() {
 
 fn real_main(world: Result<World>) -> Result<()> {
     let cli = Cli::parse();
-    if let (true, Some(rss)) = (cli.profile_memory, fila_train::alloc::rss_bytes()) {
-        eprintln!(
-            "memory start: RSS {:.1} MiB (the process before the model; the plan counts {:.0} MiB)",
-            rss as f64 / (1u64 << 20) as f64,
-            fila_train::plan::PROCESS_BYTES / (1u64 << 20) as f64
-        );
-    }
     fila_train::kernel_events::install();
     let world = world?;
     if let Some(n) = cli.nproc_per_node {
