@@ -105,7 +105,7 @@ pub struct Term {
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub header: Vec<String>,
-    /// Weights, master values, optimizer moments (and per-element factors on GPUs).
+    /// Weights, master values (where they are a copy), optimizer moments.
     pub resident: Vec<Term>,
     /// The phase with the larger peak: its name and terms.
     pub phase: (&'static str, Vec<Term>),
@@ -281,16 +281,16 @@ pub fn plan_of(loaded: &LoadedConfig, world: usize) -> Result<Plan> {
         Term { name: "write-back bucket", bytes: bucket, note: "one f32 bucket while the slice is written into the weights".into() },
     ];
     let sum = |terms: &[Term]| terms.iter().map(|t| t.bytes).sum::<f64>();
-    let (phase, other_phase) = if sum(&backward) >= sum(&optimizer) {
-        (("forward and backward pass", backward.clone()), ("update", sum(&optimizer)))
+    let (backward_bytes, optimizer_bytes) = (sum(&backward), sum(&optimizer));
+    let (phase, other_phase) = if backward_bytes >= optimizer_bytes {
+        (("forward and backward pass", backward), ("update", optimizer_bytes))
     } else {
-        (("update", optimizer.clone()), ("forward and backward pass", sum(&backward)))
+        (("update", optimizer), ("forward and backward pass", backward_bytes))
     };
-    // CPU: the process (code, thread stacks, the data loader) and what glibc keeps from freed
-    // buffers (crate::alloc keeps freed memory for reuse); GPU: the memory pool's rounding and
-    // the CUDA context. Measured on the CPU (docs/memory-plan.md).
-    // glibc keeps 10–20 % of the transient bytes in freed blocks at the peak (measured, more with
-    // checkpointing's many sizes); a GPU memory pool's rounding is estimated at 10 %.
+    // Besides the process (PROCESS_BYTES): on the CPU, glibc keeps 10–20 % of the transient bytes
+    // in freed blocks at the peak (crate::alloc keeps freed memory for reuse; measured, more with
+    // checkpointing's many sizes, docs/memory-plan.md); a GPU memory pool's rounding and the CUDA
+    // context are estimated at 10 %.
     let fragmentation = if gpu { 0.10 } else { 0.15 };
     let overhead = Term {
         name: "allocator, process",

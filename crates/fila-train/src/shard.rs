@@ -186,22 +186,17 @@ impl FlatLayout {
     /// A per-element vector of the slice from a per-parameter value (padding gets `pad`), filled
     /// on the device run by run (runs of one value merged): no host copy of the slice is made.
     pub fn per_element<I: Backend>(&self, value: impl Fn(usize) -> f32, pad: f32, device: &I::Device) -> Tensor<I, 1> {
-        let mut out = Tensor::full([self.slice_len], pad, device);
-        let mut run: Option<(usize, usize, f32)> = None;
+        let mut runs: Vec<(std::ops::Range<usize>, f32)> = Vec::new();
         for s in &self.segments {
             let v = value(s.param);
-            run = match run {
-                Some((start, end, w)) if end == s.at && w.to_bits() == v.to_bits() => Some((start, s.at + s.len, w)),
-                previous => {
-                    if let Some((start, end, w)) = previous.filter(|r| r.2.to_bits() != pad.to_bits()) {
-                        out = out.slice_fill(start..end, w);
-                    }
-                    Some((s.at, s.at + s.len, v))
-                }
-            };
+            match runs.last_mut() {
+                Some((run, w)) if run.end == s.at && w.to_bits() == v.to_bits() => run.end = s.at + s.len,
+                _ => runs.push((s.at..s.at + s.len, v)),
+            }
         }
-        if let Some((start, end, w)) = run.filter(|r| r.2.to_bits() != pad.to_bits()) {
-            out = out.slice_fill(start..end, w);
+        let mut out = Tensor::full([self.slice_len], pad, device);
+        for (run, v) in runs.into_iter().filter(|(_, v)| v.to_bits() != pad.to_bits()) {
+            out = out.slice_fill(run, v);
         }
         out
     }
