@@ -8,7 +8,7 @@
 #      collectives on NCCL (FILA_NCCL=1: loading NCCL, joining, the first all-reduce), losses
 #      compared with a tolerance (two CUDA runs are not bit-identical)
 #   3. the real-size benchmark against PyTorch, stage 1 then stage 2 (scripts/gpu_bench.sh)
-#   4. fila-model's parity tests on CUDA (parity, fila_model, hybrid)
+#   4. fila-model's parity tests on CUDA (parity, gelu, fila_model, hybrid)
 # A step that fails or runs out of time does not stop the others; one without time left is
 # skipped and says so. Results are written as the steps end, so they are there even when the
 # call itself is cut short: OUT_DIR/summary.txt (one line per step, the skipped ones included),
@@ -98,7 +98,7 @@ else
 fi
 
 # 4. Parity on CUDA, with what is left.
-for t in parity fila_model hybrid; do
+for t in parity gelu fila_model hybrid; do
   step "fila-model $t on CUDA" 90 "$bin/$t" --test-threads=1
 done
 note "done after ${SECONDS} s of the ${budget} s budget"

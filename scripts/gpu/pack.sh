@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds and packs what scripts/gpu/check.sh runs on a GPU machine, which needs no Rust toolchain:
 # the `--features cuda` binaries `fila` and `fila-train` and the test binaries it runs there
-# (fila-train's `cuda` start test; fila-model's `parity`, `fila_model` and `hybrid` on CUDA), all
+# (fila-train's `cuda` start test; fila-model's `parity`, `gelu`, `fila_model` and `hybrid` on CUDA), all
 # stripped, in one xz tarball. A device call carries at most 64 MiB, so the script fails when the
 # tarball is larger.
 #
@@ -25,7 +25,7 @@ bins=$(cargo build --profile "$profile" --features cuda -p fila-cli -p fila-trai
 # (`cargo test` also names the binaries it builds for the tests: only `deps/` holds test binaries.)
 tests=$(
   cargo test --profile "$profile" --features cuda -p fila-train --test cuda --no-run --message-format=json | executables | grep /deps/
-  cargo test --profile "$profile" --features cuda -p fila-model --test parity --test fila_model --test hybrid --no-run --message-format=json | executables | grep /deps/
+  cargo test --profile "$profile" --features cuda -p fila-model --test parity --test gelu --test fila_model --test hybrid --no-run --message-format=json | executables | grep /deps/
 )
 for f in $bins $tests; do
   name=$(basename "$f")

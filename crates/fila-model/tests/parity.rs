@@ -64,7 +64,10 @@ fn clip_bare_vision_model_with_exact_gelu() {
 }
 
 #[test]
-#[cfg_attr(all(feature = "wgpu", not(feature = "cuda")), ignore = "on wgpu the ConvNeXt gradients depend on Burn's autotuned reductions (docs/gpu-notes.md)")]
+#[cfg_attr(
+    all(feature = "wgpu", not(feature = "cuda")),
+    ignore = "on wgpu the tiny ConvNeXt meets a wrong matmul kernel: see `a_product_with_a_transposed_eight_column_operand` (docs/gpu-notes.md)"
+)]
 fn convnext_stages_pooler_and_gradients() {
     let _serial = autodiff_lock();
     let dir = fixture("convnext");
@@ -94,7 +97,6 @@ fn convnext_stages_pooler_and_gradients() {
 }
 
 #[test]
-#[cfg_attr(all(feature = "wgpu", not(feature = "cuda")), ignore = "on wgpu the ConvNeXt gradients depend on Burn's autotuned reductions (docs/gpu-notes.md)")]
 fn openclip_convnext_stages_pooler_and_gradients() {
     let _serial = autodiff_lock();
     // A whole open_clip `CLIP` file (`visual.trunk.*` beside `visual.head.*` and a text tower),
@@ -124,6 +126,35 @@ fn openclip_convnext_stages_pooler_and_gradients() {
     let grads = loss.backward();
     let n = check_grads(&reference, named_gradients(&model, &grads, &KeyMap::convnext_timm(), ""), "visual.trunk.");
     assert_eq!(n, 7);
+}
+
+/// `[1536, 8] · [32, 8]ᵀ`: the input gradient of the tiny ConvNeXt's second linear layer in stage
+/// 1 (8 channels, 2 × 32 × 24 pixels), whose weight Burn's backward passes as a transposed view,
+/// against a product summed in f64. On lavapipe the autotuner times `matmul_double_unit_min_tile_size`
+/// fastest for this key (m bucket 2048, k = 8, right operand transposed) and that kernel returns
+/// wrong values (off by up to 17 where the largest is 17); the same product with 768 rows, 16
+/// inner columns, a contiguous right operand or both operands transposed is right. The kernel
+/// is CubeCL's (cubek-matmul 0.2), shared with CUDA, so the GPU check runs this test there.
+#[test]
+#[cfg_attr(
+    all(feature = "wgpu", not(feature = "cuda")),
+    ignore = "CubeCL's matmul_double_unit_min_tile_size is wrong for this product on lavapipe (docs/gpu-notes.md)"
+)]
+fn a_product_with_a_transposed_eight_column_operand() {
+    let (m, k, n) = (1536, 8, 32);
+    let a = random::<Dev, 2>([m, k], 21);
+    let b = random::<Dev, 2>([n, k], 22);
+    let got: Vec<f32> = a.clone().matmul(b.clone().transpose()).into_data().to_vec().unwrap();
+    let (a, b): (Vec<f32>, Vec<f32>) = (a.into_data().to_vec().unwrap(), b.into_data().to_vec().unwrap());
+    let mut worst = 0.0f64;
+    for i in 0..m {
+        for j in 0..n {
+            let want: f64 = (0..k).map(|l| a[i * k + l] as f64 * b[j * k + l] as f64).sum();
+            worst = worst.max((got[i * n + j] as f64 - want).abs());
+        }
+    }
+    // Eight products of values below 2 in magnitude: f32 rounding stays far below this.
+    assert!(worst <= 1e-4 * if ON_CUDA { 100.0 } else { 1.0 }, "largest error {worst:e}");
 }
 
 #[test]

@@ -17,6 +17,7 @@
 //! operation of [`depthwise`], whose weight gradient Burn would compute one channel at a time.
 
 pub mod depthwise;
+pub mod exact_gelu;
 mod math;
 
 use crate::autocast::{self, Compute};
@@ -37,12 +38,24 @@ use std::fmt::Debug;
 pub use math::Depthwise;
 use math::{Rope, ScoreTile};
 
-/// Exact (erf) GELU, element-wise.
+/// Exact (erf) GELU, element-wise: the fused kernel on flex, the operation of [`exact_gelu`]
+/// (exact backward) on the CubeCL backends under autodiff, Burn's `gelu` otherwise.
 pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    match run::<B, _, 1>(math::Activation::Gelu, [prim(x)]) {
-        Ok(y) => float(y),
-        Err([x]) => reference::gelu(float(x)),
-    }
+    let x = match run::<B, _, 1>(math::Activation::Gelu, [prim(x)]) {
+        Ok(y) => return float(y),
+        Err([x]) => float(x),
+    };
+    #[cfg(feature = "cuda")]
+    let x = match exact_gelu::via_autodiff::<B, burn::backend::Cuda, D>(x) {
+        Ok(y) => return y,
+        Err(x) => x,
+    };
+    #[cfg(feature = "wgpu")]
+    let x = match exact_gelu::via_autodiff::<B, burn::backend::Wgpu, D>(x) {
+        Ok(y) => return y,
+        Err(x) => x,
+    };
+    reference::gelu(x)
 }
 
 /// CLIP's quick GELU `x · σ(1.702 x)`, element-wise.
