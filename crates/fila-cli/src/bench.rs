@@ -36,8 +36,9 @@ use fila_train::config::{OptimizerConfig, TrainableConfig};
 use fila_train::dist::Comm;
 use fila_train::optim::AdamW;
 use fila_train::precision::Precision;
-use fila_train::recompute::{forward_backward, Recompute};
+use fila_train::recompute::Recompute;
 use fila_train::shard::{FlatLayout, BUCKET_ELEMENTS};
+use fila_train::step::{MicroBatch, StepOutcome, TrainStep};
 use fila_train::trainable::{apply_trainable, stage_modules, TrainableSet};
 use std::time::Instant;
 
@@ -423,82 +424,106 @@ struct StepRecord {
     samples: usize,
     flops: StepFlops,
     canvases: Vec<[usize; 2]>,
+    loss: f64,
+}
+
+/// The trainer's stage-2 recipe for the bench's optimizer (weight decay 0, clipping at 1); the
+/// values do not change the work.
+const BENCH_LR: f64 = 2e-5;
+const BENCH_MAX_GRAD_NORM: f64 = 1.0;
+
+/// What a bench run trains: the model as the trainer builds it for the stage (its trainable set,
+/// weights stored as the precision says) and, with `--optimizer`, AdamW over one rank's slice.
+struct Setup<B: AutodiffBackend> {
+    config: FilaConfig,
+    model: Fila<B>,
+    set: TrainableSet,
+    slice: Option<TrainableSet>,
+    adam: Option<AdamW<B::InnerBackend>>,
+}
+
+impl<B: AutodiffBackend> Setup<B> {
+    fn build(options: &BenchOptions, device: &B::Device) -> anyhow::Result<Self> {
+        let config = preset(options.size);
+        config.validate().expect("preset is valid");
+        B::seed(device, 0);
+        let (model, set) = apply_trainable(config.init::<B>(device), options.stage, &TrainableConfig::default())?;
+        let model = options.precision.store_frozen(model, &set);
+        let (slice, adam) = Self::optimizer(options, &set, &model, device);
+        // The optimizer holds the f32 values now; the model keeps what the precision stores.
+        let model = options.precision.store_trainable(model, &set);
+        Ok(Self { config, model, set, slice, adam })
+    }
+
+    /// With `--optimizer`: the slice of the trainable set one rank owns and AdamW over it, holding
+    /// `model`'s values.
+    fn optimizer(options: &BenchOptions, set: &TrainableSet, model: &Fila<B>, device: &B::Device) -> (Option<TrainableSet>, Option<AdamW<B::InnerBackend>>) {
+        let adam_config = OptimizerConfig { lr: BENCH_LR, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.0 };
+        let slice = options.optimizer.then(|| optimizer_slice(set, options.optimizer_world));
+        let adam = slice.as_ref().map(|slice| AdamW::new(adam_config, slice, FlatLayout::new(slice, 1, 0, BUCKET_ELEMENTS), model, device));
+        (slice, adam)
+    }
+
+    /// The training step `fila-train` runs ([`TrainStep`]), at the bench's precision and
+    /// recomputation, on one micro-batch.
+    fn step(&mut self, options: &BenchOptions, model: Fila<B>, input: FilaInput<B>, comm: &Comm) -> anyhow::Result<(Fila<B>, StepOutcome)> {
+        let step = TrainStep { precision: options.precision, recompute: options.recompute, set: &self.set, max_grad_norm: BENCH_MAX_GRAD_NORM };
+        step.run(model, [Some(MicroBatch { input, share: 1.0 })], self.adam.as_mut(), BENCH_LR, comm, || false)
+    }
 }
 
 /// Runs `warmup` untimed and `steps` timed training steps and prints per-step and summary
 /// figures. Each step ends with a device sync, so asynchronous backends are timed to completion.
 pub fn run<B: AutodiffBackend>(options: BenchOptions, device: &B::Device) -> anyhow::Result<()> {
-    let BenchOptions { size, stage, shape, batch, text_tokens, steps, warmup, precision, recompute, optimizer, optimizer_world, peak_tflops, json, .. } =
-        options;
-    let config = preset(size);
-    config.validate().expect("preset is valid");
+    let BenchOptions { size, stage, shape, batch, text_tokens, steps, warmup, precision, recompute, optimizer_world, peak_tflops, json, .. } = options;
     let build_start = Instant::now();
-    B::seed(device, 0);
-    let modules = stage_modules(stage, &TrainableConfig::default());
-    let trains = Trains::from_modules(&modules);
-    // As the trainer builds it: the stage's trainable set, frozen weights stored as the precision says.
-    let (model, set) = apply_trainable(config.init::<B>(device), stage, &TrainableConfig::default())?;
-    let model = precision.store_frozen(model, &set);
-    // The trainer's stage-2 recipe (weight decay 0, clipping at 1); the values do not change the work.
-    let adam_config = OptimizerConfig { lr: 2e-5, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.0 };
-    let comm = Comm::single();
-    let inner_device = Tensor::<B, 1>::zeros([1], device).inner().device();
-    let slice = optimizer.then(|| optimizer_slice(&set, optimizer_world));
-    let mut adam = slice.as_ref().map(|slice| AdamW::new(adam_config, slice, FlatLayout::new(slice, 1, 0, BUCKET_ELEMENTS), &model, &inner_device));
-    // The optimizer holds the f32 values now; the model keeps what the precision stores.
-    let mut model = precision.store_trainable(model, &set);
+    let mut setup = Setup::<B>::build(&options, device)?;
+    let trains = Trains::from_modules(&stage_modules(stage, &TrainableConfig::default()));
+    let mut model = setup.model.clone();
     B::sync(device).expect("device sync");
     let build_s = build_start.elapsed().as_secs_f64();
+    let comm = Comm::single();
 
-    let counts = config.num_params();
+    let counts = setup.config.num_params();
     let checkpointing = matches!(recompute, Recompute::Layers { .. });
     if !json {
         println!(
             "fila bench {size:?} stage {stage}: {:.1}M parameters ({:.1}M trainable), batch {batch} ({shape:?}), {text_tokens} text tokens per sample, {precision:?}, activation checkpointing {}",
             counts.total() as f64 / 1e6,
-            set.num_elements() as f64 / 1e6,
+            setup.set.num_elements() as f64 / 1e6,
             if checkpointing { "on" } else { "off" },
         );
-        if let Some(slice) = &slice {
-            if optimizer_world > 1 {
-                println!(
-                    "AdamW over one rank's slice of a {optimizer_world}-way sharding: {:.1}M of {:.1}M trainable elements (whole parameters in name order), without the collectives",
-                    slice.num_elements() as f64 / 1e6,
-                    set.num_elements() as f64 / 1e6
-                );
-            }
+        if let Some(slice) = setup.slice.as_ref().filter(|_| optimizer_world > 1) {
+            println!(
+                "AdamW over one rank's slice of a {optimizer_world}-way sharding: {:.1}M of {:.1}M trainable elements (whole parameters in name order), without the collectives",
+                slice.num_elements() as f64 / 1e6,
+                setup.set.num_elements() as f64 / 1e6
+            );
         }
     }
 
     let mut step = |model: Fila<B>, index: usize| -> anyhow::Result<(Fila<B>, StepRecord)> {
         let grids = options.grids(index);
-        let (input, shapes, len, tokens) = make_input::<B>(&config, &grids, text_tokens, device);
+        let (input, shapes, len, tokens) = make_input::<B>(&setup.config, &grids, text_tokens, device);
         let scored = ScoredRows::of(input.labels.as_ref().expect("labels given")).len();
-        let flops = step_flops(&config, &shapes, len, scored, trains, checkpointing);
+        let flops = step_flops(&setup.config, &shapes, len, scored, trains, checkpointing);
         B::sync(device).expect("device sync");
         let start = Instant::now();
-        let (_, grads) = forward_backward(&model, input, 1.0, precision, recompute, &set);
-        let model = match adam.as_mut() {
-            Some(adam) => {
-                adam.add_gradients(&grads, &comm)?;
-                drop(grads);
-                adam.step(model, 2e-5, 1.0, &comm)?.0
-            }
-            _ => model,
-        };
+        let (model, outcome) = setup.step(&options, model, input, &comm)?;
         B::sync(device).expect("device sync");
         let seconds = start.elapsed().as_secs_f64();
         let canvases = grids.iter().map(|g| if g.tiled { [g.cols, g.rows] } else { [1, 1] }).collect();
-        Ok((model, StepRecord { seconds, tokens, samples: grids.len(), flops, canvases }))
+        Ok((model, StepRecord { seconds, tokens, samples: grids.len(), flops, canvases, loss: outcome.loss }))
     };
     // Progress goes to stderr under --json, so a run stopped by a time limit still shows its steps.
     let say = |line: String| if json { eprintln!("{line}") } else { println!("{line}") };
     let line = |i: usize, r: &StepRecord, what: &str| {
         let mfu = peak_tflops.map(|p| format!("{:.1} %", 100.0 * r.flops.total() as f64 / r.seconds / (p * 1e12))).unwrap_or_else(|| "n/a".into());
         format!(
-            "{what} {:>3}: {:8.1} ms, {:>6} tokens, {:9.1} tokens/s, {:7.2} samples/s, {}, MFU {mfu}, canvases {}",
+            "{what} {:>3}: {:8.1} ms, loss {:.4}, {:>6} tokens, {:9.1} tokens/s, {:7.2} samples/s, {}, MFU {mfu}, canvases {}",
             i + 1,
             r.seconds * 1e3,
+            r.loss,
             r.tokens,
             r.tokens as f64 / r.seconds,
             r.samples as f64 / r.seconds,
@@ -532,110 +557,204 @@ pub fn run<B: AutodiffBackend>(options: BenchOptions, device: &B::Device) -> any
     let wall = wall_start.elapsed().as_secs_f64();
     // Kernels compiled and autotune runs during the timed steps (goal: none after warm-up).
     let kernels = fila_train::kernel_events::counts().since(kernels_before);
-    let (peak_bytes, peak_source) = memory.finish();
-    // Every kernel the autotuner chose in this run, warm-up included (GPU backends only).
-    let picks = fila_train::kernel_events::picks_from(0);
+    let peak = memory.finish();
     drop(model);
     // Input generation is inside the CPU window but outside the step times; it is small.
     let cpu = cpu_start.zip(cpu_times()).map(|((u0, s0), (u1, s1))| (u1 - u0, s1 - s0));
-
-    let times: Vec<f64> = records.iter().map(|r| r.seconds).collect();
-    let seconds: f64 = times.iter().sum();
-    let mean = seconds / steps as f64;
-    let mut sorted = times.clone();
-    sorted.sort_by(f64::total_cmp);
-    let median = sorted[steps / 2];
-    let tokens: usize = records.iter().map(|r| r.tokens).sum();
-    let samples: usize = records.iter().map(|r| r.samples).sum();
-    let mut flops = StepFlops::default();
-    for r in &records {
-        flops.forward += r.flops.forward;
-        flops.backward += r.flops.backward;
-        flops.recompute += r.flops.recompute;
-    }
-    let achieved = flops.total() as f64 / seconds;
-    let mfu = peak_tflops.map(|p| achieved / (p * 1e12));
-    let mfu_model = peak_tflops.map(|p| flops.model() as f64 / seconds / (p * 1e12));
-    let slice_elements = slice.as_ref().map(|s| s.num_elements());
-    if json {
-        let value = serde_json::json!({
-            "size": format!("{size:?}").to_lowercase(),
-            "stage": stage,
-            "batch": batch,
-            "batch_shape": format!("{shape:?}").to_lowercase(),
-            "text_tokens": text_tokens,
-            "device": options.device.to_string(),
-            "precision": format!("{precision:?}"),
-            "activation_checkpointing": checkpointing,
-            "optimizer": optimizer,
-            "optimizer_world": optimizer_world,
-            "optimizer_elements": slice_elements,
-            "build_s": build_s,
-            "warmup_steps": warmup,
-            "warmup_s": warmup_s,
-            "steps": steps,
-            "step_s": times,
-            "step_tokens": records.iter().map(|r| r.tokens).collect::<Vec<_>>(),
-            "step_canvases": records.iter().map(|r| r.canvases.clone()).collect::<Vec<_>>(),
-            "step_flops": records.iter().map(|r| r.flops.total()).collect::<Vec<_>>(),
-            "mean_s": mean,
-            "median_s": median,
-            "tokens_per_s": tokens as f64 / seconds,
-            "samples_per_s": samples as f64 / seconds,
-            "flops_per_step": {
-                "forward": flops.forward / steps as u64,
-                "backward": flops.backward / steps as u64,
-                "recompute": flops.recompute / steps as u64,
-                "total": flops.total() / steps as u64,
-            },
-            "achieved_tflops": achieved / 1e12,
-            "peak_tflops": peak_tflops,
-            "mfu": mfu,
-            "mfu_without_recompute": mfu_model,
-            "peak_memory_bytes": peak_bytes,
-            "peak_memory_source": peak_source,
-            "wall_s": wall,
-            "user_s": cpu.map(|c| c.0),
-            "system_s": cpu.map(|c| c.1),
-            "trainable": set.num_elements(),
-            "parameters": counts.total(),
-            "kernels_compiled_after_warmup": kernels.compiled,
-            "autotune_runs_after_warmup": kernels.tuned,
-            "autotune_picks": picks,
-        });
-        println!("{value}");
-    } else {
-        let what = if optimizer { "forward+backward+AdamW" } else { "forward+backward" };
-        println!(
-            "{what}: mean {:.1} ms/step, median {:.1} ms/step over {steps} steps after {warmup} warm-up; {:.1} tokens/s, {:.2} samples/s",
-            mean * 1e3,
-            median * 1e3,
-            tokens as f64 / seconds,
-            samples as f64 / seconds
-        );
-        println!(
-            "per step {} (forward {}, backward {}, recomputation {}), {:.3} TFLOP/s, MFU {}",
-            flop_text(flops.total() as f64 / steps as f64),
-            flop_text(flops.forward as f64 / steps as f64),
-            flop_text(flops.backward as f64 / steps as f64),
-            flop_text(flops.recompute as f64 / steps as f64),
-            achieved / 1e12,
-            match (mfu, mfu_model, peak_tflops) {
-                (Some(m), Some(n), Some(p)) => format!("{:.1} % of {p} TFLOP/s ({:.1} % without the recomputation)", m * 100.0, n * 100.0),
-                _ => "n/a (give --peak-tflops)".into(),
-            }
-        );
-        match peak_bytes {
-            Some(b) => println!("peak memory {:.2} GiB: {peak_source}", b as f64 / (1u64 << 30) as f64),
-            None => println!("peak memory {peak_source}"),
-        }
-        if let Some((user, system)) = cpu {
-            println!("CPU: user {user:.2} s, system {system:.2} s over {wall:.2} s wall (user/wall {:.2})", user / wall);
-        }
-        println!("after warm-up: {} kernels compiled, {} autotune runs", kernels.compiled, kernels.tuned);
-        for pick in &picks {
-            println!("autotune: {pick}");
-        }
-    }
+    let run = Run {
+        options: &options,
+        build_s,
+        warmup_s,
+        records,
+        wall,
+        cpu,
+        peak,
+        kernels,
+        parameters: counts.total(),
+        trainable: setup.set.num_elements(),
+        optimizer_elements: setup.slice.as_ref().map(|s| s.num_elements()),
+    };
+    run.report();
     Ok(())
+}
+
+/// A finished bench run, for the report.
+struct Run<'a> {
+    options: &'a BenchOptions,
+    build_s: f64,
+    warmup_s: Vec<f64>,
+    records: Vec<StepRecord>,
+    wall: f64,
+    cpu: Option<(f64, f64)>,
+    peak: (Option<u64>, String),
+    kernels: fila_train::kernel_events::KernelCounts,
+    parameters: usize,
+    trainable: usize,
+    optimizer_elements: Option<usize>,
+}
+
+impl Run<'_> {
+    /// Prints the summary: one JSON object under `--json`, lines for people otherwise.
+    fn report(&self) {
+        let BenchOptions { size, stage, shape, batch, text_tokens, steps, warmup, precision, recompute, optimizer, optimizer_world, peak_tflops, json, .. } =
+            *self.options;
+        let (records, wall, cpu, kernels) = (&self.records, self.wall, self.cpu, self.kernels);
+        let (peak_bytes, peak_source) = (self.peak.0, &self.peak.1);
+        let checkpointing = matches!(recompute, Recompute::Layers { .. });
+        // Every kernel the autotuner chose in this run, warm-up included (GPU backends only).
+        let picks = fila_train::kernel_events::picks_from(0);
+        let times: Vec<f64> = records.iter().map(|r| r.seconds).collect();
+        let seconds: f64 = times.iter().sum();
+        let mean = seconds / steps as f64;
+        let mut sorted = times.clone();
+        sorted.sort_by(f64::total_cmp);
+        let median = sorted[steps / 2];
+        let tokens: usize = records.iter().map(|r| r.tokens).sum();
+        let samples: usize = records.iter().map(|r| r.samples).sum();
+        let mut flops = StepFlops::default();
+        for r in records {
+            flops.forward += r.flops.forward;
+            flops.backward += r.flops.backward;
+            flops.recompute += r.flops.recompute;
+        }
+        let achieved = flops.total() as f64 / seconds;
+        let mfu = peak_tflops.map(|p| achieved / (p * 1e12));
+        let mfu_model = peak_tflops.map(|p| flops.model() as f64 / seconds / (p * 1e12));
+        let slice_elements = self.optimizer_elements;
+        if json {
+            let value = serde_json::json!({
+                "size": format!("{size:?}").to_lowercase(),
+                "stage": stage,
+                "batch": batch,
+                "batch_shape": format!("{shape:?}").to_lowercase(),
+                "text_tokens": text_tokens,
+                "device": self.options.device.to_string(),
+                "precision": format!("{precision:?}"),
+                "activation_checkpointing": checkpointing,
+                "optimizer": optimizer,
+                "optimizer_world": optimizer_world,
+                "optimizer_elements": slice_elements,
+                "build_s": self.build_s,
+                "warmup_steps": warmup,
+                "warmup_s": self.warmup_s,
+                "steps": steps,
+                "step_s": times,
+                "step_tokens": records.iter().map(|r| r.tokens).collect::<Vec<_>>(),
+                "step_canvases": records.iter().map(|r| r.canvases.clone()).collect::<Vec<_>>(),
+                "step_loss": records.iter().map(|r| r.loss).collect::<Vec<_>>(),
+                "step_flops": records.iter().map(|r| r.flops.total()).collect::<Vec<_>>(),
+                "mean_s": mean,
+                "median_s": median,
+                "tokens_per_s": tokens as f64 / seconds,
+                "samples_per_s": samples as f64 / seconds,
+                "flops_per_step": {
+                    "forward": flops.forward / steps as u64,
+                    "backward": flops.backward / steps as u64,
+                    "recompute": flops.recompute / steps as u64,
+                    "total": flops.total() / steps as u64,
+                },
+                "achieved_tflops": achieved / 1e12,
+                "peak_tflops": peak_tflops,
+                "mfu": mfu,
+                "mfu_without_recompute": mfu_model,
+                "peak_memory_bytes": peak_bytes,
+                "peak_memory_source": peak_source,
+                "wall_s": wall,
+                "user_s": cpu.map(|c| c.0),
+                "system_s": cpu.map(|c| c.1),
+                "trainable": self.trainable,
+                "parameters": self.parameters,
+                "kernels_compiled_after_warmup": kernels.compiled,
+                "autotune_runs_after_warmup": kernels.tuned,
+                "autotune_picks": picks,
+            });
+            println!("{value}");
+        } else {
+            let what = if optimizer { "forward+backward+AdamW" } else { "forward+backward" };
+            println!(
+                "{what}: mean {:.1} ms/step, median {:.1} ms/step over {steps} steps after {warmup} warm-up; {:.1} tokens/s, {:.2} samples/s",
+                mean * 1e3,
+                median * 1e3,
+                tokens as f64 / seconds,
+                samples as f64 / seconds
+            );
+            println!(
+                "per step {} (forward {}, backward {}, recomputation {}), {:.3} TFLOP/s, MFU {}",
+                flop_text(flops.total() as f64 / steps as f64),
+                flop_text(flops.forward as f64 / steps as f64),
+                flop_text(flops.backward as f64 / steps as f64),
+                flop_text(flops.recompute as f64 / steps as f64),
+                achieved / 1e12,
+                match (mfu, mfu_model, peak_tflops) {
+                    (Some(m), Some(n), Some(p)) => format!("{:.1} % of {p} TFLOP/s ({:.1} % without the recomputation)", m * 100.0, n * 100.0),
+                    _ => "n/a (give --peak-tflops)".into(),
+                }
+            );
+            match peak_bytes {
+                Some(b) => println!("peak memory {:.2} GiB: {peak_source}", b as f64 / (1u64 << 30) as f64),
+                None => println!("peak memory {peak_source}"),
+            }
+            if let Some((user, system)) = cpu {
+                println!("CPU: user {user:.2} s, system {system:.2} s over {wall:.2} s wall (user/wall {:.2})", user / wall);
+            }
+            println!("after warm-up: {} kernels compiled, {} autotune runs", kernels.compiled, kernels.tuned);
+            for pick in &picks {
+                println!("autotune: {pick}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, Flex};
+    use fila_train::config::LoadedConfig;
+
+    type B = Autodiff<Flex>;
+
+    /// The bench runs the trainer's step: on the same model and batch, the bench's step and the
+    /// step `fila-train` builds from a config with the same settings (the tiny stage-2 config:
+    /// f32, checkpointing off, clipping at 1) give the same loss and gradient norm, bit for bit.
+    #[test]
+    fn a_bench_step_is_the_trainers_step() {
+        let options = BenchOptions {
+            size: BenchSize::Tiny,
+            stage: 2,
+            shape: BatchShape::Canvas2x2,
+            batch: 2,
+            text_tokens: 8,
+            steps: 1,
+            warmup: 0,
+            device: Device::Cpu,
+            precision: Precision::F32,
+            recompute: Recompute::Off,
+            optimizer: true,
+            optimizer_world: 1,
+            peak_tflops: None,
+            json: true,
+        };
+        let device = Default::default();
+        let comm = Comm::single();
+        let mut bench = Setup::<B>::build(&options, &device).unwrap();
+        let (_, mut adam) = Setup::<B>::optimizer(&options, &bench.set, &bench.model, &device);
+        // One random batch for both (tests share the backend's generator, so it is drawn once).
+        let input = make_input::<B>(&bench.config, &options.grids(0), options.text_tokens, &device).0;
+        let copy = FilaInput {
+            input_ids: input.input_ids.clone(),
+            attention_mask: input.attention_mask.clone(),
+            labels: input.labels.clone(),
+            images: input.images.iter().map(|i| ImageInput { views: i.views.clone(), hires: i.hires.clone(), grid: i.grid }).collect(),
+        };
+        let (_, by_bench) = bench.step(&options, bench.model.clone(), input, &comm).unwrap();
+
+        let repo = std::env::var_os("FILA_REPO_DIR").map_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."), std::path::PathBuf::from);
+        let loaded = LoadedConfig::load(&repo.join("configs/tiny/synth-stage2.toml"), &[]).unwrap();
+        let step = TrainStep::of(&loaded.config, &bench.set);
+        let batch = [Some(MicroBatch { input: copy, share: 1.0 })];
+        let (_, by_trainer) = step.run(bench.model.clone(), batch, adam.as_mut(), BENCH_LR, &comm, || false).unwrap();
+
+        assert!(by_bench.finite && by_bench.loss > 0.0 && by_bench.grad_norm > 0.0, "{by_bench:?}");
+        assert_eq!(by_bench, by_trainer);
+    }
 }

@@ -25,6 +25,7 @@
 
 use crate::autocast::{self, Compute};
 use crate::kernels;
+use crate::probe::{same_float, same_type};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
@@ -34,7 +35,6 @@ use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::ops::{AttentionModuleOptions, BoolTensor, FloatTensor};
 use burn::tensor::{FloatDType, TensorPrimitive};
-use std::any::{Any, TypeId};
 
 /// Which keys each query may see.
 ///
@@ -158,11 +158,6 @@ pub fn attention_with<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B,
 
 type Args<B> = (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>, Option<Tensor<B, 2, Bool>>);
 
-/// Moves a value to the type it is known to have (checked by `TypeId` beforehand).
-fn same_type<S: 'static, T: 'static>(value: S) -> T {
-    *(Box::new(value) as Box<dyn Any>).downcast::<T>().expect("types checked equal")
-}
-
 /// Runs the custom operation when `B`'s float tensors are autodiff tensors over `I`; otherwise
 /// hands the arguments back. The primitive identifies `I` whatever the checkpointing strategy.
 fn via_autodiff<B: Backend, I: Backend>(
@@ -172,7 +167,7 @@ fn via_autodiff<B: Backend, I: Backend>(
     padding: Option<Tensor<B, 2, Bool>>,
     spec: Spec,
 ) -> Result<Tensor<B, 4>, Args<B>> {
-    if TypeId::of::<FloatTensor<B>>() != TypeId::of::<FloatTensor<Autodiff<I>>>() {
+    if !same_float::<B, Autodiff<I>>() {
         return Err((q, k, v, padding));
     }
     let float = |x: Tensor<B, 4>| -> FloatTensor<Autodiff<I>> { same_type(x.into_primitive().tensor()) };
@@ -211,7 +206,7 @@ fn causal_block<B: Backend>(tq: usize, tk: usize, offset: i64, device: &B::Devic
 /// kernel wants one contiguous `[Tq, Tk]` block per (batch, head) pair.
 fn kernel_mask<I: Backend>(mask: Tensor<I, 4, Bool>, heads: usize) -> Tensor<I, 4, Bool> {
     let mask = contiguous(mask);
-    if TypeId::of::<I>() == TypeId::of::<burn::backend::Flex>() {
+    if same_float::<I, burn::backend::Flex>() {
         return mask;
     }
     let [b, _, tq, tk] = mask.dims();
@@ -222,7 +217,7 @@ fn kernel_mask<I: Backend>(mask: Tensor<I, 4, Bool>, heads: usize) -> Tensor<I, 
 /// heads are repeated and the mask materialised (only what the kernel cannot take as its causal
 /// flag). Nothing here is kept after the call.
 fn fused_forward<I: Backend>(q: Tensor<I, 4>, k: Tensor<I, 4>, v: Tensor<I, 4>, padding: Option<Tensor<I, 2, Bool>>, spec: Spec) -> Tensor<I, 4> {
-    if TypeId::of::<I>() == TypeId::of::<burn::backend::Flex>() && spec.compute == Compute::F32 {
+    if same_float::<I, burn::backend::Flex>() && spec.compute == Compute::F32 {
         return chunked_forward(q, k, v, padding.as_ref(), spec);
     }
     let [b, h, tq, _] = q.dims();

@@ -19,6 +19,7 @@ use crate::autocast;
 use crate::config::read_hf_config;
 use crate::kernels;
 use crate::nn::{linear, Activation, LayerNorm};
+pub use crate::weights::ConvNextLayout;
 use crate::weights::{Checkpoint, KeyMap};
 use crate::ModelError;
 use burn::module::{Module, Param};
@@ -30,23 +31,6 @@ use std::path::Path;
 
 /// The LayerNorms inside the network use this epsilon whatever the config says.
 const INNER_NORM_EPS: f64 = 1e-6;
-
-/// Which tensor names a ConvNeXt checkpoint uses (`model.convnext_layout`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum ConvNextLayout {
-    /// Decided from the folder: a Hugging Face `config.json` (`"model_type": "convnext"`) means
-    /// `hf`; otherwise the tensor names (`stem.0.weight` → `timm`, `embeddings.patch_embeddings.weight`
-    /// → `hf`, each also under its usual prefix).
-    #[default]
-    Auto,
-    /// `ConvNextModel` / `ConvNextForImageClassification` (`facebook/convnext-*`).
-    Hf,
-    /// timm names (`stem.0`, `stages.{i}.blocks.{j}.conv_dw`), bare or inside a whole OpenCLIP
-    /// model (`visual.trunk.*`, text tower and projection head ignored).
-    #[serde(alias = "open_clip", alias = "openclip")]
-    Timm,
-}
 
 /// `ConvNextConfig`; defaults are transformers' defaults (ConvNeXt-T).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -14,6 +14,7 @@ pub mod hybrid_encoder;
 pub mod kernels;
 pub mod llama;
 pub mod nn;
+pub mod probe;
 pub mod projector;
 pub mod spec;
 pub mod weights;

@@ -12,6 +12,7 @@
 //! `Fila::load(.., &ModelSource::Checkpoint(final))`.
 
 use crate::dist::Comm;
+pub use crate::optim::OPTIMIZER_FILE;
 use crate::optim::{shard_file, AdamW};
 use crate::trainable::TrainableSet;
 use anyhow::{anyhow, bail, Context, Result};
@@ -26,7 +27,6 @@ use std::path::{Path, PathBuf};
 
 pub const STATE_FILE: &str = "state.json";
 pub const WEIGHTS_FILE: &str = "trainable.safetensors";
-pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const CONFIG_FILE: &str = "config.toml";
 
 /// Everything besides tensors needed to continue a run exactly.
@@ -149,7 +149,7 @@ impl CheckpointWriter<'_> {
             std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
             optimizer.save(&tmp)?;
             if world.is_root() {
-                write_safetensors_from(&tmp.join(WEIGHTS_FILE), trainable_tensors(model, set), None).map_err(|e| anyhow!("{e}"))?;
+                write_safetensors_from(&tmp.join(WEIGHTS_FILE), trainable_tensors(model, set), None)?;
                 std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(state)?)?;
                 std::fs::write(tmp.join(CONFIG_FILE), &self.config_toml)?;
             }
@@ -228,7 +228,7 @@ pub fn read_config(dir: &Path) -> Result<toml::Table> {
 /// its shape, and nothing else may be.
 pub fn load_trainable<B: Backend>(model: Fila<B>, set: &TrainableSet, dir: &Path) -> Result<Fila<B>> {
     let path = dir.join(WEIGHTS_FILE);
-    let file = Checkpoint::open(&path).map_err(|e| anyhow!("{e}"))?;
+    let file = Checkpoint::open(&path)?;
     if let Some(extra) = file.keys().find(|k| !set.contains(k)) {
         bail!("{}: `{extra}` is not a trainable parameter of this run (different stage or trainable list?)", path.display());
     }
@@ -276,7 +276,7 @@ pub fn export_final<B: Backend>(output_dir: &Path, model: &Fila<B>, config: &Fil
         std::fs::remove_dir_all(&tmp)?;
     }
     std::fs::create_dir_all(&tmp)?;
-    write_safetensors_from(&tmp.join("model.safetensors"), model.named_sources(&|_| true), None).map_err(|e| anyhow!("{e}"))?;
+    write_safetensors_from(&tmp.join("model.safetensors"), model.named_sources(&|_| true), None)?;
     std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(config)?)?;
     std::fs::copy(tokenizer, tmp.join("tokenizer.json")).with_context(|| format!("copying {}", tokenizer.display()))?;
     std::fs::write(tmp.join("run.toml"), run_config)?;

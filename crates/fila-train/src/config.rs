@@ -8,6 +8,7 @@
 //! Relative paths are taken from the config file's folder and made absolute on load, so the
 //! resolved config saved with a run (`config.toml`) reads the same from anywhere.
 
+pub use crate::trainable::TrainableConfig;
 use anyhow::{anyhow, bail, Context, Result};
 use fila_data::DataConfig;
 use fila_model::spec::ModelSpec;
@@ -45,18 +46,6 @@ pub struct TrainConfig {
     pub checkpoint: CheckpointConfig,
     #[serde(default)]
     pub logging: LoggingConfig,
-}
-
-/// Which parameters train, and their learning-rate multipliers.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-pub struct TrainableConfig {
-    /// Names: `all`, `vit`, `convnext`, `cvfm`, `projector`, `llm`, or a parameter-path prefix
-    /// such as `llm.model.layers.0`. Default: stage 1 `["cvfm", "projector"]` (the recipe: towers
-    /// and LLM frozen), stage 2 `["all"]`.
-    pub modules: Option<Vec<String>>,
-    /// Module name (as in `modules`) → LR multiplier; the longest matching prefix wins.
-    pub lr_multipliers: std::collections::BTreeMap<String, f64>,
 }
 
 /// AdamW, with PyTorch's defaults for every key but the learning rate.

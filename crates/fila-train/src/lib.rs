@@ -18,6 +18,7 @@ pub mod plan;
 pub mod precision;
 pub mod recompute;
 pub mod shard;
+pub mod step;
 pub mod trainable;
 pub mod trainer;
 

@@ -10,7 +10,6 @@
 //! master values and both moments in place ([`fused`]): the same arithmetic as the tensor ops,
 //! which would make about fifteen slice-sized temporaries per step.
 
-use crate::checkpoint::OPTIMIZER_FILE;
 use crate::config::{OptimizerConfig, ScheduleConfig};
 use crate::dist::Comm;
 use crate::shard::FlatLayout;
@@ -22,10 +21,14 @@ use burn::module::{Module, Param};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{FloatDType, TensorData};
+use fila_model::probe::same_type;
 use fila_model::weights::{map_params, visit_params, write_safetensors_from, Checkpoint, ParamPath, PathMapper, PathVisitor, TensorSource};
 use std::any::Any;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+
+/// The optimizer state of a checkpoint written by one rank (several ranks: [`shard_file`]).
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 
 /// Gradients by parameter path, flattened.
 pub type Grads<I> = BTreeMap<String, Tensor<I, 1>>;
@@ -315,7 +318,7 @@ impl<I: Backend> AdamW<I> {
         let mut meta = HashMap::new();
         meta.insert("step".to_string(), self.step.to_string());
         let path = dir.join(shard_file(self.layout.rank, self.layout.world));
-        write_safetensors_from(&path, sources, Some(meta)).map_err(|e| anyhow!("{e}"))
+        Ok(write_safetensors_from(&path, sources, Some(meta))?)
     }
 
     /// Reads the optimizer shards of checkpoint `dir`, written at any world size, and keeps this
@@ -340,7 +343,7 @@ impl<I: Backend> AdamW<I> {
             if *step.get_or_insert(s) != s {
                 bail!("{}: step {s}, while another shard of this checkpoint has {}", path.display(), step.unwrap());
             }
-            let file = Checkpoint::open(path).map_err(|e| anyhow!("{e}"))?;
+            let file = Checkpoint::open(path)?;
             for key in file.keys().map(String::from).collect::<Vec<_>>() {
                 let (kind, rest) = key.split_once('.').ok_or_else(|| anyhow!("{}: unexpected tensor `{key}`", path.display()))?;
                 let target = match kind {
@@ -356,7 +359,7 @@ impl<I: Backend> AdamW<I> {
                 let Ok(p) = layout.names.binary_search_by(|n| n.as_str().cmp(name)) else {
                     bail!("{}: optimizer state for `{name}`, which is not trainable in this run", path.display());
                 };
-                let (shape, values) = file.read_f32(&key).map_err(|e| anyhow!("{e}"))?;
+                let (shape, values) = file.read_f32(&key)?;
                 if shape.len() != 1 || start + values.len() > layout.numel(p) {
                     bail!("{}: `{key}` has shape {shape:?}, which does not fit `{name}` ({} elements)", path.display(), layout.numel(p));
                 }
@@ -435,11 +438,6 @@ fn as_flex<I: Backend>(t: &Tensor<I, 1>) -> Option<FlexTensor> {
 
 fn flex_of(t: Tensor<Flex, 1>) -> FlexTensor {
     t.into_primitive().tensor()
-}
-
-/// Moves a value to the type it is known to have (checked by downcasting beforehand).
-fn same_type<S: 'static, T: 'static>(value: S) -> T {
-    *(Box::new(value) as Box<dyn Any>).downcast::<T>().expect("types checked equal")
 }
 
 /// The AdamW update as one pass over raw `f32` slices (the CPU backend).

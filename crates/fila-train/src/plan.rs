@@ -14,7 +14,7 @@
 
 use crate::config::LoadedConfig;
 use crate::trainable::apply_trainable;
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 use burn::backend::Flex;
 use fila_model::clip_vit::ClipVisionConfig;
 use fila_model::convnext::ConvNextConfig;
@@ -181,61 +181,7 @@ pub fn plan_of(loaded: &LoadedConfig, world: usize) -> Result<Plan> {
     let frozen = counts.total() - trainable;
     let slice = trainable as f64 / world as f64;
 
-    // Activation estimate for one micro-batch.
-    let data = &loaded.data;
-    let b = c.batch.micro_batch_size as f64;
-    let act_scale = p.activation_scale();
-    let llm_trains = trains("llm");
-    let llm_layer =
-        layer_bytes(arch.llm.hidden_size, arch.llm.num_key_value_heads * arch.llm.head_dim, arch.llm.intermediate_size, Block::Llama, llm_trains, p);
-    let vit_layer = layer_bytes(arch.vision.hidden_size, arch.vision.hidden_size, arch.vision.intermediate_size, Block::Clip, trains("vit"), p);
-    let g = (arch.vision.image_size / arch.vision.patch_size) as f64;
-    let (views, hires_side_w, hires_side_h) = match c.stage {
-        1 => (1.0, data.geometry.square_hires_size as f64, data.geometry.square_hires_size as f64),
-        _ => {
-            let tile_hires = data.geometry.tile_size as f64 * data.geometry.hires_factor[0] as f64 / data.geometry.hires_factor[1] as f64;
-            let most = data.geometry.canvases.iter().max_by_key(|cv| cv[0] * cv[1]).copied().unwrap_or([1, 1]);
-            (1.0 + (most[0] * most[1]) as f64, most[0] as f64 * tile_hires, most[1] as f64 * tile_hires)
-        }
-    };
-    let s_text = data.max_len as f64;
-    let (layers, hidden, vocab) = (arch.llm.num_hidden_layers as f64, arch.llm.hidden_size as f64, arch.llm.vocab_size as f64);
-    // The loss: logits, their log-softmax and gradient in f32 for every scored position (at most
-    // all b·s of them), or for one chunk of positions at a time under checkpointing.
-    let recompute = c.train.activation_checkpointing;
-    let head_rows = if recompute { (crate::recompute::HEAD_ROWS as f64).min(b * s_text) } else { b * s_text };
-    let head = 3.0 * head_rows * vocab * 4.0;
-    // One layer's attention scores at a time, `[B, heads, T, T]` f32: the unfused attention's
-    // probabilities in the forward pass, recomputed in the backward pass (measured on the CPU; a
-    // fused GPU kernel keeps less).
-    let scores = b * arch.llm.num_attention_heads as f64 * s_text * s_text * 4.0;
-    let llm_act = scores
-        + if recompute {
-            // Each layer's input (the f32 residual stream), the last layer's output and the gradient
-            // of the hidden state, plus one chunk of the loss or, later, one layer's activations while
-            // it is recomputed in the backward pass (crate::recompute).
-            (layers + 2.0) * b * s_text * hidden * 4.0 + head.max(b * s_text * llm_layer)
-        } else {
-            layers * b * s_text * llm_layer + head
-        };
-    let feature_layer = arch.hybrid.feature_layer(arch.vision.num_hidden_layers);
-    let first_tracked = if trains("vit") { 0 } else { arch.hybrid.fusion_layers.first().copied().unwrap_or(feature_layer) };
-    let vit_layers = feature_layer.saturating_sub(first_tracked) as f64;
-    let vit_act = vit_layers * (1.0 + g * g) * b * views * vit_layer;
-    let convnext_act = if trains("convnext") && arch.hybrid.use_convnext {
-        let strides = arch.convnext.stage_strides();
-        (0..4)
-            .map(|k| {
-                let cells = (hires_side_w / strides[k] as f64) * (hires_side_h / strides[k] as f64);
-                12.0 * cells * arch.convnext.hidden_sizes[k] as f64 * arch.convnext.depths[k] as f64 * b
-            })
-            .sum::<f64>()
-            * 2.0 // bytes per element of an all-16-bit model, scaled like the other activations
-            * act_scale
-    } else {
-        0.0
-    };
-    let activations = llm_act + vit_act + convnext_act;
+    let activations = activations(loaded, &arch, &trains);
 
     let this_slice = if world > 1 { ", this rank's slice" } else { "" };
     let dtype = |bytes: usize| if bytes == 2 { "bf16" } else { "f32" };
@@ -259,14 +205,7 @@ pub fn plan_of(loaded: &LoadedConfig, world: usize) -> Result<Plan> {
             bytes: if c.batch.accumulation_steps > 1 { slice * 4.0 } else { 0.0 },
             note: format!("f32 sum over micro-batches and ranks{this_slice}, made by the first micro-batch"),
         },
-        Term {
-            name: "activations",
-            bytes: activations,
-            note: format!(
-                "{views} views/image, ConvNeXt {hires_side_w}x{hires_side_h}, {vit_layers} tracked ViT layers, LLM layers {}",
-                if recompute { "recomputed (train.activation_checkpointing)" } else { "kept" }
-            ),
-        },
+        activations,
     ];
     // The update: the CPU's fused pass works in place; the tensor ops on a GPU make new moments,
     // values and two temporaries before the old ones are freed. Then the slice is written back
@@ -300,7 +239,7 @@ pub fn plan_of(loaded: &LoadedConfig, world: usize) -> Result<Plan> {
 
     let mut header = vec![format!(
         "memory plan: stage {} on {} ({:?}), micro-batch {} × accumulation {}, max_len {}",
-        c.stage, c.device, p, c.batch.micro_batch_size, c.batch.accumulation_steps, data.max_len
+        c.stage, c.device, p, c.batch.micro_batch_size, c.batch.accumulation_steps, loaded.data.max_len
     )];
     if let Some(n) = note {
         header.push(format!("note: {n}"));
@@ -318,10 +257,77 @@ pub fn plan_of(loaded: &LoadedConfig, world: usize) -> Result<Plan> {
     Ok(Plan { header, resident, phase, other_phase, overhead })
 }
 
+/// The activations one micro-batch keeps at the peak of its forward and backward pass.
+fn activations(loaded: &LoadedConfig, arch: &FilaConfig, trains: &dyn Fn(&str) -> bool) -> Term {
+    let c = &loaded.config;
+    let p = c.precision;
+    let recompute = c.train.activation_checkpointing;
+    let data = &loaded.data;
+    let b = c.batch.micro_batch_size as f64;
+    let act_scale = p.activation_scale();
+    let llm_trains = trains("llm");
+    let llm_layer =
+        layer_bytes(arch.llm.hidden_size, arch.llm.num_key_value_heads * arch.llm.head_dim, arch.llm.intermediate_size, Block::Llama, llm_trains, p);
+    let vit_layer = layer_bytes(arch.vision.hidden_size, arch.vision.hidden_size, arch.vision.intermediate_size, Block::Clip, trains("vit"), p);
+    let g = (arch.vision.image_size / arch.vision.patch_size) as f64;
+    let (views, hires_side_w, hires_side_h) = match c.stage {
+        1 => (1.0, data.geometry.square_hires_size as f64, data.geometry.square_hires_size as f64),
+        _ => {
+            let tile_hires = data.geometry.tile_size as f64 * data.geometry.hires_factor[0] as f64 / data.geometry.hires_factor[1] as f64;
+            let most = data.geometry.canvases.iter().max_by_key(|cv| cv[0] * cv[1]).copied().unwrap_or([1, 1]);
+            (1.0 + (most[0] * most[1]) as f64, most[0] as f64 * tile_hires, most[1] as f64 * tile_hires)
+        }
+    };
+    let s_text = data.max_len as f64;
+    let (layers, hidden, vocab) = (arch.llm.num_hidden_layers as f64, arch.llm.hidden_size as f64, arch.llm.vocab_size as f64);
+    // The loss: logits, their log-softmax and gradient in f32 for every scored position (at most
+    // all b·s of them), or for one chunk of positions at a time under checkpointing.
+    let head_rows = if recompute { (crate::recompute::HEAD_ROWS as f64).min(b * s_text) } else { b * s_text };
+    let head = 3.0 * head_rows * vocab * 4.0;
+    // One layer's attention scores at a time, `[B, heads, T, T]` f32: the unfused attention's
+    // probabilities in the forward pass, recomputed in the backward pass (measured on the CPU; a
+    // fused GPU kernel keeps less).
+    let scores = b * arch.llm.num_attention_heads as f64 * s_text * s_text * 4.0;
+    let llm_act = scores
+        + if recompute {
+            // Each layer's input (the f32 residual stream), the last layer's output and the gradient
+            // of the hidden state, plus one chunk of the loss or, later, one layer's activations while
+            // it is recomputed in the backward pass (crate::recompute).
+            (layers + 2.0) * b * s_text * hidden * 4.0 + head.max(b * s_text * llm_layer)
+        } else {
+            layers * b * s_text * llm_layer + head
+        };
+    let feature_layer = arch.hybrid.feature_layer(arch.vision.num_hidden_layers);
+    let first_tracked = if trains("vit") { 0 } else { arch.hybrid.fusion_layers.first().copied().unwrap_or(feature_layer) };
+    let vit_layers = feature_layer.saturating_sub(first_tracked) as f64;
+    let vit_act = vit_layers * (1.0 + g * g) * b * views * vit_layer;
+    let convnext_act = if trains("convnext") && arch.hybrid.use_convnext {
+        let strides = arch.convnext.stage_strides();
+        (0..4)
+            .map(|k| {
+                let cells = (hires_side_w / strides[k] as f64) * (hires_side_h / strides[k] as f64);
+                12.0 * cells * arch.convnext.hidden_sizes[k] as f64 * arch.convnext.depths[k] as f64 * b
+            })
+            .sum::<f64>()
+            * 2.0 // bytes per element of an all-16-bit model, scaled like the other activations
+            * act_scale
+    } else {
+        0.0
+    };
+    Term {
+        name: "activations",
+        bytes: llm_act + vit_act + convnext_act,
+        note: format!(
+            "{views} views/image, ConvNeXt {hires_side_w}x{hires_side_h}, {vit_layers} tracked ViT layers, LLM layers {}",
+            if recompute { "recomputed (train.activation_checkpointing)" } else { "kept" }
+        ),
+    }
+}
+
 /// The exact trainable element count on a built tiny model (used by tests to check `plan`).
 pub fn trainable_elements_of(loaded: &LoadedConfig) -> Result<usize> {
     let base = loaded.source.parent().unwrap_or(std::path::Path::new("."));
-    let (config, _) = loaded.config.model.resolve(base).map_err(|e| anyhow!("{e}"))?;
+    let (config, _) = loaded.config.model.resolve(base)?;
     let model = config.init::<Flex>(&Default::default());
     let (_, set) = apply_trainable(model, loaded.config.stage, &loaded.config.trainable)?;
     Ok(set.num_elements())

@@ -5,13 +5,25 @@
 //! gradient for them (backward still flows *through* them to trainable parameters upstream), and
 //! the optimizer never sees them: they stay bit-identical.
 
-use crate::config::TrainableConfig;
 use anyhow::{bail, Result};
 use burn::module::{Module, Param};
 use burn::prelude::*;
 use fila_model::fila::Fila;
 use fila_model::weights::{map_params, visit_params, ParamPath, PathMapper, PathVisitor};
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+
+/// Which parameters train, and their learning-rate multipliers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainableConfig {
+    /// Names: `all`, `vit`, `convnext`, `cvfm`, `projector`, `llm`, or a parameter-path prefix
+    /// such as `llm.model.layers.0`. Default: stage 1 `["cvfm", "projector"]` (the recipe: towers
+    /// and LLM frozen), stage 2 `["all"]`.
+    pub modules: Option<Vec<String>>,
+    /// Module name (as in `modules`) → LR multiplier; the longest matching prefix wins.
+    pub lr_multipliers: std::collections::BTreeMap<String, f64>,
+}
 
 /// Module names usable in `trainable.modules` and `trainable.lr_multipliers`, and the model
 /// parameter-path prefix each stands for.

@@ -12,9 +12,9 @@ use crate::config::{geometry_difference, LoadedConfig, TrainConfig};
 use crate::dist::Comm;
 use crate::kernel_events::{self, KernelCounts};
 use crate::logging::{Logger, StepMetrics};
-use crate::optim::{AdamW, Grads, Schedule};
-use crate::recompute::{forward_backward, Recompute};
+use crate::optim::{AdamW, Schedule};
 use crate::shard::{FlatLayout, BUCKET_ELEMENTS};
+use crate::step::{MicroBatch, StepOutcome, TrainStep};
 use crate::trainable::{apply_trainable, TrainableSet};
 use anyhow::{anyhow, bail, Context, Result};
 use burn::prelude::*;
@@ -80,10 +80,10 @@ pub struct RunOutcome {
 pub fn build_model<B: AutodiffBackend>(loaded: &LoadedConfig, device: &B::Device) -> Result<(Fila<B>, FilaConfig, TrainableSet)> {
     let c = &loaded.config;
     let base = loaded.source.parent().unwrap_or(Path::new("."));
-    let (fila_config, source) = c.model.resolve(base).map_err(|e| anyhow!("{e}"))?;
+    let (fila_config, source) = c.model.resolve(base)?;
     check_data_matches_model(loaded, &fila_config)?;
     B::seed(device, c.seed);
-    let model = Fila::<B>::load(&fila_config, &source, device).map_err(|e| anyhow!("{e}"))?;
+    let model = Fila::<B>::load(&fila_config, &source, device)?;
     let (model, set) = apply_trainable(model, c.stage, &c.trainable)?;
     Ok((c.precision.store_frozen(model, &set), fila_config, set))
 }
@@ -285,8 +285,8 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
                 if world.size > 1 { format!("; {} ranks, optimizer state sharded", world.size) } else { String::new() }
             );
         }
-        let records = Arc::new(RecordSet::load(&loaded.data).map_err(|e| anyhow!("{e}"))?);
-        let pipeline = Arc::new(Pipeline::new(loaded.data.clone()).map_err(|e| anyhow!("{e}"))?);
+        let records = Arc::new(RecordSet::load(&loaded.data)?);
+        let pipeline = Arc::new(Pipeline::new(loaded.data.clone())?);
         let total = total_steps(&loaded, records.records.len(), world.size);
         let mut state = TrainState {
             step: 0,
@@ -333,7 +333,7 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
         let sampler = LoaderOptions::from_config(&loaded.data.loader, world.rank, world.size, state.cursor, end_epoch).sampler(records.records.len());
         let local = sampler.local_cursor(state.cursor);
         let opts = LoaderOptions::from_config(&loaded.data.loader, world.rank, world.size, local, end_epoch);
-        let mut loader = DataLoader::start(records.clone(), pipeline, opts).map_err(|e| anyhow!("{e}"))?;
+        let mut loader = DataLoader::start(records.clone(), pipeline, opts)?;
         // The run's skipped counts live on rank 0; the others count from zero.
         loader.restore_bad_counts(if root { state.skipped.clone() } else { BadRecordCounts::new(state.skipped.max_examples) });
         let logger = Logger::new(root, &loaded.tensorboard_dir(), &out, state.total_steps, state.step)
@@ -366,7 +366,7 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
         let mut batches: Vec<Batch> = Vec::with_capacity(self.c.batch.accumulation_steps);
         while batches.len() < self.c.batch.accumulation_steps {
             match self.loader.next() {
-                Some(b) => batches.push(b.map_err(|e| anyhow!("{e}"))?),
+                Some(b) => batches.push(b?),
                 None => break,
             }
         }
@@ -388,44 +388,17 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
         alloc::mark("between steps");
         let live_before = alloc::live_bytes();
         let lr = self.schedule.lr(self.state.step);
-        // Each micro-batch's mean loss × its share of the step's scored tokens (all ranks): the
-        // sum over micro-batches and ranks is the mean over all the step's tokens, so micro 4 ×
-        // accumulation 1 equals micro 1 × accumulation 4, and W ranks equal one with W× the window.
-        // The step's loss stays on the device until the end of the step: one read per step.
-        let mut loss_sum = Tensor::<B::InnerBackend, 1>::zeros([1], &self.device);
-        for slot in 0..window.slots {
-            // Each micro-batch's gradients go to the optimizer's slice at once (ZeRO-2); a rank
-            // past its last micro-batch adds nothing but still joins.
-            let mut grads: Grads<B::InnerBackend> = Grads::new();
-            if let Some(batch) = window.batches.get(slot) {
-                let share = scored_tokens(batch) as f64 / window.tokens.max(1) as f64;
-                let input = to_input::<B>(batch, &self.device);
-                let (loss, g) =
-                    forward_backward(&self.model, input, share, self.c.precision, Recompute::from_config(self.c.train.activation_checkpointing), &self.set);
-                loss_sum = loss_sum + loss;
-                grads = g;
-            }
-            self.optimizer.add_gradients(&grads, self.comm)?;
-            alloc::mark("gradients to the slice");
-        }
-        // A non-finite loss on any rank skips the step (its gradients are dropped below).
-        let loss_sum = loss_sum.into_scalar().elem::<f64>();
-        let finite = loss_sum.is_finite();
-        // One exchange: the loss, whether every rank stayed finite, and whether any was signalled.
-        let signalled = STOP.load(Ordering::SeqCst);
-        let totals = self.comm.sum_f64(&[if finite { loss_sum } else { 0.0 }, f64::from(u8::from(!finite)), f64::from(u8::from(signalled))])?;
-        let (loss_sum, mut finite, signalled) = (totals[0], totals[1] == 0.0, totals[2] > 0.0);
-        let mut grad_norm = f64::NAN;
-        if finite {
-            let model = self.model.clone();
-            let (model, norm) = self.optimizer.step(model, lr, self.c.train.max_grad_norm, self.comm)?;
-            self.model = model;
-            grad_norm = norm;
-            finite = norm.is_finite();
-        } else {
-            self.optimizer.clear_gradients();
-        }
-        alloc::mark("optimizer step");
+        let device = self.device.clone();
+        let tokens = window.tokens.max(1) as f64;
+        let micro_batches = (0..window.slots).map(|slot| {
+            let batch = window.batches.get(slot)?;
+            Some(MicroBatch { input: to_input::<B>(batch, &device), share: scored_tokens(batch) as f64 / tokens })
+        });
+        let step = TrainStep::of(&self.c, &self.set);
+        let model = self.model.clone();
+        let (model, outcome) = step.run(model, micro_batches, Some(&mut self.optimizer), lr, self.comm, || STOP.load(Ordering::SeqCst))?;
+        self.model = model;
+        let StepOutcome { loss, grad_norm, finite, signalled } = outcome;
         if alloc::profiling() && self.comm.world().is_root() {
             eprintln!("{}", alloc::profile_line(&format!("step {}", self.state.step + 1), live_before));
         }
@@ -443,7 +416,7 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
         let step_time = t0.elapsed().as_secs_f64();
         let metrics = StepMetrics {
             step: self.state.step,
-            loss: if finite { loss_sum } else { f64::NAN },
+            loss,
             lr,
             lrs: self.lr_groups.iter().map(|m| (*m, lr * m)).collect(),
             grad_norm,

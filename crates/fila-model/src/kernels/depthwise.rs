@@ -33,18 +33,18 @@
 //! output is f32; the weight and bias gradients are summed in f32 from the bf16 input the forward
 //! pass used; each gradient comes back in its input's dtype.
 
-use super::same_type;
 use crate::autocast::{self, Compute};
+use crate::probe::{same_float, same_type};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::nn::conv::Conv2d;
+use burn::nn::PaddingConfig2d;
 use burn::prelude::*;
 use burn::tensor::ops::{ConvOptions, FloatTensor};
 use burn::tensor::{DType, FloatDType, TensorMetadata, TensorPrimitive};
-use std::any::TypeId;
 
 /// `conv` (depthwise: groups = channels, stride 1, a square `k×k` kernel, the same padding
 /// `pad < k` on every side) on a channels-last map `[N, H, W, C]` → `[N, H + 2·pad − k + 1,
@@ -53,8 +53,8 @@ use std::any::TypeId;
 /// otherwise `x` comes back. Computes in the current [`autocast`] mode.
 pub fn via_autodiff<B: Backend, I: Backend>(x: Tensor<B, 4>, conv: &Conv2d<B>) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
     let [_, _, _, c] = x.dims();
-    let Some((k, pad)) = super::depthwise_geometry(conv, c) else { return Err(x) };
-    if TypeId::of::<FloatTensor<B>>() != TypeId::of::<FloatTensor<Autodiff<I>>>() {
+    let Some((k, pad)) = geometry(conv, c) else { return Err(x) };
+    if !same_float::<B, Autodiff<I>>() {
         return Err(x);
     }
     let bias = match &conv.bias {
@@ -68,6 +68,19 @@ pub fn via_autodiff<B: Backend, I: Backend>(x: Tensor<B, 4>, conv: &Conv2d<B>) -
 }
 
 /// Everything the operation needs besides its tensors; kept for the backward pass.
+/// `(k, pad)` of a depthwise convolution over `c` channels that the depthwise kernels take (stride
+/// 1, a square `k×k` kernel, the same padding `pad < k` on every side); `None` for any other.
+pub(super) fn geometry<B: Backend>(conv: &Conv2d<B>, c: usize) -> Option<(usize, usize)> {
+    let [k, kw] = conv.kernel_size;
+    let pad = match conv.padding {
+        PaddingConfig2d::Explicit(top, left, bottom, right) if top == left && left == bottom && bottom == right => top,
+        PaddingConfig2d::Valid => 0,
+        _ => return None,
+    };
+    let depthwise = conv.weight.dims() == [c, 1, k, kw] && conv.groups == c;
+    (depthwise && k == kw && conv.stride == [1, 1] && conv.dilation == [1, 1] && pad < k).then_some((k, pad))
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Spec {
     k: usize,

@@ -9,7 +9,7 @@
 //! |x| ≈ 2, which the ConvNeXt parity tests see on wgpu. Here the backward is
 //! `Φ(x) + x·φ(x)` from the saved input: `0.5·(1 + erf(x/√2)) + x·exp(−x²/2)/√(2π)`.
 
-use super::same_type;
+use crate::probe::{same_float, same_type};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
@@ -18,11 +18,10 @@ use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{activation, TensorPrimitive};
-use std::any::TypeId;
 
 /// GELU of `x` through [`ExactGeluBackward`] when `B` is `Autodiff<I>`; `Err(x)` otherwise.
 pub fn via_autodiff<B: Backend, I: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B, D>, Tensor<B, D>> {
-    if TypeId::of::<FloatTensor<B>>() != TypeId::of::<FloatTensor<Autodiff<I>>>() {
+    if !same_float::<B, Autodiff<I>>() {
         return Err(x);
     }
     let x: FloatTensor<Autodiff<I>> = same_type(x.into_primitive().tensor());

@@ -21,6 +21,7 @@ pub mod exact_gelu;
 mod math;
 
 use crate::autocast::{self, Compute};
+use crate::probe::{same_float, same_type};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
@@ -32,7 +33,6 @@ use burn::nn::PaddingConfig2d;
 use burn::prelude::*;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{activation, Bytes, DType, TensorMetadata, TensorPrimitive};
-use std::any::{Any, TypeId};
 use std::fmt::Debug;
 
 pub use math::Depthwise;
@@ -91,7 +91,7 @@ pub fn depthwise_conv2d_nhwc<B: Backend>(x: Tensor<B, 4>, conv: &Conv2d<B>) -> T
     let [_, _, _, c] = x.dims();
     let [k, kw] = conv.kernel_size;
     assert_eq!(conv.weight.dims(), [c, 1, k, kw], "depthwise_conv2d_nhwc: the convolution is not depthwise over {c} channels");
-    let Some((k, pad)) = depthwise_geometry(conv, c) else { return reference::depthwise_conv2d_nhwc(x, conv) };
+    let Some((k, pad)) = depthwise::geometry(conv, c) else { return reference::depthwise_conv2d_nhwc(x, conv) };
     // Under bf16 compute the convolution runs in bf16, as every convolution does (autocast).
     let x = if autocast::current() == Compute::F32 {
         let bias = match &conv.bias {
@@ -116,19 +116,6 @@ pub fn depthwise_conv2d_nhwc<B: Backend>(x: Tensor<B, 4>, conv: &Conv2d<B>) -> T
         Err(x) => x,
     };
     reference::depthwise_conv2d_nhwc(x, conv)
-}
-
-/// `(k, pad)` of a depthwise convolution over `c` channels that the depthwise kernels take (stride
-/// 1, a square `k×k` kernel, the same padding `pad < k` on every side); `None` for any other.
-fn depthwise_geometry<B: Backend>(conv: &Conv2d<B>, c: usize) -> Option<(usize, usize)> {
-    let [k, kw] = conv.kernel_size;
-    let pad = match conv.padding {
-        PaddingConfig2d::Explicit(top, left, bottom, right) if top == left && left == bottom && bottom == right => top,
-        PaddingConfig2d::Valid => 0,
-        _ => return None,
-    };
-    let depthwise = conv.weight.dims() == [c, 1, k, kw] && conv.groups == c;
-    (depthwise && k == kw && conv.stride == [1, 1] && conv.dilation == [1, 1] && pad < k).then_some((k, pad))
 }
 
 /// `[N, H, W, C]` → `[N, H/r, W/r, C·r·r]`, each output pixel holding its `r×r` input patch in
@@ -232,7 +219,7 @@ fn score_tiles<B: Backend, const N: usize>(
     causal_first: Option<usize>,
     queries: usize,
 ) -> Result<([FlexTensor; N], ScoreTile, Option<PaddingFlags>), [Tensor<B, 4>; N]> {
-    if TypeId::of::<FloatTensor<B>>() != TypeId::of::<FlexTensor>() || tensors.iter().any(|t| t.dtype() != DType::F32) {
+    if !same_float::<B, Flex>() || tensors.iter().any(|t| t.dtype() != DType::F32) {
         return Err(tensors);
     }
     let [_, hkv, rows, keys] = tensors[0].dims();
@@ -318,11 +305,6 @@ fn prim<B: Backend, const D: usize>(x: Tensor<B, D>) -> FloatTensor<B> {
     x.into_primitive().tensor()
 }
 
-/// Moves a value to the type it is known to have (checked by `TypeId` beforehand).
-fn same_type<S: 'static, T: 'static>(value: S) -> T {
-    *(Box::new(value) as Box<dyn Any>).downcast::<T>().expect("types checked equal")
-}
-
 /// One custom operation: `N` float inputs, one output, forward and backward on contiguous
 /// flex tensors of `f32`.
 trait Kernel<const N: usize>: Debug + Clone + Send + 'static {
@@ -340,11 +322,10 @@ fn run<B: Backend, K: Kernel<N>, const N: usize>(kernel: K, inputs: [FloatTensor
     if inputs.iter().any(|t| t.dtype() != DType::F32) {
         return Err(inputs);
     }
-    let id = TypeId::of::<FloatTensor<B>>();
-    if id == TypeId::of::<FloatTensor<Autodiff<Flex>>>() {
+    if same_float::<B, Autodiff<Flex>>() {
         // The autodiff primitive is the same type whatever the checkpointing strategy.
         Ok(same_type(autodiff_forward(kernel, inputs.map(same_type::<FloatTensor<B>, FloatTensor<Autodiff<Flex>>>))))
-    } else if id == TypeId::of::<FloatTensor<Flex>>() {
+    } else if same_float::<B, Flex>() {
         let inner = inputs.map(|t| same_type::<FloatTensor<B>, FlexTensor>(t).to_contiguous());
         Ok(same_type(kernel.forward(inner, false).0))
     } else {

@@ -6,8 +6,25 @@
 //! file may lack.
 
 use super::Checkpoint;
-use crate::convnext::ConvNextLayout;
 use crate::ModelError;
+use serde::{Deserialize, Serialize};
+
+/// Which tensor names a ConvNeXt checkpoint uses (`model.convnext_layout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ConvNextLayout {
+    /// Decided from the folder: a Hugging Face `config.json` (`"model_type": "convnext"`) means
+    /// `hf`; otherwise the tensor names (`stem.0.weight` → `timm`, `embeddings.patch_embeddings.weight`
+    /// → `hf`, each also under its usual prefix).
+    #[default]
+    Auto,
+    /// `ConvNextModel` / `ConvNextForImageClassification` (`facebook/convnext-*`).
+    Hf,
+    /// timm names (`stem.0`, `stages.{i}.blocks.{j}.conv_dw`), bare or inside a whole OpenCLIP
+    /// model (`visual.trunk.*`, text tower and projection head ignored).
+    #[serde(alias = "open_clip", alias = "openclip")]
+    Timm,
+}
 
 #[derive(Debug, Clone)]
 pub struct KeyMap {

@@ -7,7 +7,7 @@
 
 pub mod keys;
 
-pub use keys::KeyMap;
+pub use keys::{ConvNextLayout, KeyMap};
 
 use crate::ModelError;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};

@@ -513,9 +513,9 @@ fn accept_ranks(world: &World, fingerprint: &Fingerprint, deadline: Instant) -> 
 fn join_root(world: &World, fingerprint: &Fingerprint, deadline: Instant) -> Result<TcpStream> {
     let target = format!("{}:{}", world.master_addr, world.master_port);
     let stream = loop {
-        let attempt = target.to_socket_addrs().map_err(|e| anyhow!("{e}")).and_then(|mut addrs| {
+        let attempt = target.to_socket_addrs().map_err(anyhow::Error::from).and_then(|mut addrs| {
             let addr = addrs.next().ok_or_else(|| anyhow!("no address"))?;
-            TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| anyhow!("{e}"))
+            TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(anyhow::Error::from)
         });
         match attempt {
             Ok(s) => break s,

@@ -86,7 +86,7 @@ impl NcclLib {
     /// [`LIBRARY_NAMES`].
     pub fn get() -> Result<&'static NcclLib> {
         static LIB: OnceLock<Result<NcclLib, String>> = OnceLock::new();
-        LIB.get_or_init(|| Self::load(std::env::var("FILA_NCCL_LIB").ok().as_deref())).as_ref().map_err(|e| anyhow!("{e}"))
+        LIB.get_or_init(|| Self::load(std::env::var("FILA_NCCL_LIB").ok().as_deref())).as_ref().map_err(|e| anyhow::Error::msg(e.clone()))
     }
 
     /// Opens NCCL from `explicit` (the value of `FILA_NCCL_LIB`) or [`LIBRARY_NAMES`] and takes
