@@ -40,11 +40,7 @@ import sys
 import threading
 import time
 
-# OpenMP threads that spin while waiting lose whole time slices when another process holds a
-# core: on the shared 2-core machine torch's steps then took 1-16x their time. Passive waiting
-# keeps them steady (--omp-active keeps the default). Read at import, so set before it.
-if "--omp-active" not in sys.argv:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# PyTorch runs at its defaults (threads, OpenMP wait policy): as its users run it.
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -445,7 +441,6 @@ def options(argv=None, **overrides):
     ap.add_argument("--peak-tflops", type=float)
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--omp-active", action="store_true", help="leave OMP_WAIT_POLICY at its default (spinning)")
     o = ap.parse_args(argv if argv is not None else [])
     for k, v in overrides.items():
         setattr(o, k, v)

@@ -306,7 +306,7 @@ impl Layout {
             new_shape.num_elements(),
             "reshape must preserve total elements"
         );
-        let mut layout = Self::contiguous(new_shape);
+        let mut layout = Self::contiguous(new_shape);  // [FILA patch] a contiguous view keeps its offset instead of failing the reshape
         layout.start_offset = self.start_offset;
         Some(layout)
     }

@@ -751,7 +751,7 @@ where
         .unwrap_or((0, 0));
 
     let mut output = vec![T::zero(); batch * heads * seq_q * val_dim];
-    #[cfg_attr(feature = "rayon", allow(unused_mut))]
+    #[cfg_attr(feature = "rayon", allow(unused_mut))]  // [FILA patch] mutable only without rayon
     let mut scores = vec![T::zero(); seq_q * seq_kv];
 
     let q_head_stride = seq_q * head_dim;

@@ -35,7 +35,7 @@ pub fn binary_op<F32Op, F64Op>(
     simd_hint: Option<BinaryOp>,
 ) -> FlexTensor
 where
-    F32Op: Fn(f32, f32) -> f32 + Copy + Send + Sync,
+    F32Op: Fn(f32, f32) -> f32 + Copy + Send + Sync,  // [FILA patch] Send + Sync: the op runs in parallel chunks (ops::par)
     F64Op: Fn(f64, f64) -> f64 + Copy + Send + Sync,
 {
     debug_assert_eq!(lhs.dtype(), rhs.dtype(), "binary_op: dtype mismatch");
@@ -67,7 +67,7 @@ fn binary_op_f32<Op>(
     simd_hint: Option<BinaryOp>,
 ) -> FlexTensor
 where
-    Op: Fn(f32, f32) -> f32 + Send + Sync,
+    Op: Fn(f32, f32) -> f32 + Send + Sync,  // [FILA patch] Send + Sync: the op runs in parallel chunks (ops::par)
 {
     // Permuted lhs + broadcast rhs (e.g. `x.permute(...) - mean`):
     // the generic path would walk the permuted lhs with a scalar
@@ -345,7 +345,7 @@ fn binary_op_f32<Op>(
     _simd_hint: Option<BinaryOp>,
 ) -> FlexTensor
 where
-    Op: Fn(f32, f32) -> f32 + Send + Sync,
+    Op: Fn(f32, f32) -> f32 + Send + Sync,  // [FILA patch] Send + Sync: the op runs in parallel chunks (ops::par)
 {
     binary_op_typed(lhs, rhs, op)
 }
@@ -380,7 +380,7 @@ where
     {
         let lhs_storage: &mut [E] = lhs.storage_mut();
         let r_slice = &rhs_storage[r_start..r_end];
-        crate::ops::par::zip_chunks_mut(&mut lhs_storage[..l_end], r_slice, |l, r| {
+        crate::ops::par::zip_chunks_mut(&mut lhs_storage[..l_end], r_slice, |l, r| {  // [FILA patch] parallel chunks (ops::par)
             for (l, &r) in l.iter_mut().zip(r) {
                 *l = op(*l, r);
             }
@@ -401,7 +401,7 @@ where
         (Some((l_start, l_end)), Some((r_start, r_end))) => {
             let l_slice = &lhs_storage[l_start..l_end];
             let r_slice = &rhs_storage[r_start..r_end];
-            crate::ops::par::map2(l_slice, r_slice, &op)
+            crate::ops::par::map2(l_slice, r_slice, &op)  // [FILA patch] parallel chunks (ops::par)
         }
         // Fast path for 2D non-contiguous (common for transpose)
         _ if lhs.layout().num_dims() == 2 => {
@@ -464,7 +464,7 @@ pub fn scalar_op<F32Op, F64Op>(
     f64_op: F64Op,
 ) -> FlexTensor
 where
-    F32Op: Fn(f32, f32) -> f32 + Copy + Send + Sync,
+    F32Op: Fn(f32, f32) -> f32 + Copy + Send + Sync,  // [FILA patch] Send + Sync: the op runs in parallel chunks (ops::par)
     F64Op: Fn(f64, f64) -> f64 + Copy + Send + Sync,
 {
     let dtype = tensor.dtype();
@@ -519,7 +519,7 @@ where
     let storage: &[E] = tensor.storage();
 
     let result: Vec<E> = match tensor.layout().contiguous_offsets() {
-        Some((start, end)) => crate::ops::par::map(&storage[start..end], |x| op(x, scalar)),
+        Some((start, end)) => crate::ops::par::map(&storage[start..end], |x| op(x, scalar)),  // [FILA patch] parallel chunks (ops::par)
         None => StridedIter::new(tensor.layout())
             .map(|i| op(storage[i], scalar))
             .collect(),
@@ -544,7 +544,7 @@ fn make_tensor<E: bytemuck::Pod + Send + Sync>(
 /// Supports all integer dtypes: I64, I32, I16, I8, U64, U32, U16, U8.
 pub fn int_binary_op<Op>(lhs: FlexTensor, rhs: FlexTensor, op: Op) -> FlexTensor
 where
-    Op: Fn(i64, i64) -> i64 + Copy + Send + Sync,
+    Op: Fn(i64, i64) -> i64 + Copy + Send + Sync,  // [FILA patch] Send + Sync: the op runs in parallel chunks (ops::par)
 {
     debug_assert_eq!(lhs.dtype(), rhs.dtype(), "int_binary_op: dtype mismatch");
 
@@ -572,7 +572,7 @@ where
 /// Note: scalar is truncated to target dtype (matches PyTorch).
 pub fn int_scalar_op<Op>(tensor: FlexTensor, scalar: i64, op: Op) -> FlexTensor
 where
-    Op: Fn(i64, i64) -> i64 + Copy + Send + Sync,
+    Op: Fn(i64, i64) -> i64 + Copy + Send + Sync,  // [FILA patch] Send + Sync: the op runs in parallel chunks (ops::par)
 {
     let dtype = tensor.dtype();
 

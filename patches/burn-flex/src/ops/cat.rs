@@ -85,7 +85,7 @@ fn cat_impl<E: Element + bytemuck::Pod>(tensors: Vec<FlexTensor>, dim: usize) ->
             .iter()
             .all(|t| t.layout().contiguous_offsets().is_some())
     {
-        let runs: Vec<&[E]> = tensors
+        let runs: Vec<&[E]> = tensors  // [FILA patch] the inputs copied in parallel chunks (ops::par)
             .iter()
             .map(|t| {
                 let (start, end) = t.layout().contiguous_offsets().unwrap();

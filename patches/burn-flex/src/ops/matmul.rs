@@ -316,7 +316,7 @@ fn matmul_2d_strided<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexTen
             m,
             n,
             k,
-            output.ptr(),
+            output.ptr(),  // [FILA patch] GemmOut: the product output is written by gemm (read_dst = false), not zero-filled first
             1,
             n as isize,
             lhs_ptr,
@@ -327,7 +327,7 @@ fn matmul_2d_strided<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexTen
             rhs_row_stride,
             parallelism,
         );
-        output.finish(out_shape)
+        output.finish(out_shape)  // [FILA patch] GemmOut: the product output is written by gemm (read_dst = false), not zero-filled first
     }
 }
 
@@ -492,7 +492,7 @@ fn matmul_batched_gemm<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexT
         if per_matrix_ops >= PARALLEL_THRESHOLD && !prefer_batch_parallel {
             let parallelism = gemm::Parallelism::Rayon(0);
             for b in 0..batch_size {
-                run_one(
+                run_one(  // [FILA patch] GemmOut: the product output is written by gemm (read_dst = false), not zero-filled first
                     unsafe { out_base.get().add(b * out_matrix_size) },
                     b,
                     parallelism,
@@ -524,7 +524,7 @@ fn matmul_batched_gemm<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexT
         let _ = per_matrix_ops;
         for b in 0..batch_size {
             run_one(
-                unsafe { out_base.get().add(b * out_matrix_size) },
+                unsafe { out_base.get().add(b * out_matrix_size) },  // [FILA patch] GemmOut: the product output is written by gemm (read_dst = false), not zero-filled first
                 b,
                 gemm::Parallelism::None,
             );
@@ -932,6 +932,44 @@ mod tests {
     use burn_std::{bf16, f16};
 
     use crate::{Flex, FlexTensor};
+
+    // [FILA patch] `GemmOut` leaves the product outputs uninitialised because every gemm call
+    // passes `read_dst = false`. This fails if gemm reads the destination on that path: each one
+    // starts as NaN, which would reach the result. The shapes take gemm's k = 0, gemv (m or n
+    // of 1), gevv, small and packed paths, sequential and on two threads.
+    #[test]
+    fn gemm_without_read_dst_never_reads_the_destination() {
+        fn check<T: Copy + PartialEq + core::fmt::Debug + 'static>(to: fn(f64) -> T, back: fn(T) -> f64, tol: f64) {
+            let shapes = [(3, 4, 0), (1, 9, 7), (9, 1, 7), (1, 1, 13), (5, 6, 7), (17, 33, 65), (130, 70, 257)];
+            for (m, n, k) in shapes {
+                #[cfg(feature = "rayon")]
+                let parallelisms = [gemm::Parallelism::None, gemm::Parallelism::Rayon(2)];
+                #[cfg(not(feature = "rayon"))]
+                let parallelisms = [gemm::Parallelism::None];
+                for parallelism in parallelisms {
+                    let a: Vec<T> = (0..m * k).map(|i| to(((i * 7 % 13) as f64 - 6.0) / 4.0)).collect();
+                    let b: Vec<T> = (0..k * n).map(|i| to(((i * 5 % 11) as f64 - 5.0) / 3.0)).collect();
+                    let mut dst: Vec<T> = vec![to(f64::NAN); m * n];
+                    // Row-major [m, k] x [k, n] -> [m, n]: column stride 1, row stride = width.
+                    unsafe {
+                        gemm::gemm(
+                            m, n, k, dst.as_mut_ptr(), 1, n as isize, false, a.as_ptr(), 1, k as isize, b.as_ptr(), 1, n as isize,
+                            to(0.0), to(1.0), false, false, false, parallelism,
+                        );
+                    }
+                    for i in 0..m {
+                        for j in 0..n {
+                            let want: f64 = (0..k).map(|l| back(a[i * k + l]) * back(b[l * n + j])).sum();
+                            let got = back(dst[i * n + j]);
+                            assert!((got - want).abs() <= tol * want.abs().max(1.0), "[{m}, {k}] x [{k}, {n}] at ({i}, {j}): {got} vs {want}");
+                        }
+                    }
+                }
+            }
+        }
+        check::<f32>(|x| x as f32, |x| x as f64, 1e-5);
+        check::<f64>(|x| x, |x| x, 1e-12);
+    }
 
     #[test]
     fn test_matmul_f64() {

@@ -110,7 +110,7 @@ mod int;
 pub mod interpolate;
 pub mod mask;
 pub mod matmul;
-pub(crate) mod par;
+pub(crate) mod par;  // [FILA patch] chunked parallel loops and strided copies
 mod module;
 pub mod pool;
 mod qtensor;

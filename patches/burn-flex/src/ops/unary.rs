@@ -55,7 +55,7 @@ where
 /// Apply a unary operation element-wise to a tensor.
 pub fn unary_op<F32Op, F64Op>(tensor: FlexTensor, f32_op: F32Op, f64_op: F64Op) -> FlexTensor
 where
-    F32Op: Fn(f32) -> f32 + Copy + Send + Sync,
+    F32Op: Fn(f32) -> f32 + Copy + Send + Sync,  // [FILA patch] Send + Sync: the op runs in parallel chunks (ops::par)
     F64Op: Fn(f64) -> f64 + Copy + Send + Sync,
 {
     let dtype = tensor.dtype();
@@ -73,7 +73,7 @@ where
 fn unary_op_typed<E, Op>(mut tensor: FlexTensor, op: Op) -> FlexTensor
 where
     E: burn_backend::Element + bytemuck::Pod,
-    Op: Fn(E) -> E + Send + Sync,
+    Op: Fn(E) -> E + Send + Sync,  // [FILA patch] Send + Sync: the op runs in parallel chunks (ops::par)
 {
     let n = tensor.layout().num_elements();
 
@@ -107,7 +107,7 @@ where
     // Iterate in storage order (contiguous) and preserve original layout.
     // Only valid when all strides are positive.
     if !has_negative_strides && layout.start_offset() == 0 && src.len() == n {
-        let result: Vec<E> = crate::ops::par::map(src, &op);
+        let result: Vec<E> = crate::ops::par::map(src, &op);  // [FILA patch] parallel chunks (ops::par)
         let bytes = Bytes::from_elems(result);
         return FlexTensor::new(bytes, layout, E::dtype());
     }
