@@ -7,7 +7,7 @@
 #   2. fila-train's `cuda` test: the tiny stage 1 on cuda:0 for two steps, plain and with its
 #      collectives on NCCL (FILA_NCCL=1: loading NCCL, joining, the first all-reduce), losses
 #      compared with a tolerance (two CUDA runs are not bit-identical)
-#   3. the real-size benchmark against PyTorch, stage 1 then stage 2 (scripts/gpu_bench.sh)
+#   3. the real-size benchmark against PyTorch, stage 1 then stage 2 (scripts/gpu/gpu_bench.sh)
 #   4. fila-model's parity tests on CUDA (parity, gelu, fila_model, hybrid)
 # A step that fails or runs out of time does not stop the others; one without time left is
 # skipped and says so. Results are written as the steps end, so they are there even when the
@@ -89,8 +89,8 @@ step "cuda start, plain and over NCCL (fila-train tests/cuda.rs)" 150 "$bin/cuda
 # 3. The real-size benchmark (its own per-run limits, cut to the budget left).
 left=$((budget - SECONDS))
 if [ "$left" -ge 60 ]; then
-  step "real-size benchmark (scripts/gpu_bench.sh)" "$left" \
-    env LIMIT_OURS="${LIMIT_OURS:-150}" LIMIT_TORCH="${LIMIT_TORCH:-60}" BUDGET=$((left - 40)) bash scripts/gpu_bench.sh "$bin" "$out"
+  step "real-size benchmark (scripts/gpu/gpu_bench.sh)" "$left" \
+    env LIMIT_OURS="${LIMIT_OURS:-150}" LIMIT_TORCH="${LIMIT_TORCH:-60}" BUDGET=$((left - 40)) bash scripts/gpu/gpu_bench.sh "$bin" "$out"
   # Its log joins this one: fewer files to bring back.
   [ -f "$out/runs.log" ] && cat "$out/runs.log" >> "$log" && rm -f "$out/runs.log"
 else

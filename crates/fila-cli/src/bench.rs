@@ -1,6 +1,6 @@
 //! `fila bench`: the time of training steps on random weights, for a speed baseline and for
-//! the PyTorch twin of the same presets (`scripts/bench_torch.py`; `scripts/bench_cpu_compare.py`
-//! runs both alternately, `scripts/gpu_bench.sh` one after the other).
+//! the PyTorch twin of the same presets (`scripts/bench/bench_torch.py`; `scripts/bench/bench_cpu_compare.py`
+//! runs both alternately, `scripts/gpu/gpu_bench.sh` one after the other).
 //!
 //! A step is what the trainer does per optimizer step with one micro-batch: the trainer's own
 //! forward and backward pass (`fila_train::recompute::forward_backward`, with activation

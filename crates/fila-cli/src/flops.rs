@@ -1,6 +1,6 @@
 //! FLOPs of one training step, counted from the shapes: every matrix product and convolution of
 //! the model (2 FLOPs per multiply-add), for the benchmark's model FLOPs utilisation.
-//! `scripts/bench_torch.py` (`step_flops`) counts its twin by the same rules.
+//! `scripts/bench/bench_torch.py` (`step_flops`) counts its twin by the same rules.
 //!
 //! - Forward: every product and convolution at the shapes the step runs (padded sequences
 //!   included); attention's score and value products count the whole `S×S` square (the causal

@@ -9,7 +9,7 @@
 //!   case-insensitive match (Masry et al., ChartQA, arXiv 2203.10244 §5.1; pix2struct `metrics.py`).
 //! - **Exact match**: trimmed, lower-cased, final full stops dropped.
 //!
-//! `scripts/eval_metrics_reference.py` restates each metric in Python; its output
+//! `scripts/fixtures/eval_metrics_reference.py` restates each metric in Python; its output
 //! (`tests/fixtures/eval/metric_cases.json`) is what the tests below compare with. This file has no
 //! crate-internal imports so that the integration tests can include it with `#[path]`.
 
@@ -421,13 +421,13 @@ mod tests {
         list.iter().map(|s| s.to_string()).collect()
     }
 
-    /// Every hand-made case of `scripts/eval_metrics_reference.py`, all four metrics. The Python
+    /// Every hand-made case of `scripts/fixtures/eval_metrics_reference.py`, all four metrics. The Python
     /// restatement does the same double-precision operations in the same order, so the values
     /// agree to the last bit; the 1e-12 tolerance is there only to report both values on a miss.
     #[test]
     fn metrics_equal_the_python_restatement() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/eval/metric_cases.json");
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e} (run scripts/eval_metrics_reference.py)", path.display()));
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e} (run scripts/fixtures/eval_metrics_reference.py)", path.display()));
         let fixture: serde_json::Value = serde_json::from_str(&text).unwrap();
         let cases = fixture["cases"].as_array().unwrap();
         assert!(cases.len() >= 40, "{} cases", cases.len());

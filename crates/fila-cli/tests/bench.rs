@@ -1,5 +1,5 @@
-//! `fila bench --json` end to end at the tiny size on CPU: the fields `scripts/gpu_bench.sh` and
-//! `scripts/bench_cpu_compare.py` read, with values that follow from the batch (tokens per step,
+//! `fila bench --json` end to end at the tiny size on CPU: the fields `scripts/gpu/gpu_bench.sh` and
+//! `scripts/bench/bench_cpu_compare.py` read, with values that follow from the batch (tokens per step,
 //! the canvas cycle, the optimizer slice) and from each other (throughput, FLOPs, MFU).
 
 use serde_json::Value;

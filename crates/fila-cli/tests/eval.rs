@@ -1,5 +1,5 @@
 //! `fila eval` end to end: the benchmark metrics of a fixture eval file equal what the Python
-//! restatement (`scripts/eval_metrics_reference.py`) computed for the same predictions; with a
+//! restatement (`scripts/fixtures/eval_metrics_reference.py`) computed for the same predictions; with a
 //! tiny checkpoint, the report's scores are its own predictions scored by the metrics module, and
 //! the batch size does not change the answers.
 

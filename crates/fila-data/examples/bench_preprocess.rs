@@ -1,5 +1,5 @@
 //! Preprocessing throughput, images per second on one core (and on all cores), stage 1 and
-//! stage 2, on generated JPEGs of 1024x768 and 2000x1500. Compare with scripts/bench_data_pil.py.
+//! stage 2, on generated JPEGs of 1024x768 and 2000x1500. Compare with scripts/bench/bench_data_pil.py.
 //!
 //!     cargo run --release -p fila-data --example bench_preprocess -- [--dir D] [--iters N]
 

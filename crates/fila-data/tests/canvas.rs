@@ -1,10 +1,10 @@
 //! Canvas choice against an independent Python implementation of LLaVA-NeXT's rule
-//! (`scripts/data_canvas_reference.py`, whose output is pasted below), plus tile and token counts.
+//! (`scripts/fixtures/data_canvas_reference.py`, whose output is pasted below), plus tile and token counts.
 
 use fila_data::geometry::{fit_and_center, square_placement, Geometry, TileGrid};
 use fila_data::GeometryConfig;
 
-/// ((image w, h), (canvas w, h)) from `python scripts/data_canvas_reference.py`.
+/// ((image w, h), (canvas w, h)) from `python scripts/fixtures/data_canvas_reference.py`.
 /// ((image w, h), (canvas w, h)).
 type Case = ((u32, u32), (u32, u32));
 

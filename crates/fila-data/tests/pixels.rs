@@ -1,4 +1,4 @@
-//! Pixel tensors against PIL (fixtures from `scripts/data_pil_reference.py`, Pillow 13.0.0).
+//! Pixel tensors against PIL (fixtures from `scripts/fixtures/data_pil_reference.py`, Pillow 13.0.0).
 //!
 //! Tolerance, in 8-bit levels of each channel (1 level = 1/255/std ≈ 0.0142..0.0150 normalised):
 //! stage 1: max 2 levels, ≥ 99.5% of values bit-exact; stage 2: max 6 levels, mean < 0.02 levels,

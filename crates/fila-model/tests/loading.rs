@@ -224,7 +224,7 @@ fn openclip_convnext_large_d_320_real_key_names_map_one_to_one() {
     use fila_model::weights::parameter_paths;
     use std::collections::BTreeMap;
     // Every tensor name and shape of the real `convnext_large_d_320` state dict, listed by
-    // scripts/gen_openclip_convnext_fixture.py from open_clip itself (no 1.4 GB download).
+    // scripts/fixtures/gen_openclip_convnext_fixture.py from open_clip itself (no 1.4 GB download).
     let text = std::fs::read_to_string(fixture("openclip_convnext").join("convnext_large_d_320.keys.json")).unwrap();
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
     let shapes: BTreeMap<String, Vec<usize>> = serde_json::from_value(json["tensors"].clone()).unwrap();

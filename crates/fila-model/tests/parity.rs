@@ -1,6 +1,6 @@
 //! Parity with transformers: tiny random CLIP, ConvNeXt and Llama checkpoints written by
-//! `scripts/gen_parity_fixtures.py`, and with open_clip + timm: a tiny OpenCLIP ConvNeXt written by
-//! `scripts/gen_openclip_convnext_fixture.py`; loaded through the production loader, compared at
+//! `scripts/fixtures/gen_parity_fixtures.py`, and with open_clip + timm: a tiny OpenCLIP ConvNeXt written by
+//! `scripts/fixtures/gen_openclip_convnext_fixture.py`; loaded through the production loader, compared at
 //! 1e-4 on CPU (see `common::TOL` for CUDA).
 
 mod common;
@@ -199,7 +199,7 @@ fn llama_tied_output_embedding() {
 #[test]
 fn published_parameter_counts_from_configs() {
     let _serial = autodiff_lock();
-    // Counted by transformers on the meta device from the same configs (scripts/gen_parity_fixtures.py notes).
+    // Counted by transformers on the meta device from the same configs (scripts/fixtures/gen_parity_fixtures.py notes).
     assert_eq!(ClipVisionConfig::vit_large_patch14_336().num_params(), 303_507_456);
     assert_eq!(ConvNextConfig::large().num_params(), 196_230_336);
     assert_eq!(LlamaConfig::llama3_8b().num_params(), 8_030_261_248);

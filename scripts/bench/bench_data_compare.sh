@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Runs the Rust and PIL preprocessing benchmarks alternately (ROUNDS times) on the same JPEGs and
 # prints each line's best result: on a shared machine the best of several runs is the least noisy.
-#   CARGO_TARGET_DIR=/work/target-data scripts/bench_data_compare.sh [ROUNDS]
+#   CARGO_TARGET_DIR=/work/target-data scripts/bench/bench_data_compare.sh [ROUNDS]
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 rounds=${1:-3}
 cargo build --release -q -p fila-data --example bench_preprocess
 bin=${CARGO_TARGET_DIR:-target}/release/examples/bench_preprocess
 out=$(mktemp -d)
 for i in $(seq "$rounds"); do
   "$bin" --iters 3 | grep "images/s" | sed 's/^/rust /' >> "$out/all"
-  OMP_NUM_THREADS=1 python3 scripts/bench_data_pil.py --iters 3 | sed 's/^/pil  /' >> "$out/all"
+  OMP_NUM_THREADS=1 python3 scripts/bench/bench_data_pil.py --iters 3 | sed 's/^/pil  /' >> "$out/all"
 done
 # Best (highest) 1-core images/s per line label.
 python3 - "$out/all" <<'PY'

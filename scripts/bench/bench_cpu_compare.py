@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """One CPU training step of FILA: ours (`fila bench`) against its PyTorch twin, run alternately.
 
-The twin is scripts/bench_torch.py (the same architecture as `fila bench --size tiny|mid`,
+The twin is scripts/bench/bench_torch.py (the same architecture as `fila bench --size tiny|mid`,
 crates/fila-cli/src/bench.rs: transformers' CLIPVisionModel and LlamaForCausalLM built from
 configs, and a ConvNeXt, CVFM and projector written the way crates/fila-model defines them,
 docs/model.md). The batch is the bench's default: per sample one 2x2 canvas (global view + 4 tiles
@@ -16,7 +16,7 @@ per-step times, the ratio ours / PyTorch of the median step times, and each side
 over wall time during its timed steps (2.0 = both cores busy on a 2-core machine).
 
     cargo build --release -p fila-cli
-    python3 scripts/bench_cpu_compare.py [--sizes tiny mid] [--stages 1 2] [--rounds 3] [--steps 3]
+    python3 scripts/bench/bench_cpu_compare.py [--sizes tiny mid] [--stages 1 2] [--rounds 3] [--steps 3]
 
 Needs `pip install torch transformers`.
 """
@@ -34,9 +34,9 @@ from pathlib import Path
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_torch  # noqa: E402  (the twin: model, batch, step; shared with scripts/gpu_bench.sh)
+import bench_torch  # noqa: E402  (the twin: model, batch, step; shared with scripts/gpu/gpu_bench.sh)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 class TorchSide(bench_torch.TorchSide):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The real-size benchmark on one GPU in one call: `fila bench --size real` and its PyTorch twin
-# (scripts/bench_torch.py) for stage 1 and stage 2 on the same device (ours stage 1, ours stage 2,
+# (scripts/bench/bench_torch.py) for stage 1 and stage 2 on the same device (ours stage 1, ours stage 2,
 # then PyTorch's: ours first, as the PyTorch numbers can be had on any GPU later), then a
 # side-by-side markdown table (ours, PyTorch, ratio) printed and written to OUT_DIR/real-bench.md
 # with every run's JSON beside it. scripts/gpu/check.sh runs it as one of its steps.
@@ -12,9 +12,9 @@
 # Each run has a time limit, cut to what is left of BUDGET; a run without 20 s left is skipped.
 #
 # Usage (from the repository root; BIN_DIR holds a `--features cuda` build of `fila`, optionally `fila-train`):
-#   bash scripts/gpu_bench.sh BIN_DIR OUT_DIR
+#   bash scripts/gpu/gpu_bench.sh BIN_DIR OUT_DIR
 # Dry run on a machine without a GPU (tiny size, CPU, f32; checks the script and both sides):
-#   bash scripts/gpu_bench.sh BIN_DIR OUT_DIR --device cpu --size tiny
+#   bash scripts/gpu/gpu_bench.sh BIN_DIR OUT_DIR --device cpu --size tiny
 # Environment: STEPS1 / STEPS2 (timed steps, default 3 / 5), LIMIT_OURS / LIMIT_TORCH (seconds
 # per run, default 150 / 90: ours compiles and autotunes its kernels in the warm-up), BUDGET
 # (seconds for the whole script, default 480), PYTHON (default python3).
@@ -31,7 +31,7 @@ while [ $# -gt 0 ]; do
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 py=${PYTHON:-python3}
 steps1=${STEPS1:-3}
 steps2=${STEPS2:-5}
@@ -84,7 +84,7 @@ for side in ours torch; do
     if [ $side = ours ]; then
       run "ours-stage$stage" "$limit_ours" "$bin/fila" bench --device "$device" --stage $stage --steps "$steps" "${common[@]}"
     else
-      run "torch-stage$stage" "$limit_torch" "$py" scripts/bench_torch.py --device "$torch_device" --stage $stage --steps "$steps" "${common[@]}"
+      run "torch-stage$stage" "$limit_torch" "$py" scripts/bench/bench_torch.py --device "$torch_device" --stage $stage --steps "$steps" "${common[@]}"
     fi
   done
 done
@@ -112,7 +112,7 @@ rows = [
     ("MFU without the recomputation", lambda s: s["mfu_without_recompute"], pct),
     ("TFLOP per step (same count)", lambda s: s["flops_per_step"]["total"] / 1e12, lambda x: f"{x:.3f}"),
 ]
-print(f"### FILA real-size training step, `fila bench --size {size}` against PyTorch (scripts/gpu_bench.sh, {device})\n")
+print(f"### FILA real-size training step, `fila bench --size {size}` against PyTorch (scripts/gpu/gpu_bench.sh, {device})\n")
 for stage in (1, 2):
     ours, theirs = load(f"ours-stage{stage}"), load(f"torch-stage{stage}")
     if ours is None or theirs is None:

@@ -25,10 +25,10 @@ Printed: per-step time, tokens/s, samples/s, FLOPs and MFU (same FLOP count as o
 `step_flops` below = crates/fila-cli/src/flops.rs), peak memory (CUDA: torch's allocator peak and
 the device's total - free sampled every 2 ms like ours; CPU: peak RSS during the timed steps).
 
-    python3 scripts/bench_torch.py --size tiny --stage 2 --optimizer
-    python3 scripts/bench_torch.py --size real --stage 1 --device cuda --optimizer --json
+    python3 scripts/bench/bench_torch.py --size tiny --stage 2 --optimizer
+    python3 scripts/bench/bench_torch.py --size real --stage 1 --device cuda --optimizer --json
 
-Needs `pip install torch transformers`. scripts/bench_cpu_compare.py and scripts/gpu_bench.sh
+Needs `pip install torch transformers`. scripts/bench/bench_cpu_compare.py and scripts/gpu/gpu_bench.sh
 import or run it next to `fila bench`.
 """
 import argparse

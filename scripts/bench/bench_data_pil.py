@@ -6,7 +6,7 @@ f32 CHW. Stage 2: LLaVA-NeXT canvas choice, resize_and_pad (BICUBIC), 336 tiles 
 view (canvas resized to 336), ConvNeXt canvas at x32/14 from the original, all normalised f32 CHW.
 Reads the JPEGs the Rust example wrote (run it first) so both decode the same files.
 
-    OMP_NUM_THREADS=1 python scripts/bench_data_pil.py [--dir /tmp/fila_bench_images] [--iters 5]
+    OMP_NUM_THREADS=1 python scripts/bench/bench_data_pil.py [--dir /tmp/fila_bench_images] [--iters 5]
 """
 import argparse
 import math

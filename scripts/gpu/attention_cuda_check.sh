@@ -8,9 +8,9 @@
 #      Llama-3-8B's (32 heads of 128) and 4k tokens
 #   3. which attention kernel CubeCL's autotune picked per shape (flash or its unfused fallback)
 # Build and pack here (stripped `--features cuda` binaries, about 90 MB, gzipped to ~17 MB):
-#   bash scripts/attention_cuda_check.sh pack target/attention-cuda
+#   bash scripts/gpu/attention_cuda_check.sh pack target/attention-cuda
 # On the GPU machine, from the repository root:
-#   bash scripts/attention_cuda_check.sh run target/attention-cuda OUT_DIR
+#   bash scripts/gpu/attention_cuda_check.sh run target/attention-cuda OUT_DIR
 set -u
 mode=$1
 dir=$2
