@@ -12,8 +12,9 @@
 //! `Fila::load(.., &ModelSource::Checkpoint(final))`.
 
 use crate::dist::Comm;
-pub use crate::optim::OPTIMIZER_FILE;
-use crate::optim::{shard_file, AdamW};
+use crate::optim::state::shard_file;
+pub use crate::optim::state::OPTIMIZER_FILE;
+use crate::optim::AdamW;
 use crate::trainable::TrainableSet;
 use anyhow::{anyhow, bail, Context, Result};
 use burn::module::Param;

@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use fila_train::optim::shard_file;
+use fila_train::optim::state::shard_file;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -9,93 +9,39 @@
 //! On the CPU backend (flex) the update is one multi-threaded pass over the slice that writes the
 //! master values and both moments in place ([`fused`]): the same arithmetic as the tensor ops,
 //! which would make about fifteen slice-sized temporaries per step.
+//!
+//! [`schedule`] holds the learning-rate schedule, [`grads`] the gradients' form, [`state`] the
+//! checkpoint files, `fused` the CPU update.
 
-use crate::config::{OptimizerConfig, ScheduleConfig};
+mod fused;
+pub mod grads;
+pub mod schedule;
+pub mod state;
+
+pub use grads::{accumulate_grads, Grads};
+pub use schedule::Schedule;
+
+use crate::config::OptimizerConfig;
 use crate::dist::Comm;
 use crate::shard::FlatLayout;
 use crate::trainable::TrainableSet;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Result};
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
 use burn::module::{Module, Param};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{FloatDType, TensorData};
+use burn::tensor::FloatDType;
 use fila_model::probe::same_type;
-use fila_model::weights::{map_params, visit_params, write_safetensors_from, Checkpoint, ParamPath, PathMapper, PathVisitor, TensorSource};
+use fila_model::weights::{map_params, visit_params, ParamPath, PathMapper, PathVisitor};
+use fused::Update;
 use std::any::Any;
-use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
-
-/// The optimizer state of a checkpoint written by one rank (several ranks: [`shard_file`]).
-pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
-
-/// Gradients by parameter path, flattened.
-pub type Grads<I> = BTreeMap<String, Tensor<I, 1>>;
-
-/// Adds the gradients of the trainable parameters in `grads` to `acc` (one entry per parameter,
-/// summed where a parameter is reached more than once).
-pub fn accumulate_grads<B: AutodiffBackend, M: Module<B>>(model: &M, grads: &B::Gradients, set: &TrainableSet, acc: &mut Grads<B::InnerBackend>) {
-    struct Collector<'a, B: AutodiffBackend> {
-        grads: &'a B::Gradients,
-        set: &'a TrainableSet,
-        acc: &'a mut Grads<B::InnerBackend>,
-    }
-    impl<B: AutodiffBackend> PathVisitor<B> for Collector<'_, B> {
-        fn visit<const D: usize>(&mut self, at: &ParamPath, param: &Param<Tensor<B, D>>) {
-            let path = at.path();
-            if !self.set.contains(&path) {
-                return;
-            }
-            if let Some(g) = param.val().grad(self.grads) {
-                let n = g.shape().num_elements();
-                // Kept in the weight's dtype (the map holds a whole micro-batch's gradients);
-                // a parameter reached twice (tied weights, or two segments) sums in f32.
-                let g = g.reshape([n]);
-                let sum = match self.acc.remove(&path) {
-                    Some(prev) => prev.cast(FloatDType::F32) + g.cast(FloatDType::F32),
-                    None => g,
-                };
-                self.acc.insert(path, sum);
-            }
-        }
-    }
-    visit_params(model, &mut Collector::<B> { grads, set, acc });
-}
 
 /// PyTorch's `clip_grad_norm_` factor for a global gradient norm: `max_norm / (norm + 1e-6)` when
 /// that is below 1; `None` (no clipping) otherwise, when `max_norm` is 0 or the norm not finite.
 pub fn clip_coefficient(norm: f64, max_norm: f64) -> Option<f64> {
     let coef = max_norm / (norm + 1e-6);
     (max_norm > 0.0 && norm.is_finite() && coef < 1.0).then_some(coef)
-}
-
-/// Learning rate at an optimizer step: linear warmup from 0, then cosine down to
-/// `min_lr_ratio × peak` — Hugging Face's `get_cosine_with_min_lr_schedule_with_warmup`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Schedule {
-    pub peak: f64,
-    pub warmup_steps: u64,
-    pub total_steps: u64,
-    pub min_lr_ratio: f64,
-}
-
-impl Schedule {
-    pub fn new(peak: f64, config: &ScheduleConfig, total_steps: u64) -> Self {
-        // HF: warmup = ceil(ratio × total).
-        let warmup_steps = config.warmup_steps.unwrap_or_else(|| (config.warmup_ratio * total_steps as f64).ceil() as u64);
-        Self { peak, warmup_steps, total_steps, min_lr_ratio: config.min_lr_ratio }
-    }
-
-    /// `step`: optimizer steps already taken (0 for the first update).
-    pub fn lr(&self, step: u64) -> f64 {
-        if step < self.warmup_steps {
-            return self.peak * step as f64 / self.warmup_steps.max(1) as f64;
-        }
-        let progress = (step - self.warmup_steps) as f64 / self.total_steps.saturating_sub(self.warmup_steps).max(1) as f64;
-        let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos());
-        self.peak * (cosine * (1.0 - self.min_lr_ratio) + self.min_lr_ratio)
-    }
 }
 
 /// AdamW (PyTorch's `torch.optim.AdamW` update) over this rank's slice of the trainable
@@ -120,15 +66,6 @@ pub struct AdamW<I: Backend> {
     /// Whether checkpoints carry the master slice (`master.<path>`): needed when the model
     /// stores its trainable weights in a lower precision ([`crate::precision::Precision::master_apart`]).
     pub master_in_checkpoint: bool,
-}
-
-/// Name of rank `rank`'s optimizer shard in a checkpoint (one rank: `optimizer.safetensors`).
-pub fn shard_file(rank: usize, world: usize) -> String {
-    if world == 1 {
-        OPTIMIZER_FILE.to_string()
-    } else {
-        format!("optimizer-{rank:05}-of-{world:05}.safetensors")
-    }
 }
 
 /// The flat values of the trainable parameters of `model` in their own dtypes, by layout index
@@ -300,122 +237,6 @@ impl<I: Backend> AdamW<I> {
             self.exp_avg_sq = v.mask_where(absent, self.exp_avg_sq.clone());
         }
     }
-
-    /// Writes this rank's shard ([`shard_file`]) into `dir`: `exp_avg.<path>` and
-    /// `exp_avg_sq.<path>` (and `master.<path>` when [`AdamW::master_in_checkpoint`]) for each
-    /// parameter run of the slice (`…@<start>` when the run is part of the parameter), the step
-    /// count in the metadata.
-    pub fn save(&self, dir: &Path) -> Result<()> {
-        let mut sources = Vec::with_capacity(3 * self.layout.segments.len());
-        for s in &self.layout.segments {
-            let name = &self.layout.names[s.param];
-            let key = if s.start == 0 && s.len == self.layout.numel(s.param) { name.clone() } else { format!("{name}@{}", s.start) };
-            let kinds = [("exp_avg", &self.exp_avg), ("exp_avg_sq", &self.exp_avg_sq), ("master", &self.master)];
-            for (kind, t) in kinds.into_iter().take(if self.master_in_checkpoint { 3 } else { 2 }) {
-                sources.push(TensorSource::new(format!("{kind}.{key}"), vec![s.len], move || t.clone().slice(s.at..s.at + s.len).to_data()));
-            }
-        }
-        let mut meta = HashMap::new();
-        meta.insert("step".to_string(), self.step.to_string());
-        let path = dir.join(shard_file(self.layout.rank, self.layout.world));
-        Ok(write_safetensors_from(&path, sources, Some(meta))?)
-    }
-
-    /// Reads the optimizer shards of checkpoint `dir`, written at any world size, and keeps this
-    /// rank's slice of them. Every stored run must belong to a trainable parameter and lie inside it.
-    pub fn load(&mut self, dir: &Path) -> Result<()> {
-        let files = shard_files(dir)?;
-        let layout = &self.layout;
-        let mut exp_avg = vec![0.0f32; layout.slice_len];
-        let mut exp_avg_sq = vec![0.0f32; layout.slice_len];
-        // Master values the checkpoint carries replace those taken from the model's weights.
-        let mut master: Vec<f32> = self.master.to_data().to_vec().map_err(|e| anyhow!("{e:?}"))?;
-        let mut step = None;
-        for path in &files {
-            let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-            let s: u64 = header
-                .metadata()
-                .as_ref()
-                .and_then(|m| m.get("step"))
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| anyhow!("{}: no `step` in the metadata", path.display()))?;
-            if *step.get_or_insert(s) != s {
-                bail!("{}: step {s}, while another shard of this checkpoint has {}", path.display(), step.unwrap());
-            }
-            let file = Checkpoint::open(path)?;
-            for key in file.keys().map(String::from).collect::<Vec<_>>() {
-                let (kind, rest) = key.split_once('.').ok_or_else(|| anyhow!("{}: unexpected tensor `{key}`", path.display()))?;
-                let target = match kind {
-                    "exp_avg" => &mut exp_avg,
-                    "exp_avg_sq" => &mut exp_avg_sq,
-                    "master" => &mut master,
-                    _ => bail!("{}: unexpected tensor `{key}`", path.display()),
-                };
-                let (name, start) = match rest.rsplit_once('@') {
-                    Some((n, s)) if s.parse::<usize>().is_ok() => (n, s.parse().unwrap()),
-                    _ => (rest, 0),
-                };
-                let Ok(p) = layout.names.binary_search_by(|n| n.as_str().cmp(name)) else {
-                    bail!("{}: optimizer state for `{name}`, which is not trainable in this run", path.display());
-                };
-                let (shape, values) = file.read_f32(&key)?;
-                if shape.len() != 1 || start + values.len() > layout.numel(p) {
-                    bail!("{}: `{key}` has shape {shape:?}, which does not fit `{name}` ({} elements)", path.display(), layout.numel(p));
-                }
-                // Copy the part of this run that falls in this rank's slice.
-                for seg in layout.segments.iter().filter(|s| s.param == p) {
-                    let (lo, hi) = (seg.start.max(start), (seg.start + seg.len).min(start + values.len()));
-                    if lo < hi {
-                        target[seg.at + lo - seg.start..seg.at + hi - seg.start].copy_from_slice(&values[lo - start..hi - start]);
-                    }
-                }
-            }
-        }
-        let device = self.master.device();
-        let n = layout.slice_len;
-        self.exp_avg = Tensor::from_data(TensorData::new(exp_avg, [n]), &device);
-        self.exp_avg_sq = Tensor::from_data(TensorData::new(exp_avg_sq, [n]), &device);
-        self.master = Tensor::from_data(TensorData::new(master, [n]), &device);
-        self.step = step.unwrap_or(0);
-        Ok(())
-    }
-}
-
-/// One step's constants, in f32 as the update applies them.
-#[derive(Debug, Clone, Copy)]
-struct Update {
-    lr: f32,
-    weight_decay: f32,
-    beta1: f32,
-    one_minus_beta1: f32,
-    beta2: f32,
-    one_minus_beta2: f32,
-    bias_correction1: f32,
-    bias_correction2_sqrt: f32,
-    eps: f32,
-    /// The gradient's clipping factor, when it is clipped.
-    clip: Option<f32>,
-}
-
-impl Update {
-    /// `step`: this update's number, from 1.
-    fn new(config: &OptimizerConfig, step: u64, lr: f64, clip: Option<f64>) -> Self {
-        let t = step as i32;
-        let [beta1, beta2] = config.betas;
-        Self {
-            lr: lr as f32,
-            weight_decay: config.weight_decay as f32,
-            beta1: beta1 as f32,
-            one_minus_beta1: (1.0 - beta1) as f32,
-            beta2: beta2 as f32,
-            one_minus_beta2: (1.0 - beta2) as f32,
-            bias_correction1: (1.0 - beta1.powi(t)) as f32,
-            bias_correction2_sqrt: (1.0 - beta2.powi(t)).sqrt() as f32,
-            eps: config.eps as f32,
-            clip: clip.map(|c| c as f32),
-        }
-    }
 }
 
 impl AdamW<Flex> {
@@ -438,143 +259,6 @@ fn as_flex<I: Backend>(t: &Tensor<I, 1>) -> Option<FlexTensor> {
 
 fn flex_of(t: Tensor<Flex, 1>) -> FlexTensor {
     t.into_primitive().tensor()
-}
-
-/// The AdamW update as one pass over raw `f32` slices (the CPU backend).
-mod fused {
-    use super::Update;
-    use crate::shard::Segment;
-    use burn::backend::flex::FlexTensor;
-    use burn::backend::Flex;
-    use burn::prelude::*;
-    use burn::tensor::{Bytes, TensorPrimitive};
-    use rayon::prelude::*;
-
-    /// Elements per task: fixed, so how the work is cut does not depend on the thread count.
-    pub const CHUNK: usize = 1 << 15;
-
-    /// Whether `t`'s storage is exactly its `f32` elements, in order.
-    fn is_whole(t: &FlexTensor) -> bool {
-        t.dtype() == burn::tensor::DType::F32
-            && t.is_contiguous()
-            && t.layout().start_offset() == 0
-            && t.bytes().len() == t.layout().num_elements() * size_of::<f32>()
-    }
-
-    /// `t` with storage that is exactly its elements (a copy when it is a view).
-    pub fn whole(t: FlexTensor) -> FlexTensor {
-        if is_whole(&t) {
-            t
-        } else {
-            t.to_contiguous()
-        }
-    }
-
-    /// `Σ x²` in f64, summed per fixed chunk and then over chunks in order.
-    pub fn sum_of_squares(t: &FlexTensor) -> f64 {
-        let t = whole(t.clone());
-        let partial: Vec<f64> = t.storage::<f32>().par_chunks(CHUNK).map(|c| c.iter().map(|&x| f64::from(x) * f64::from(x)).sum()).collect();
-        partial.iter().sum()
-    }
-
-    /// One state vector to update in place: its own storage when the optimizer is the only owner
-    /// (the moments), else a copy (the master values, whose buffer the model's parameters are
-    /// views of), made in parallel chunks.
-    pub struct Target(FlexTensor);
-
-    impl Target {
-        pub fn new(t: FlexTensor) -> Self {
-            let t = whole(t);
-            if t.is_unique() {
-                return Self(t);
-            }
-            // An indexed parallel collect writes each element once, without zero-filling first.
-            let copy: Vec<f32> = t.storage::<f32>().par_iter().with_min_len(CHUNK).copied().collect();
-            let n = copy.len();
-            Self(FlexTensor::new(Bytes::from_elems(copy), burn::backend::flex::Layout::contiguous([n].into()), burn::tensor::DType::F32))
-        }
-
-        fn values(&mut self) -> &mut [f32] {
-            self.0.try_storage_mut().expect("a unique buffer")
-        }
-
-        pub fn into_tensor(self) -> Tensor<Flex, 1> {
-            Tensor::from_primitive(TensorPrimitive::Float(self.0))
-        }
-    }
-
-    /// Which parameter each run of the slice belongs to, and its settings.
-    pub struct Params<'a> {
-        pub segments: &'a [Segment],
-        pub lr_multiplier: &'a [f32],
-        pub decays: &'a [bool],
-        /// Whether the parameter got a gradient on some rank this step (absent ones keep their
-        /// values and moments).
-        pub present: &'a [bool],
-    }
-
-    /// AdamW on `[master, exp_avg, exp_avg_sq]` from `grad`, element by element as the tensor
-    /// path computes it (PyTorch's single-tensor `AdamW`). Padding between runs is left as it is.
-    pub fn update(grad: &[f32], targets: [&mut Target; 3], params: &Params, u: &Update) {
-        let [master, exp_avg, exp_avg_sq] = targets.map(Target::values);
-        let n = grad.len();
-        assert!(master.len() == n && exp_avg.len() == n && exp_avg_sq.len() == n, "optimizer state and gradient differ in length");
-        master.par_chunks_mut(CHUNK).zip(exp_avg.par_chunks_mut(CHUNK)).zip(exp_avg_sq.par_chunks_mut(CHUNK)).enumerate().for_each(|(k, ((p, m), v))| {
-            let lo = k * CHUNK;
-            let hi = lo + p.len();
-            let first = params.segments.partition_point(|s| s.at + s.len <= lo);
-            for s in params.segments[first..].iter().take_while(|s| s.at < hi) {
-                if !params.present[s.param] {
-                    continue;
-                }
-                let (a, b) = (s.at.max(lo), (s.at + s.len).min(hi));
-                let r = a - lo..b - lo;
-                update_run(&grad[a..b], &mut p[r.clone()], &mut m[r.clone()], &mut v[r], params.lr_multiplier[s.param], params.decays[s.param], u);
-            }
-        });
-    }
-
-    /// One parameter's run of elements.
-    fn update_run(grad: &[f32], p: &mut [f32], m: &mut [f32], v: &mut [f32], lr_multiplier: f32, decays: bool, u: &Update) {
-        let lr = lr_multiplier * u.lr;
-        let decay = (u.weight_decay > 0.0 && decays).then(|| lr * -u.weight_decay + 1.0);
-        let step_size = lr / u.bias_correction1;
-        let clip = u.clip.unwrap_or(1.0);
-        for (((&g, p), m), v) in grad.iter().zip(p).zip(m).zip(v) {
-            let g = g * clip;
-            if let Some(factor) = decay {
-                *p *= factor;
-            }
-            *m = *m * u.beta1 + g * u.one_minus_beta1;
-            *v = *v * u.beta2 + g * g * u.one_minus_beta2;
-            let denom = v.sqrt() / u.bias_correction2_sqrt + u.eps;
-            *p -= *m / denom * step_size;
-        }
-    }
-}
-
-/// The optimizer shards of a checkpoint: `optimizer.safetensors` (one rank) or all of
-/// `optimizer-RRRRR-of-WWWWW.safetensors`, checked complete.
-fn shard_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
-    let single = dir.join(OPTIMIZER_FILE);
-    if single.is_file() {
-        return Ok(vec![single]);
-    }
-    let mut found: BTreeMap<usize, (usize, std::path::PathBuf)> = BTreeMap::new();
-    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(body) = name.strip_prefix("optimizer-").and_then(|n| n.strip_suffix(".safetensors")) else { continue };
-        let parsed = body.split_once("-of-").and_then(|(r, w)| Some((r.parse::<usize>().ok()?, w.parse::<usize>().ok()?)));
-        let Some((rank, world)) = parsed else { continue };
-        found.insert(rank, (world, entry.path()));
-    }
-    let Some(world) = found.values().next().map(|(w, _)| *w) else {
-        bail!("{}: no optimizer state ({OPTIMIZER_FILE} or optimizer-*-of-*.safetensors)", dir.display());
-    };
-    if let Some(missing) = (0..world).find(|r| found.get(r).is_none_or(|(w, _)| *w != world)) {
-        bail!("{}: the optimizer shard of rank {missing} of {world} is missing: the checkpoint is incomplete (resume from an earlier one)", dir.display());
-    }
-    Ok(found.into_values().map(|(_, p)| p).collect())
 }
 
 /// Puts whole flat parameter values (layout order, in the parameters' dtypes) back into the
@@ -601,6 +285,7 @@ impl<B: AutodiffBackend> PathMapper<B> for SetValues<'_, B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ScheduleConfig;
     use burn::backend::Flex;
 
     fn close(a: f64, b: f64) -> bool {
