@@ -150,3 +150,23 @@ fn hms(seconds: f64) -> String {
     let s = seconds.max(0.0) as u64;
     format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
 }
+
+/// Messages for people, printed by rank 0 only: a run over many ranks says each thing once.
+#[derive(Debug, Clone, Copy)]
+pub struct Reporter {
+    root: bool,
+}
+
+impl Reporter {
+    pub fn of(world: &crate::dist::World) -> Self {
+        Self { root: world.is_root() }
+    }
+
+    /// Prints the line `message` makes (to stderr, as every progress note) on rank 0; other ranks
+    /// do not build it.
+    pub fn line(&self, message: impl FnOnce() -> String) {
+        if self.root {
+            eprintln!("{}", message());
+        }
+    }
+}

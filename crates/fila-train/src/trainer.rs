@@ -9,15 +9,14 @@ use crate::alloc;
 use crate::batch::{scored_tokens, to_input};
 use crate::checkpoint::{self, CheckpointReason, CheckpointWriter, TrainState};
 use crate::config::{geometry_difference, LoadedConfig, TrainConfig};
-use crate::dist::Comm;
+use crate::dist::{Comm, World};
 use crate::kernel_events::{self, KernelCounts};
-use crate::logging::{Logger, StepMetrics};
+use crate::logging::{Logger, Reporter, StepMetrics};
 use crate::optim::{AdamW, Schedule};
 use crate::shard::{FlatLayout, BUCKET_ELEMENTS};
 use crate::step::{MicroBatch, StepOutcome, TrainStep};
 use crate::trainable::{apply_trainable, TrainableSet};
 use anyhow::{anyhow, bail, Context, Result};
-use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use fila_data::{BadRecordCounts, Batch, DataCursor, DataLoader, LoaderOptions, Pipeline, RecordSet};
 use fila_model::fila::{Fila, FilaConfig};
@@ -123,7 +122,7 @@ fn check_data_matches_model(loaded: &LoadedConfig, model: &FilaConfig) -> Result
 
 /// The length of a resumed run: the checkpoint's, unless the config now asks for another
 /// (`train.max_steps` or `train.epochs` changed), which then sets the schedule from here on.
-fn resumed_length(saved: u64, configured: u64, step: u64, report: bool) -> Result<u64> {
+fn resumed_length(saved: u64, configured: u64, step: u64, say: Reporter) -> Result<u64> {
     if configured == saved {
         return Ok(saved);
     }
@@ -133,9 +132,7 @@ fn resumed_length(saved: u64, configured: u64, step: u64, report: bool) -> Resul
              `train.epochs`; the checkpoint's run had {saved}). Set `train.max_steps` to {step} or more"
         );
     }
-    if report {
-        eprintln!("run length changed from {saved} to {configured} steps: the learning-rate schedule follows the new length");
-    }
+    say.line(|| format!("run length changed from {saved} to {configured} steps: the learning-rate schedule follows the new length"));
     Ok(configured)
 }
 
@@ -254,6 +251,80 @@ struct Training<'a, B: AutodiffBackend> {
     kernels_after_warmup: Option<KernelCounts>,
 }
 
+/// The run's state, the model's trainable weights and the optimizer: fresh for a new run over
+/// `records`, or read from the checkpoint `resume` (written at any world size).
+fn restore<B: AutodiffBackend>(
+    loaded: &LoadedConfig,
+    resume: Option<&Path>,
+    mut model: Fila<B>,
+    set: &TrainableSet,
+    records: &RecordSet,
+    device: &B::Device,
+    world: &World,
+) -> Result<(TrainState, Fila<B>, AdamW<B::InnerBackend>)> {
+    let c = &loaded.config;
+    let total = total_steps(loaded, records.records.len(), world.size);
+    let mut state = TrainState {
+        step: 0,
+        epoch: 0,
+        cursor: DataCursor::default(),
+        total_steps: total,
+        seed: c.seed,
+        data_seed: loaded.data.loader.seed,
+        samples_seen: 0,
+        tokens_seen: 0,
+        nonfinite_total: 0,
+        nonfinite_in_a_row: 0,
+        skipped: records.load_bad.clone(),
+        reason: CheckpointReason::Interval,
+        world_size: world.size,
+    };
+    if let Some(dir) = resume {
+        state = checkpoint::read_state(dir)?;
+        state.world_size = world.size;
+        model = checkpoint::load_trainable(model, set, dir)?;
+    }
+    let layout = FlatLayout::new(set, world.size, world.rank, BUCKET_ELEMENTS);
+    let mut optimizer = AdamW::new(c.optimizer.clone(), set, layout, &model, device);
+    optimizer.master_in_checkpoint = c.precision.master_apart();
+    if let Some(dir) = resume {
+        optimizer.load(dir)?;
+        let say = Reporter::of(world);
+        say.line(|| format!("resumed from {} at step {} (data epoch {}, position {})", dir.display(), state.step, state.cursor.epoch, state.cursor.position));
+        state.total_steps = resumed_length(state.total_steps, total, state.step, say)?;
+    }
+    Ok((state, model, optimizer))
+}
+
+/// This rank's shard of the data, from the run-wide cursor of `state`.
+fn start_data(loaded: &LoadedConfig, records: Arc<RecordSet>, pipeline: Arc<Pipeline>, state: &TrainState, world: &World) -> Result<DataLoader> {
+    let c = &loaded.config;
+    let end_epoch = if c.train.max_steps.is_some() { u64::MAX } else { c.train.epochs };
+    let sampler = LoaderOptions::from_config(&loaded.data.loader, world.rank, world.size, state.cursor, end_epoch).sampler(records.records.len());
+    let local = sampler.local_cursor(state.cursor);
+    let opts = LoaderOptions::from_config(&loaded.data.loader, world.rank, world.size, local, end_epoch);
+    let mut loader = DataLoader::start(records, pipeline, opts)?;
+    // The run's skipped counts live on rank 0; the others count from zero.
+    loader.restore_bad_counts(if world.is_root() { state.skipped.clone() } else { BadRecordCounts::new(state.skipped.max_examples) });
+    Ok(loader)
+}
+
+/// The output folder with the run's config (rank 0), the logs and the checkpoint writer.
+fn open_logs<'a>(loaded: &LoadedConfig, state: &TrainState, comm: &'a Comm) -> Result<(Logger, CheckpointWriter<'a>)> {
+    let c = &loaded.config;
+    let out = c.checkpoint.output_dir.clone();
+    let root = comm.world().is_root();
+    let config_toml = loaded.to_toml();
+    if root {
+        std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+        std::fs::write(out.join(checkpoint::CONFIG_FILE), &config_toml)?;
+    }
+    let logger =
+        Logger::new(root, &loaded.tensorboard_dir(), &out, state.total_steps, state.step).with_context(|| format!("opening the logs in {}", out.display()))?;
+    let writer = CheckpointWriter { output_dir: out, config_toml, keep_last: c.checkpoint.keep_last, comm };
+    Ok((logger, writer))
+}
+
 /// Steps after which a run should meet no new kernel shape (each sequence-length bucket and canvas
 /// seen at least once is typical), for the kernel-count report.
 const WARMUP_STEPS: u64 = 10;
@@ -263,82 +334,33 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
     fn start(loaded: LoadedConfig, resume: Option<&Path>, device: &B::Device, comm: &'a Comm) -> Result<Self> {
         let c = loaded.config.clone();
         let world = comm.world();
-        let root = world.is_root();
-        let out = c.checkpoint.output_dir.clone();
-        if root {
-            eprintln!("device: {}; precision: {}", c.device, c.precision.effective_note());
-            if let Some(note) = c.precision.device_note(c.device) {
-                eprintln!("note: {note}");
-            }
+        let say = Reporter::of(&world);
+        say.line(|| format!("device: {}; precision: {}", c.device, c.precision.effective_note()));
+        if let Some(note) = c.precision.device_note(c.device) {
+            say.line(|| format!("note: {note}"));
         }
-        let (mut model, fila_config, set) = build_model::<B>(&loaded, device)?;
-        if let (true, Some(dir)) = (root, &c.model.checkpoint) {
-            eprintln!("model: FILA checkpoint {}", loaded.source.parent().unwrap_or(Path::new(".")).join(dir).display());
+        let (model, fila_config, set) = build_model::<B>(&loaded, device)?;
+        if let Some(dir) = &c.model.checkpoint {
+            say.line(|| format!("model: FILA checkpoint {}", loaded.source.parent().unwrap_or(Path::new(".")).join(dir).display()));
         }
-        if root {
-            eprintln!(
+        say.line(|| {
+            format!(
                 "stage {}: {} of {} parameter tensors trainable ({} elements){}",
                 c.stage,
                 set.params.len(),
                 set.total_params,
                 set.num_elements(),
                 if world.size > 1 { format!("; {} ranks, optimizer state sharded", world.size) } else { String::new() }
-            );
-        }
+            )
+        });
         let records = Arc::new(RecordSet::load(&loaded.data)?);
         let pipeline = Arc::new(Pipeline::new(loaded.data.clone())?);
-        let total = total_steps(&loaded, records.records.len(), world.size);
-        let mut state = TrainState {
-            step: 0,
-            epoch: 0,
-            cursor: DataCursor::default(),
-            total_steps: total,
-            seed: c.seed,
-            data_seed: loaded.data.loader.seed,
-            samples_seen: 0,
-            tokens_seen: 0,
-            nonfinite_total: 0,
-            nonfinite_in_a_row: 0,
-            skipped: records.load_bad.clone(),
-            reason: CheckpointReason::Interval,
-            world_size: world.size,
-        };
-        if let Some(dir) = resume {
-            state = checkpoint::read_state(dir)?;
-            state.world_size = world.size;
-            model = checkpoint::load_trainable(model, &set, dir)?;
-        }
-        let inner_device = Tensor::<B, 1>::zeros([1], device).inner().device();
-        let layout = FlatLayout::new(&set, world.size, world.rank, BUCKET_ELEMENTS);
-        let mut optimizer = AdamW::new(c.optimizer.clone(), &set, layout, &model, &inner_device);
-        optimizer.master_in_checkpoint = c.precision.master_apart();
-        if let Some(dir) = resume {
-            optimizer.load(dir)?;
-            if root {
-                eprintln!("resumed from {} at step {} (data epoch {}, position {})", dir.display(), state.step, state.cursor.epoch, state.cursor.position);
-            }
-            state.total_steps = resumed_length(state.total_steps, total, state.step, root)?;
-        }
+        let (state, model, optimizer) = restore::<B>(&loaded, resume, model, &set, &records, device, &world)?;
         // The optimizer holds the f32 values now; the model may keep a lower-precision copy.
         let model = c.precision.store_trainable(model, &set);
         let schedule = Schedule::new(c.optimizer.lr, &c.schedule, state.total_steps);
-        let config_toml = loaded.to_toml();
-        if root {
-            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-            std::fs::write(out.join(checkpoint::CONFIG_FILE), &config_toml)?;
-        }
-
-        // This rank's shard of the data, from the run-wide cursor.
-        let end_epoch = if c.train.max_steps.is_some() { u64::MAX } else { c.train.epochs };
-        let sampler = LoaderOptions::from_config(&loaded.data.loader, world.rank, world.size, state.cursor, end_epoch).sampler(records.records.len());
-        let local = sampler.local_cursor(state.cursor);
-        let opts = LoaderOptions::from_config(&loaded.data.loader, world.rank, world.size, local, end_epoch);
-        let mut loader = DataLoader::start(records.clone(), pipeline, opts)?;
-        // The run's skipped counts live on rank 0; the others count from zero.
-        loader.restore_bad_counts(if root { state.skipped.clone() } else { BadRecordCounts::new(state.skipped.max_examples) });
-        let logger = Logger::new(root, &loaded.tensorboard_dir(), &out, state.total_steps, state.step)
-            .with_context(|| format!("opening the logs in {}", out.display()))?;
-        let writer = CheckpointWriter { output_dir: out, config_toml, keep_last: c.checkpoint.keep_last, comm };
+        let loader = start_data(&loaded, records.clone(), pipeline, &state, &world)?;
+        let (logger, writer) = open_logs(&loaded, &state, comm)?;
         Ok(Self {
             first_step: state.step,
             kernels_after_warmup: None,
@@ -399,8 +421,8 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
         let (model, outcome) = step.run(model, micro_batches, Some(&mut self.optimizer), lr, self.comm, || STOP.load(Ordering::SeqCst))?;
         self.model = model;
         let StepOutcome { loss, grad_norm, finite, signalled } = outcome;
-        if alloc::profiling() && self.comm.world().is_root() {
-            eprintln!("{}", alloc::profile_line(&format!("step {}", self.state.step + 1), live_before));
+        if alloc::profiling() {
+            Reporter::of(&self.comm.world()).line(|| alloc::profile_line(&format!("step {}", self.state.step + 1), live_before));
         }
         if finite {
             self.state.nonfinite_in_a_row = 0;
@@ -488,6 +510,7 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
     /// The last checkpoint, and at the end of the run the `final/` export (rank 0).
     fn finish(mut self, reason: StopReason) -> Result<RunOutcome> {
         let root = self.comm.world().is_root();
+        let say = Reporter::of(&self.comm.world());
         match reason {
             StopReason::NonFinite => {
                 let dir = self.save(CheckpointReason::NonFinite)?;
@@ -503,9 +526,7 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
             StopReason::Signal | StopReason::StopAfter => {
                 let dir = self.save(if reason == StopReason::Signal { CheckpointReason::Signal } else { CheckpointReason::StopAfter })?;
                 self.logger.flush();
-                if root {
-                    eprintln!("stopped at step {}; checkpoint {}. Continue with --resume", self.state.step, dir.display());
-                }
+                say.line(|| format!("stopped at step {}; checkpoint {}. Continue with --resume", self.state.step, dir.display()));
                 return Ok(RunOutcome { step: self.state.step, finished: false, checkpoint: Some(dir), final_dir: None });
             }
             StopReason::Completed => {}
@@ -522,16 +543,18 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
                 self.records
             );
         }
-        if bad.total() > 0 && root {
-            eprintln!("skipped {} bad records (run `fila data check --config {source}` for all of them):\n{bad}", bad.total());
+        if bad.total() > 0 {
+            say.line(|| format!("skipped {} bad records (run `fila data check --config {source}` for all of them):\n{bad}", bad.total()));
         }
         let kernels = kernel_events::counts();
-        if root && kernels != KernelCounts::default() {
+        if kernels != KernelCounts::default() {
             let later = match self.kernels_after_warmup.map(|warm| kernels.since(warm)) {
                 Some(late) => format!("; after the first {WARMUP_STEPS} steps: {} compiled, {} autotune runs", late.compiled, late.tuned),
                 None => String::new(),
             };
-            eprintln!("GPU kernels: {} compiled, {} from the compilation cache, {} autotune runs{later}", kernels.compiled, kernels.from_cache, kernels.tuned);
+            say.line(|| {
+                format!("GPU kernels: {} compiled, {} from the compilation cache, {} autotune runs{later}", kernels.compiled, kernels.from_cache, kernels.tuned)
+            });
         }
         let dir = self.save(CheckpointReason::End)?;
         let out = &self.writer.output_dir;
@@ -539,9 +562,7 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
             if root { Some(checkpoint::export_final(out, &self.model, &self.fila_config, &self.loaded.data.tokenizer, &self.loaded.to_toml())?) } else { None };
         self.comm.barrier()?;
         self.logger.flush();
-        if root {
-            eprintln!("done: {} steps; final model in {}", self.state.step, out.join("final").display());
-        }
+        say.line(|| format!("done: {} steps; final model in {}", self.state.step, out.join("final").display()));
         Ok(RunOutcome { step: self.state.step, finished: true, checkpoint: Some(dir), final_dir })
     }
 }
