@@ -334,7 +334,7 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
     fn start(loaded: LoadedConfig, resume: Option<&Path>, device: &B::Device, comm: &'a Comm) -> Result<Self> {
         let c = loaded.config.clone();
         let world = comm.world();
-        let say = Reporter::of(&world);
+        let say = Reporter::of(world);
         say.line(|| format!("device: {}; precision: {}", c.device, c.precision.effective_note()));
         if let Some(note) = c.precision.device_note(c.device) {
             say.line(|| format!("note: {note}"));
@@ -355,11 +355,11 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
         });
         let records = Arc::new(RecordSet::load(&loaded.data)?);
         let pipeline = Arc::new(Pipeline::new(loaded.data.clone())?);
-        let (state, model, optimizer) = restore::<B>(&loaded, resume, model, &set, &records, device, &world)?;
+        let (state, model, optimizer) = restore::<B>(&loaded, resume, model, &set, &records, device, world)?;
         // The optimizer holds the f32 values now; the model may keep a lower-precision copy.
         let model = c.precision.store_trainable(model, &set);
         let schedule = Schedule::new(c.optimizer.lr, &c.schedule, state.total_steps);
-        let loader = start_data(&loaded, records.clone(), pipeline, &state, &world)?;
+        let loader = start_data(&loaded, records.clone(), pipeline, &state, world)?;
         let (logger, writer) = open_logs(&loaded, &state, comm)?;
         Ok(Self {
             first_step: state.step,
@@ -422,7 +422,7 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
         self.model = model;
         let StepOutcome { loss, grad_norm, finite, signalled } = outcome;
         if alloc::profiling() {
-            Reporter::of(&self.comm.world()).line(|| alloc::profile_line(&format!("step {}", self.state.step + 1), live_before));
+            Reporter::of(self.comm.world()).line(|| alloc::profile_line(&format!("step {}", self.state.step + 1), live_before));
         }
         if finite {
             self.state.nonfinite_in_a_row = 0;
@@ -510,7 +510,7 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
     /// The last checkpoint, and at the end of the run the `final/` export (rank 0).
     fn finish(mut self, reason: StopReason) -> Result<RunOutcome> {
         let root = self.comm.world().is_root();
-        let say = Reporter::of(&self.comm.world());
+        let say = Reporter::of(self.comm.world());
         match reason {
             StopReason::NonFinite => {
                 let dir = self.save(CheckpointReason::NonFinite)?;
