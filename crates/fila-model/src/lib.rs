@@ -1,7 +1,9 @@
 //! The FILA model: a CLIP-ViT + ConvNeXt hybrid vision encoder fused by CVFM, an MLP projector and
 //! a LLaMA-3 language model, with strict loading of Hugging Face safetensors checkpoints.
 //!
-//! The crate holds pure modules and weight I/O only; it knows nothing of data or training.
+//! The crate holds the modules, their weight I/O and the operations they run: fused CPU kernels
+//! and the CubeCL backends' autodiff operations (`kernels`, `attention`), with `probe` the one
+//! place that asks which backend a generic `B` is. It knows nothing of data or training.
 
 pub mod attention;
 pub mod autocast;

@@ -461,17 +461,7 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
     /// skipped-record counts (summed over ranks).
     fn sync_data_position(&mut self, local: Option<DataCursor>) -> Result<()> {
         let global = local.map(|l| self.loader.sampler.global_cursor(l));
-        let mine = serde_json::to_vec(&(global, self.loader.bad_counts()))?;
-        let mut cursor: Option<DataCursor> = None;
-        let mut skipped = BadRecordCounts::new(self.state.skipped.max_examples);
-        for (rank, bytes) in self.comm.exchange(&mine)?.into_iter().enumerate() {
-            let (c, bad): (Option<DataCursor>, BadRecordCounts) =
-                serde_json::from_slice(&bytes).with_context(|| format!("rank {rank} sent an unreadable data position"))?;
-            if let Some(c) = c.filter(|c| cursor.is_none_or(|m| (c.epoch, c.position) < (m.epoch, m.position))) {
-                cursor = Some(c);
-            }
-            skipped.merge(&bad);
-        }
+        let (cursor, skipped) = self.comm.agree_data_position(global, self.loader.bad_counts(), self.state.skipped.max_examples)?;
         if let Some(c) = cursor {
             self.state.cursor = c;
             self.state.epoch = c.epoch;

@@ -18,6 +18,7 @@ use super::world::World;
 use anyhow::{anyhow, bail, Context, Result};
 use burn::prelude::*;
 use burn::tensor::TensorData;
+use fila_data::{BadRecordCounts, DataCursor};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
@@ -134,6 +135,24 @@ impl Comm {
             l.set_nodelay(true)?;
         }
         Ok(Self::new(world, timeout, links))
+    }
+
+    /// The run-wide data position, agreed in one exchange: the earliest of the ranks' cursors
+    /// (ranks without one, `None`, are left out) and the skipped-record counts summed over ranks
+    /// (keeping up to `max_examples` examples).
+    pub fn agree_data_position(&self, cursor: Option<DataCursor>, bad: &BadRecordCounts, max_examples: usize) -> Result<(Option<DataCursor>, BadRecordCounts)> {
+        let mine = serde_json::to_vec(&(cursor, bad))?;
+        let mut earliest: Option<DataCursor> = None;
+        let mut skipped = BadRecordCounts::new(max_examples);
+        for (rank, bytes) in self.exchange(&mine)?.into_iter().enumerate() {
+            let (c, bad): (Option<DataCursor>, BadRecordCounts) =
+                serde_json::from_slice(&bytes).with_context(|| format!("rank {rank} sent an unreadable data position"))?;
+            if let Some(c) = c.filter(|c| earliest.is_none_or(|m| (c.epoch, c.position) < (m.epoch, m.position))) {
+                earliest = Some(c);
+            }
+            skipped.merge(&bad);
+        }
+        Ok((earliest, skipped))
     }
 
     /// Every rank's `bytes`, in rank order, on every rank.
