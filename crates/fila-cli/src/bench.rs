@@ -2,10 +2,10 @@
 //! the PyTorch twin of the same presets (`scripts/bench/bench_torch.py`; `scripts/bench/bench_cpu_compare.py`
 //! runs both alternately, `scripts/gpu/gpu_bench.sh` one after the other).
 //!
-//! A step is what the trainer does per optimizer step with one micro-batch: the trainer's own
-//! forward and backward pass (`fila_train::recompute::forward_backward`, with activation
-//! checkpointing of the LLM layers where the preset's config sets it) and, with `--optimizer`,
-//! AdamW on the stage's trainable set (`fila_train::trainable`), gradients clipped at 1.
+//! A step is the trainer's own step (`fila_train::step::TrainStep`) with one micro-batch: the
+//! forward and backward pass (with activation checkpointing of the LLM layers where the preset's
+//! config sets it) and, with `--optimizer`, AdamW on the stage's trainable set
+//! (`fila_train::trainable`), gradients clipped at 1.
 //!
 //! Sizes: `tiny` and `mid` are CPU demo sizes; `real` is FILA's published architecture (CLIP
 //! ViT-L/14-336, ConvNeXt-L, Llama-3-8B) from the configs in `fila_model`, random weights, no
