@@ -432,18 +432,19 @@ struct StepRecord {
 const BENCH_LR: f64 = 2e-5;
 const BENCH_MAX_GRAD_NORM: f64 = 1.0;
 
-/// What a bench run trains: the model as the trainer builds it for the stage (its trainable set,
-/// weights stored as the precision says) and, with `--optimizer`, AdamW over one rank's slice.
+/// What a bench run trains with: the stage's trainable set and, with `--optimizer`, AdamW over
+/// one rank's slice ([`Setup::build`] also returns the model, which the steps then own).
 struct Setup<B: AutodiffBackend> {
     config: FilaConfig,
-    model: Fila<B>,
     set: TrainableSet,
     slice: Option<TrainableSet>,
     adam: Option<AdamW<B::InnerBackend>>,
 }
 
 impl<B: AutodiffBackend> Setup<B> {
-    fn build(options: &BenchOptions, device: &B::Device) -> anyhow::Result<Self> {
+    /// The model as the trainer builds it for the stage (its trainable set, weights stored as the
+    /// precision says), and what the steps need beside it.
+    fn build(options: &BenchOptions, device: &B::Device) -> anyhow::Result<(Self, Fila<B>)> {
         let config = preset(options.size);
         config.validate().expect("preset is valid");
         B::seed(device, 0);
@@ -452,7 +453,7 @@ impl<B: AutodiffBackend> Setup<B> {
         let (slice, adam) = Self::optimizer(options, &set, &model, device);
         // The optimizer holds the f32 values now; the model keeps what the precision stores.
         let model = options.precision.store_trainable(model, &set);
-        Ok(Self { config, model, set, slice, adam })
+        Ok((Self { config, set, slice, adam }, model))
     }
 
     /// With `--optimizer`: the slice of the trainable set one rank owns and AdamW over it, holding
@@ -477,9 +478,8 @@ impl<B: AutodiffBackend> Setup<B> {
 pub fn run<B: AutodiffBackend>(options: BenchOptions, device: &B::Device) -> anyhow::Result<()> {
     let BenchOptions { size, stage, shape, batch, text_tokens, steps, warmup, precision, recompute, optimizer_world, peak_tflops, json, .. } = options;
     let build_start = Instant::now();
-    let mut setup = Setup::<B>::build(&options, device)?;
+    let (mut setup, mut model) = Setup::<B>::build(&options, device)?;
     let trains = Trains::from_modules(&stage_modules(stage, &TrainableConfig::default()));
-    let mut model = setup.model.clone();
     B::sync(device).expect("device sync");
     let build_s = build_start.elapsed().as_secs_f64();
     let comm = Comm::single();
@@ -736,8 +736,8 @@ mod tests {
         };
         let device = Default::default();
         let comm = Comm::single();
-        let mut bench = Setup::<B>::build(&options, &device).unwrap();
-        let (_, mut adam) = Setup::<B>::optimizer(&options, &bench.set, &bench.model, &device);
+        let (mut bench, model) = Setup::<B>::build(&options, &device).unwrap();
+        let (_, mut adam) = Setup::<B>::optimizer(&options, &bench.set, &model, &device);
         // One random batch for both (tests share the backend's generator, so it is drawn once).
         let input = make_input::<B>(&bench.config, &options.grids(0), options.text_tokens, &device).0;
         let copy = FilaInput {
@@ -746,13 +746,13 @@ mod tests {
             labels: input.labels.clone(),
             images: input.images.iter().map(|i| ImageInput { views: i.views.clone(), hires: i.hires.clone(), grid: i.grid }).collect(),
         };
-        let (_, by_bench) = bench.step(&options, bench.model.clone(), input, &comm).unwrap();
+        let (_, by_bench) = bench.step(&options, model.clone(), input, &comm).unwrap();
 
         let repo = std::env::var_os("FILA_REPO_DIR").map_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."), std::path::PathBuf::from);
         let loaded = LoadedConfig::load(&repo.join("configs/tiny/synth-stage2.toml"), &[]).unwrap();
         let step = TrainStep::of(&loaded.config, &bench.set);
         let batch = [Some(MicroBatch { input: copy, share: 1.0 })];
-        let (_, by_trainer) = step.run(bench.model.clone(), batch, adam.as_mut(), BENCH_LR, &comm, || false).unwrap();
+        let (_, by_trainer) = step.run(model, batch, adam.as_mut(), BENCH_LR, &comm, || false).unwrap();
 
         assert!(by_bench.finite && by_bench.loss > 0.0 && by_bench.grad_norm > 0.0, "{by_bench:?}");
         assert_eq!(by_bench, by_trainer);

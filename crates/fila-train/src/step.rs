@@ -11,7 +11,6 @@ use crate::precision::Precision;
 use crate::recompute::{forward_backward, Recompute};
 use crate::trainable::TrainableSet;
 use anyhow::Result;
-use burn::module::Module;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use fila_model::fila::{Fila, FilaInput};
@@ -66,13 +65,15 @@ impl<'a> TrainStep<'a> {
         signalled: impl FnOnce() -> bool,
     ) -> Result<(Fila<B>, StepOutcome)> {
         // The step's loss stays on the device until the end of the step: one read per step.
-        let device = model.devices().into_iter().next().expect("the model has parameters");
-        let mut loss_sum = Tensor::<B::InnerBackend, 1>::zeros([1], &device);
+        let mut loss_sum: Option<Tensor<B::InnerBackend, 1>> = None;
         for micro_batch in micro_batches {
             let mut grads: Grads<B::InnerBackend> = Grads::new();
             if let Some(MicroBatch { input, share }) = micro_batch {
                 let (loss, g) = forward_backward(&model, input, share, self.precision, self.recompute, self.set);
-                loss_sum = loss_sum + loss;
+                loss_sum = Some(match loss_sum {
+                    Some(sum) => sum + loss,
+                    None => loss,
+                });
                 grads = g;
             }
             if let Some(optimizer) = optimizer.as_deref_mut() {
@@ -80,7 +81,8 @@ impl<'a> TrainStep<'a> {
             }
             alloc::mark("gradients to the slice");
         }
-        let loss_sum = loss_sum.into_scalar().elem::<f64>();
+        // A rank without a micro-batch adds 0.
+        let loss_sum = loss_sum.map_or(0.0, |sum| sum.into_scalar().elem::<f64>());
         let finite = loss_sum.is_finite();
         let signalled = signalled();
         // One exchange: the loss, whether every rank stayed finite, and whether any was signalled.
