@@ -34,7 +34,7 @@
 //! pass used; each gradient comes back in its input's dtype.
 
 use crate::autocast::{self, Compute};
-use crate::probe::{same_float, same_type};
+use crate::probe::{float, prim, same_float, same_type};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
@@ -101,14 +101,6 @@ impl Spec {
             Compute::Bf16 => x.cast(FloatDType::BF16),
         }
     }
-}
-
-fn prim<B: Backend, const D: usize>(x: Tensor<B, D>) -> FloatTensor<B> {
-    x.into_primitive().tensor()
-}
-
-fn float<I: Backend, const D: usize>(x: FloatTensor<I>) -> Tensor<I, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(x))
 }
 
 /// The convolution on `I`: `x` `[N, H, W, C]`, `weight` `[C, 1, k, k]` and `bias` `[C]`, all in

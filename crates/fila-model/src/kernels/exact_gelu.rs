@@ -9,28 +9,24 @@
 //! |x| ≈ 2, which the ConvNeXt parity tests see on wgpu. Here the backward is
 //! `Φ(x) + x·φ(x)` from the saved input: `0.5·(1 + erf(x/√2)) + x·exp(−x²/2)/√(2π)`.
 
-use crate::probe::{same_float, same_type};
+use crate::probe::{float, prim, same_float, same_type};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::prelude::*;
+use burn::tensor::activation;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{activation, TensorPrimitive};
 
 /// GELU of `x` through [`ExactGeluBackward`] when `B` is `Autodiff<I>`; `Err(x)` otherwise.
 pub fn via_autodiff<B: Backend, I: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B, D>, Tensor<B, D>> {
     if !same_float::<B, Autodiff<I>>() {
         return Err(x);
     }
-    let x: FloatTensor<Autodiff<I>> = same_type(x.into_primitive().tensor());
+    let x: FloatTensor<Autodiff<I>> = same_type(prim(x));
     let out = autodiff_gelu::<I, D>(x);
-    Ok(Tensor::from_primitive(TensorPrimitive::Float(same_type(out))))
-}
-
-fn float<I: Backend, const D: usize>(x: FloatTensor<I>) -> Tensor<I, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(x))
+    Ok(float(same_type(out)))
 }
 
 /// `dGELU/dx = Φ(x) + x·φ(x)`, times the output gradient.
@@ -50,14 +46,14 @@ impl<I: Backend, const D: usize> Backward<I, 1> for ExactGeluBackward<D> {
         let grad = float::<I, D>(grads.consume::<I>(&ops.node));
         if let [Some(node)] = ops.parents {
             let dx = gelu_grad(float::<I, D>(ops.state), grad);
-            grads.register::<I>(node.id, dx.into_primitive().tensor());
+            grads.register::<I>(node.id, prim(dx));
         }
     }
 }
 
 fn autodiff_gelu<I: Backend, const D: usize>(x: FloatTensor<Autodiff<I>>) -> FloatTensor<Autodiff<I>> {
     let input = x.primitive.clone();
-    let out = activation::gelu(float::<I, D>(input.clone())).into_primitive().tensor();
+    let out = prim(activation::gelu(float::<I, D>(input.clone())));
     match ExactGeluBackward::<D>.prepare::<NoCheckpointing>([x.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => prep.finish(input, out),
         OpsKind::UnTracked(prep) => prep.finish(out),

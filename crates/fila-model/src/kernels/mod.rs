@@ -21,7 +21,7 @@ pub mod exact_gelu;
 mod math;
 
 use crate::autocast::{self, Compute};
-use crate::probe::{same_float, same_type};
+use crate::probe::{float, prim, same_float, same_type};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
@@ -32,7 +32,7 @@ use burn::nn::conv::Conv2d;
 use burn::nn::PaddingConfig2d;
 use burn::prelude::*;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{activation, Bytes, DType, TensorMetadata, TensorPrimitive};
+use burn::tensor::{activation, Bytes, DType, TensorMetadata};
 use std::fmt::Debug;
 
 pub use math::Depthwise;
@@ -296,14 +296,6 @@ pub mod reference {
 }
 
 // ---- Routing: which backend the generic `B` is ----------------------------------------------
-
-fn float<B: Backend, const D: usize>(primitive: FloatTensor<B>) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(primitive))
-}
-
-fn prim<B: Backend, const D: usize>(x: Tensor<B, D>) -> FloatTensor<B> {
-    x.into_primitive().tensor()
-}
 
 /// One custom operation: `N` float inputs, one output, forward and backward on contiguous
 /// flex tensors of `f32`.
