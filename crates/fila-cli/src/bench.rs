@@ -736,10 +736,12 @@ mod tests {
         };
         let device = Default::default();
         let comm = Comm::single();
+        let generator = crate::generator_lock();
         let (mut bench, model) = Setup::<B>::build(&options, &device).unwrap();
         let (_, mut adam) = Setup::<B>::optimizer(&options, &bench.set, &model, &device);
         // One random batch for both (tests share the backend's generator, so it is drawn once).
         let input = make_input::<B>(&bench.config, &options.grids(0), options.text_tokens, &device).0;
+        drop(generator);
         let copy = FilaInput {
             input_ids: input.input_ids.clone(),
             attention_mask: input.attention_mask.clone(),

@@ -237,8 +237,10 @@ mod tests {
         let spec = crate::forward::read_model_spec(&root.join("configs/tiny/stage1.toml")).unwrap();
         let (config, source) = spec.resolve(&root.join("configs/tiny")).unwrap();
         // Seeded, so the random model (and what the test sees of it) is the same on every run.
+        let generator = crate::generator_lock();
         B::seed(&Default::default(), 0);
         let model = Fila::<B>::load(&config, &source, &Default::default()).unwrap();
+        drop(generator);
         let tokenizer = root.join("crates/fila-data/tests/fixtures/tokenizer.json");
         let run = format!(
             "[data]\ntokenizer = \"{}\"\ntemplate = \"llama3\"\nimage_mode = \"tiled\"\n\n[data.geometry]\ntile_size = 28\n\

@@ -230,3 +230,12 @@ impl OnBackend for Bench {
         bench::run::<B>(self.0, device)
     }
 }
+
+/// Serialises the tests that seed the backend's random generator and then draw from it: flex's
+/// generator is global to the process, so another test seeding it in between would change what
+/// they draw.
+#[cfg(test)]
+pub(crate) fn generator_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
