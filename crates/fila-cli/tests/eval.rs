@@ -82,7 +82,7 @@ fn fixture_predictions_score_as_the_python_restatement() {
         }
     }
     // Records with a `metric` field are scored with those metrics only.
-    let half = report["predictions"].as_array().unwrap().iter().find(|p| p["id"] == "case-26").unwrap();
+    let half = report["predictions"].as_array().unwrap().iter().find(|p| p["id"] == "case-30").unwrap();
     assert_eq!(half["scores"].as_object().unwrap().keys().collect::<Vec<_>>(), vec!["anls"]);
     // `correct` (behind the older `accuracy` field, over every record) is exact match.
     for p in report["predictions"].as_array().unwrap() {
@@ -98,7 +98,7 @@ fn fixture_predictions_score_as_the_python_restatement() {
     ok(&fila(&["eval", "--data", s(&data), "--predictions", s(&out), "--metric", "anls", "--out", s(&rescored)]));
     let again = read_json(&rescored);
     close(&again["overall"]["metrics"]["anls"], &expected["overall"]["anls"], "re-scored anls");
-    // `case-34` names relaxed and exact match itself; no record asks for VQA accuracy now.
+    // `case-40` names relaxed and exact match itself; no record asks for VQA accuracy now.
     let names: Vec<&String> = again["overall"]["metrics"].as_object().unwrap().keys().collect();
     assert_eq!(names, vec!["anls", "exact_match", "relaxed_accuracy"]);
     std::fs::remove_dir_all(&dir).ok();
@@ -178,7 +178,7 @@ fn a_checkpoints_report_scores_its_own_predictions() {
     run("1", &single);
     let report = read_json(&batched);
     let predictions = report["predictions"].as_array().unwrap();
-    assert_eq!(predictions.len(), 54);
+    assert_eq!(predictions.len(), 67);
     let answers = |r: &Value| r["predictions"].as_array().unwrap().iter().map(|p| p["predicted"].as_str().unwrap().to_string()).collect::<Vec<_>>();
     assert_eq!(answers(&report), answers(&read_json(&single)), "batch size changed the answers");
 
