@@ -22,6 +22,8 @@ pub struct Inference {
     images: ImagePreprocessor,
     data: DataConfig,
     stop_ids: Vec<i64>,
+    /// The language model's `max_position_embeddings`: prompt and answer together.
+    context: usize,
     device: burn::tensor::Device<B>,
 }
 
@@ -29,6 +31,23 @@ pub struct Inference {
 pub struct Prompt {
     ids: Vec<i64>,
     image: Option<ImageViews>,
+}
+
+impl Prompt {
+    /// Tokens in the prompt, visual tokens included.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+}
+
+/// One generated answer with how it ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    pub text: String,
+    /// Tokens generated, an end token included.
+    pub tokens: usize,
+    /// Whether the answer ended with an end token (else it reached its token limit).
+    pub stopped: bool,
 }
 
 impl Inference {
@@ -48,7 +67,8 @@ impl Inference {
         let text = TextEncoder::from_config(&data)?;
         let stop_ids: Vec<i64> =
             [text.special.eot, text.special.plain_end].into_iter().flatten().chain(text.tokenizer.token_to_id("<|end_of_text|>").map(i64::from)).collect();
-        Ok(Self { model, images: ImagePreprocessor::new(&data), text, data, stop_ids, device })
+        let context = config.llm.max_position_embeddings;
+        Ok(Self { model, images: ImagePreprocessor::new(&data), text, data, stop_ids, context, device })
     }
 
     /// The ids of `prompt` about `image` in the checkpoint's template; an `<image>` marker is put
@@ -81,12 +101,39 @@ impl Inference {
     /// and each row decodes at its own positions (its RoPE positions and key mask skip the
     /// padding), so every answer is the one [`Inference::answer`] gives for that prompt alone.
     pub fn answer_batch(&self, prompts: &[Prompt], max_new_tokens: usize) -> Result<Vec<String>> {
-        let generated = self.generate_batch(prompts, max_new_tokens);
+        let generated = self.generate_batch(prompts, &vec![max_new_tokens; prompts.len()]);
         generated.iter().map(|g| self.decode(g)).collect()
     }
 
-    fn generate_batch(&self, prompts: &[Prompt], max_new_tokens: usize) -> Vec<Vec<i64>> {
+    /// Greedy answers to several prompts in one batch, each with its own token limit: a row stops
+    /// at its end token or its limit, and the batch runs until every row has stopped. Each answer
+    /// is the one [`Inference::answer`] gives for that prompt and limit alone.
+    pub fn answer_each(&self, prompts: &[Prompt], limits: &[usize]) -> Result<Vec<Answer>> {
+        assert_eq!(prompts.len(), limits.len(), "one limit per prompt");
+        let generated = self.generate_batch(prompts, limits);
+        generated
+            .iter()
+            .map(|g| {
+                let stopped = g.last().is_some_and(|id| self.stop_ids.contains(id));
+                Ok(Answer { text: self.decode(g)?, tokens: g.len(), stopped })
+            })
+            .collect()
+    }
+
+    /// The most tokens a prompt and its answer may hold together (`max_position_embeddings`).
+    pub fn context_len(&self) -> usize {
+        self.context
+    }
+
+    /// The pixel limit of the checkpoint's `[data]` settings (`max_image_pixels`).
+    pub fn max_image_pixels(&self) -> u64 {
+        self.images.max_pixels
+    }
+
+    /// Generated ids per row; row `i` stops at an end token or after `limits[i]` tokens.
+    fn generate_batch(&self, prompts: &[Prompt], limits: &[usize]) -> Vec<Vec<i64>> {
         let rows = prompts.len();
+        let max_new_tokens = limits.iter().copied().max().unwrap_or(0);
         if rows == 0 || max_new_tokens == 0 {
             return vec![Vec::new(); rows];
         }
@@ -113,12 +160,13 @@ impl Inference {
         let last: Vec<_> = lens.iter().enumerate().map(|(i, &n)| hidden.clone().slice([i..i + 1, n - 1..n, 0..d])).collect();
         let mut next = self.greedy(Tensor::cat(last, 0));
         let mut out = vec![Vec::new(); rows];
-        let mut done = vec![false; rows];
+        // A row with a limit of 0 takes no token.
+        let mut done: Vec<bool> = limits.iter().map(|&l| l == 0).collect();
         for step in 0..max_new_tokens {
             for (i, &token) in next.iter().enumerate() {
                 if !done[i] {
                     out[i].push(token);
-                    done[i] = self.stop_ids.contains(&token);
+                    done[i] = self.stop_ids.contains(&token) || out[i].len() >= limits[i];
                 }
             }
             if done.iter().all(|&d| d) || step + 1 == max_new_tokens {
@@ -284,6 +332,14 @@ mod tests {
         let mut back = inference.answer_batch(&reversed, 6).unwrap();
         back.reverse();
         assert_eq!(back, alone);
+        // Each row with its own limit: the answer alone with that limit, ended by its end token or
+        // cut at the limit.
+        let limits = [1, 6, 3, 0, 4];
+        let each = inference.answer_each(&prompts, &limits).unwrap();
+        for ((answer, &limit), (im, q)) in each.iter().zip(&limits).zip(&questions) {
+            assert_eq!(answer.text, inference.answer(*im, q, limit).unwrap(), "limit {limit}");
+            assert!(answer.tokens <= limit && (answer.stopped || answer.tokens == limit), "{answer:?} at limit {limit}");
+        }
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -1,5 +1,6 @@
 //! `fila`: model and data tools around FILA-train: forward dumps for checking conversions,
-//! generation and benchmark evaluation, dataset checks and inspection, and speed benchmarks.
+//! generation, benchmark evaluation and an OpenAI-compatible server, dataset checks and inspection,
+//! and speed benchmarks.
 
 mod bench;
 mod eval;
@@ -7,6 +8,7 @@ mod flops;
 mod forward;
 mod infer;
 mod metrics;
+mod serve;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -96,6 +98,39 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         step: usize,
     },
+    /// OpenAI-compatible HTTP server for a checkpoint: POST /v1/chat/completions (text and one
+    /// image, greedy decoding, concurrent requests answered in batches) and GET /v1/models
+    /// (docs/serve.md).
+    Serve {
+        /// FILA checkpoint folder (a run's `final/`).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Port to listen on (0: any free port; the address is printed when ready).
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        /// Address to bind; the default accepts connections from this machine only.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Model id in /v1/models and in answers (default: the checkpoint folder's name).
+        #[arg(long)]
+        model_name: Option<String>,
+        /// Most requests answered in one batch.
+        #[arg(long, default_value_t = 8)]
+        max_batch: usize,
+        /// Milliseconds the server waits for more requests once one arrives before it starts a
+        /// batch (0: it batches what is already queued and starts at once).
+        #[arg(long, default_value_t = 0)]
+        batch_wait_ms: u64,
+        /// `max_tokens` of requests that give none (capped by the context left after the prompt).
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// Largest request body in MiB (base64 images included).
+        #[arg(long, default_value_t = 64)]
+        max_body_mb: usize,
+        /// Run config whose `[data]` table gives template and geometry (default: the checkpoint's run.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Dataset tools.
     #[command(subcommand)]
     Data(DataCommand),
@@ -178,6 +213,19 @@ fn main() -> Result<()> {
                 fila_train::logging::write_scalars(&dir, step, &report.scalars());
                 println!("wrote TensorBoard scalars eval/{}/... to {}", report.split, dir.display());
             }
+        }
+        Command::Serve { checkpoint, port, host, model_name, max_batch, batch_wait_ms, max_tokens, max_body_mb, config } => {
+            serve::run(serve::ServeOptions {
+                checkpoint,
+                config,
+                host,
+                port,
+                model_name,
+                max_batch,
+                batch_wait: std::time::Duration::from_millis(batch_wait_ms),
+                default_max_tokens: max_tokens,
+                max_body: max_body_mb.saturating_mul(1 << 20),
+            })?;
         }
         Command::Data(DataCommand::Check { config }) => {
             let (pipeline, records) = fila_data::Pipeline::open(&config)?;
