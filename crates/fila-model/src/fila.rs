@@ -32,6 +32,14 @@ pub struct FilaConfig {
     pub image_token_id: u32,
 }
 
+/// `model_type` of a FILA `config.json` for Hugging Face transformers.
+pub const FILA_MODEL_TYPE: &str = "fila";
+
+/// Top-level `config.json` keys that belong to Hugging Face transformers (written by the export
+/// of `final/` or by `save_pretrained`), not to [`FilaConfig`].
+pub const HF_CONFIG_KEYS: &[&str] =
+    &["model_type", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype", "tie_word_embeddings", "use_cache"];
+
 /// Where the weights of a FILA model come from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelSource {
@@ -88,10 +96,25 @@ impl FilaConfig {
         Ok(())
     }
 
+    /// Reads `config.json` of a FILA checkpoint folder. The keys Hugging Face transformers reads
+    /// beside ours ([`HF_CONFIG_KEYS`]: `model_type`, `auto_map`, ...) are skipped; a `model_type`
+    /// other than `fila` is an error.
     pub fn from_checkpoint_dir(dir: &Path) -> Result<Self, ModelError> {
         let file = dir.join("config.json");
         let text = std::fs::read_to_string(&file).map_err(|source| ModelError::Io { path: file.clone(), source })?;
-        serde_json::from_str(&text).map_err(|e| ModelError::Config { path: file, message: e.to_string() })
+        let error = |message: String| ModelError::Config { path: file.clone(), message };
+        let mut value: serde_json::Value = serde_json::from_str(&text).map_err(|e| error(e.to_string()))?;
+        if let Some(object) = value.as_object_mut() {
+            if let Some(kind) = object.get("model_type") {
+                if kind.as_str() != Some(FILA_MODEL_TYPE) {
+                    return Err(error(format!("`model_type` is {kind}, not \"{FILA_MODEL_TYPE}\": not a FILA checkpoint")));
+                }
+            }
+            for key in HF_CONFIG_KEYS {
+                object.remove(*key);
+            }
+        }
+        serde_json::from_value(value).map_err(|e| error(e.to_string()))
     }
 }
 

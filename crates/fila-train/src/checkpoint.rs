@@ -9,7 +9,8 @@
 //! Several nodes need `output_dir` on a filesystem they share.
 //! `final/` is the interchange export: the whole model under FILA checkpoint names
 //! (`model.safetensors`), `config.json` (the `FilaConfig`) and `tokenizer.json`, loadable with
-//! `Fila::load(.., &ModelSource::Checkpoint(final))`.
+//! `Fila::load(.., &ModelSource::Checkpoint(final))`, and the Hugging Face remote code and
+//! settings of [`crate::hf_export`] (transformers loads the same folder).
 
 use crate::dist::Comm;
 use crate::optim::state::shard_file;
@@ -268,8 +269,9 @@ pub fn load_trainable<B: Backend>(model: Fila<B>, set: &TrainableSet, dir: &Path
     Ok(model)
 }
 
-/// Writes `final/`: the whole model, its config, the tokenizer and the run config whose `[data]`
-/// table `fila generate` and `fila eval` read (through a temporary folder).
+/// Writes `final/`: the whole model, its config, the tokenizer, the run config whose `[data]`
+/// table `fila generate` and `fila eval` read, and the Hugging Face files (through a temporary
+/// folder).
 pub fn export_final<B: Backend>(output_dir: &Path, model: &Fila<B>, config: &FilaConfig, tokenizer: &Path, run_config: &str) -> Result<PathBuf> {
     let dest = output_dir.join("final");
     let tmp = output_dir.join(".tmp-final");
@@ -281,6 +283,7 @@ pub fn export_final<B: Backend>(output_dir: &Path, model: &Fila<B>, config: &Fil
     std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(config)?)?;
     std::fs::copy(tokenizer, tmp.join("tokenizer.json")).with_context(|| format!("copying {}", tokenizer.display()))?;
     std::fs::write(tmp.join("run.toml"), run_config)?;
+    crate::hf_export::write_hf_files(&tmp, config, &crate::hf_export::data_config_of(run_config)?).context("writing the Hugging Face files")?;
     sync_dir(&tmp);
     if dest.exists() {
         std::fs::remove_dir_all(&dest)?;

@@ -11,6 +11,7 @@ pub mod config;
 pub mod dist;
 #[cfg(feature = "cuda")]
 pub mod dylib;
+pub mod hf_export;
 pub mod kernel_events;
 pub mod logging;
 pub mod optim;
