@@ -15,6 +15,8 @@ pub mod fila;
 pub mod hybrid_encoder;
 pub mod kernels;
 pub mod llama;
+pub mod lora;
+pub mod nf4;
 pub mod nn;
 pub mod probe;
 pub mod projector;
