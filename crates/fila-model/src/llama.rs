@@ -7,6 +7,7 @@ use crate::attention::{attention, AttentionMask};
 use crate::autocast;
 use crate::config::read_hf_config;
 use crate::kernels;
+use crate::lora::{project, LoraAdapter};
 use crate::nn::{linear, merge_heads, split_heads, Activation, RmsNorm};
 use crate::ModelError;
 use burn::module::Module;
@@ -205,6 +206,10 @@ impl LlamaConfig {
                     k_proj: linear(d, kv, false, device),
                     v_proj: linear(d, kv, false, device),
                     o_proj: linear(q, d, false, device),
+                    q_lora: None,
+                    k_lora: None,
+                    v_lora: None,
+                    o_lora: None,
                     num_heads: self.num_attention_heads,
                     num_kv_heads: self.num_key_value_heads,
                 },
@@ -212,6 +217,9 @@ impl LlamaConfig {
                     gate_proj: linear(d, self.intermediate_size, false, device),
                     up_proj: linear(d, self.intermediate_size, false, device),
                     down_proj: linear(self.intermediate_size, d, false, device),
+                    gate_lora: None,
+                    up_lora: None,
+                    down_lora: None,
                 },
                 input_layernorm: RmsNorm::new(d, self.rms_norm_eps, device),
                 post_attention_layernorm: RmsNorm::new(d, self.rms_norm_eps, device),
@@ -252,6 +260,11 @@ pub struct LlamaAttention<B: Backend> {
     pub k_proj: Linear<B>,
     pub v_proj: Linear<B>,
     pub o_proj: Linear<B>,
+    /// LoRA adapters of the projections, when attached ([`crate::lora::attach`]).
+    pub q_lora: Option<LoraAdapter<B>>,
+    pub k_lora: Option<LoraAdapter<B>>,
+    pub v_lora: Option<LoraAdapter<B>>,
+    pub o_lora: Option<LoraAdapter<B>>,
     pub num_heads: usize,
     pub num_kv_heads: usize,
 }
@@ -292,9 +305,9 @@ impl<B: Backend> LlamaAttention<B> {
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     ) -> Tensor<B, 3> {
         // Head split and RoPE in one pass (a fused kernel on the CPU).
-        let q = kernels::rope_heads(autocast::linear(&self.q_proj, x.clone()), self.num_heads, cos.clone(), sin.clone());
-        let mut k = kernels::rope_heads(autocast::linear(&self.k_proj, x.clone()), self.num_kv_heads, cos, sin);
-        let mut v = split_heads(autocast::linear(&self.v_proj, x), self.num_kv_heads);
+        let q = kernels::rope_heads(project(&self.q_proj, self.q_lora.as_ref(), x.clone()), self.num_heads, cos.clone(), sin.clone());
+        let mut k = kernels::rope_heads(project(&self.k_proj, self.k_lora.as_ref(), x.clone()), self.num_kv_heads, cos, sin);
+        let mut v = split_heads(project(&self.v_proj, self.v_lora.as_ref(), x), self.num_kv_heads);
         if let Some(entry) = cache {
             if let Some((k_old, v_old)) = entry.take() {
                 k = Tensor::cat(vec![k_old, k], 2);
@@ -303,7 +316,7 @@ impl<B: Backend> LlamaAttention<B> {
             *entry = Some((k.clone(), v.clone()));
         }
         // Grouped-query attention: the seam takes the key/value heads unrepeated.
-        autocast::linear(&self.o_proj, merge_heads(attention(q, k, v, mask)))
+        project(&self.o_proj, self.o_lora.as_ref(), merge_heads(attention(q, k, v, mask)))
     }
 }
 
@@ -312,12 +325,16 @@ pub struct LlamaMlp<B: Backend> {
     pub gate_proj: Linear<B>,
     pub up_proj: Linear<B>,
     pub down_proj: Linear<B>,
+    /// LoRA adapters of the projections, when attached ([`crate::lora::attach`]).
+    pub gate_lora: Option<LoraAdapter<B>>,
+    pub up_lora: Option<LoraAdapter<B>>,
+    pub down_lora: Option<LoraAdapter<B>>,
 }
 
 impl<B: Backend> LlamaMlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = autocast::linear(&self.gate_proj, x.clone());
-        autocast::linear(&self.down_proj, kernels::swiglu(gate, autocast::linear(&self.up_proj, x)))
+        let gate = project(&self.gate_proj, self.gate_lora.as_ref(), x.clone());
+        project(&self.down_proj, self.down_lora.as_ref(), kernels::swiglu(gate, project(&self.up_proj, self.up_lora.as_ref(), x)))
     }
 }
 

@@ -5,17 +5,35 @@
 //! layout: `s·Aᵀ·Bᵀ`), after which the layer alone computes what layer plus adapter did.
 
 use crate::autocast;
+use crate::llama::{LlamaDecoderLayer, LlamaForCausalLM};
 use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::Distribution;
 
-/// One adapter: `lora_a` `[r, in]`, `lora_b` `[out, r]`, scaled by `scale = alpha / r`.
+/// The Llama projections an adapter can target, named as in Hugging Face checkpoints and PEFT's
+/// `target_modules`; all of them by default (LLaVA's `--lora_enable`: every linear layer of the
+/// language model).
+pub const LLAMA_TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+/// The adapters to attach: rank `r`, `alpha` (scale `alpha / r`), the dropout on the adapter's
+/// input while training, and the targeted projections (names of [`LLAMA_TARGETS`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub targets: Vec<String>,
+}
+
+/// One adapter: `lora_a` `[r, in]`, `lora_b` `[out, r]`, scaled by `scale = alpha / r`; `dropout`
+/// drops adapter inputs while gradients are recorded (training), as PEFT's `lora_dropout`.
 #[derive(Module, Debug)]
 pub struct LoraAdapter<B: Backend> {
     pub lora_a: Param<Tensor<B, 2>>,
     pub lora_b: Param<Tensor<B, 2>>,
     pub scale: f64,
+    pub dropout: f64,
 }
 
 impl<B: Backend> LoraAdapter<B> {
@@ -27,6 +45,7 @@ impl<B: Backend> LoraAdapter<B> {
             lora_a: Param::from_tensor(Tensor::random([r, d_in], Distribution::Uniform(-bound, bound), device)),
             lora_b: Param::from_tensor(Tensor::zeros([d_out, r], device)),
             scale: alpha / r as f64,
+            dropout: 0.0,
         }
     }
 
@@ -38,7 +57,11 @@ impl<B: Backend> LoraAdapter<B> {
     pub fn delta<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dims = x.dims();
         let rows: usize = dims[..D - 1].iter().product();
-        let x = x.reshape([rows, dims[D - 1]]);
+        let mut x = x.reshape([rows, dims[D - 1]]);
+        if self.dropout > 0.0 && B::ad_enabled(&x.device()) {
+            let keep = 1.0 - self.dropout;
+            x = x.clone() * x.random_like(Distribution::Bernoulli(keep)).div_scalar(keep);
+        }
         let down = autocast::matmul(x, self.lora_a.val().transpose());
         let up = autocast::matmul(down, self.lora_b.val().transpose()).mul_scalar(self.scale);
         let mut out = dims;
@@ -58,9 +81,95 @@ impl<B: Backend> LoraAdapter<B> {
 
     /// `layer` with the adapter added into its weight.
     pub fn merge_into(&self, layer: Linear<B>) -> Linear<B> {
-        let weight = layer.weight.val() + self.weight_delta();
+        let weight = layer.weight.val();
+        let dtype = weight.dtype();
+        let weight = (weight.cast(burn::tensor::FloatDType::F32) + self.weight_delta().cast(burn::tensor::FloatDType::F32)).cast(dtype);
         Linear { weight: Param::from_tensor(weight), bias: layer.bias }
     }
+}
+
+/// `layer(x)`, plus `adapter`'s update when there is one.
+pub fn project<B: Backend, const D: usize>(layer: &Linear<B>, adapter: Option<&LoraAdapter<B>>, x: Tensor<B, D>) -> Tensor<B, D> {
+    match adapter {
+        Some(adapter) => adapter.forward(layer, x),
+        None => autocast::linear(layer, x),
+    }
+}
+
+/// The adapter slots of one decoder layer with the projections they adapt, by target name.
+type Slot<'a, B> = (&'static str, &'a mut Linear<B>, &'a mut Option<LoraAdapter<B>>);
+
+fn slots<B: Backend>(layer: &mut LlamaDecoderLayer<B>) -> [Slot<'_, B>; 7] {
+    let (a, m) = (&mut layer.self_attn, &mut layer.mlp);
+    [
+        ("q_proj", &mut a.q_proj, &mut a.q_lora),
+        ("k_proj", &mut a.k_proj, &mut a.k_lora),
+        ("v_proj", &mut a.v_proj, &mut a.v_lora),
+        ("o_proj", &mut a.o_proj, &mut a.o_lora),
+        ("gate_proj", &mut m.gate_proj, &mut m.gate_lora),
+        ("up_proj", &mut m.up_proj, &mut m.up_lora),
+        ("down_proj", &mut m.down_proj, &mut m.down_lora),
+    ]
+}
+
+/// `llm` with fresh adapters on the targeted projections of every decoder layer (drawn from the
+/// backend's generator, layer by layer in target order). Fails on an unknown target.
+pub fn attach<B: Backend>(mut llm: LlamaForCausalLM<B>, spec: &LoraSpec, device: &B::Device) -> Result<LlamaForCausalLM<B>, String> {
+    if spec.r == 0 {
+        return Err("LoRA rank `r` must be at least 1".into());
+    }
+    if !(0.0..1.0).contains(&spec.dropout) {
+        return Err(format!("LoRA `dropout` = {} must be in [0, 1)", spec.dropout));
+    }
+    if let Some(bad) = spec.targets.iter().find(|t| !LLAMA_TARGETS.contains(&t.as_str())) {
+        return Err(format!("unknown LoRA target `{bad}`; the language model's projections are {LLAMA_TARGETS:?}"));
+    }
+    if spec.targets.is_empty() {
+        return Err(format!("LoRA `targets` is empty; name some of {LLAMA_TARGETS:?}"));
+    }
+    for layer in &mut llm.model.layers {
+        for (name, linear, slot) in slots(layer) {
+            if spec.targets.iter().any(|t| t == name) {
+                let [d_in, d_out] = linear.weight.dims();
+                let mut adapter = LoraAdapter::new(d_in, d_out, spec.r, spec.alpha, device);
+                adapter.dropout = spec.dropout;
+                *slot = Some(adapter);
+            }
+        }
+    }
+    Ok(llm)
+}
+
+/// `llm` with every adapter added into its projection's weight and removed: the same function,
+/// the plain architecture (and parameter names) again.
+pub fn merge<B: Backend>(mut llm: LlamaForCausalLM<B>) -> LlamaForCausalLM<B> {
+    for layer in &mut llm.model.layers {
+        for (_, linear, slot) in slots(layer) {
+            if let Some(adapter) = slot.take() {
+                *linear = adapter.merge_into(linear.clone());
+            }
+        }
+    }
+    llm
+}
+
+/// Whether a model parameter path is part of an adapter.
+pub fn is_adapter_param(path: &str) -> bool {
+    path.ends_with(".lora_a") || path.ends_with(".lora_b")
+}
+
+/// PEFT's name of an adapter parameter given ours, below the same prefix:
+/// `….self_attn.q_lora.lora_a` → `….self_attn.q_proj.lora_A.weight`.
+pub fn peft_name(path: &str) -> Option<String> {
+    let (module, matrix) = path.rsplit_once('.')?;
+    let (parent, slot) = module.rsplit_once('.')?;
+    let target = format!("{}_proj", slot.strip_suffix("_lora")?);
+    let matrix = match matrix {
+        "lora_a" => "lora_A",
+        "lora_b" => "lora_B",
+        _ => return None,
+    };
+    LLAMA_TARGETS.contains(&target.as_str()).then(|| format!("{parent}.{target}.{matrix}.weight"))
 }
 
 #[cfg(test)]
@@ -120,5 +229,45 @@ mod tests {
         let with_adapter = adapter.forward(&layer, x.clone());
         let merged = adapter.merge_into(layer);
         assert!(max_diff(merged.forward(x), with_adapter) < 1e-5);
+    }
+
+    #[test]
+    fn attach_and_merge_keep_the_language_models_function() {
+        use crate::llama::LlamaConfig;
+        let device = Default::default();
+        let config: LlamaConfig = serde_json::from_str(
+            r#"{"vocab_size": 40, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "head_dim": 4, "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+                "rope_scaling": null, "tie_word_embeddings": false}"#,
+        )
+        .unwrap();
+        let llm = config.init::<Flex>(&device);
+        let ids = Tensor::<Flex, 2, Int>::from_data(burn::tensor::TensorData::new(vec![1i64, 5, 9, 3, 7, 2], [1, 6]), &device);
+        let logits = |m: &LlamaForCausalLM<Flex>| m.forward_embeds(m.embed(ids.clone()), None, false).logits;
+        let plain = logits(&llm);
+        let spec = LoraSpec { r: 4, alpha: 8.0, dropout: 0.1, targets: vec!["q_proj".into(), "down_proj".into()] };
+        let mut adapted = attach(llm, &spec, &device).unwrap();
+        // A fresh adapter (B = 0) changes nothing; dropout is off without autodiff.
+        assert_eq!(max_diff(logits(&adapted), plain.clone()), 0.0);
+        let layer = &mut adapted.model.layers[1];
+        assert!(layer.self_attn.k_lora.is_none() && layer.mlp.up_lora.is_none());
+        for slot in [&mut layer.self_attn.q_lora, &mut layer.mlp.down_lora] {
+            let adapter = slot.as_mut().unwrap();
+            assert_eq!(adapter.scale, 2.0);
+            let [out, r] = adapter.lora_b.dims();
+            adapter.lora_b = Param::from_tensor(Tensor::random([out, r], Distribution::Normal(0.0, 0.5), &device));
+        }
+        let with_adapters = logits(&adapted);
+        assert!(max_diff(with_adapters.clone(), plain) > 1e-3);
+        let paths = crate::weights::parameter_paths(&adapted);
+        let names: Vec<String> = paths.iter().filter(|p| is_adapter_param(p)).cloned().collect();
+        assert_eq!(names.len(), 2 * 2 * 2, "{names:?}");
+        assert_eq!(peft_name("model.layers.1.self_attn.q_lora.lora_a").as_deref(), Some("model.layers.1.self_attn.q_proj.lora_A.weight"));
+        assert_eq!(peft_name("model.layers.0.mlp.down_lora.lora_b").as_deref(), Some("model.layers.0.mlp.down_proj.lora_B.weight"));
+        assert_eq!(peft_name("model.layers.0.mlp.down_proj.weight"), None);
+        let merged = merge(adapted);
+        assert!(crate::weights::parameter_paths(&merged).iter().all(|p| !is_adapter_param(p)));
+        assert!(max_diff(logits(&merged), with_adapters) < 1e-5);
+        assert!(attach(merged, &LoraSpec { targets: vec!["lm_head".into()], ..spec }, &device).unwrap_err().contains("unknown LoRA target `lm_head`"));
     }
 }
