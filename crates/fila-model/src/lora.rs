@@ -5,7 +5,7 @@
 //! layout: `s·Aᵀ·Bᵀ`), after which the layer alone computes what layer plus adapter did.
 
 use crate::autocast;
-use crate::llama::{LlamaDecoderLayer, LlamaForCausalLM};
+use crate::llama::{LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM};
 use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::prelude::*;
@@ -153,6 +153,27 @@ pub fn merge<B: Backend>(mut llm: LlamaForCausalLM<B>) -> LlamaForCausalLM<B> {
     llm
 }
 
+/// `(in, out)` of a target projection of `config`'s decoder layers.
+pub fn target_dims(config: &LlamaConfig, target: &str) -> Option<(usize, usize)> {
+    let (h, i) = (config.hidden_size, config.intermediate_size);
+    let (q, kv) = (config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim);
+    Some(match target {
+        "q_proj" => (h, q),
+        "k_proj" | "v_proj" => (h, kv),
+        "o_proj" => (q, h),
+        "gate_proj" | "up_proj" => (h, i),
+        "down_proj" => (i, h),
+        _ => return None,
+    })
+}
+
+/// Elements of all adapters `spec` attaches to a language model of `config` (`r·(in + out)` per
+/// targeted projection and layer).
+pub fn adapter_elements(config: &LlamaConfig, spec: &LoraSpec) -> usize {
+    let per_layer: usize = spec.targets.iter().filter_map(|t| target_dims(config, t)).map(|(i, o)| spec.r * (i + o)).sum();
+    per_layer * config.num_hidden_layers
+}
+
 /// Whether a model parameter path is part of an adapter.
 pub fn is_adapter_param(path: &str) -> bool {
     path.ends_with(".lora_a") || path.ends_with(".lora_b")
@@ -262,6 +283,8 @@ mod tests {
         let paths = crate::weights::parameter_paths(&adapted);
         let names: Vec<String> = paths.iter().filter(|p| is_adapter_param(p)).cloned().collect();
         assert_eq!(names.len(), 2 * 2 * 2, "{names:?}");
+        let counted: usize = adapted.num_params() - config.init::<Flex>(&device).num_params();
+        assert_eq!(counted, adapter_elements(&config, &spec));
         assert_eq!(peft_name("model.layers.1.self_attn.q_lora.lora_a").as_deref(), Some("model.layers.1.self_attn.q_proj.lora_A.weight"));
         assert_eq!(peft_name("model.layers.0.mlp.down_lora.lora_b").as_deref(), Some("model.layers.0.mlp.down_proj.lora_B.weight"));
         assert_eq!(peft_name("model.layers.0.mlp.down_proj.weight"), None);

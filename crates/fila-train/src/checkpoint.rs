@@ -273,6 +273,19 @@ pub fn load_trainable<B: Backend>(model: Fila<B>, set: &TrainableSet, dir: &Path
 /// table `fila generate` and `fila eval` read, and the Hugging Face files (through a temporary
 /// folder).
 pub fn export_final<B: Backend>(output_dir: &Path, model: &Fila<B>, config: &FilaConfig, tokenizer: &Path, run_config: &str) -> Result<PathBuf> {
+    export_final_with(output_dir, model, config, tokenizer, run_config, &|_| Ok(()))
+}
+
+/// [`export_final`], plus whatever `extra` writes into the folder before it is renamed into place
+/// (a LoRA run's adapters).
+pub fn export_final_with<B: Backend>(
+    output_dir: &Path,
+    model: &Fila<B>,
+    config: &FilaConfig,
+    tokenizer: &Path,
+    run_config: &str,
+    extra: &dyn Fn(&Path) -> Result<()>,
+) -> Result<PathBuf> {
     let dest = output_dir.join("final");
     let tmp = output_dir.join(".tmp-final");
     if tmp.exists() {
@@ -284,6 +297,7 @@ pub fn export_final<B: Backend>(output_dir: &Path, model: &Fila<B>, config: &Fil
     std::fs::copy(tokenizer, tmp.join("tokenizer.json")).with_context(|| format!("copying {}", tokenizer.display()))?;
     std::fs::write(tmp.join("run.toml"), run_config)?;
     crate::hf_export::write_hf_files(&tmp, config, &crate::hf_export::data_config_of(run_config)?).context("writing the Hugging Face files")?;
+    extra(&tmp)?;
     sync_dir(&tmp);
     if dest.exists() {
         std::fs::remove_dir_all(&dest)?;

@@ -35,6 +35,9 @@ pub struct TrainConfig {
     pub data: toml::Value,
     #[serde(default)]
     pub trainable: TrainableConfig,
+    /// Low-rank adapters on the language model (`lora.r > 0`); off by default.
+    #[serde(default)]
+    pub lora: crate::lora::LoraConfig,
     /// Required, for its `lr` (see [`OptimizerConfig`]).
     pub optimizer: OptimizerConfig,
     #[serde(default)]
@@ -317,6 +320,7 @@ impl TrainConfig {
         if self.stage != 1 && self.stage != 2 {
             bail!("`stage` = {}: must be 1 or 2", self.stage);
         }
+        self.lora.validate()?;
         let o = &self.optimizer;
         if !(o.lr.is_finite() && o.lr > 0.0) {
             bail!("`optimizer.lr` = {}: must be a positive number", o.lr);

@@ -14,6 +14,7 @@ pub mod dylib;
 pub mod hf_export;
 pub mod kernel_events;
 pub mod logging;
+pub mod lora;
 pub mod optim;
 pub mod plan;
 pub mod precision;

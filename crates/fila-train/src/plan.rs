@@ -177,11 +177,17 @@ pub fn plan_of(loaded: &LoadedConfig, world: usize) -> Result<Plan> {
     let parts = [("vit", counts.vit), ("convnext", counts.convnext), ("cvfm", counts.cvfm), ("projector", counts.projector), ("llm", counts.llm)];
     let p = c.precision;
     let gpu = c.device != crate::backend::Device::Cpu;
-    let trainable: usize = parts.iter().filter(|(n, _)| trains(n)).map(|(_, k)| k).sum();
-    let frozen = counts.total() - trainable;
+    // A LoRA run: the language model is frozen and trains through its adapters, which keep
+    // activations like a trainable layer's.
+    let lora = c.lora.enabled();
+    let trains = |component: &str| if lora && component == "llm" { false } else { trains(component) };
+    let trains_activations = |component: &str| trains(component) || (lora && component == "llm");
+    let adapters = if lora { fila_model::lora::adapter_elements(&arch.llm, &c.lora.spec()) } else { 0 };
+    let trainable: usize = parts.iter().filter(|(n, _)| trains(n)).map(|(_, k)| k).sum::<usize>() + adapters;
+    let frozen = counts.total() - (trainable - adapters);
     let slice = trainable as f64 / world as f64;
 
-    let activations = activations(loaded, &arch, &trains);
+    let activations = activations(loaded, &arch, &trains_activations);
 
     let this_slice = if world > 1 { ", this rank's slice" } else { "" };
     let dtype = |bytes: usize| if bytes == 2 { "bf16" } else { "f32" };
@@ -189,7 +195,11 @@ pub fn plan_of(loaded: &LoadedConfig, world: usize) -> Result<Plan> {
     // back as views of the slice); otherwise they are a copy.
     let master_apart = p.master_apart() || world > 1;
     let resident = vec![
-        Term { name: "weights", bytes: (counts.total() * p.weight_bytes()) as f64, note: dtype(p.weight_bytes()).into() },
+        Term {
+            name: "weights",
+            bytes: ((counts.total() + adapters) * p.weight_bytes()) as f64,
+            note: format!("{}{}", dtype(p.weight_bytes()), if lora { ", LoRA adapters included" } else { "" }),
+        },
         Term {
             name: "master slice",
             bytes: if master_apart { slice * 4.0 } else { 0.0 },
@@ -248,7 +258,10 @@ pub fn plan_of(loaded: &LoadedConfig, world: usize) -> Result<Plan> {
     for (name, k) in parts {
         header.push(format!("  {name:<10} {k:>14} {}", if trains(name) { "trainable" } else { "frozen" }));
     }
-    header.push(format!("  {:<10} {:>14} ({} trainable, {} frozen)", "total", counts.total(), trainable, frozen));
+    if lora {
+        header.push(format!("  {:<10} {:>14} trainable (r {}, {} of 7 projections per layer)", "adapters", adapters, c.lora.r, c.lora.targets.len()));
+    }
+    header.push(format!("  {:<10} {:>14} ({} trainable, {} frozen)", "total", counts.total() + adapters, trainable, frozen));
     header.push(if world == 1 {
         "memory per device (one device):".into()
     } else {
@@ -328,7 +341,8 @@ fn activations(loaded: &LoadedConfig, arch: &FilaConfig, trains: &dyn Fn(&str) -
 pub fn trainable_elements_of(loaded: &LoadedConfig) -> Result<usize> {
     let base = loaded.source.parent().unwrap_or(std::path::Path::new("."));
     let (config, _) = loaded.config.model.resolve(base)?;
-    let model = config.init::<Flex>(&Default::default());
+    let device = Default::default();
+    let model = crate::lora::attach(config.init::<Flex>(&device), &loaded.config.lora, &device)?;
     let (_, set) = apply_trainable(model, loaded.config.stage, &loaded.config.trainable)?;
     Ok(set.num_elements())
 }

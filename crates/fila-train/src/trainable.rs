@@ -3,12 +3,14 @@
 //! Stage 1 trains CVFM and the projector by default, stage 2 everything; `trainable.modules`
 //! overrides either. Frozen parameters get `require_grad = false`, so autodiff computes no
 //! gradient for them (backward still flows *through* them to trainable parameters upstream), and
-//! the optimizer never sees them: they stay bit-identical.
+//! the optimizer never sees them: they stay bit-identical. A LoRA run (adapters attached,
+//! [`crate::lora`]) trains the language model through its adapters only.
 
 use anyhow::{bail, Result};
 use burn::module::{Module, Param};
 use burn::prelude::*;
 use fila_model::fila::Fila;
+use fila_model::lora::is_adapter_param;
 use fila_model::weights::{map_params, visit_params, ParamPath, PathMapper, PathVisitor};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -123,8 +125,12 @@ pub fn apply_trainable<B: Backend>(model: Fila<B>, stage: u8, config: &Trainable
     let prefixes: Vec<String> = names.iter().map(|n| prefix_of(n)).collect();
     let multipliers: Vec<(String, f64)> = config.lr_multipliers.iter().map(|(n, m)| (prefix_of(n), *m)).collect();
     let mut set = TrainableSet { params: BTreeMap::new(), total_params: shapes.len() };
+    // With LoRA adapters attached the language model trains through them alone: its own weights
+    // are frozen whatever `trainable.modules` says, and its adapters always train.
+    let lora_run = shapes.keys().any(|p| is_adapter_param(p));
     for (path, shape) in &shapes {
-        if !prefixes.iter().any(|p| matches(path, p)) {
+        let trains = if lora_run && path.starts_with("llm.") { is_adapter_param(path) } else { prefixes.iter().any(|p| matches(path, p)) };
+        if !trains {
             continue;
         }
         // The longest matching prefix decides the multiplier.

@@ -12,6 +12,7 @@ use crate::config::{geometry_difference, LoadedConfig, TrainConfig};
 use crate::dist::{Comm, World};
 use crate::kernel_events::{self, KernelCounts};
 use crate::logging::{Logger, Reporter, StepMetrics};
+use crate::lora;
 use crate::optim::{AdamW, Schedule};
 use crate::shard::{FlatLayout, BUCKET_ELEMENTS};
 use crate::step::{MicroBatch, StepOutcome, TrainStep};
@@ -82,8 +83,9 @@ pub fn build_model<B: AutodiffBackend>(loaded: &LoadedConfig, device: &B::Device
     let (fila_config, source) = c.model.resolve(base)?;
     check_data_matches_model(loaded, &fila_config)?;
     B::seed(device, c.seed);
-    let model = Fila::<B>::load(&fila_config, &source, device)?;
-    let (model, set) = apply_trainable(model, c.stage, &c.trainable)?;
+    let model = lora::attach(Fila::<B>::load(&fila_config, &source, device)?, &c.lora, device)?;
+    let (model, mut set) = apply_trainable(model, c.stage, &c.trainable)?;
+    lora::set_adapter_lr(&mut set, &c.lora, c.optimizer.lr);
     Ok((c.precision.store_frozen(model, &set), fila_config, set))
 }
 
@@ -416,6 +418,12 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
             let batch = window.batches.get(slot)?;
             Some(MicroBatch { input: to_input::<B>(batch, &device), share: scored_tokens(batch) as f64 / tokens })
         });
+        if self.c.lora.enabled() && self.c.lora.dropout > 0.0 {
+            // The adapters' dropout masks are drawn from a generator seeded by run, step and rank:
+            // a resumed run draws the masks an uninterrupted one would.
+            let rank = self.comm.world().rank as u64;
+            B::seed(&device, self.c.seed ^ (self.state.step + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (rank + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
+        }
         let step = TrainStep::of(&self.c, &self.set);
         let model = self.model.clone();
         let (model, outcome) = step.run(model, micro_batches, Some(&mut self.optimizer), lr, self.comm, || STOP.load(Ordering::SeqCst))?;
@@ -492,6 +500,14 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
         Ok(None)
     }
 
+    /// Writes `final/`: the model with any LoRA adapters merged into its weights, and the adapters
+    /// on their own beside it.
+    fn export_final(&self) -> Result<PathBuf> {
+        let merged = lora::merged(&self.model);
+        let adapters = |dir: &Path| lora::write_adapters(dir, &self.model, &self.c.lora);
+        checkpoint::export_final_with(&self.writer.output_dir, &merged, &self.fila_config, &self.loaded.data.tokenizer, &self.loaded.to_toml(), &adapters)
+    }
+
     fn save(&mut self, reason: CheckpointReason) -> Result<PathBuf> {
         self.state.reason = reason;
         self.writer.save(&self.model, &self.set, &self.optimizer, &self.state)
@@ -549,7 +565,7 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
         let dir = self.save(CheckpointReason::End)?;
         let out = &self.writer.output_dir;
         let final_dir =
-            if root { Some(checkpoint::export_final(out, &self.model, &self.fila_config, &self.loaded.data.tokenizer, &self.loaded.to_toml())?) } else { None };
+            if root { Some(self.export_final()?) } else { None };
         self.comm.barrier()?;
         self.logger.flush();
         say.line(|| format!("done: {} steps; final model in {}", self.state.step, out.join("final").display()));

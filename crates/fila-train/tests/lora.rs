@@ -1,0 +1,151 @@
+//! LoRA runs through the real binary on the tiny configs: what trains, what the step checkpoints
+//! hold, exact resume (dropout included), two ranks against one process, and a `final/` whose
+//! merged language model computes what the adapter model computed.
+
+mod common;
+
+use burn::backend::{Autodiff, Flex};
+use burn::prelude::*;
+use common::*;
+use fila_model::fila::{Fila, FilaConfig, ModelSource};
+use fila_train::config::LoadedConfig;
+use std::path::Path;
+
+type A = Autodiff<Flex>;
+
+/// Stage 2 from a one-step stage 1, LoRA rank 8 with dropout, 4 steps of 2 micro-batches.
+fn lora_sets(init: &Path) -> Vec<String> {
+    [
+        "train.max_steps=4",
+        "schedule.warmup_steps=0",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep_last=0",
+        "lora.r=8",
+        "lora.dropout=0.1",
+        "lora.lr=1e-3",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([format!("model.checkpoint={}", init.display())])
+    .collect()
+}
+
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn stage1(dir: &Path) -> std::path::PathBuf {
+    let s1 = dir.join("s1");
+    ok(&fila_train(&tiny(1), &s1, &["train.max_steps=1"], &[]));
+    s1.join("final")
+}
+
+/// The tiny LLM's logits for a fixed prompt from a model.
+fn llm_logits<B: Backend>(model: &Fila<B>, device: &B::Device) -> Vec<f32> {
+    let ids = Tensor::<B, 2, Int>::from_data(burn::tensor::TensorData::new(vec![1i64, 17, 30, 5, 9, 44, 2, 12], [1, 8]), device);
+    model.llm.forward_embeds(model.llm.embed(ids), None, false).logits.into_data().convert::<f32>().to_vec().unwrap()
+}
+
+#[test]
+fn a_lora_stage_2_trains_adapters_resumes_exactly_and_exports_the_merged_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let init = stage1(tmp.path());
+    let sets = lora_sets(&init);
+    let straight = tmp.path().join("straight");
+    let text = ok(&fila_train(&tiny(2), &straight, &refs(&sets), &[]));
+    assert_eq!(losses(&straight).len(), 4, "{text}");
+
+    // The step checkpoint: the adapters and the vision side; of the language model nothing else.
+    let saved = tensors(&straight.join("step-2/trainable.safetensors"));
+    let llm: Vec<&String> = saved.keys().filter(|k| k.starts_with("llm.")).collect();
+    assert!(!llm.is_empty() && llm.iter().all(|k| k.ends_with(".lora_a") || k.ends_with(".lora_b")), "{llm:?}");
+    // Every layer's seven projections, A and B.
+    let layers = FilaConfig::from_checkpoint_dir(&init).unwrap().llm.num_hidden_layers;
+    assert_eq!(llm.len(), layers * 7 * 2);
+    assert!(saved.keys().any(|k| k.starts_with("projector.")) && saved.keys().any(|k| k.starts_with("encoder.vit.")));
+    let (_, b) = &saved[&format!("llm.model.layers.0.self_attn.q_lora.lora_b")];
+    assert!(b.iter().any(|&v| v != 0.0), "lora_b trained away from zero");
+
+    // Stopped after 2 steps and resumed: the same losses and the same final model, bit for bit
+    // (the dropout masks are drawn from a generator seeded per step).
+    let split = tmp.path().join("split");
+    ok(&fila_train(&tiny(2), &split, &refs(&sets), &["--stop-after", "2"]));
+    ok(&fila_train(&tiny(2), &split, &refs(&sets), &["--resume"]));
+    assert_eq!(losses(&straight), losses(&split));
+    assert_eq!(tensors(&straight.join("final/model.safetensors")), tensors(&split.join("final/model.safetensors")));
+
+    // final/: the merged model under the names of a full run (those of the stage-1 export), the
+    // adapters beside it under PEFT's names.
+    let merged = tensors(&straight.join("final/model.safetensors"));
+    let base = tensors(&init.join("model.safetensors"));
+    assert_eq!(merged.keys().collect::<Vec<_>>(), base.keys().collect::<Vec<_>>());
+    let adapters = tensors(&straight.join("final/adapter.safetensors"));
+    assert_eq!(adapters.len(), layers * 7 * 2);
+    let (shape, _) = &adapters["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"];
+    assert_eq!(shape[0], 8);
+    let adapter_config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(straight.join("final/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((adapter_config["r"].as_u64(), adapter_config["lora_alpha"].as_f64()), (Some(8), Some(16.0)));
+    // The language model's frozen weights changed only by the merge: the embeddings not at all.
+    assert_eq!(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"]);
+
+    // The merged LLM computes what the adapter model of the last step computes (f32, 1e-5).
+    let _lock = autodiff_lock();
+    let device = Default::default();
+    let config = FilaConfig::from_checkpoint_dir(&straight.join("final")).unwrap();
+    let exported = Fila::<Flex>::load(&config, &ModelSource::Checkpoint(straight.join("final")), &device).unwrap();
+    let overrides: Vec<String> = sets.iter().cloned().chain([format!("checkpoint.output_dir={}", straight.display())]).collect();
+    let loaded = LoadedConfig::load(&tiny(2), &overrides).unwrap();
+    let (model, _, set) = fila_train::trainer::build_model::<A>(&loaded, &device).unwrap();
+    let adapted = fila_train::checkpoint::load_trainable(model, &set, &straight.join("step-4")).unwrap().valid();
+    let (want, got) = (llm_logits(&adapted, &device), llm_logits(&exported, &device));
+    let worst = max_abs_diff(&want, &got);
+    assert!(worst <= 1e-5, "merged logits off by {worst}");
+}
+
+#[test]
+fn two_ranks_with_lora_train_like_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let init = stage1(tmp.path());
+    // Without dropout (each rank draws its own masks); global batch 4.
+    let with = |acc: usize| -> Vec<String> {
+        let mut s = lora_sets(&init);
+        s.retain(|x| !x.starts_with("lora.dropout"));
+        s.extend(["lora.dropout=0".into(), "batch.micro_batch_size=1".into(), format!("batch.accumulation_steps={acc}"), "train.max_steps=2".into()]);
+        s
+    };
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    ok(&fila_train(&tiny(2), &one, &refs(&with(4)), &[]));
+    ok(&fila_train(&tiny(2), &two, &refs(&with(2)), &["--nproc-per-node", "2"]));
+    let (la, lb) = (losses(&one), losses(&two));
+    assert_eq!(la.len(), 2);
+    for (step, x) in &la {
+        assert!((x - lb[step]).abs() <= 1e-5 * x.abs(), "step {step}: loss {x} vs {}", lb[step]);
+    }
+    for file in ["final/model.safetensors", "final/adapter.safetensors"] {
+        let (wa, wb) = (tensors(&one.join(file)), tensors(&two.join(file)));
+        let worst = wa.iter().map(|(name, (_, va))| max_abs_diff(va, &wb[name].1)).fold(0.0f32, f32::max);
+        assert!(worst <= 2e-5, "{file}: largest difference {worst}");
+    }
+}
+
+#[test]
+fn lora_settings_are_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("x");
+    let err = failed(&fila_train(&tiny(2), &out, &["lora.r=4", "lora.targets=[\"q_proj\", \"lm_head\"]"], &["--check"]));
+    assert!(err.contains("`lora.targets`: unknown projection `lm_head`"), "{err}");
+    let err = failed(&fila_train(&tiny(2), &out, &["lora.r=4", "lora.dropout=1.5"], &["--check"]));
+    assert!(err.contains("`lora.dropout` = 1.5"), "{err}");
+}
+
+/// The plan of the LoRA recipe fits one 80 GB GPU.
+#[test]
+fn the_lora_recipe_plans_within_one_80_gb_gpu() {
+    let loaded = LoadedConfig::load(&repo().join("configs/stage2-lora.toml"), &[]).unwrap();
+    let plan = fila_train::plan::plan_of(&loaded, 1).unwrap();
+    let gib = plan.total() / (1u64 << 30) as f64;
+    assert!(gib <= 80e9 / (1u64 << 30) as f64, "stage 2 with LoRA plans {gib:.1} GiB on one GPU");
+    let text = plan.render();
+    // r 128 on all seven projections of Llama-3-8B's 32 layers: 128 · 81,920 · 32 elements.
+    assert!(text.contains(&format!("{}", 128 * 81_920 * 32)), "{text}");
+}
