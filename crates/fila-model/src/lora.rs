@@ -79,12 +79,14 @@ impl<B: Backend> LoraAdapter<B> {
         autocast::linear(layer, x.clone()) + self.delta(x)
     }
 
-    /// `layer` with the adapter added into its weight.
+    /// `layer` with the adapter added into its weight (summed in f32, stored in the weight's
+    /// dtype; a new parameter with no gradient history).
     pub fn merge_into(&self, layer: Linear<B>) -> Linear<B> {
         let weight = layer.weight.val();
         let dtype = weight.dtype();
-        let weight = (weight.cast(burn::tensor::FloatDType::F32) + self.weight_delta().cast(burn::tensor::FloatDType::F32)).cast(dtype);
-        Linear { weight: Param::from_tensor(weight), bias: layer.bias }
+        let f32 = burn::tensor::FloatDType::F32;
+        let weight = (weight.cast(f32) + self.weight_delta().cast(f32)).cast(dtype).detach();
+        Linear { weight: Param::initialized(layer.weight.id, weight), bias: layer.bias }
     }
 }
 
@@ -221,7 +223,13 @@ mod tests {
         let x = Tensor::<A, 3>::from_inner(x_data.clone()).require_grad();
         let y = adapter.forward(&layer, x.clone());
         let grads = (y.clone() * Tensor::from_inner(probe.clone())).sum().backward();
-        let got = (y.inner(), x.grad(&grads).unwrap(), layer.weight.grad(&grads).unwrap(), adapter.lora_a.grad(&grads).unwrap(), adapter.lora_b.grad(&grads).unwrap());
+        let got = (
+            y.inner(),
+            x.grad(&grads).unwrap(),
+            layer.weight.grad(&grads).unwrap(),
+            adapter.lora_a.grad(&grads).unwrap(),
+            adapter.lora_b.grad(&grads).unwrap(),
+        );
 
         // The explicit formulation over fresh leaves holding the same values.
         let leaf = |t: Tensor<A, 2>| Tensor::<A, 2>::from_inner(t.inner()).require_grad();

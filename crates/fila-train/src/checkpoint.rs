@@ -286,8 +286,22 @@ pub fn export_final_with<B: Backend>(
     run_config: &str,
     extra: &dyn Fn(&Path) -> Result<()>,
 ) -> Result<PathBuf> {
-    let dest = output_dir.join("final");
-    let tmp = output_dir.join(".tmp-final");
+    export_model_to(&output_dir.join("final"), model, config, tokenizer, run_config, extra)
+}
+
+/// Writes a `final/`-style model folder at `dest` (replacing one that is there) through a
+/// temporary sibling `.tmp-<name>` renamed into place at the end.
+pub fn export_model_to<B: Backend>(
+    dest: &Path,
+    model: &Fila<B>,
+    config: &FilaConfig,
+    tokenizer: &Path,
+    run_config: &str,
+    extra: &dyn Fn(&Path) -> Result<()>,
+) -> Result<PathBuf> {
+    let dest = dest.to_path_buf();
+    let name = dest.file_name().ok_or_else(|| anyhow!("{}: not a folder name", dest.display()))?.to_string_lossy().into_owned();
+    let tmp = dest.with_file_name(format!(".tmp-{name}"));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)?;
     }

@@ -9,6 +9,7 @@
 //! the usual names, so every command loads it as a full run's, and `adapter.safetensors` with
 //! `adapter_config.json` for those who keep the base model apart.
 
+use crate::config::LoadedConfig;
 use crate::trainable::TrainableSet;
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
@@ -16,7 +17,7 @@ use fila_model::fila::Fila;
 use fila_model::lora::{self, is_adapter_param, peft_name, LoraSpec, LLAMA_TARGETS};
 use fila_model::weights::write_safetensors_from;
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Adapters written beside the merged model in `final/`.
 pub const ADAPTER_FILE: &str = "adapter.safetensors";
@@ -141,4 +142,31 @@ pub fn write_adapters<B: Backend>(dir: &Path, model: &Fila<B>, config: &LoraConf
     });
     std::fs::write(dir.join(ADAPTER_CONFIG_FILE), serde_json::to_string_pretty(&adapter_config)?)?;
     Ok(())
+}
+
+/// `fila merge-lora`: the model of a LoRA run's step checkpoint (`step-N/`: its `config.toml`,
+/// the base model that config names, the adapters and other trainable tensors) merged and
+/// written as a model folder at `dest`, loadable by every command as a `final/`, with the
+/// adapters beside it.
+pub fn merge_step_checkpoint(step_dir: &Path, dest: &Path) -> Result<PathBuf> {
+    type B = burn::backend::Autodiff<burn::backend::Flex>;
+    let config_file = step_dir.join(crate::checkpoint::CONFIG_FILE);
+    if !step_dir.join(crate::checkpoint::WEIGHTS_FILE).is_file() || !config_file.is_file() {
+        bail!(
+            "{}: not a step checkpoint (no {} and {}); pass a run's `step-N` folder",
+            step_dir.display(),
+            crate::checkpoint::WEIGHTS_FILE,
+            crate::checkpoint::CONFIG_FILE
+        );
+    }
+    let loaded = LoadedConfig::load(&config_file, &[])?;
+    if !loaded.config.lora.enabled() {
+        bail!("{}: the run has no LoRA adapters (`lora.r` = 0); its `final/` or the model it names is already the whole model", config_file.display());
+    }
+    let device = Default::default();
+    let (model, fila_config, set) =
+        crate::trainer::build_model::<B>(&loaded, &device).with_context(|| format!("building the model of {}", config_file.display()))?;
+    let model = crate::checkpoint::load_trainable(model, &set, step_dir)?;
+    let adapters = |dir: &Path| write_adapters(dir, &model, &loaded.config.lora);
+    crate::checkpoint::export_model_to(dest, &merged(&model), &fila_config, &loaded.data.tokenizer, &loaded.to_toml(), &adapters)
 }

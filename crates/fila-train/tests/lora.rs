@@ -5,6 +5,7 @@
 mod common;
 
 use burn::backend::{Autodiff, Flex};
+use burn::module::AutodiffModule;
 use burn::prelude::*;
 use common::*;
 use fila_model::fila::{Fila, FilaConfig, ModelSource};
@@ -15,19 +16,11 @@ type A = Autodiff<Flex>;
 
 /// Stage 2 from a one-step stage 1, LoRA rank 8 with dropout, 4 steps of 2 micro-batches.
 fn lora_sets(init: &Path) -> Vec<String> {
-    [
-        "train.max_steps=4",
-        "schedule.warmup_steps=0",
-        "checkpoint.every_steps=2",
-        "checkpoint.keep_last=0",
-        "lora.r=8",
-        "lora.dropout=0.1",
-        "lora.lr=1e-3",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([format!("model.checkpoint={}", init.display())])
-    .collect()
+    ["train.max_steps=4", "schedule.warmup_steps=0", "checkpoint.every_steps=2", "checkpoint.keep_last=0", "lora.r=8", "lora.dropout=0.1", "lora.lr=1e-3"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([format!("model.checkpoint={}", init.display())])
+        .collect()
 }
 
 fn refs(v: &[String]) -> Vec<&str> {
