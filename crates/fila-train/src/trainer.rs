@@ -564,8 +564,7 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
         }
         let dir = self.save(CheckpointReason::End)?;
         let out = &self.writer.output_dir;
-        let final_dir =
-            if root { Some(self.export_final()?) } else { None };
+        let final_dir = if root { Some(self.export_final()?) } else { None };
         self.comm.barrier()?;
         self.logger.flush();
         say.line(|| format!("done: {} steps; final model in {}", self.state.step, out.join("final").display()));
