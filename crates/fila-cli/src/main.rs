@@ -98,6 +98,16 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         step: usize,
     },
+    /// Merge the LoRA adapters of a run's step checkpoint into its base model and write a model
+    /// folder that every command loads as a `final/` (a LoRA run's `final/` is merged already).
+    MergeLora {
+        /// A LoRA run's step checkpoint (`step-N/`); the base model its config names must exist.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Output folder (default: `merged-N` beside the step folder).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// OpenAI-compatible HTTP server for a checkpoint: POST /v1/chat/completions (text and one
     /// image, greedy decoding, concurrent requests answered in batches) and GET /v1/models
     /// (docs/serve.md).
@@ -213,6 +223,12 @@ fn main() -> Result<()> {
                 fila_train::logging::write_scalars(&dir, step, &report.scalars());
                 println!("wrote TensorBoard scalars eval/{}/... to {}", report.split, dir.display());
             }
+        }
+        Command::MergeLora { checkpoint, out } => {
+            let name = checkpoint.file_name().map(|n| n.to_string_lossy().replace("step-", "merged-")).unwrap_or_else(|| "merged".into());
+            let out = out.unwrap_or_else(|| checkpoint.with_file_name(name));
+            let dir = fila_train::lora::merge_step_checkpoint(&checkpoint, &out)?;
+            println!("merged model in {}", dir.display());
         }
         Command::Serve { checkpoint, port, host, model_name, max_batch, batch_wait_ms, max_tokens, max_body_mb, config } => {
             serve::run(serve::ServeOptions {

@@ -81,6 +81,13 @@ fn a_lora_stage_2_trains_adapters_resumes_exactly_and_exports_the_merged_model()
     // The language model's frozen weights changed only by the merge: the embeddings not at all.
     assert_eq!(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"]);
 
+    // `fila merge-lora` on the last step checkpoint writes the same model as final/.
+    let by_hand = fila_train::lora::merge_step_checkpoint(&straight.join("step-4"), &tmp.path().join("merged-4")).unwrap();
+    assert_eq!(tensors(&by_hand.join("model.safetensors")), merged);
+    assert_eq!(tensors(&by_hand.join("adapter.safetensors")), adapters);
+    let err = fila_train::lora::merge_step_checkpoint(&init, &tmp.path().join("nope")).unwrap_err().to_string();
+    assert!(err.contains("not a step checkpoint"), "{err}");
+
     // The merged LLM computes what the adapter model of the last step computes (f32, 1e-5).
     let _lock = autodiff_lock();
     let device = Default::default();
