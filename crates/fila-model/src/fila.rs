@@ -7,7 +7,7 @@ pub use crate::convnext::ConvNextLayout;
 use crate::hybrid_encoder::{HybridConfig, HybridEncoder, ImageInput, Trace};
 use crate::llama::{KvCache, LlamaConfig, LlamaForCausalLM};
 use crate::projector::{Projector, ProjectorKind};
-use crate::weights::{load_module, named_sources, named_tensors, Checkpoint, KeyMap, TensorSource};
+use crate::weights::{load_module, load_module_nf4, named_sources, named_tensors, Checkpoint, KeyMap, TensorSource};
 use crate::ModelError;
 use burn::module::Module;
 use burn::prelude::*;
@@ -181,12 +181,41 @@ pub fn fila_key_map() -> KeyMap {
 impl<B: Backend> Fila<B> {
     /// Builds the model and loads its weights.
     pub fn load(config: &FilaConfig, source: &ModelSource, device: &B::Device) -> Result<Self, ModelError> {
+        Self::load_with(config, source, device, false)
+    }
+
+    /// [`Fila::load`] for QLoRA: the seven projections of every decoder layer of the language
+    /// model (not its embeddings, norms or output projection) stored as NF4
+    /// ([`crate::nf4`]), quantised from the checkpoint's values one weight at a time on the host,
+    /// so their f32 values never sit on the device together. Their `Linear` weights are empty
+    /// placeholders and the products de-quantise the NF4 weight ([`crate::lora::project`]). The
+    /// parameters are initialised lazily, so building the model before loading allocates only
+    /// the norms. Fails when the language model has no checkpoint to quantise.
+    pub fn load_quantized(config: &FilaConfig, source: &ModelSource, device: &B::Device) -> Result<Self, ModelError> {
+        if let ModelSource::Components { llm: None, .. } = source {
+            return Err(ModelError::Config {
+                path: PathBuf::from("<model config>"),
+                message: "NF4 storage quantises the language model's checkpoint; this model's language model has none (random initialisation)".into(),
+            });
+        }
+        Self::load_with(config, source, device, true)
+    }
+
+    fn load_with(config: &FilaConfig, source: &ModelSource, device: &B::Device, nf4: bool) -> Result<Self, ModelError> {
         config.validate().map_err(|message| ModelError::Config { path: PathBuf::from("<model config>"), message })?;
         let mut model = config.init::<B>(device);
+        // Projection weights of the language model's decoder layers, by path below `llm`.
+        let projection = |path: &str| nf4 && crate::lora::projection_weight(path).is_some();
         match source {
             ModelSource::Checkpoint(dir) => {
                 let checkpoint = Checkpoint::open(dir)?;
-                model = load_module(model, &checkpoint, &fila_key_map())?;
+                let select = |path: &str| path.strip_prefix("llm.").is_some_and(projection);
+                let (loaded, quantized) = load_module_nf4(model, &checkpoint, &fila_key_map(), &select)?;
+                model = loaded;
+                for (path, weight) in quantized {
+                    let (layer, target) = crate::lora::projection_weight(&path["llm.".len()..]).expect("selected as a projection");
+                    crate::lora::install_nf4(&mut model.llm, layer, target, weight);
+                }
             }
             ModelSource::Components { vision, convnext, convnext_layout, llm } => {
                 if let Some(dir) = vision {
@@ -204,7 +233,13 @@ impl<B: Backend> Fila<B> {
                     }
                 }
                 if let Some(dir) = llm {
-                    model.llm = load_module(model.llm, &Checkpoint::open(dir)?, &KeyMap::llama(config.llm.tie_word_embeddings))?;
+                    let map = KeyMap::llama(config.llm.tie_word_embeddings);
+                    let (loaded, quantized) = load_module_nf4(model.llm, &Checkpoint::open(dir)?, &map, &projection)?;
+                    model.llm = loaded;
+                    for (path, weight) in quantized {
+                        let (layer, target) = crate::lora::projection_weight(&path).expect("selected as a projection");
+                        crate::lora::install_nf4(&mut model.llm, layer, target, weight);
+                    }
                 }
             }
         }

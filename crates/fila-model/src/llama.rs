@@ -8,6 +8,7 @@ use crate::autocast;
 use crate::config::read_hf_config;
 use crate::kernels;
 use crate::lora::{project, LoraAdapter};
+use crate::nf4::Nf4Tensor;
 use crate::nn::{linear, merge_heads, split_heads, Activation, RmsNorm};
 use crate::ModelError;
 use burn::module::Module;
@@ -210,6 +211,10 @@ impl LlamaConfig {
                     k_lora: None,
                     v_lora: None,
                     o_lora: None,
+                    q_nf4: None,
+                    k_nf4: None,
+                    v_nf4: None,
+                    o_nf4: None,
                     num_heads: self.num_attention_heads,
                     num_kv_heads: self.num_key_value_heads,
                 },
@@ -220,6 +225,9 @@ impl LlamaConfig {
                     gate_lora: None,
                     up_lora: None,
                     down_lora: None,
+                    gate_nf4: None,
+                    up_nf4: None,
+                    down_nf4: None,
                 },
                 input_layernorm: RmsNorm::new(d, self.rms_norm_eps, device),
                 post_attention_layernorm: RmsNorm::new(d, self.rms_norm_eps, device),
@@ -265,6 +273,12 @@ pub struct LlamaAttention<B: Backend> {
     pub k_lora: Option<LoraAdapter<B>>,
     pub v_lora: Option<LoraAdapter<B>>,
     pub o_lora: Option<LoraAdapter<B>>,
+    /// NF4 weights of the projections (QLoRA, [`crate::fila::Fila::load_quantized`]): when set,
+    /// the product runs on it and the `Linear`'s weight is an empty placeholder.
+    pub q_nf4: Option<Nf4Tensor<B>>,
+    pub k_nf4: Option<Nf4Tensor<B>>,
+    pub v_nf4: Option<Nf4Tensor<B>>,
+    pub o_nf4: Option<Nf4Tensor<B>>,
     pub num_heads: usize,
     pub num_kv_heads: usize,
 }
@@ -305,9 +319,9 @@ impl<B: Backend> LlamaAttention<B> {
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     ) -> Tensor<B, 3> {
         // Head split and RoPE in one pass (a fused kernel on the CPU).
-        let q = kernels::rope_heads(project(&self.q_proj, self.q_lora.as_ref(), x.clone()), self.num_heads, cos.clone(), sin.clone());
-        let mut k = kernels::rope_heads(project(&self.k_proj, self.k_lora.as_ref(), x.clone()), self.num_kv_heads, cos, sin);
-        let mut v = split_heads(project(&self.v_proj, self.v_lora.as_ref(), x), self.num_kv_heads);
+        let q = kernels::rope_heads(project(&self.q_proj, self.q_nf4.as_ref(), self.q_lora.as_ref(), x.clone()), self.num_heads, cos.clone(), sin.clone());
+        let mut k = kernels::rope_heads(project(&self.k_proj, self.k_nf4.as_ref(), self.k_lora.as_ref(), x.clone()), self.num_kv_heads, cos, sin);
+        let mut v = split_heads(project(&self.v_proj, self.v_nf4.as_ref(), self.v_lora.as_ref(), x), self.num_kv_heads);
         if let Some(entry) = cache {
             if let Some((k_old, v_old)) = entry.take() {
                 k = Tensor::cat(vec![k_old, k], 2);
@@ -316,7 +330,7 @@ impl<B: Backend> LlamaAttention<B> {
             *entry = Some((k.clone(), v.clone()));
         }
         // Grouped-query attention: the seam takes the key/value heads unrepeated.
-        project(&self.o_proj, self.o_lora.as_ref(), merge_heads(attention(q, k, v, mask)))
+        project(&self.o_proj, self.o_nf4.as_ref(), self.o_lora.as_ref(), merge_heads(attention(q, k, v, mask)))
     }
 }
 
@@ -329,12 +343,21 @@ pub struct LlamaMlp<B: Backend> {
     pub gate_lora: Option<LoraAdapter<B>>,
     pub up_lora: Option<LoraAdapter<B>>,
     pub down_lora: Option<LoraAdapter<B>>,
+    /// NF4 weights of the projections (QLoRA), as in [`LlamaAttention`].
+    pub gate_nf4: Option<Nf4Tensor<B>>,
+    pub up_nf4: Option<Nf4Tensor<B>>,
+    pub down_nf4: Option<Nf4Tensor<B>>,
 }
 
 impl<B: Backend> LlamaMlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = project(&self.gate_proj, self.gate_lora.as_ref(), x.clone());
-        project(&self.down_proj, self.down_lora.as_ref(), kernels::swiglu(gate, project(&self.up_proj, self.up_lora.as_ref(), x)))
+        let gate = project(&self.gate_proj, self.gate_nf4.as_ref(), self.gate_lora.as_ref(), x.clone());
+        project(
+            &self.down_proj,
+            self.down_nf4.as_ref(),
+            self.down_lora.as_ref(),
+            kernels::swiglu(gate, project(&self.up_proj, self.up_nf4.as_ref(), self.up_lora.as_ref(), x)),
+        )
     }
 }
 

@@ -6,6 +6,7 @@
 
 use crate::autocast;
 use crate::llama::{LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM};
+use crate::nf4::Nf4Tensor;
 use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::prelude::*;
@@ -90,28 +91,83 @@ impl<B: Backend> LoraAdapter<B> {
     }
 }
 
-/// `layer(x)`, plus `adapter`'s update when there is one.
-pub fn project<B: Backend, const D: usize>(layer: &Linear<B>, adapter: Option<&LoraAdapter<B>>, x: Tensor<B, D>) -> Tensor<B, D> {
+/// `layer(x)`, plus `adapter`'s update when there is one. With an NF4 `base` (QLoRA) the weight is
+/// that one, de-quantised for this product: `x · dequantize(W)ᵀ` (+ the layer's bias), and the
+/// layer's own weight (an empty placeholder then) is not read.
+pub fn project<B: Backend, const D: usize>(layer: &Linear<B>, base: Option<&Nf4Tensor<B>>, adapter: Option<&LoraAdapter<B>>, x: Tensor<B, D>) -> Tensor<B, D> {
+    let y = match base {
+        Some(w) => nf4_linear(layer, w, x.clone()),
+        None => autocast::linear(layer, x.clone()),
+    };
     match adapter {
-        Some(adapter) => adapter.forward(layer, x),
-        None => autocast::linear(layer, x),
+        Some(adapter) => y + adapter.delta(x),
+        None => y,
     }
 }
 
-/// The adapter slots of one decoder layer with the projections they adapt, by target name.
-type Slot<'a, B> = (&'static str, &'a mut Linear<B>, &'a mut Option<LoraAdapter<B>>);
+/// `x · Wᵀ + b` for an NF4 weight `W` `[out, in]` (PyTorch's layout, as quantised from the
+/// checkpoint) and the layer's bias, in the current compute dtype. Under autodiff no gradient
+/// reaches `W` (a constant); the product keeps the de-quantised weight for the input's gradient.
+pub fn nf4_linear<B: Backend, const D: usize>(layer: &Linear<B>, w: &Nf4Tensor<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    let dims = x.dims();
+    let rows: usize = dims[..D - 1].iter().product();
+    let weight = w.dequantize::<2>().transpose();
+    let mut y = autocast::matmul(x.reshape([rows, dims[D - 1]]), weight);
+    if let Some(bias) = &layer.bias {
+        y = y + bias.val().unsqueeze();
+    }
+    let mut out = dims;
+    out[D - 1] = y.dims()[1];
+    y.reshape(out)
+}
+
+/// The projection slots of one decoder layer by target name: the layer, its NF4 base (QLoRA) and
+/// its adapter.
+type Slot<'a, B> = (&'static str, &'a mut Linear<B>, &'a mut Option<Nf4Tensor<B>>, &'a mut Option<LoraAdapter<B>>);
 
 fn slots<B: Backend>(layer: &mut LlamaDecoderLayer<B>) -> [Slot<'_, B>; 7] {
     let (a, m) = (&mut layer.self_attn, &mut layer.mlp);
     [
-        ("q_proj", &mut a.q_proj, &mut a.q_lora),
-        ("k_proj", &mut a.k_proj, &mut a.k_lora),
-        ("v_proj", &mut a.v_proj, &mut a.v_lora),
-        ("o_proj", &mut a.o_proj, &mut a.o_lora),
-        ("gate_proj", &mut m.gate_proj, &mut m.gate_lora),
-        ("up_proj", &mut m.up_proj, &mut m.up_lora),
-        ("down_proj", &mut m.down_proj, &mut m.down_lora),
+        ("q_proj", &mut a.q_proj, &mut a.q_nf4, &mut a.q_lora),
+        ("k_proj", &mut a.k_proj, &mut a.k_nf4, &mut a.k_lora),
+        ("v_proj", &mut a.v_proj, &mut a.v_nf4, &mut a.v_lora),
+        ("o_proj", &mut a.o_proj, &mut a.o_nf4, &mut a.o_lora),
+        ("gate_proj", &mut m.gate_proj, &mut m.gate_nf4, &mut m.gate_lora),
+        ("up_proj", &mut m.up_proj, &mut m.up_nf4, &mut m.up_lora),
+        ("down_proj", &mut m.down_proj, &mut m.down_nf4, &mut m.down_lora),
     ]
+}
+
+/// `(layer index, target)` of a decoder-layer projection weight given its path below the language
+/// model (`model.layers.3.mlp.up_proj.weight` → `(3, "up_proj")`).
+pub fn projection_weight(path: &str) -> Option<(usize, &'static str)> {
+    let rest = path.strip_prefix("model.layers.")?;
+    let (index, rest) = rest.split_once('.')?;
+    let (group, rest) = rest.split_once('.')?;
+    let (name, leaf) = rest.split_once('.')?;
+    let target = LLAMA_TARGETS.iter().copied().find(|t| *t == name)?;
+    let group_ok = if name.starts_with(['q', 'k', 'v', 'o']) { group == "self_attn" } else { group == "mlp" };
+    (leaf == "weight" && group_ok).then_some(())?;
+    Some((index.parse().ok()?, target))
+}
+
+/// Stores `weight` as the NF4 base of projection `target` of decoder layer `layer`.
+pub fn install_nf4<B: Backend>(llm: &mut LlamaForCausalLM<B>, layer: usize, target: &str, weight: Nf4Tensor<B>) {
+    for (name, _, base, _) in slots(&mut llm.model.layers[layer]) {
+        if name == target {
+            *base = Some(weight);
+            return;
+        }
+    }
+    panic!("no projection `{target}` in a decoder layer");
+}
+
+/// Whether any projection of `llm` runs on an NF4 base.
+pub fn has_nf4<B: Backend>(llm: &LlamaForCausalLM<B>) -> bool {
+    llm.model.layers.iter().any(|l| {
+        let (a, m) = (&l.self_attn, &l.mlp);
+        [&a.q_nf4, &a.k_nf4, &a.v_nf4, &a.o_nf4, &m.gate_nf4, &m.up_nf4, &m.down_nf4].iter().any(|w| w.is_some())
+    })
 }
 
 /// `llm` with fresh adapters on the targeted projections of every decoder layer (drawn from the
@@ -130,9 +186,12 @@ pub fn attach<B: Backend>(mut llm: LlamaForCausalLM<B>, spec: &LoraSpec, device:
         return Err(format!("LoRA `targets` is empty; name some of {LLAMA_TARGETS:?}"));
     }
     for layer in &mut llm.model.layers {
-        for (name, linear, slot) in slots(layer) {
+        for (name, linear, base, slot) in slots(layer) {
             if spec.targets.iter().any(|t| t == name) {
-                let [d_in, d_out] = linear.weight.dims();
+                let [d_in, d_out] = match base {
+                    Some(w) => [w.shape[1], w.shape[0]],
+                    None => linear.weight.dims(),
+                };
                 let mut adapter = LoraAdapter::new(d_in, d_out, spec.r, spec.alpha, device);
                 adapter.dropout = spec.dropout;
                 *slot = Some(adapter);
@@ -143,16 +202,34 @@ pub fn attach<B: Backend>(mut llm: LlamaForCausalLM<B>, spec: &LoraSpec, device:
 }
 
 /// `llm` with every adapter added into its projection's weight and removed: the same function,
-/// the plain architecture (and parameter names) again.
+/// the plain architecture (and parameter names) again. An NF4 base (QLoRA) is de-quantised into
+/// the weight first, so the merged weight is the NF4-rounded base plus the adapter (as QLoRA's
+/// merge computes it), stored in the dtype of the layer's placeholder weight.
 pub fn merge<B: Backend>(mut llm: LlamaForCausalLM<B>) -> LlamaForCausalLM<B> {
     for layer in &mut llm.model.layers {
-        for (_, linear, slot) in slots(layer) {
-            if let Some(adapter) = slot.take() {
-                *linear = adapter.merge_into(linear.clone());
-            }
+        for (_, linear, base, slot) in slots(layer) {
+            merge_slot(linear, base, slot);
         }
     }
     llm
+}
+
+/// One projection of [`merge`]: the de-quantised base and the adapter are summed in f32, then
+/// stored in the placeholder's dtype (bf16 when the frozen weights are stored so).
+fn merge_slot<B: Backend>(linear: &mut Linear<B>, base: &mut Option<Nf4Tensor<B>>, slot: &mut Option<LoraAdapter<B>>) {
+    let stored = base.take().map(|w| {
+        let dtype = linear.weight.val().dtype();
+        let weight = w.dequantize::<2>().transpose().detach();
+        *linear = Linear { weight: Param::initialized(linear.weight.id, weight), bias: linear.bias.clone() };
+        dtype
+    });
+    if let Some(adapter) = slot.take() {
+        *linear = adapter.merge_into(linear.clone());
+    }
+    if let Some(dtype) = stored {
+        let weight = linear.weight.val().cast(dtype).detach();
+        *linear = Linear { weight: Param::initialized(linear.weight.id, weight), bias: linear.bias.clone() };
+    }
 }
 
 /// `(in, out)` of a target projection of `config`'s decoder layers.
@@ -200,6 +277,7 @@ mod tests {
     use super::*;
     use burn::backend::{Autodiff, Flex};
     use burn::nn::LinearConfig;
+    use burn::tensor::TensorData;
 
     type A = Autodiff<Flex>;
 
@@ -244,6 +322,49 @@ mod tests {
         assert!(max_diff(got.2, w.grad(&grads2).unwrap()) < 1e-5);
         assert!(max_diff(got.3, a.grad(&grads2).unwrap()) < 1e-5);
         assert!(max_diff(got.4, b.grad(&grads2).unwrap()) < 1e-5);
+    }
+
+    /// The NF4 product (QLoRA) and its gradients (input, A, B) equal those of the explicit
+    /// `x·dequantize(W)ᵀ + s·(x·Aᵀ)·Bᵀ` within 1e-5, and merging gives a plain layer computing the
+    /// same.
+    #[test]
+    fn the_nf4_product_and_its_gradients_equal_the_explicit_formulation() {
+        let _lock = crate::autodiff_lock();
+        let device = Default::default();
+        // A weight `[out 16, in 40]` in PyTorch's layout: 640 values, 10 blocks.
+        let values: Vec<f32> = Tensor::<Flex, 1>::random([640], Distribution::Normal(0.0, 0.3), &device).into_data().to_vec().unwrap();
+        let host = crate::nf4::Nf4Weight::quantize(&values, &[16, 40]);
+        let nf4 = host.to_device::<A>(&device);
+        let placeholder = Linear::<A> { weight: Param::from_tensor(Tensor::zeros([0, 0], &device)), bias: None };
+        let mut adapter = LoraAdapter::<A>::new(40, 16, 4, 8.0, &device);
+        adapter.lora_b = Param::from_tensor(Tensor::random([16, 4], Distribution::Normal(0.0, 0.5), &device));
+        let x_data = Tensor::<Flex, 3>::random([2, 5, 40], Distribution::Normal(0.0, 1.0), &device);
+        let probe = Tensor::<Flex, 3>::random([2, 5, 16], Distribution::Normal(0.0, 1.0), &device);
+
+        let x = Tensor::<A, 3>::from_inner(x_data.clone()).require_grad();
+        let y = project(&placeholder, Some(&nf4), Some(&adapter), x.clone());
+        let grads = (y.clone() * Tensor::from_inner(probe.clone())).sum().backward();
+        let got = (y.inner(), x.grad(&grads).unwrap(), adapter.lora_a.grad(&grads).unwrap(), adapter.lora_b.grad(&grads).unwrap());
+
+        let w = Tensor::<A, 2>::from_data(TensorData::new(host.dequantize(), [16, 40]), &device);
+        let leaf = |t: Tensor<A, 2>| Tensor::<A, 2>::from_inner(t.inner()).require_grad();
+        let (a, b) = (leaf(adapter.lora_a.val()), leaf(adapter.lora_b.val()));
+        let x2 = Tensor::<A, 3>::from_inner(x_data.clone()).require_grad();
+        let y2 = x2.clone().matmul(w.transpose().unsqueeze())
+            + x2.clone().matmul(a.clone().transpose().unsqueeze()).matmul(b.clone().transpose().unsqueeze()).mul_scalar(adapter.scale);
+        let grads2 = (y2.clone() * Tensor::from_inner(probe)).sum().backward();
+        assert!(max_diff(got.0.clone(), y2.inner()) < 1e-5);
+        assert!(max_diff(got.1, x2.grad(&grads2).unwrap()) < 1e-5);
+        assert!(max_diff(got.2, a.grad(&grads2).unwrap()) < 1e-5);
+        assert!(max_diff(got.3, b.grad(&grads2).unwrap()) < 1e-5);
+
+        // Merged: the de-quantised weight plus the adapter in a plain layer.
+        let (mut merged, mut base, mut slot) = (placeholder, Some(nf4), Some(adapter));
+        merge_slot(&mut merged, &mut base, &mut slot);
+        assert!(base.is_none() && slot.is_none());
+        assert_eq!(merged.weight.dims(), [40, 16]);
+        let plain = merged.forward(Tensor::<A, 3>::from_inner(x_data));
+        assert!(max_diff(plain.inner(), got.0) < 1e-5);
     }
 
     #[test]

@@ -25,7 +25,9 @@ pub const BLOCK: usize = 64;
 /// First-level scales per second-level group.
 pub const SCALE_BLOCK: usize = 256;
 
-/// The NF4 code book, ascending (index 7 is the exact zero).
+/// The NF4 code book, ascending (index 7 is the exact zero). The literals carry the digits of the
+/// published table; each rounds to the f32 it names.
+#[allow(clippy::excessive_precision)]
 pub const NF4_CODE: [f32; 16] = [
     -1.0,
     -0.696_192_800_998_687_7,
@@ -70,6 +72,19 @@ pub fn nearest_code(x: f32) -> u8 {
         }
     }
     code
+}
+
+/// Device bytes of an NF4 weight of `numel` values as [`Nf4Tensor`] holds it: the packed codes
+/// and one f32 scale per block (the code book's 64 bytes are left out): 4.5 bits per value.
+pub fn device_bytes_of(numel: usize) -> usize {
+    numel.div_ceil(2) + 4 * numel.div_ceil(BLOCK)
+}
+
+/// Transient device bytes of [`Nf4Tensor::dequantize`] for a weight of `numel` values beyond its
+/// f32 result: at its peak the 32-bit codes of both nibbles and their stacked copy, or the
+/// looked-up values beside the codes (8 bytes per value).
+pub fn dequantize_transient_bytes(numel: usize) -> usize {
+    8 * numel
 }
 
 impl Nf4Weight {
@@ -137,8 +152,12 @@ impl Nf4Weight {
 /// An NF4 weight on a device: the packed codes as bytes, the block scales de-quantised once at
 /// load (4 bytes per 64 values), the code book. [`Nf4Tensor::dequantize`] builds the f32 weight
 /// from them with tensor operations, so every backend runs it on its own device.
-#[derive(Debug, Clone)]
+///
+/// A module of constants: its tensors move with the model (`to_device`, `valid`) but are not
+/// parameters, so parameter walks, optimizers and checkpoints never see them.
+#[derive(Module, Debug)]
 pub struct Nf4Tensor<B: Backend> {
+    #[module(skip)]
     pub shape: Vec<usize>,
     packed: Tensor<B, 1, Int>,
     scales: Tensor<B, 1>,
@@ -149,6 +168,11 @@ impl<B: Backend> Nf4Tensor<B> {
     /// Device bytes held between products.
     pub fn device_bytes(&self) -> usize {
         self.packed.dims()[0] + 4 * self.scales.dims()[0] + 4 * 16
+    }
+
+    /// Values of the weight.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
     }
 
     /// The weight as f32 `[D]` with the stored shape.

@@ -321,6 +321,12 @@ impl TrainConfig {
             bail!("`stage` = {}: must be 1 or 2", self.stage);
         }
         self.lora.validate()?;
+        if self.lora.quantized() && !self.train.activation_checkpointing {
+            bail!(
+                "`lora.base_bits = 4` (QLoRA) needs `train.activation_checkpointing = true`: each product keeps its de-quantised weight for the backward pass, \
+                 which without checkpointing holds the whole language model de-quantised at once; with it one layer's at a time"
+            );
+        }
         let o = &self.optimizer;
         if !(o.lr.is_finite() && o.lr > 0.0) {
             bail!("`optimizer.lr` = {}: must be a positive number", o.lr);

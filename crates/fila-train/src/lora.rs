@@ -8,6 +8,13 @@
 //! hold the adapters and the other trainable tensors only; `final/` holds the merged model under
 //! the usual names, so every command loads it as a full run's, and `adapter.safetensors` with
 //! `adapter_config.json` for those who keep the base model apart.
+//!
+//! With `lora.base_bits = 4` (QLoRA) the seven projections of every decoder layer are stored as
+//! NF4 from the load on ([`fila_model::fila::Fila::load_quantized`]) and de-quantised for each
+//! product. The de-quantised weight of a product is kept by autodiff for its input's gradient, so
+//! QLoRA requires `train.activation_checkpointing`: the decoder layers then run without a graph
+//! and are recomputed one at a time in the backward pass, and only one layer's de-quantised
+//! weights exist at once. `final/` holds the NF4-rounded base plus the adapters, merged.
 
 use crate::config::LoadedConfig;
 use crate::trainable::TrainableSet;
@@ -82,9 +89,17 @@ impl LoraConfig {
         }
         match self.base_bits {
             16 => Ok(()),
-            4 => bail!("`lora.base_bits = 4` (QLoRA) is not available in this version: the NF4 storage exists (fila_model::nf4) but the model cannot run on it yet; use `base_bits = 16`"),
+            4 if !self.enabled() => {
+                bail!("`lora.base_bits = 4` (QLoRA) stores the frozen language model in NF4 and trains it through adapters: set `lora.r` (e.g. 64) too")
+            }
+            4 => Ok(()),
             other => bail!("`lora.base_bits` = {other}: use 16 (the weights as loaded) or 4 (NF4)"),
         }
+    }
+
+    /// QLoRA: the language model's projection weights stored as NF4 (`base_bits = 4`).
+    pub fn quantized(&self) -> bool {
+        self.enabled() && self.base_bits == 4
     }
 }
 

@@ -183,6 +183,8 @@ pub fn plan_of(loaded: &LoadedConfig, world: usize) -> Result<Plan> {
     let trains = |component: &str| if lora && component == "llm" { false } else { trains(component) };
     let trains_activations = |component: &str| trains(component) || (lora && component == "llm");
     let adapters = if lora { fila_model::lora::adapter_elements(&arch.llm, &c.lora.spec()) } else { 0 };
+    // QLoRA: the decoder layers' projection weights in NF4 (`lora.base_bits = 4`).
+    let nf4 = c.lora.quantized().then(|| Nf4Plan::of(&arch.llm, p));
     let trainable: usize = parts.iter().filter(|(n, _)| trains(n)).map(|(_, k)| k).sum::<usize>() + adapters;
     let frozen = counts.total() - (trainable - adapters);
     let slice = trainable as f64 / world as f64;
@@ -194,11 +196,25 @@ pub fn plan_of(loaded: &LoadedConfig, world: usize) -> Result<Plan> {
     // In f32 on one rank the master values are the model's own weights (the update writes them
     // back as views of the slice); otherwise they are a copy.
     let master_apart = p.master_apart() || world > 1;
+    let nf4_elements = nf4.as_ref().map_or(0, |q| q.elements);
     let resident = vec![
         Term {
             name: "weights",
-            bytes: ((counts.total() + adapters) * p.weight_bytes()) as f64,
-            note: format!("{}{}", dtype(p.weight_bytes()), if lora { ", LoRA adapters included" } else { "" }),
+            bytes: ((counts.total() - nf4_elements + adapters) * p.weight_bytes()) as f64,
+            note: format!(
+                "{}{}{}",
+                dtype(p.weight_bytes()),
+                if lora { ", LoRA adapters included" } else { "" },
+                if nf4.is_some() { ", the LLM's projections apart (NF4)" } else { "" }
+            ),
+        },
+        Term {
+            name: "NF4 weights",
+            bytes: nf4.as_ref().map_or(0.0, |q| q.stored as f64),
+            note: format!(
+                "the LLM's {nf4_elements} projection weights: 4-bit codes and an f32 scale per 64 ({:.3} bits per value)",
+                nf4.as_ref().map_or(0.0, |q| 8.0 * q.stored as f64 / q.elements.max(1) as f64)
+            ),
         },
         Term {
             name: "master slice",
@@ -216,6 +232,11 @@ pub fn plan_of(loaded: &LoadedConfig, world: usize) -> Result<Plan> {
             note: format!("f32 sum over micro-batches and ranks{this_slice}, made by the first micro-batch"),
         },
         activations,
+        Term {
+            name: "de-quantised weights",
+            bytes: nf4.as_ref().map_or(0.0, |q| q.buffer),
+            note: format!("one decoder layer's projections in {} while it runs, plus one de-quantisation's temporaries", dtype(p.weight_bytes())),
+        },
     ];
     // The update: the CPU's fused pass works in place; the tensor ops on a GPU make new moments,
     // values and two temporaries before the old ones are freed. Then the slice is written back
@@ -268,6 +289,32 @@ pub fn plan_of(loaded: &LoadedConfig, world: usize) -> Result<Plan> {
         format!("memory per rank ({world} ranks, one GPU each; gradient sums, optimizer state and master values sharded {world} ways):")
     });
     Ok(Plan { header, resident, phase, other_phase, overhead })
+}
+
+/// The NF4 storage of a QLoRA run's language model: the seven projections of every decoder layer.
+struct Nf4Plan {
+    /// Weights stored as NF4.
+    elements: usize,
+    /// Their device bytes (packed codes and f32 block scales, [`fila_model::nf4::device_bytes_of`]).
+    stored: usize,
+    /// The de-quantisation buffer: under activation checkpointing (required) one decoder layer
+    /// runs at a time, and its products keep their de-quantised weights (in the compute dtype:
+    /// bf16 under `bf16_mixed`, the f32 result freed after the cast) until the layer's backward
+    /// pass is done; plus, for the largest projection being de-quantised, its f32 result and the
+    /// operation's temporaries.
+    buffer: f64,
+}
+
+impl Nf4Plan {
+    fn of(llm: &LlamaConfig, p: crate::precision::Precision) -> Self {
+        let sizes: Vec<usize> = fila_model::lora::LLAMA_TARGETS.iter().filter_map(|t| fila_model::lora::target_dims(llm, t)).map(|(i, o)| i * o).collect();
+        let layers = llm.num_hidden_layers;
+        let per_layer: usize = sizes.iter().sum();
+        let largest = sizes.iter().copied().max().unwrap_or(0);
+        let stored = layers * sizes.iter().map(|&n| fila_model::nf4::device_bytes_of(n)).sum::<usize>();
+        let transient = 4 * largest + fila_model::nf4::dequantize_transient_bytes(largest);
+        Self { elements: layers * per_layer, stored, buffer: (per_layer * p.weight_bytes() + transient) as f64 }
+    }
 }
 
 /// The activations one micro-batch keeps at the peak of its forward and backward pass.

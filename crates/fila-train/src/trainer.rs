@@ -83,7 +83,8 @@ pub fn build_model<B: AutodiffBackend>(loaded: &LoadedConfig, device: &B::Device
     let (fila_config, source) = c.model.resolve(base)?;
     check_data_matches_model(loaded, &fila_config)?;
     B::seed(device, c.seed);
-    let model = lora::attach(Fila::<B>::load(&fila_config, &source, device)?, &c.lora, device)?;
+    let model = if c.lora.quantized() { Fila::<B>::load_quantized(&fila_config, &source, device)? } else { Fila::<B>::load(&fila_config, &source, device)? };
+    let model = lora::attach(model, &c.lora, device)?;
     let (model, mut set) = apply_trainable(model, c.stage, &c.trainable)?;
     lora::set_adapter_lr(&mut set, &c.lora, c.optimizer.lr);
     Ok((c.precision.store_frozen(model, &set), fila_config, set))

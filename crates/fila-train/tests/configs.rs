@@ -23,7 +23,7 @@ fn every_config_parses_and_validates() {
             }
         }
     }
-    assert_eq!(found, 7);
+    assert_eq!(found, 8);
 }
 
 /// A test binary built here and run from another checkout (a GPU machine's) finds the files

@@ -56,7 +56,7 @@ fn a_lora_stage_2_trains_adapters_resumes_exactly_and_exports_the_merged_model()
     let layers = FilaConfig::from_checkpoint_dir(&init).unwrap().llm.num_hidden_layers;
     assert_eq!(llm.len(), layers * 7 * 2);
     assert!(saved.keys().any(|k| k.starts_with("projector.")) && saved.keys().any(|k| k.starts_with("encoder.vit.")));
-    let (_, b) = &saved[&format!("llm.model.layers.0.self_attn.q_lora.lora_b")];
+    let (_, b) = &saved["llm.model.layers.0.self_attn.q_lora.lora_b"];
     assert!(b.iter().any(|&v| v != 0.0), "lora_b trained away from zero");
 
     // Stopped after 2 steps and resumed: the same losses and the same final model, bit for bit

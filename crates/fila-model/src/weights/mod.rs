@@ -9,6 +9,7 @@ pub mod keys;
 
 pub use keys::{ConvNextLayout, KeyMap};
 
+use crate::nf4::{Nf4Tensor, Nf4Weight};
 use crate::ModelError;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::prelude::*;
@@ -230,19 +231,25 @@ pub fn with_value<B: Backend, const D: usize>(param: Param<Tensor<B, D>>, values
     Param::from_mapped_value(id, tensor, mapper)
 }
 
-struct Loader<'a> {
+struct Loader<'a, B: Backend> {
     checkpoint: &'a Checkpoint,
     map: &'a KeyMap,
     prefix: String,
     used: BTreeSet<String>,
     problems: Vec<String>,
+    /// Which `Linear` weights to store as NF4 instead (by path).
+    nf4: &'a dyn Fn(&str) -> bool,
+    quantized: Quantized<B>,
 }
 
-impl<B: Backend> PathMapper<B> for Loader<'_> {
+impl<B: Backend> PathMapper<B> for Loader<'_, B> {
     fn map<const D: usize>(&mut self, at: &ParamPath, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let ours = at.path();
         let key = format!("{}{}", self.prefix, self.map.file_key(&ours));
         let transpose = D == 2 && at.is_linear_weight();
+        if transpose && (self.nf4)(&ours) {
+            return self.quantize(ours, key, param);
+        }
         if !self.checkpoint.contains(&key) {
             if !self.map.is_optional(&ours) {
                 self.problems.push(format!("  missing tensor `{key}` (model parameter `{ours}`)"));
@@ -272,6 +279,39 @@ impl<B: Backend> PathMapper<B> for Loader<'_> {
     }
 }
 
+impl<B: Backend> Loader<'_, B> {
+    /// A `Linear` weight stored as NF4: quantised on the host from the checkpoint's values in
+    /// their PyTorch layout `[out, in]` (blocks of 64 along each row, as bitsandbytes cuts them),
+    /// moved to the parameter's device, and kept aside; the parameter becomes an empty `[0, 0]`
+    /// placeholder. The parameter's own (lazy) initial value is never created.
+    fn quantize<const D: usize>(&mut self, ours: String, key: String, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let expected = param.lazy_shape().as_slice().to_vec();
+        let device = param.lazy_device();
+        let placeholder = || Param::initialized(param.id, Tensor::<B, D>::from_data(TensorData::new(Vec::<f32>::new(), [0; D]), &device));
+        if !self.checkpoint.contains(&key) {
+            self.problems.push(format!("  missing tensor `{key}` (model parameter `{ours}`)"));
+            return placeholder();
+        }
+        self.used.insert(key.clone());
+        let (shape, values) = match self.checkpoint.read_f32(&key) {
+            Ok(read) => read,
+            Err(e) => {
+                self.problems.push(format!("  {e}"));
+                return placeholder();
+            }
+        };
+        if shape.len() != 2 || [shape[1], shape[0]] != expected[..] {
+            let file = self.checkpoint.file_of(&key).map(|p| p.display().to_string()).unwrap_or_default();
+            self.problems.push(format!("  tensor `{key}` in {file} has shape {shape:?}, the model expects {:?}", [expected[1], expected[0]]));
+            return placeholder();
+        }
+        let weight = Nf4Weight::quantize(&values, &shape);
+        drop(values);
+        self.quantized.push((ours, weight.to_device(&device)));
+        placeholder()
+    }
+}
+
 fn transpose_2d(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0.0; values.len()];
     for r in 0..rows {
@@ -298,10 +338,27 @@ pub fn parameter_paths<B: Backend, M: Module<B>>(module: &M) -> Vec<String> {
 /// Loads every parameter of `module` from `checkpoint` through `map`; fails listing every missing,
 /// wrong-shaped and unused tensor with its file.
 pub fn load_module<B: Backend, M: Module<B>>(module: M, checkpoint: &Checkpoint, map: &KeyMap) -> Result<M, ModelError> {
+    load_module_nf4(module, checkpoint, map, &|_| false).map(|(module, _)| module)
+}
+
+/// NF4 weights by parameter path, as [`load_module_nf4`] returns them.
+pub type Quantized<B> = Vec<(String, Nf4Tensor<B>)>;
+
+/// [`load_module`], with the `Linear` weights whose path `nf4` accepts stored as NF4 (QLoRA):
+/// each is read and quantised on the host one at a time and only its NF4 form goes to the device;
+/// the returned module holds an empty `[0, 0]` placeholder in its place, and the NF4 weights
+/// (`[out, in]`, PyTorch's layout) come back by path.
+pub fn load_module_nf4<B: Backend, M: Module<B>>(
+    module: M,
+    checkpoint: &Checkpoint,
+    map: &KeyMap,
+    nf4: &dyn Fn(&str) -> bool,
+) -> Result<(M, Quantized<B>), ModelError> {
     let paths = parameter_paths::<B, M>(&module);
     let prefix = map.detect_prefix(checkpoint, paths.first().map(String::as_str).unwrap_or(""));
-    let mut loader = Loader { checkpoint, map, prefix: prefix.clone(), used: BTreeSet::new(), problems: Vec::new() };
+    let mut loader = Loader { checkpoint, map, prefix: prefix.clone(), used: BTreeSet::new(), problems: Vec::new(), nf4, quantized: Vec::new() };
     let module = map_params(module, &mut loader);
+    let quantized = loader.quantized;
     let mut problems = loader.problems;
     for key in checkpoint.keys() {
         if !loader.used.contains(key) && !map.is_ignored(key, &prefix) {
@@ -310,7 +367,7 @@ pub fn load_module<B: Backend, M: Module<B>>(module: M, checkpoint: &Checkpoint,
         }
     }
     if problems.is_empty() {
-        return Ok(module);
+        return Ok((module, quantized));
     }
     let shown = problems.len().min(20);
     let mut text = problems[..shown].join("\n");
