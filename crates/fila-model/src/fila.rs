@@ -257,6 +257,29 @@ impl<B: Backend> Fila<B> {
         named_sources::<B, _>(self, &fila_key_map(), "", keep)
     }
 
+    /// The model as a model folder holds it, as sources for
+    /// [`crate::weights::write_safetensors_from`]: [`Fila::named_tensors`]' names, without the LoRA
+    /// adapters, and with every adapted or NF4 projection of the language model read as its merged
+    /// weight ([`crate::lora::merge`]: the de-quantised base plus the adapter), computed when the
+    /// writer reaches it. The values equal those of the merged model's [`Fila::named_sources`],
+    /// but at most one merged weight exists at a time besides the model itself. A model without
+    /// adapters or NF4 weights reads as [`Fila::named_sources`] of all its parameters.
+    pub fn merged_sources(&self) -> Vec<TensorSource<'static>> {
+        let map = fila_key_map();
+        let mut merged: std::collections::HashMap<String, ([usize; 2], crate::lora::MergedWeight<B>)> =
+            crate::lora::merged_weights(&self.llm).into_iter().map(|(path, shape, weight)| (map.file_key(&format!("llm.{path}")), (shape, weight))).collect();
+        let sources = self
+            .named_sources(&|path| !crate::lora::is_adapter_param(path))
+            .into_iter()
+            .map(|source| match merged.remove(&source.name) {
+                Some(([d_in, d_out], weight)) => TensorSource::new(source.name, vec![d_out, d_in], move || weight().transpose().into_data()),
+                None => source,
+            })
+            .collect();
+        assert!(merged.is_empty(), "merged weights without a parameter: {:?}", merged.keys().collect::<Vec<_>>());
+        sources
+    }
+
     /// Visual tokens for the images, `[Σ tokens, text_dim]`, and the projector input.
     pub fn encode_images(&self, images: &[ImageInput<B>], trace: Option<&mut Trace>) -> (Tensor<B, 2>, Tensor<B, 2>) {
         let features = self.encoder.forward(images, trace);

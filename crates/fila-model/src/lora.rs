@@ -214,6 +214,39 @@ pub fn merge<B: Backend>(mut llm: LlamaForCausalLM<B>) -> LlamaForCausalLM<B> {
     llm
 }
 
+/// A projection's merged weight, computed when called.
+pub type MergedWeight<B> = Box<dyn Fn() -> Tensor<B, 2>>;
+
+/// What [`merge`] would make of each projection that has an NF4 base or an adapter, without
+/// making it: the path of its weight below the language model (`model.layers.0.self_attn.q_proj.weight`),
+/// the weight's Burn shape `[in, out]`, and a function computing the merged weight (the same
+/// operations as [`merge`]) when called. An export reads them one at a time, so the merged
+/// language model never exists on the device as a whole.
+pub fn merged_weights<B: Backend>(llm: &LlamaForCausalLM<B>) -> Vec<(String, [usize; 2], MergedWeight<B>)> {
+    let mut out = Vec::new();
+    for (index, layer) in llm.model.layers.iter().enumerate() {
+        let mut layer = layer.clone();
+        for (name, linear, base, slot) in slots(&mut layer) {
+            if base.is_none() && slot.is_none() {
+                continue;
+            }
+            let shape = match base {
+                Some(w) => [w.shape[1], w.shape[0]],
+                None => linear.weight.dims(),
+            };
+            let group = if name.starts_with(['q', 'k', 'v', 'o']) { "self_attn" } else { "mlp" };
+            let (linear, base, slot) = (linear.clone(), base.clone(), slot.clone());
+            let merged: MergedWeight<B> = Box::new(move || {
+                let (mut linear, mut base, mut slot) = (linear.clone(), base.clone(), slot.clone());
+                merge_slot(&mut linear, &mut base, &mut slot);
+                linear.weight.val()
+            });
+            out.push((format!("model.layers.{index}.{group}.{name}.weight"), shape, merged));
+        }
+    }
+    out
+}
+
 /// One projection of [`merge`]: the de-quantised base and the adapter are summed in f32, then
 /// stored in the placeholder's dtype (bf16 when the frozen weights are stored so).
 fn merge_slot<B: Backend>(linear: &mut Linear<B>, base: &mut Option<Nf4Tensor<B>>, slot: &mut Option<LoraAdapter<B>>) {

@@ -290,7 +290,8 @@ pub fn export_final_with<B: Backend>(
 }
 
 /// Writes a `final/`-style model folder at `dest` (replacing one that is there) through a
-/// temporary sibling `.tmp-<name>` renamed into place at the end.
+/// temporary sibling `.tmp-<name>` renamed into place at the end. A model with LoRA adapters or
+/// NF4 weights is written merged ([`Fila::merged_sources`]: one merged weight at a time).
 pub fn export_model_to<B: Backend>(
     dest: &Path,
     model: &Fila<B>,
@@ -306,7 +307,7 @@ pub fn export_model_to<B: Backend>(
         std::fs::remove_dir_all(&tmp)?;
     }
     std::fs::create_dir_all(&tmp)?;
-    write_safetensors_from(&tmp.join("model.safetensors"), model.named_sources(&|_| true), None)?;
+    write_safetensors_from(&tmp.join("model.safetensors"), model.merged_sources(), None)?;
     std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(config)?)?;
     std::fs::copy(tokenizer, tmp.join("tokenizer.json")).with_context(|| format!("copying {}", tokenizer.display()))?;
     std::fs::write(tmp.join("run.toml"), run_config)?;

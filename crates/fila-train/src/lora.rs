@@ -183,5 +183,5 @@ pub fn merge_step_checkpoint(step_dir: &Path, dest: &Path) -> Result<PathBuf> {
         crate::trainer::build_model::<B>(&loaded, &device).with_context(|| format!("building the model of {}", config_file.display()))?;
     let model = crate::checkpoint::load_trainable(model, &set, step_dir)?;
     let adapters = |dir: &Path| write_adapters(dir, &model, &loaded.config.lora);
-    crate::checkpoint::export_model_to(dest, &merged(&model), &fila_config, &loaded.data.tokenizer, &loaded.to_toml(), &adapters)
+    crate::checkpoint::export_model_to(dest, &model, &fila_config, &loaded.data.tokenizer, &loaded.to_toml(), &adapters)
 }

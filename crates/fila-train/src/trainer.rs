@@ -504,9 +504,8 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
     /// Writes `final/`: the model with any LoRA adapters merged into its weights, and the adapters
     /// on their own beside it.
     fn export_final(&self) -> Result<PathBuf> {
-        let merged = lora::merged(&self.model);
         let adapters = |dir: &Path| lora::write_adapters(dir, &self.model, &self.c.lora);
-        checkpoint::export_final_with(&self.writer.output_dir, &merged, &self.fila_config, &self.loaded.data.tokenizer, &self.loaded.to_toml(), &adapters)
+        checkpoint::export_final_with(&self.writer.output_dir, &self.model, &self.fila_config, &self.loaded.data.tokenizer, &self.loaded.to_toml(), &adapters)
     }
 
     fn save(&mut self, reason: CheckpointReason) -> Result<PathBuf> {

@@ -126,6 +126,11 @@ fn a_qlora_stage_2_trains_on_nf4_weights_resumes_exactly_and_exports_the_merged_
     let (want, got) = (llm_logits(&adapted, &device), llm_logits(&exported, &device));
     let worst = max_abs_diff(&want, &got);
     assert!(worst <= 1e-5, "merged logits off by {worst}");
+    // The export merges one weight at a time (Fila::merged_sources): the values of the model
+    // merged as a whole.
+    let whole = fila_train::checkpoint::all_tensors(&fila_train::lora::merged(&adapted));
+    let exported_values: std::collections::BTreeMap<String, Vec<f32>> = merged.iter().map(|(k, (_, v))| (k.clone(), v.clone())).collect();
+    assert_eq!(whole, exported_values);
 
     // A step checkpoint merged by hand is the run's final/ (step 4 is the last step).
     let by_hand = fila_train::lora::merge_step_checkpoint(&straight.join("step-4"), &tmp.path().join("merged")).unwrap();
