@@ -74,10 +74,13 @@ pub fn nearest_code(x: f32) -> u8 {
     code
 }
 
-/// Device bytes of an NF4 weight of `numel` values as [`Nf4Tensor`] holds it: the packed codes
-/// and one f32 scale per block (the code book's 64 bytes are left out): 4.5 bits per value.
+/// Device bytes of an NF4 weight of `numel` values as [`Nf4Tensor`] holds it, the same as
+/// [`Nf4Weight::stored_bytes`]: the packed codes, an 8-bit code per block scale, an f32 maximum
+/// per group of scales and their mean (the code book's 64 bytes are left out): ≈ 4.127 bits per
+/// value.
 pub fn device_bytes_of(numel: usize) -> usize {
-    numel.div_ceil(2) + 4 * numel.div_ceil(BLOCK)
+    let blocks = numel.div_ceil(BLOCK);
+    numel.div_ceil(2) + blocks + 4 * blocks.div_ceil(SCALE_BLOCK) + 4
 }
 
 /// Transient device bytes of [`Nf4Tensor::dequantize`] for a weight of `numel` values beyond its
@@ -143,15 +146,18 @@ impl Nf4Weight {
         Nf4Tensor {
             shape: self.shape.clone(),
             packed: bytes(&self.packed),
-            scales: Tensor::from_data(TensorData::new(self.scales(), [self.scale_codes.len()]), device),
+            scale_codes: bytes(&self.scale_codes),
+            scale_max: Tensor::from_data(TensorData::new(self.scale_max.clone(), [self.scale_max.len()]), device),
+            scale_mean: self.scale_mean,
             code: Tensor::from_data(TensorData::new(NF4_CODE.to_vec(), [16]), device),
         }
     }
 }
 
-/// An NF4 weight on a device: the packed codes as bytes, the block scales de-quantised once at
-/// load (4 bytes per 64 values), the code book. [`Nf4Tensor::dequantize`] builds the f32 weight
-/// from them with tensor operations, so every backend runs it on its own device.
+/// An NF4 weight on a device as stored on the host: the packed codes and the block scales' 8-bit
+/// codes as bytes, the groups' maxima, the scales' mean and the code book (≈ 4.127 bits per
+/// value). [`Nf4Tensor::dequantize`] builds the f32 weight from them with tensor operations (the
+/// block scales first, by the host's formula), so every backend runs it on its own device.
 ///
 /// A module of constants: its tensors move with the model (`to_device`, `valid`) but are not
 /// parameters, so parameter walks, optimizers and checkpoints never see them.
@@ -160,14 +166,26 @@ pub struct Nf4Tensor<B: Backend> {
     #[module(skip)]
     pub shape: Vec<usize>,
     packed: Tensor<B, 1, Int>,
-    scales: Tensor<B, 1>,
+    scale_codes: Tensor<B, 1, Int>,
+    scale_max: Tensor<B, 1>,
+    #[module(skip)]
+    scale_mean: f32,
     code: Tensor<B, 1>,
 }
 
 impl<B: Backend> Nf4Tensor<B> {
-    /// Device bytes held between products.
+    /// Bytes held between products (the scales' mean and the code book included).
     pub fn device_bytes(&self) -> usize {
-        self.packed.dims()[0] + 4 * self.scales.dims()[0] + 4 * 16
+        self.packed.dims()[0] + self.scale_codes.dims()[0] + 4 * self.scale_max.dims()[0] + 4 + 4 * 16
+    }
+
+    /// The first-level block scales, de-quantised as [`Nf4Weight::scales`] does: `[blocks]`.
+    pub fn scales(&self) -> Tensor<B, 1> {
+        let blocks = self.scale_codes.dims()[0];
+        let groups = self.scale_max.dims()[0];
+        let maxima = self.scale_max.clone().reshape([groups, 1]).expand([groups, SCALE_BLOCK]).reshape([groups * SCALE_BLOCK]).slice(0..blocks);
+        let q = self.scale_codes.clone().cast(IntDType::I32).float();
+        q.sub_scalar(128.0).div_scalar(127.0).mul(maxima).add_scalar(self.scale_mean)
     }
 
     /// Values of the weight.
@@ -187,7 +205,7 @@ impl<B: Backend> Nf4Tensor<B> {
         let blocks = numel.div_ceil(BLOCK);
         let padded = blocks * BLOCK;
         let values = if padded > numel { Tensor::cat(vec![values, Tensor::zeros([padded - numel], &self.code.device())], 0) } else { values };
-        let scaled = values.reshape([blocks, BLOCK]) * self.scales.clone().reshape([blocks, 1]);
+        let scaled = values.reshape([blocks, BLOCK]) * self.scales().reshape([blocks, 1]);
         let flat = scaled.reshape([padded]).slice(0..numel);
         let dims: [usize; D] = self.shape.clone().try_into().unwrap_or_else(|s| panic!("NF4 weight of shape {s:?} read as rank {D}"));
         flat.reshape(dims)
@@ -224,6 +242,16 @@ mod tests {
         assert_eq!(t.dims(), [3, 50]);
         let dev: Vec<f32> = t.into_data().to_vec().unwrap();
         assert_eq!(dev, host);
+        assert_eq!(w.to_device::<burn::backend::Flex>(&device).device_bytes(), w.stored_bytes() + 4 * 16);
+        // Several groups of block scales, the last one short: 600 blocks.
+        let many: Vec<f32> = (0..600 * BLOCK).map(|i| ((i * 7919 % 1013) as f32 - 506.0) * (1.0 + (i / BLOCK) as f32 * 0.01)).collect();
+        let big = Nf4Weight::quantize(&many, &[600, BLOCK]);
+        assert_eq!(big.scale_max.len(), 3);
+        let on_device = big.to_device::<burn::backend::Flex>(&device);
+        assert_eq!(on_device.device_bytes(), big.stored_bytes() + 4 * 16);
+        assert_eq!(device_bytes_of(many.len()), big.stored_bytes());
+        let dev: Vec<f32> = on_device.dequantize::<2>().into_data().to_vec().unwrap();
+        assert_eq!(dev, big.dequantize());
         // Every value within half a code step (at most 0.16 of its block's scale) plus the scale's
         // own 8-bit error.
         let scales = w.scales();

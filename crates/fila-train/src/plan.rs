@@ -212,7 +212,7 @@ pub fn plan_of(loaded: &LoadedConfig, world: usize) -> Result<Plan> {
             name: "NF4 weights",
             bytes: nf4.as_ref().map_or(0.0, |q| q.stored as f64),
             note: format!(
-                "the LLM's {nf4_elements} projection weights: 4-bit codes and an f32 scale per 64 ({:.3} bits per value)",
+                "the LLM's {nf4_elements} projection weights: 4-bit codes, a double-quantised scale per 64 ({:.3} bits per value)",
                 nf4.as_ref().map_or(0.0, |q| 8.0 * q.stored as f64 / q.elements.max(1) as f64)
             ),
         },
@@ -295,7 +295,7 @@ pub fn plan_of(loaded: &LoadedConfig, world: usize) -> Result<Plan> {
 struct Nf4Plan {
     /// Weights stored as NF4.
     elements: usize,
-    /// Their device bytes (packed codes and f32 block scales, [`fila_model::nf4::device_bytes_of`]).
+    /// Their device bytes (packed codes, double-quantised block scales, [`fila_model::nf4::device_bytes_of`]).
     stored: usize,
     /// The de-quantisation buffer: under activation checkpointing (required) one decoder layer
     /// runs at a time, and its products keep their de-quantised weights (in the compute dtype:

@@ -159,11 +159,17 @@ fn the_qlora_recipe_plans_within_22_gib() {
     let gib = plan.total() / (1u64 << 30) as f64;
     assert!(gib <= 22.0, "stage 2 with QLoRA plans {gib:.2} GiB on one device\n{}", plan.render());
     let text = plan.render();
-    // Llama-3-8B's 32 layers × 218,103,808 projection weights at 4.5 bits (codes, f32 block scales).
-    let projections: usize = 32 * 218_103_808;
+    // Llama-3-8B's 32 layers × 218,103,808 projection weights at ≈ 4.127 bits (codes,
+    // double-quantised block scales), as stored on the host.
+    let sizes = [4096 * 4096, 4096 * 1024, 4096 * 1024, 4096 * 4096, 4096 * 14336, 4096 * 14336, 14336 * 4096];
+    let projections: usize = 32 * sizes.iter().sum::<usize>();
+    assert_eq!(projections, 32 * 218_103_808);
     assert!(text.contains(&format!("the LLM's {projections} projection weights")), "{text}");
     let nf4 = plan.resident.iter().find(|t| t.name == "NF4 weights").unwrap().bytes;
-    assert_eq!(nf4 as usize, projections / 2 + projections / 64 * 4);
+    // Per weight: the codes, an 8-bit code per block of 64, an f32 maximum per 256 blocks, the mean.
+    let stored: usize = sizes.iter().map(|&n| n / 2 + n / 64 + 4 * (n / 64).div_ceil(256) + 4).sum();
+    assert_eq!(nf4 as usize, 32 * stored);
+    assert!((8.0 * nf4 / projections as f64 - 4.127).abs() < 1e-3, "{} bits per value", 8.0 * nf4 / projections as f64);
     assert!(plan.phase.1.iter().any(|t| t.name == "de-quantised weights" && t.bytes > 0.0), "{text}");
     // The same run with the base in bf16 plans more by the difference of the two storages.
     let lora = LoadedConfig::load(&repo().join("configs/stage2-qlora.toml"), &["lora.base_bits=16".into()]).unwrap();
