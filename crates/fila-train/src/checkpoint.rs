@@ -310,7 +310,7 @@ pub fn export_model_to<B: Backend>(
     write_safetensors_from(&tmp.join("model.safetensors"), model.merged_sources(), None)?;
     std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(config)?)?;
     std::fs::copy(tokenizer, tmp.join("tokenizer.json")).with_context(|| format!("copying {}", tokenizer.display()))?;
-    std::fs::write(tmp.join("run.toml"), run_config)?;
+    std::fs::write(tmp.join("run.toml"), exported_run_config(run_config)?)?;
     crate::hf_export::write_hf_files(&tmp, config, &crate::hf_export::data_config_of(run_config)?).context("writing the Hugging Face files")?;
     extra(&tmp)?;
     sync_dir(&tmp);
@@ -319,6 +319,16 @@ pub fn export_model_to<B: Backend>(
     }
     std::fs::rename(&tmp, &dest)?;
     Ok(dest)
+}
+
+/// The run config as a model folder keeps it (`run.toml`): the run's, with `[model]` naming the
+/// folder itself (`checkpoint = "."`), so that a command given this file (`fila forward --config
+/// final/run.toml`, a next stage) reads the trained model, not the one the run started from.
+fn exported_run_config(run_config: &str) -> Result<String> {
+    let mut table: toml::Table = toml::from_str(run_config).context("the run config to export")?;
+    table.insert("model".into(), toml::Value::Table(toml::Table::from_iter([("checkpoint".to_string(), toml::Value::from("."))])));
+    let header: String = run_config.lines().take_while(|l| l.starts_with('#')).map(|l| format!("{l}\n")).collect();
+    Ok(format!("{header}# [model] names this folder: the trained model.\n{}", toml::to_string(&table)?))
 }
 
 /// Parameter values by path (tests compare runs with this).

@@ -130,17 +130,30 @@ pub fn merged<B: Backend>(model: &Fila<B>) -> Fila<B> {
     out
 }
 
-/// Writes `adapter.safetensors` (PEFT's names and layout for a Llama:
-/// `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` `[r, in]`, `lora_B`
-/// `[out, r]`, f32) and `adapter_config.json` (PEFT's keys) into `dir`, so the language model's
-/// adapters also load with PEFT onto the base Llama. Nothing is written when `model` has none.
-pub fn write_adapters<B: Backend>(dir: &Path, model: &Fila<B>, config: &LoraConfig) -> Result<()> {
-    let mut sources = model.named_sources(&|path| is_adapter_param(path));
-    if sources.is_empty() {
+/// Writes `adapter.safetensors` and `adapter_config.json` (PEFT's keys) into `dir`: the adapters
+/// under PEFT's names and layout for a Llama (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`
+/// `[r, in]`, `lora_B` `[out, r]`, f32), and the language model's own tensors that trained in full
+/// (`trainable.modules` entries inside it, PEFT's `modules_to_save`) as
+/// `base_model.model.<name>` (`base_model.model.lm_head.weight`): with the base model, everything
+/// the run changed in the language model. Nothing is written when `model` has no adapters.
+pub fn write_adapters<B: Backend>(dir: &Path, model: &Fila<B>, config: &LoraConfig, set: &TrainableSet) -> Result<()> {
+    let full = |path: &str| path.starts_with("llm.") && !is_adapter_param(path) && set.contains(path);
+    let mut sources = model.named_sources(&|path| is_adapter_param(path) || full(path));
+    if !sources.iter().any(|s| s.name.contains(".lora_")) {
         return Ok(());
     }
+    let mut saved_in_full = Vec::new();
     for source in &mut sources {
-        let name = peft_name(&source.name).with_context(|| format!("adapter parameter `{}` has no PEFT name", source.name))?;
+        let name = match peft_name(&source.name) {
+            Some(name) => name,
+            None => {
+                let module = source.name.rsplit_once('.').map_or(source.name.as_str(), |(m, _)| m).to_string();
+                if !saved_in_full.contains(&module) {
+                    saved_in_full.push(module);
+                }
+                source.name.clone()
+            }
+        };
         source.name = format!("base_model.model.{name}");
     }
     write_safetensors_from(&dir.join(ADAPTER_FILE), sources, None)?;
@@ -154,6 +167,7 @@ pub fn write_adapters<B: Backend>(dir: &Path, model: &Fila<B>, config: &LoraConf
         "bias": "none",
         "fan_in_fan_out": false,
         "base_model_name_or_path": null,
+        "modules_to_save": saved_in_full,
     });
     std::fs::write(dir.join(ADAPTER_CONFIG_FILE), serde_json::to_string_pretty(&adapter_config)?)?;
     Ok(())
@@ -182,6 +196,6 @@ pub fn merge_step_checkpoint(step_dir: &Path, dest: &Path) -> Result<PathBuf> {
     let (model, fila_config, set) =
         crate::trainer::build_model::<B>(&loaded, &device).with_context(|| format!("building the model of {}", config_file.display()))?;
     let model = crate::checkpoint::load_trainable(model, &set, step_dir)?;
-    let adapters = |dir: &Path| write_adapters(dir, &model, &loaded.config.lora);
+    let adapters = |dir: &Path| write_adapters(dir, &model, &loaded.config.lora, &set);
     crate::checkpoint::export_model_to(dest, &model, &fila_config, &loaded.data.tokenizer, &loaded.to_toml(), &adapters)
 }

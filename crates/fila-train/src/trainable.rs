@@ -125,11 +125,17 @@ pub fn apply_trainable<B: Backend>(model: Fila<B>, stage: u8, config: &Trainable
     let prefixes: Vec<String> = names.iter().map(|n| prefix_of(n)).collect();
     let multipliers: Vec<(String, f64)> = config.lr_multipliers.iter().map(|(n, m)| (prefix_of(n), *m)).collect();
     let mut set = TrainableSet { params: BTreeMap::new(), total_params: shapes.len() };
-    // With LoRA adapters attached the language model trains through them alone: its own weights
-    // are frozen whatever `trainable.modules` says, and its adapters always train.
+    // With LoRA adapters attached the language model trains through them: its adapters always
+    // train, and of its own weights only those a `trainable.modules` entry names inside it (a path
+    // prefix such as `llm.lm_head`, PEFT's `modules_to_save`); `llm` or `all` do not unfreeze them.
     let lora_run = shapes.keys().any(|p| is_adapter_param(p));
+    let inside_llm: Vec<&String> = prefixes.iter().filter(|p| p.starts_with("llm.") && p.as_str() != "llm.").collect();
     for (path, shape) in &shapes {
-        let trains = if lora_run && path.starts_with("llm.") { is_adapter_param(path) } else { prefixes.iter().any(|p| matches(path, p)) };
+        let trains = if lora_run && path.starts_with("llm.") {
+            is_adapter_param(path) || inside_llm.iter().any(|p| matches(path, p))
+        } else {
+            prefixes.iter().any(|p| matches(path, p))
+        };
         if !trains {
             continue;
         }

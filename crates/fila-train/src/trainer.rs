@@ -504,7 +504,7 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
     /// Writes `final/`: the model with any LoRA adapters merged into its weights, and the adapters
     /// on their own beside it.
     fn export_final(&self) -> Result<PathBuf> {
-        let adapters = |dir: &Path| lora::write_adapters(dir, &self.model, &self.c.lora);
+        let adapters = |dir: &Path| lora::write_adapters(dir, &self.model, &self.c.lora, &self.set);
         checkpoint::export_final_with(&self.writer.output_dir, &self.model, &self.fila_config, &self.loaded.data.tokenizer, &self.loaded.to_toml(), &adapters)
     }
 

@@ -78,6 +78,13 @@ fn a_lora_stage_2_trains_adapters_resumes_exactly_and_exports_the_merged_model()
     assert_eq!(shape[0], 8);
     let adapter_config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(straight.join("final/adapter_config.json")).unwrap()).unwrap();
     assert_eq!((adapter_config["r"].as_u64(), adapter_config["lora_alpha"].as_f64()), (Some(8), Some(16.0)));
+    // final/run.toml names final/ itself as its model (a next stage or `fila forward` reads it).
+    let again = LoadedConfig::load(&straight.join("final/run.toml"), &[]).unwrap();
+    let (_, source) = again.config.model.resolve(&straight.join("final")).unwrap();
+    match source {
+        ModelSource::Checkpoint(dir) => assert_eq!(dir.canonicalize().unwrap(), straight.join("final").canonicalize().unwrap()),
+        other => panic!("final/run.toml names {other:?}"),
+    }
     // The language model's frozen weights changed only by the merge: the embeddings not at all.
     assert_eq!(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"]);
 
@@ -148,4 +155,37 @@ fn the_lora_recipe_plans_within_one_80_gb_gpu() {
     let text = plan.render();
     // r 128 on all seven projections of Llama-3-8B's 32 layers: 128 · 81,920 · 32 elements.
     assert!(text.contains(&format!("{}", 128 * 81_920 * 32)), "{text}");
+}
+
+/// What trains in a LoRA run: the adapters, the rest as `trainable.modules` says, and of the
+/// language model's own weights only those an entry names inside it (PEFT's `modules_to_save`).
+#[test]
+fn a_lora_run_trains_adapters_and_the_named_parts_of_the_language_model() {
+    let _lock = autodiff_lock();
+    let tmp = tempfile::tempdir().unwrap();
+    let init = stage1(tmp.path());
+    let set_of = |modules: &str| {
+        let overrides = vec![format!("model.checkpoint={}", init.display()), "lora.r=4".into(), format!("trainable.modules={modules}")];
+        let loaded = LoadedConfig::load(&tiny(2), &overrides).unwrap();
+        fila_train::trainer::build_model::<A>(&loaded, &Default::default()).unwrap().2
+    };
+    let all = set_of(r#"["all"]"#);
+    let llm: Vec<&String> = all.params.keys().filter(|k| k.starts_with("llm.")).collect();
+    assert!(llm.iter().all(|k| k.ends_with(".lora_a") || k.ends_with(".lora_b")), "{llm:?}");
+    assert!(all.params.keys().any(|k| k.starts_with("encoder.vit.")));
+    let named = set_of(r#"["projector", "llm.lm_head", "llm.model.embed_tokens"]"#);
+    let full: Vec<&String> = named.params.keys().filter(|k| k.starts_with("llm.") && !k.contains("lora_")).collect();
+    assert_eq!(full, vec!["llm.lm_head.weight", "llm.model.embed_tokens.weight"]);
+    assert!(!named.params.keys().any(|k| k.starts_with("encoder.")));
+    assert_eq!(named.params.keys().filter(|k| k.contains("lora_")).count(), llm.len());
+
+    // Trained in full, they go into adapter.safetensors too, named in adapter_config.json.
+    let out = tmp.path().join("named");
+    let sets = ["train.max_steps=1", "lora.r=4", r#"trainable.modules=["projector", "llm.lm_head"]"#];
+    let init_set = format!("model.checkpoint={}", init.display());
+    ok(&fila_train(&tiny(2), &out, &[sets[0], sets[1], sets[2], &init_set], &[]));
+    let adapters = tensors(&out.join("final/adapter.safetensors"));
+    assert!(adapters.contains_key("base_model.model.lm_head.weight"), "{:?}", adapters.keys().collect::<Vec<_>>());
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("final/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["modules_to_save"], serde_json::json!(["lm_head"]));
 }
