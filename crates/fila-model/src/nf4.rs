@@ -76,18 +76,21 @@ pub fn nearest_code(x: f32) -> u8 {
 
 /// Device bytes of an NF4 weight of `numel` values as [`Nf4Tensor`] holds it, the same as
 /// [`Nf4Weight::stored_bytes`]: the packed codes, an 8-bit code per block scale, an f32 maximum
-/// per group of scales and their mean (the code book's 64 bytes are left out): ≈ 4.127 bits per
+/// per group of scales and their mean (the byte table is left out): ≈ 4.127 bits per
 /// value.
 pub fn device_bytes_of(numel: usize) -> usize {
     let blocks = numel.div_ceil(BLOCK);
     numel.div_ceil(2) + blocks + 4 * blocks.div_ceil(SCALE_BLOCK) + 4
 }
 
+/// Device bytes of [`Nf4Tensor`]'s byte table: the two f32 values of each of the 256 bytes.
+pub const BYTE_TABLE_BYTES: usize = 256 * 2 * 4;
+
 /// Transient device bytes of [`Nf4Tensor::dequantize`] for a weight of `numel` values beyond its
-/// f32 result: at its peak the 32-bit codes of both nibbles and their stacked copy, or the
-/// looked-up values beside the codes (8 bytes per value).
+/// f32 result: the 32-bit indices of the bytes (2 bytes per value), then the looked-up values
+/// before they are scaled (4 bytes per value).
 pub fn dequantize_transient_bytes(numel: usize) -> usize {
-    8 * numel
+    4 * numel
 }
 
 impl Nf4Weight {
@@ -149,7 +152,10 @@ impl Nf4Weight {
             scale_codes: bytes(&self.scale_codes),
             scale_max: Tensor::from_data(TensorData::new(self.scale_max.clone(), [self.scale_max.len()]), device),
             scale_mean: self.scale_mean,
-            code: Tensor::from_data(TensorData::new(NF4_CODE.to_vec(), [16]), device),
+            byte_values: Tensor::from_data(
+                TensorData::new((0..256).flat_map(|b| [NF4_CODE[b & 15], NF4_CODE[b >> 4]]).collect::<Vec<f32>>(), [256, 2]),
+                device,
+            ),
         }
     }
 }
@@ -170,13 +176,14 @@ pub struct Nf4Tensor<B: Backend> {
     scale_max: Tensor<B, 1>,
     #[module(skip)]
     scale_mean: f32,
-    code: Tensor<B, 1>,
+    /// The code book's values for each byte: row `b` is the pair (low four bits, high four bits).
+    byte_values: Tensor<B, 2>,
 }
 
 impl<B: Backend> Nf4Tensor<B> {
-    /// Bytes held between products (the scales' mean and the code book included).
+    /// Bytes held between products (the scales' mean and the byte table included).
     pub fn device_bytes(&self) -> usize {
-        self.packed.dims()[0] + self.scale_codes.dims()[0] + 4 * self.scale_max.dims()[0] + 4 + 4 * 16
+        self.packed.dims()[0] + self.scale_codes.dims()[0] + 4 * self.scale_max.dims()[0] + 4 + BYTE_TABLE_BYTES
     }
 
     /// The first-level block scales, de-quantised as [`Nf4Weight::scales`] does: `[blocks]`.
@@ -197,14 +204,11 @@ impl<B: Backend> Nf4Tensor<B> {
     pub fn dequantize<const D: usize>(&self) -> Tensor<B, D> {
         let numel: usize = self.shape.iter().product();
         let pairs = self.packed.dims()[0];
-        let bytes = self.packed.clone().cast(IntDType::I32);
-        let low = bytes.clone().bitwise_and_scalar(15.elem());
-        let high = bytes.bitwise_right_shift_scalar(4.elem());
-        let codes = Tensor::stack::<2>(vec![low, high], 1).reshape([2 * pairs]).slice(0..numel);
-        let values = self.code.clone().select(0, codes);
+        // Each byte looks up its two values at once (the low four bits first).
+        let values = self.byte_values.clone().select(0, self.packed.clone().cast(IntDType::I32)).reshape([2 * pairs]).slice(0..numel);
         let blocks = numel.div_ceil(BLOCK);
         let padded = blocks * BLOCK;
-        let values = if padded > numel { Tensor::cat(vec![values, Tensor::zeros([padded - numel], &self.code.device())], 0) } else { values };
+        let values = if padded > numel { Tensor::cat(vec![values, Tensor::zeros([padded - numel], &self.byte_values.device())], 0) } else { values };
         let scaled = values.reshape([blocks, BLOCK]) * self.scales().reshape([blocks, 1]);
         let flat = scaled.reshape([padded]).slice(0..numel);
         let dims: [usize; D] = self.shape.clone().try_into().unwrap_or_else(|s| panic!("NF4 weight of shape {s:?} read as rank {D}"));
@@ -242,13 +246,13 @@ mod tests {
         assert_eq!(t.dims(), [3, 50]);
         let dev: Vec<f32> = t.into_data().to_vec().unwrap();
         assert_eq!(dev, host);
-        assert_eq!(w.to_device::<burn::backend::Flex>(&device).device_bytes(), w.stored_bytes() + 4 * 16);
+        assert_eq!(w.to_device::<burn::backend::Flex>(&device).device_bytes(), w.stored_bytes() + BYTE_TABLE_BYTES);
         // Several groups of block scales, the last one short: 600 blocks.
         let many: Vec<f32> = (0..600 * BLOCK).map(|i| ((i * 7919 % 1013) as f32 - 506.0) * (1.0 + (i / BLOCK) as f32 * 0.01)).collect();
         let big = Nf4Weight::quantize(&many, &[600, BLOCK]);
         assert_eq!(big.scale_max.len(), 3);
         let on_device = big.to_device::<burn::backend::Flex>(&device);
-        assert_eq!(on_device.device_bytes(), big.stored_bytes() + 4 * 16);
+        assert_eq!(on_device.device_bytes(), big.stored_bytes() + BYTE_TABLE_BYTES);
         assert_eq!(device_bytes_of(many.len()), big.stored_bytes());
         let dev: Vec<f32> = on_device.dequantize::<2>().into_data().to_vec().unwrap();
         assert_eq!(dev, big.dequantize());
