@@ -86,6 +86,15 @@ pub fn build_model<B: AutodiffBackend>(loaded: &LoadedConfig, device: &B::Device
     let model = if c.lora.quantized() { Fila::<B>::load_quantized(&fila_config, &source, device)? } else { Fila::<B>::load(&fila_config, &source, device)? };
     let model = lora::attach(model, &c.lora, device)?;
     let (model, mut set) = apply_trainable(model, c.stage, &c.trainable)?;
+    if c.lora.quantized() {
+        // An NF4 projection has no weight to train: its parameter is an empty placeholder.
+        if let Some(path) = set.params.keys().find(|p| p.strip_prefix("llm.").and_then(fila_model::lora::projection_weight).is_some()) {
+            bail!(
+                "`trainable.modules` trains `{path}`, a projection that `lora.base_bits = 4` (QLoRA) stores as NF4 and trains through its adapter only; \
+                 name the language model's embeddings, norms or lm_head instead, or set `lora.base_bits = 16`"
+            );
+        }
+    }
     lora::set_adapter_lr(&mut set, &c.lora, c.optimizer.lr);
     Ok((c.precision.store_frozen(model, &set), fila_config, set))
 }

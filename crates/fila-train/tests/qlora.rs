@@ -138,6 +138,33 @@ fn a_qlora_stage_2_trains_on_nf4_weights_resumes_exactly_and_exports_the_merged_
 }
 
 #[test]
+fn two_ranks_with_qlora_train_like_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s1 = tmp.path().join("s1");
+    ok(&fila_train(&tiny(1), &s1, &["train.max_steps=1"], &[]));
+    // Without dropout (each rank draws its own masks); global batch 4.
+    let with = |acc: usize| -> Vec<String> {
+        let mut s = qlora_sets(&s1.join("final"));
+        s.retain(|x| !x.starts_with("lora.dropout"));
+        s.extend(["lora.dropout=0".into(), "batch.micro_batch_size=1".into(), format!("batch.accumulation_steps={acc}"), "train.max_steps=2".into()]);
+        s
+    };
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    ok(&fila_train(&tiny(2), &one, &refs(&with(4)), &[]));
+    ok(&fila_train(&tiny(2), &two, &refs(&with(2)), &["--nproc-per-node", "2"]));
+    let (la, lb) = (losses(&one), losses(&two));
+    assert_eq!(la.len(), 2);
+    for (step, x) in &la {
+        assert!((x - lb[step]).abs() <= 1e-5 * x.abs(), "step {step}: loss {x} vs {}", lb[step]);
+    }
+    for file in ["final/model.safetensors", "final/adapter.safetensors"] {
+        let (wa, wb) = (tensors(&one.join(file)), tensors(&two.join(file)));
+        let worst = wa.iter().map(|(name, (_, va))| max_abs_diff(va, &wb[name].1)).fold(0.0f32, f32::max);
+        assert!(worst <= 2e-5, "{file}: largest difference {worst}");
+    }
+}
+
+#[test]
 fn qlora_settings_are_checked() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("x");
@@ -147,6 +174,13 @@ fn qlora_settings_are_checked() {
     assert!(err.contains("`lora.base_bits = 4`") && err.contains("`train.activation_checkpointing = true`"), "{err}");
     let err = failed(&fila_train(&tiny(2), &out, &["lora.r=8", "lora.base_bits=8"], &["--check"]));
     assert!(err.contains("`lora.base_bits` = 8"), "{err}");
+    // A part of the language model trained in full must not be an NF4 projection.
+    let s1 = tmp.path().join("s1");
+    ok(&fila_train(&tiny(1), &s1, &["train.max_steps=1"], &[]));
+    let mut sets = qlora_sets(&s1.join("final"));
+    sets.push(r#"trainable.modules=["projector", "llm.model.layers.0.mlp.up_proj"]"#.into());
+    let err = failed(&fila_train(&tiny(2), &out, &refs(&sets), &[]));
+    assert!(err.contains("trains `llm.model.layers.0.mlp.up_proj.weight`") && err.contains("NF4"), "{err}");
 }
 
 /// The plan of the QLoRA recipe fits one 24 GB card (at most 22 GiB), with the language model's
