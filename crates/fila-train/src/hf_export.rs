@@ -7,7 +7,7 @@
 //! answer = processor.decode(model.generate(**inputs, max_new_tokens=16, do_sample=False)[0, inputs["input_ids"].shape[1]:])
 //! ```
 //!
-//! The three Python files live in `crates/fila-train/hf/` and are embedded here at build time.
+//! The three Python files live in `scripts/hf/` (Python stays under scripts/) and are embedded here at build time.
 //! Besides them the export writes `config.json` (the [`FilaConfig`] with `model_type`,
 //! `architectures` and `auto_map` added; our loader skips those keys), `generation_config.json`
 //! (the stop tokens `fila generate` stops at, greedy), `processor_config.json` (the run's `[data]`
@@ -22,11 +22,11 @@ use serde_json::{json, Value};
 use std::path::Path;
 
 /// `configuration_fila.py`: the `PretrainedConfig` of FILA.
-pub const CONFIGURATION_PY: &str = include_str!("../hf/configuration_fila.py");
+pub const CONFIGURATION_PY: &str = include_str!("../../../scripts/hf/configuration_fila.py");
 /// `modeling_fila.py`: FILA in PyTorch over transformers' CLIP, ConvNeXt and Llama classes.
-pub const MODELING_PY: &str = include_str!("../hf/modeling_fila.py");
+pub const MODELING_PY: &str = include_str!("../../../scripts/hf/modeling_fila.py");
 /// `processing_fila.py`: the processor (tiling, resizing, normalisation, template).
-pub const PROCESSING_PY: &str = include_str!("../hf/processing_fila.py");
+pub const PROCESSING_PY: &str = include_str!("../../../scripts/hf/processing_fila.py");
 
 /// The Python files of the export, by file name.
 pub const PYTHON_FILES: [(&str, &str); 3] =

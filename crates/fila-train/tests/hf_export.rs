@@ -51,11 +51,11 @@ fn final_holds_the_hugging_face_files_and_still_loads() {
         assert!(dest.join(name).is_file(), "final/ lacks {name}");
     }
     // The Python files are the repository's, byte for byte.
-    let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("hf");
+    let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/hf");
     for (name, embedded) in PYTHON_FILES {
         let written = std::fs::read_to_string(dest.join(name)).unwrap();
         let in_repo = std::fs::read_to_string(sources.join(name)).unwrap();
-        assert_eq!(written, in_repo, "{name} differs from crates/fila-train/hf/{name}");
+        assert_eq!(written, in_repo, "{name} differs from scripts/hf/{name}");
         assert_eq!(written, embedded);
     }
 
