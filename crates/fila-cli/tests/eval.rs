@@ -3,30 +3,18 @@
 //! tiny checkpoint, the report's scores are its own predictions scored by the metrics module, and
 //! the batch size does not change the answers.
 
+mod common;
 #[allow(dead_code)]
 #[path = "../src/metrics.rs"]
 mod metrics;
 
-use fila_model::fila::Fila;
+use common::{root, s, temp, tiny_checkpoint};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// The checkout: `FILA_REPO_DIR` when set (test binaries run from another checkout), else the
-/// one they were built in.
-fn root() -> PathBuf {
-    std::env::var_os("FILA_REPO_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."), PathBuf::from).canonicalize().unwrap()
-}
-
 fn fixtures() -> PathBuf {
     root().join("crates/fila-cli/tests/fixtures/eval")
-}
-
-fn temp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("fila-cli-eval-{}-{name}", std::process::id()));
-    std::fs::remove_dir_all(&dir).ok();
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 fn fila(args: &[&str]) -> Output {
@@ -43,11 +31,6 @@ fn read_json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
 }
 
-fn s(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
-/// Whether an event file in `dir` holds the tag (TFRecord payloads keep tags as plain bytes).
 fn tensorboard_has(dir: &Path, tag: &str) -> bool {
     std::fs::read_dir(dir).unwrap().flatten().any(|e| {
         let bytes = std::fs::read(e.path()).unwrap();
@@ -57,7 +40,7 @@ fn tensorboard_has(dir: &Path, tag: &str) -> bool {
 
 #[test]
 fn fixture_predictions_score_as_the_python_restatement() {
-    let dir = temp("fixture");
+    let dir = temp("eval", "fixture");
     let (data, predictions, out, logs) = (fixtures().join("benchmark.jsonl"), fixtures().join("predictions.jsonl"), dir.join("report.json"), dir.join("tb"));
     let text = ok(&fila(&["eval", "--data", s(&data), "--predictions", s(&predictions), "--out", s(&out), "--logdir", s(&logs)]));
     assert!(text.contains("vqa_accuracy") && text.contains("relaxed_accuracy"), "{text}");
@@ -106,7 +89,7 @@ fn fixture_predictions_score_as_the_python_restatement() {
 
 #[test]
 fn bad_input_names_the_file_and_line() {
-    let dir = temp("bad");
+    let dir = temp("eval", "bad");
     let data = dir.join("eval.jsonl");
     std::fs::write(&data, "{\"id\": \"a\", \"question\": \"Q\", \"answers\": [\"x\"]}\n{\"id\": \"b\", \"question\": \"Q\", \"answers\": \"x\"}\n").unwrap();
     let predictions = dir.join("p.jsonl");
@@ -126,32 +109,9 @@ fn bad_input_names_the_file_and_line() {
     assert!(err.contains("--metric bleu: unknown metric `bleu` (expected vqa, anls, relaxed, exact or all)"), "{err}");
 }
 
-/// A random tiny FILA (configs/tiny/stage1.toml's sizes) exported as `<dir>/final` with a stage-2
-/// `[data]` table (llama3 template, dynamic tiling on 28-pixel tiles).
-fn tiny_checkpoint(dir: &Path) -> PathBuf {
-    let r = root();
-    let text = std::fs::read_to_string(r.join("configs/tiny/stage1.toml")).unwrap();
-    let table: toml::Table = toml::from_str(&text).unwrap();
-    let spec: fila_model::spec::ModelSpec = table["model"].clone().try_into().unwrap();
-    let (config, source) = spec.resolve(&r.join("configs/tiny")).unwrap();
-    // Seeded, so the random model is the same on every run.
-    <burn::backend::Flex as burn::tensor::backend::Backend>::seed(&Default::default(), 0);
-    let model = Fila::<burn::backend::Flex>::load(&config, &source, &Default::default()).unwrap();
-    let tokenizer = r.join("crates/fila-data/tests/fixtures/tokenizer.json");
-    let run = format!(
-        "[data]\ntokenizer = \"{}\"\ntemplate = \"llama3\"\nimage_mode = \"tiled\"\n\n[data.geometry]\ntile_size = 28\n\
-         square_vit_size = 28\nsquare_hires_size = 64\ncanvases = [[1, 2], [2, 1], [2, 2], [3, 1], [1, 3]]\n\n\
-         [[data.sources]]\npath = \"{}\"\nimage_folder = \"{}\"\n",
-        tokenizer.display(),
-        r.join("datasets/tiny/instruct.json").display(),
-        r.join("datasets/tiny/images").display()
-    );
-    fila_train::checkpoint::export_final(dir, &model, &config, &tokenizer, &run).unwrap()
-}
-
 #[test]
 fn a_checkpoints_report_scores_its_own_predictions() {
-    let dir = temp("checkpoint");
+    let dir = temp("eval", "checkpoint");
     let checkpoint = tiny_checkpoint(&dir);
     std::fs::create_dir_all(dir.join("tensorboard")).unwrap();
     let data = fixtures().join("benchmark.jsonl");

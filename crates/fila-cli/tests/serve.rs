@@ -2,59 +2,18 @@
 //! token limit; concurrent requests are answered in one batch, each with its own answer; bad
 //! requests get OpenAI-format 4xx errors and the server keeps answering.
 
+mod common;
+
 use base64::Engine;
-use fila_model::fila::Fila;
+use common::{root, s, temp, tiny_checkpoint};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Barrier, Mutex};
-
-/// The checkout: `FILA_REPO_DIR` when set (test binaries run from another checkout), else the
-/// one they were built in.
-fn root() -> PathBuf {
-    std::env::var_os("FILA_REPO_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."), PathBuf::from).canonicalize().unwrap()
-}
+use std::sync::Barrier;
 
 fn images() -> PathBuf {
     root().join("datasets/tiny/images")
-}
-
-fn temp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("fila-cli-serve-{}-{name}", std::process::id()));
-    std::fs::remove_dir_all(&dir).ok();
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn s(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
-/// A random tiny FILA (configs/tiny/stage1.toml's sizes) exported as `<dir>/final` with a stage-2
-/// `[data]` table (llama3 template, dynamic tiling on 28-pixel tiles), the same in every test.
-fn tiny_checkpoint(dir: &Path) -> PathBuf {
-    // flex's generator is global to the process: seeding and drawing happen under one lock.
-    static GENERATOR: Mutex<()> = Mutex::new(());
-    let r = root();
-    let text = std::fs::read_to_string(r.join("configs/tiny/stage1.toml")).unwrap();
-    let table: toml::Table = toml::from_str(&text).unwrap();
-    let spec: fila_model::spec::ModelSpec = table["model"].clone().try_into().unwrap();
-    let (config, source) = spec.resolve(&r.join("configs/tiny")).unwrap();
-    let generator = GENERATOR.lock().unwrap_or_else(|p| p.into_inner());
-    <burn::backend::Flex as burn::tensor::backend::Backend>::seed(&Default::default(), 0);
-    let model = Fila::<burn::backend::Flex>::load(&config, &source, &Default::default()).unwrap();
-    drop(generator);
-    let tokenizer = r.join("crates/fila-data/tests/fixtures/tokenizer.json");
-    let run = format!(
-        "[data]\ntokenizer = \"{}\"\ntemplate = \"llama3\"\nimage_mode = \"tiled\"\n\n[data.geometry]\ntile_size = 28\n\
-         square_vit_size = 28\nsquare_hires_size = 64\ncanvases = [[1, 2], [2, 1], [2, 2], [3, 1], [1, 3]]\n\n\
-         [[data.sources]]\npath = \"{}\"\nimage_folder = \"{}\"\n",
-        tokenizer.display(),
-        r.join("datasets/tiny/instruct.json").display(),
-        r.join("datasets/tiny/images").display()
-    );
-    fila_train::checkpoint::export_final(dir, &model, &config, &tokenizer, &run).unwrap()
 }
 
 /// What `fila generate` prints for the question (without println's newline).
@@ -165,7 +124,7 @@ fn check_usage(body: &Value, max_tokens: usize) {
 
 #[test]
 fn answers_equal_fila_generate() {
-    let dir = temp("answers");
+    let dir = temp("serve", "answers");
     let checkpoint = tiny_checkpoint(&dir);
     let server = Server::start(&checkpoint, &dir, &[]);
 
@@ -216,7 +175,7 @@ fn answers_equal_fila_generate() {
 
 #[test]
 fn concurrent_requests_are_answered_in_one_batch() {
-    let dir = temp("batch");
+    let dir = temp("serve", "batch");
     let checkpoint = tiny_checkpoint(&dir);
     // The worker waits up to 30 s for a full batch of 4 once a request arrives; the four requests
     // below fill it at once, so the test does not wait on the window.
@@ -258,7 +217,7 @@ fn concurrent_requests_are_answered_in_one_batch() {
 
 #[test]
 fn bad_requests_get_4xx_and_the_server_keeps_answering() {
-    let dir = temp("bad");
+    let dir = temp("serve", "bad");
     let checkpoint = tiny_checkpoint(&dir);
     let server = Server::start(&checkpoint, &dir, &["--max-body-mb", "1"]);
     let error = |(status, body, _): (u16, Value, Option<usize>), want: u16, what: &str| -> Value {

@@ -213,8 +213,7 @@ impl<B: Backend> Fila<B> {
                 let (loaded, quantized) = load_module_nf4(model, &checkpoint, &fila_key_map(), &select)?;
                 model = loaded;
                 for (path, weight) in quantized {
-                    let (layer, target) = crate::lora::projection_weight(&path["llm.".len()..]).expect("selected as a projection");
-                    crate::lora::install_nf4(&mut model.llm, layer, target, weight);
+                    crate::lora::install_nf4(&mut model.llm, &path["llm.".len()..], weight);
                 }
             }
             ModelSource::Components { vision, convnext, convnext_layout, llm } => {
@@ -237,8 +236,7 @@ impl<B: Backend> Fila<B> {
                     let (loaded, quantized) = load_module_nf4(model.llm, &Checkpoint::open(dir)?, &map, &projection)?;
                     model.llm = loaded;
                     for (path, weight) in quantized {
-                        let (layer, target) = crate::lora::projection_weight(&path).expect("selected as a projection");
-                        crate::lora::install_nf4(&mut model.llm, layer, target, weight);
+                        crate::lora::install_nf4(&mut model.llm, &path, weight);
                     }
                 }
             }

@@ -151,23 +151,17 @@ pub fn projection_weight(path: &str) -> Option<(usize, &'static str)> {
     Some((index.parse().ok()?, target))
 }
 
-/// Stores `weight` as the NF4 base of projection `target` of decoder layer `layer`.
-pub fn install_nf4<B: Backend>(llm: &mut LlamaForCausalLM<B>, layer: usize, target: &str, weight: Nf4Tensor<B>) {
+/// Stores `weight` as the NF4 base of the decoder-layer projection whose weight is at `path`
+/// below the language model ([`projection_weight`]).
+pub fn install_nf4<B: Backend>(llm: &mut LlamaForCausalLM<B>, path: &str, weight: Nf4Tensor<B>) {
+    let (layer, target) = projection_weight(path).unwrap_or_else(|| panic!("`{path}` is not a decoder-layer projection weight"));
     for (name, _, base, _) in slots(&mut llm.model.layers[layer]) {
         if name == target {
             *base = Some(weight);
             return;
         }
     }
-    panic!("no projection `{target}` in a decoder layer");
-}
-
-/// Whether any projection of `llm` runs on an NF4 base.
-pub fn has_nf4<B: Backend>(llm: &LlamaForCausalLM<B>) -> bool {
-    llm.model.layers.iter().any(|l| {
-        let (a, m) = (&l.self_attn, &l.mlp);
-        [&a.q_nf4, &a.k_nf4, &a.v_nf4, &a.o_nf4, &m.gate_nf4, &m.up_nf4, &m.down_nf4].iter().any(|w| w.is_some())
-    })
+    unreachable!("every projection target has a slot");
 }
 
 /// `llm` with fresh adapters on the targeted projections of every decoder layer (drawn from the

@@ -273,20 +273,7 @@ pub fn load_trainable<B: Backend>(model: Fila<B>, set: &TrainableSet, dir: &Path
 /// table `fila generate` and `fila eval` read, and the Hugging Face files (through a temporary
 /// folder).
 pub fn export_final<B: Backend>(output_dir: &Path, model: &Fila<B>, config: &FilaConfig, tokenizer: &Path, run_config: &str) -> Result<PathBuf> {
-    export_final_with(output_dir, model, config, tokenizer, run_config, &|_| Ok(()))
-}
-
-/// [`export_final`], plus whatever `extra` writes into the folder before it is renamed into place
-/// (a LoRA run's adapters).
-pub fn export_final_with<B: Backend>(
-    output_dir: &Path,
-    model: &Fila<B>,
-    config: &FilaConfig,
-    tokenizer: &Path,
-    run_config: &str,
-    extra: &dyn Fn(&Path) -> Result<()>,
-) -> Result<PathBuf> {
-    export_model_to(&output_dir.join("final"), model, config, tokenizer, run_config, extra)
+    export_model_to(&output_dir.join("final"), model, config, tokenizer, run_config, &|_| Ok(()))
 }
 
 /// Writes a `final/`-style model folder at `dest` (replacing one that is there) through a

@@ -514,7 +514,14 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
     /// on their own beside it.
     fn export_final(&self) -> Result<PathBuf> {
         let adapters = |dir: &Path| lora::write_adapters(dir, &self.model, &self.c.lora, &self.set);
-        checkpoint::export_final_with(&self.writer.output_dir, &self.model, &self.fila_config, &self.loaded.data.tokenizer, &self.loaded.to_toml(), &adapters)
+        checkpoint::export_model_to(
+            &self.writer.output_dir.join("final"),
+            &self.model,
+            &self.fila_config,
+            &self.loaded.data.tokenizer,
+            &self.loaded.to_toml(),
+            &adapters,
+        )
     }
 
     fn save(&mut self, reason: CheckpointReason) -> Result<PathBuf> {

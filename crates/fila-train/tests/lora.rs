@@ -6,7 +6,6 @@ mod common;
 
 use burn::backend::{Autodiff, Flex};
 use burn::module::AutodiffModule;
-use burn::prelude::*;
 use common::*;
 use fila_model::fila::{Fila, FilaConfig, ModelSource};
 use fila_train::config::LoadedConfig;
@@ -23,20 +22,10 @@ fn lora_sets(init: &Path) -> Vec<String> {
         .collect()
 }
 
-fn refs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
-
 fn stage1(dir: &Path) -> std::path::PathBuf {
     let s1 = dir.join("s1");
     ok(&fila_train(&tiny(1), &s1, &["train.max_steps=1"], &[]));
     s1.join("final")
-}
-
-/// The tiny LLM's logits for a fixed prompt from a model.
-fn llm_logits<B: Backend>(model: &Fila<B>, device: &B::Device) -> Vec<f32> {
-    let ids = Tensor::<B, 2, Int>::from_data(burn::tensor::TensorData::new(vec![1i64, 17, 30, 5, 9, 44, 2, 12], [1, 8]), device);
-    model.llm.forward_embeds(model.llm.embed(ids), None, false).logits.into_data().convert::<f32>().to_vec().unwrap()
 }
 
 #[test]
@@ -113,26 +102,7 @@ fn a_lora_stage_2_trains_adapters_resumes_exactly_and_exports_the_merged_model()
 fn two_ranks_with_lora_train_like_one_process() {
     let tmp = tempfile::tempdir().unwrap();
     let init = stage1(tmp.path());
-    // Without dropout (each rank draws its own masks); global batch 4.
-    let with = |acc: usize| -> Vec<String> {
-        let mut s = lora_sets(&init);
-        s.retain(|x| !x.starts_with("lora.dropout"));
-        s.extend(["lora.dropout=0".into(), "batch.micro_batch_size=1".into(), format!("batch.accumulation_steps={acc}"), "train.max_steps=2".into()]);
-        s
-    };
-    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
-    ok(&fila_train(&tiny(2), &one, &refs(&with(4)), &[]));
-    ok(&fila_train(&tiny(2), &two, &refs(&with(2)), &["--nproc-per-node", "2"]));
-    let (la, lb) = (losses(&one), losses(&two));
-    assert_eq!(la.len(), 2);
-    for (step, x) in &la {
-        assert!((x - lb[step]).abs() <= 1e-5 * x.abs(), "step {step}: loss {x} vs {}", lb[step]);
-    }
-    for file in ["final/model.safetensors", "final/adapter.safetensors"] {
-        let (wa, wb) = (tensors(&one.join(file)), tensors(&two.join(file)));
-        let worst = wa.iter().map(|(name, (_, va))| max_abs_diff(va, &wb[name].1)).fold(0.0f32, f32::max);
-        assert!(worst <= 2e-5, "{file}: largest difference {worst}");
-    }
+    assert_two_ranks_train_adapters_like_one(tmp.path(), &lora_sets(&init));
 }
 
 #[test]

@@ -21,10 +21,6 @@ fn sets(acc: usize) -> Vec<String> {
         .collect()
 }
 
-fn refs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
-
 /// `fila-train --nproc-per-node n`.
 fn launched(n: usize, config: &Path, out: &Path, sets: &[&str], extra: &[&str]) -> Output {
     let n = n.to_string();

@@ -250,32 +250,11 @@ impl<B: Backend> PathMapper<B> for Loader<'_, B> {
         if transpose && (self.nf4)(&ours) {
             return self.quantize(ours, key, param);
         }
-        if !self.checkpoint.contains(&key) {
-            if !self.map.is_optional(&ours) {
-                self.problems.push(format!("  missing tensor `{key}` (model parameter `{ours}`)"));
-            }
-            return param;
-        }
-        self.used.insert(key.clone());
-        let (mut shape, mut values) = match self.checkpoint.read_f32(&key) {
-            Ok(read) => read,
-            Err(e) => {
-                self.problems.push(format!("  {e}"));
-                return param;
-            }
-        };
-        if transpose && shape.len() == 2 {
-            values = transpose_2d(&values, shape[0], shape[1]);
-            shape.swap(0, 1);
-        }
-        let expected = param.val().dims().to_vec();
-        if shape != expected {
-            let file = self.checkpoint.file_of(&key).map(|p| p.display().to_string()).unwrap_or_default();
-            let (shown, wanted) = if transpose { (vec![shape[1], shape[0]], vec![expected[1], expected[0]]) } else { (shape, expected) };
-            self.problems.push(format!("  tensor `{key}` in {file} has shape {shown:?}, the model expects {wanted:?}"));
-            return param;
-        }
-        with_value(param, values, shape)
+        let expected = param.lazy_shape().as_slice().to_vec();
+        let file_shape = if transpose { vec![expected[1], expected[0]] } else { expected.clone() };
+        let Some(values) = self.read(&ours, &key, &file_shape, false) else { return param };
+        let values = if transpose { transpose_2d(&values, file_shape[0], file_shape[1]) } else { values };
+        with_value(param, values, expected)
     }
 }
 
@@ -287,28 +266,39 @@ impl<B: Backend> Loader<'_, B> {
     fn quantize<const D: usize>(&mut self, ours: String, key: String, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let expected = param.lazy_shape().as_slice().to_vec();
         let device = param.lazy_device();
-        let placeholder = || Param::initialized(param.id, Tensor::<B, D>::from_data(TensorData::new(Vec::<f32>::new(), [0; D]), &device));
-        if !self.checkpoint.contains(&key) {
-            self.problems.push(format!("  missing tensor `{key}` (model parameter `{ours}`)"));
-            return placeholder();
+        let file_shape = [expected[1], expected[0]];
+        if let Some(values) = self.read(&ours, &key, &file_shape, true) {
+            let weight = Nf4Weight::quantize(&values, &file_shape);
+            drop(values);
+            self.quantized.push((ours, weight.to_device(&device)));
         }
-        self.used.insert(key.clone());
-        let (shape, values) = match self.checkpoint.read_f32(&key) {
+        Param::initialized(param.id, Tensor::<B, D>::from_data(TensorData::new(Vec::<f32>::new(), [0; D]), &device))
+    }
+
+    /// The checkpoint's values of parameter `ours` (file key `key`) when the tensor is there with
+    /// `file_shape` (the file's layout); otherwise the problem is recorded (a missing tensor only
+    /// when `required` or not optional in the key map) and there are none.
+    fn read(&mut self, ours: &str, key: &str, file_shape: &[usize], required: bool) -> Option<Vec<f32>> {
+        if !self.checkpoint.contains(key) {
+            if required || !self.map.is_optional(ours) {
+                self.problems.push(format!("  missing tensor `{key}` (model parameter `{ours}`)"));
+            }
+            return None;
+        }
+        self.used.insert(key.to_string());
+        let (shape, values) = match self.checkpoint.read_f32(key) {
             Ok(read) => read,
             Err(e) => {
                 self.problems.push(format!("  {e}"));
-                return placeholder();
+                return None;
             }
         };
-        if shape.len() != 2 || [shape[1], shape[0]] != expected[..] {
-            let file = self.checkpoint.file_of(&key).map(|p| p.display().to_string()).unwrap_or_default();
-            self.problems.push(format!("  tensor `{key}` in {file} has shape {shape:?}, the model expects {:?}", [expected[1], expected[0]]));
-            return placeholder();
+        if shape != file_shape {
+            let file = self.checkpoint.file_of(key).map(|p| p.display().to_string()).unwrap_or_default();
+            self.problems.push(format!("  tensor `{key}` in {file} has shape {shape:?}, the model expects {file_shape:?}"));
+            return None;
         }
-        let weight = Nf4Weight::quantize(&values, &shape);
-        drop(values);
-        self.quantized.push((ours, weight.to_device(&device)));
-        placeholder()
+        Some(values)
     }
 }
 

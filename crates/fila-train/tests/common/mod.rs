@@ -124,3 +124,39 @@ pub fn autodiff_lock() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
+
+pub fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// A tiny stage-2 adapter run (`sets`, tiny/stage2.toml, without dropout: each rank draws its own
+/// masks) trained for 2 steps of global batch 4 on one process and on two ranks: the same losses
+/// (1e-5 relative) and the same merged model and adapters (2e-5).
+pub fn assert_two_ranks_train_adapters_like_one(dir: &Path, sets: &[String]) {
+    let with = |acc: usize| -> Vec<String> {
+        let mut s = sets.to_vec();
+        s.retain(|x| !x.starts_with("lora.dropout"));
+        s.extend(["lora.dropout=0".into(), "batch.micro_batch_size=1".into(), format!("batch.accumulation_steps={acc}"), "train.max_steps=2".into()]);
+        s
+    };
+    let (one, two) = (dir.join("one"), dir.join("two"));
+    ok(&fila_train(&tiny(2), &one, &refs(&with(4)), &[]));
+    ok(&fila_train(&tiny(2), &two, &refs(&with(2)), &["--nproc-per-node", "2"]));
+    let (la, lb) = (losses(&one), losses(&two));
+    assert_eq!(la.len(), 2);
+    for (step, x) in &la {
+        assert!((x - lb[step]).abs() <= 1e-5 * x.abs(), "step {step}: loss {x} vs {}", lb[step]);
+    }
+    for file in ["final/model.safetensors", "final/adapter.safetensors"] {
+        let (wa, wb) = (tensors(&one.join(file)), tensors(&two.join(file)));
+        let worst = wa.iter().map(|(name, (_, va))| max_abs_diff(va, &wb[name].1)).fold(0.0f32, f32::max);
+        assert!(worst <= 2e-5, "{file}: largest difference {worst}");
+    }
+}
+
+/// The tiny language model's logits for a fixed prompt.
+pub fn llm_logits<B: burn::prelude::Backend>(model: &fila_model::fila::Fila<B>, device: &B::Device) -> Vec<f32> {
+    use burn::prelude::*;
+    let ids = Tensor::<B, 2, Int>::from_data(burn::tensor::TensorData::new(vec![1i64, 17, 30, 5, 9, 44, 2, 12], [1, 8]), device);
+    model.llm.forward_embeds(model.llm.embed(ids), None, false).logits.into_data().convert::<f32>().to_vec().unwrap()
+}
