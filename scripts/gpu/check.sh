@@ -4,9 +4,10 @@
 # limit so that the whole fits BUDGET seconds (default 470, about 8 minutes on a cold machine):
 #   1. the machine: GPU and driver, the CUDA toolkit CubeCL compiles kernels with (headers and
 #      NVRTC), NCCL (a pip wheel's libnccl.so.2 is used through FILA_NCCL_LIB when found)
-#   2. fila-train's `cuda` test: the tiny stage 1 on cuda:0 for two steps, plain and with its
-#      collectives on NCCL (FILA_NCCL=1: loading NCCL, joining, the first all-reduce), losses
-#      compared with a tolerance (two CUDA runs are not bit-identical)
+#   2. fila-train's `cuda` test: the tiny stage 1 on cuda:0 for two steps, plain, with its
+#      collectives on NCCL (FILA_NCCL=1: loading NCCL, joining, the first all-reduce), under
+#      ZeRO-3 over NCCL (asynchronous gathers on NCCL's stream) and with the optimizer offloaded
+#      to the CPU; losses compared with a tolerance (two CUDA runs are not bit-identical)
 #   3. the real-size benchmark against PyTorch, stage 1 then stage 2 (scripts/gpu/gpu_bench.sh)
 #   4. fila-model's parity tests on CUDA (parity, gelu, fila_model, hybrid)
 # A step that fails or runs out of time does not stop the others; one without time left is

@@ -459,7 +459,7 @@ impl<B: AutodiffBackend> Setup<B> {
     /// With `--optimizer`: the slice of the trainable set one rank owns and AdamW over it, holding
     /// `model`'s values.
     fn optimizer(options: &BenchOptions, set: &TrainableSet, model: &Fila<B>, device: &B::Device) -> (Option<TrainableSet>, Option<AdamW<B::InnerBackend>>) {
-        let adam_config = OptimizerConfig { lr: BENCH_LR, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.0 };
+        let adam_config = OptimizerConfig { lr: BENCH_LR, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.0, offload: Default::default() };
         let slice = options.optimizer.then(|| optimizer_slice(set, options.optimizer_world));
         let adam = slice.as_ref().map(|slice| AdamW::new(adam_config, slice, FlatLayout::new(slice, 1, 0, BUCKET_ELEMENTS), model, device));
         (slice, adam)

@@ -262,18 +262,15 @@ pub struct ConvNextStage<B: Backend> {
     pub layers: Vec<ConvNextLayer<B>>,
 }
 
-impl<B: Backend> ConvNextStage<B> {
-    /// Channels-last `[N, H, W, C_in]` → `[N, H/2, W/2, C]` (`[N, H, W, C]` for stage 1).
-    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let mut x = match &self.downsampling_layer {
-            Some(ds) => kernels::patchify_conv_nhwc(norm_map(&ds.norm, x), &ds.conv),
-            None => x,
-        };
-        for layer in &self.layers {
-            x = layer.forward(x);
-        }
-        x
-    }
+/// One piece of the network's chain ([`ConvNextModel::pieces`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvNextPiece {
+    /// Patchify convolution and LayerNorm.
+    Stem,
+    /// Stage `k`'s LayerNorm and 2×2 stride-2 convolution.
+    Downsample(usize),
+    /// Stage `k`'s layer `j`.
+    Layer(usize, usize),
 }
 
 #[derive(Module, Debug)]
@@ -311,15 +308,57 @@ impl<B: Backend> ConvNextModel<B> {
     /// channels-last maps throughout: its per-pixel LayerNorms and linear layers then read
     /// contiguous rows, and its patchify convolutions become one matrix product each.
     pub fn forward_channels_last(&self, pixels: Tensor<B, 4>) -> ConvNextOutput<B> {
-        let patches = kernels::patchify_conv_nhwc(kernels::nchw_to_nhwc(pixels), &self.embeddings.patch_embeddings);
-        let stem = norm_map(&self.embeddings.layernorm, patches);
+        let mut stem = None;
         let mut stages = Vec::with_capacity(4);
-        let mut x = stem.clone();
-        for stage in &self.encoder.stages {
-            x = stage.forward(x);
-            stages.push(x.clone());
+        let mut x = pixels;
+        for piece in self.pieces() {
+            x = self.run_piece(piece, x);
+            if piece == ConvNextPiece::Stem {
+                stem = Some(x.clone());
+            }
+            if self.ends_stage(piece).is_some() {
+                stages.push(x.clone());
+            }
         }
-        ConvNextOutput { stem, stages }
+        ConvNextOutput { stem: stem.expect("the stem runs first"), stages }
+    }
+
+    /// The network as a chain of pieces, in order: the stem, then each stage's downsampling (when
+    /// it has one) and layers. Activation checkpointing stores each piece's input and recomputes
+    /// one piece at a time.
+    pub fn pieces(&self) -> Vec<ConvNextPiece> {
+        let mut pieces = vec![ConvNextPiece::Stem];
+        for (k, stage) in self.encoder.stages.iter().enumerate() {
+            if stage.downsampling_layer.is_some() {
+                pieces.push(ConvNextPiece::Downsample(k));
+            }
+            pieces.extend((0..stage.layers.len()).map(|j| ConvNextPiece::Layer(k, j)));
+        }
+        pieces
+    }
+
+    /// The stage (0-based) whose output `piece` produces, when it is a stage's last piece.
+    pub fn ends_stage(&self, piece: ConvNextPiece) -> Option<usize> {
+        match piece {
+            ConvNextPiece::Layer(k, j) if j + 1 == self.encoder.stages[k].layers.len() => Some(k),
+            ConvNextPiece::Downsample(k) if self.encoder.stages[k].layers.is_empty() => Some(k),
+            _ => None,
+        }
+    }
+
+    /// One piece: the stem takes `[N, 3, H, W]` pixels, the others channels-last maps.
+    pub fn run_piece(&self, piece: ConvNextPiece, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        match piece {
+            ConvNextPiece::Stem => {
+                let patches = kernels::patchify_conv_nhwc(kernels::nchw_to_nhwc(x), &self.embeddings.patch_embeddings);
+                norm_map(&self.embeddings.layernorm, patches)
+            }
+            ConvNextPiece::Downsample(k) => {
+                let ds = self.encoder.stages[k].downsampling_layer.as_ref().expect("a stage with downsampling");
+                kernels::patchify_conv_nhwc(norm_map(&ds.norm, x), &ds.conv)
+            }
+            ConvNextPiece::Layer(k, j) => self.encoder.stages[k].layers[j].forward(x),
+        }
     }
 
     /// `ConvNextModel.pooler_output`: LayerNorm of the spatial mean of the last stage, `[N, C_4]`.

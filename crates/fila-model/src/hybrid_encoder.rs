@@ -119,61 +119,91 @@ impl<B: Backend> HybridEncoder<B> {
     /// Patch tokens of the feature layer for all images, `[Σ views·g², D]`, in image order, each
     /// image's global view first and then its tiles row-major (CLS tokens dropped).
     pub fn forward(&self, images: &[ImageInput<B>], mut trace: Option<&mut Trace>) -> Tensor<B, 2> {
+        // ConvNeXt stage maps per batch of images, `[batch][stage]`.
+        let maps: Vec<Vec<Tensor<B, 4>>> = match &self.convnext {
+            None => Vec::new(),
+            Some(convnext) => self.convnext_batches(images).into_iter().map(|x| convnext.forward_channels_last(x).stages).collect(),
+        };
+        if let Some(trace) = trace.as_deref_mut() {
+            for k in 0..maps.first().map_or(0, Vec::len) {
+                let batch: Vec<Tensor<B, 4>> = maps.iter().map(|m| m[k].clone()).collect();
+                let nchw = Self::image_map(&batch, 0).permute([0, 3, 1, 2]);
+                trace.tensors.push((format!("convnext.stage.{}", k + 1), nchw.to_data()));
+            }
+        }
+        let mut h = self.vit_input(images);
+        for index in 0..self.feature_layer {
+            h = self.layer(index, h, images, &|k| maps.iter().map(|m| m[k].clone()).collect());
+            if let Some(trace) = trace.as_deref_mut() {
+                trace.tensors.push((format!("vit.hidden.{}", index + 1), h.to_data()));
+            }
+        }
+        Self::features(h)
+    }
+
+    /// The ConvNeXt inputs, channels-first: one batch of all images when they have the same size,
+    /// else one batch per image.
+    pub fn convnext_batches(&self, images: &[ImageInput<B>]) -> Vec<Tensor<B, 4>> {
         let g = self.grid;
+        let hires: Vec<Tensor<B, 4>> =
+            images.iter().enumerate().map(|(i, im)| im.hires.clone().unwrap_or_else(|| panic!("image {i} has no ConvNeXt input"))).collect();
+        for (i, (im, x)) in images.iter().zip(&hires).enumerate() {
+            let [_, _, h, w] = x.dims();
+            assert_eq!(
+                [h, w],
+                [im.grid.rows * g * 32, im.grid.cols * g * 32],
+                "image {i}: ConvNeXt input {h}x{w} is not canvas x 32/14 for a {}x{} grid of {}-pixel tiles",
+                im.grid.rows,
+                im.grid.cols,
+                self.tile
+            );
+        }
+        if hires.len() > 1 && hires.windows(2).all(|w| w[0].dims() == w[1].dims()) {
+            vec![Tensor::cat(hires, 0)]
+        } else {
+            hires
+        }
+    }
+
+    /// Image `i`'s channels-last map `[1, H, W, C]` among one stage's maps of the
+    /// [`Self::convnext_batches`].
+    pub fn image_map(batches: &[Tensor<B, 4>], i: usize) -> Tensor<B, 4> {
+        match batches {
+            [one] if one.dims()[0] > 1 => one.clone().narrow(0, i, 1),
+            _ => batches[i].clone(),
+        }
+    }
+
+    /// The input of the first ViT layer for every view of every image, `[Σ views, 1+g², D]`.
+    pub fn vit_input(&self, images: &[ImageInput<B>]) -> Tensor<B, 3> {
         for (i, image) in images.iter().enumerate() {
             let [v, _, h, w] = image.views.dims();
             assert_eq!(v, image.grid.num_views(), "image {i}: {v} views for grid {:?}", image.grid);
             assert_eq!([h, w], [self.tile, self.tile], "image {i}: views are {h}x{w}, the ViT tile is {}", self.tile);
         }
-        // ConvNeXt stage maps per image (batched when every image has the same size).
-        let stage_maps: Vec<Vec<Tensor<B, 4>>> = match &self.convnext {
-            None => Vec::new(),
-            Some(convnext) => {
-                let hires: Vec<Tensor<B, 4>> =
-                    images.iter().enumerate().map(|(i, im)| im.hires.clone().unwrap_or_else(|| panic!("image {i} has no ConvNeXt input"))).collect();
-                for (i, (im, x)) in images.iter().zip(&hires).enumerate() {
-                    let [_, _, h, w] = x.dims();
-                    assert_eq!(
-                        [h, w],
-                        [im.grid.rows * g * 32, im.grid.cols * g * 32],
-                        "image {i}: ConvNeXt input {h}x{w} is not canvas x 32/14 for a {}x{} grid of {}-pixel tiles",
-                        im.grid.rows,
-                        im.grid.cols,
-                        self.tile
-                    );
-                }
-                let same = hires.windows(2).all(|w| w[0].dims() == w[1].dims());
-                // Channels-last maps `[1, H, W, C]`: what CVFM reads per pixel.
-                let outputs = if same && hires.len() > 1 {
-                    let stages = convnext.forward_channels_last(Tensor::cat(hires, 0)).stages;
-                    (0..images.len()).map(|i| stages.iter().map(|s| s.clone().narrow(0, i, 1)).collect()).collect()
-                } else {
-                    hires.into_iter().map(|x| convnext.forward_channels_last(x).stages).collect::<Vec<Vec<_>>>()
-                };
-                if let Some(trace) = trace.as_deref_mut() {
-                    for (k, stage) in outputs.first().into_iter().flatten().enumerate() {
-                        let nchw = stage.clone().permute([0, 3, 1, 2]);
-                        trace.tensors.push((format!("convnext.stage.{}", k + 1), nchw.to_data()));
-                    }
-                }
-                outputs
-            }
-        };
         let views: Vec<Tensor<B, 4>> = images.iter().map(|im| im.views.clone()).collect();
-        let mut h = self.vit.embed(Tensor::cat(views, 0)); // [ΣV, 1+g², D]
-        for (index, layer) in self.vit.encoder.layers.iter().take(self.feature_layer).enumerate() {
-            h = layer.forward(h);
-            let layer_number = index + 1;
-            if let Some(k) = self.fusion_layers.iter().position(|&l| l == layer_number) {
-                let block = &self.cvfm[k];
-                let conv: Vec<Tensor<B, 3>> =
-                    images.iter().zip(&stage_maps).map(|(im, maps)| block.view_features_channels_last(maps[k].clone(), im.grid, g)).collect();
-                h = block.fuse(h, Tensor::cat(conv, 0));
-            }
-            if let Some(trace) = trace.as_deref_mut() {
-                trace.tensors.push((format!("vit.hidden.{layer_number}"), h.to_data()));
-            }
-        }
+        self.vit.embed(Tensor::cat(views, 0))
+    }
+
+    /// The ConvNeXt stage fused after ViT layer `index` (0-based), if any.
+    pub fn fused_stage(&self, index: usize) -> Option<usize> {
+        self.fusion_layers.iter().position(|&l| l == index + 1)
+    }
+
+    /// ViT layer `index` (0-based), then CVFM when a ConvNeXt stage is fused after it; `maps(k)`
+    /// gives stage `k`'s channels-last maps, one per ConvNeXt batch.
+    pub fn layer(&self, index: usize, h: Tensor<B, 3>, images: &[ImageInput<B>], maps: &dyn Fn(usize) -> Vec<Tensor<B, 4>>) -> Tensor<B, 3> {
+        let h = self.vit.encoder.layers[index].forward(h);
+        let Some(k) = self.fused_stage(index) else { return h };
+        let block = &self.cvfm[k];
+        let batches = maps(k);
+        let conv: Vec<Tensor<B, 3>> =
+            images.iter().enumerate().map(|(i, im)| block.view_features_channels_last(Self::image_map(&batches, i), im.grid, self.grid)).collect();
+        block.fuse(h, Tensor::cat(conv, 0))
+    }
+
+    /// The patch tokens of the feature layer's states `[V, 1+g², D]` → `[V·g², D]`.
+    pub fn features(h: Tensor<B, 3>) -> Tensor<B, 2> {
         let [v, t, d] = h.dims();
         h.slice([0..v, 1..t, 0..d]).reshape([v * (t - 1), d])
     }

@@ -136,9 +136,10 @@ pub struct CheckpointWriter<'a> {
 impl CheckpointWriter<'_> {
     /// Writes `step-<step>/` atomically and prunes to the newest `keep_last`. Every rank calls it
     /// at the same step; every rank returns the same error if any rank's part failed.
-    pub fn save<B>(&self, model: &Fila<B>, set: &TrainableSet, optimizer: &AdamW<B::InnerBackend>, state: &TrainState) -> Result<PathBuf>
+    pub fn save<B, S>(&self, model: &Fila<B>, set: &TrainableSet, optimizer: &AdamW<B::InnerBackend, S>, state: &TrainState) -> Result<PathBuf>
     where
         B: burn::tensor::backend::AutodiffBackend,
+        S: burn::tensor::backend::Backend,
     {
         let world = self.comm.world();
         let name = format!("step-{}", state.step);

@@ -49,6 +49,32 @@ pub struct TrainConfig {
     pub checkpoint: CheckpointConfig,
     #[serde(default)]
     pub logging: LoggingConfig,
+    #[serde(default)]
+    pub distributed: DistributedConfig,
+}
+
+/// How ranks share the work (`[distributed]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistributedConfig {
+    /// Reduce-scatter a micro-batch's gradient buckets while the computation goes on (under
+    /// activation checkpointing each bucket as soon as the backward pass has made it final) rather
+    /// than after its backward pass. The result is the same bit for bit; off only to measure.
+    pub overlap: bool,
+    /// Elements per gradient bucket (f32), the unit of a reduce-scatter and an all-gather
+    /// (DeepSpeed's `reduce_bucket_size`). Smaller buckets start sooner and hold less memory in
+    /// flight; larger ones make fewer, more efficient collectives. Checkpoints do not depend on it.
+    pub bucket_elements: usize,
+    /// 2: the optimizer state, master values and gradient sums are sharded over the ranks and
+    /// every rank holds the whole model; 3: the trainable weights too, each segment's gathered
+    /// just before it runs ([`crate::zero3`]). Checkpoints are the same under both.
+    pub zero_stage: u8,
+}
+
+impl Default for DistributedConfig {
+    fn default() -> Self {
+        Self { overlap: true, bucket_elements: crate::shard::BUCKET_ELEMENTS, zero_stage: 2 }
+    }
 }
 
 /// AdamW, with PyTorch's defaults for every key but the learning rate.
@@ -68,6 +94,20 @@ pub struct OptimizerConfig {
     /// Applied only to weights of rank ≥ 2 that are not embeddings (no norms, biases, embeddings).
     #[serde(default = "default_weight_decay")]
     pub weight_decay: f64,
+    /// Where the optimizer's state (f32 master values, both moments, the gradient slice) lives
+    /// and the update runs: `"none"` (the training device) or `"cpu"` (host memory, the update on
+    /// CPU threads: for one or two GPUs whose memory the state does not fit).
+    #[serde(default)]
+    pub offload: Offload,
+}
+
+/// `optimizer.offload`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Offload {
+    #[default]
+    None,
+    Cpu,
 }
 
 /// Linear warmup from 0, then cosine to `min_lr_ratio × lr` (Hugging Face's
@@ -364,6 +404,12 @@ impl TrainConfig {
         if self.train.max_nonfinite_steps == 0 {
             bail!("`train.max_nonfinite_steps` must be ≥ 1");
         }
+        if !matches!(self.distributed.zero_stage, 2 | 3) {
+            bail!("`distributed.zero_stage` is {}: expected 2 (shard the optimizer) or 3 (shard the weights too)", self.distributed.zero_stage);
+        }
+        if self.distributed.bucket_elements == 0 {
+            bail!("`distributed.bucket_elements` must be ≥ 1 (default {})", crate::shard::BUCKET_ELEMENTS);
+        }
         if self.logging.every_steps == 0 {
             bail!("`logging.every_steps` must be ≥ 1");
         }
@@ -530,7 +576,7 @@ mod tests {
     #[test]
     fn the_defaults_are_pytorch_and_the_recipe() {
         let c: TrainConfig = from_value(toml::Value::Table(minimal_config()), "").unwrap();
-        assert_eq!(c.optimizer, OptimizerConfig { lr: 0.5, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.01 });
+        assert_eq!(c.optimizer, OptimizerConfig { lr: 0.5, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.01, offload: Default::default() });
         assert_eq!((c.checkpoint.every_steps, c.checkpoint.keep_last), (500, 2));
         let s = &c.schedule;
         assert_eq!((s.warmup_ratio, s.warmup_steps, s.min_lr_ratio), (0.03, None, 0.0));

@@ -23,6 +23,7 @@ pub mod shard;
 pub mod step;
 pub mod trainable;
 pub mod trainer;
+pub mod zero3;
 
 pub use config::{LoadedConfig, TrainConfig};
 pub use trainer::{run, Resume, RunOptions, RunOutcome};

@@ -82,7 +82,7 @@ fn real_main(world: Result<World>) -> Result<()> {
     };
     trainer::install_signal_handler()?;
     let fingerprint = Fingerprint::of_this_process(&loaded.to_toml())?;
-    let mut comm = Comm::connect(world, &fingerprint, Comm::timeout_from_env()?)?;
+    let mut comm = Comm::connect_with_delay(world, &fingerprint, Comm::timeout_from_env()?, Comm::delay_from_env()?)?;
     let device = loaded.config.device.for_local_rank(comm.world().local_rank, comm.world().size);
     comm.use_gpu(device)?;
     if cli.profile_memory {
@@ -91,7 +91,9 @@ fn real_main(world: Result<World>) -> Result<()> {
     let options = RunOptions { resume, stop_after: cli.stop_after };
     let result = dispatch(device, Train { loaded, options, comm: &comm });
     if let (true, Some(rss)) = (cli.profile_memory, fila_train::alloc::peak_rss_bytes()) {
-        eprintln!("memory run: peak RSS {:.1} MiB (checkpoints and the final export included)", rss as f64 / (1u64 << 20) as f64);
+        // One write, so that the lines of ranks sharing the launcher's stderr do not interleave.
+        let line = format!("memory run: peak RSS {:.1} MiB (checkpoints and the final export included)\n", rss as f64 / (1u64 << 20) as f64);
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
     }
     if let Err(e) = &result {
         comm.abort(&format!("{e:#}"));

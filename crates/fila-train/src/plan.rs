@@ -112,6 +112,9 @@ pub struct Plan {
     /// The other phase's total, for the printout.
     pub other_phase: (&'static str, f64),
     pub overhead: Term,
+    /// Host memory of the optimizer when it is offloaded (`optimizer.offload = "cpu"`): its
+    /// state and the gradient slice, not counted in [`Plan::total`].
+    pub host: Vec<Term>,
 }
 
 impl Plan {
@@ -122,6 +125,11 @@ impl Plan {
 
     pub fn total(&self) -> f64 {
         self.tensors() + self.overhead.bytes
+    }
+
+    /// Host bytes of the offloaded optimizer (0 when it is not offloaded).
+    pub fn host_total(&self) -> f64 {
+        self.host.iter().map(|t| t.bytes).sum()
     }
 
     /// The plan as printed by `--plan`: every term, then the largest ones.
@@ -153,6 +161,13 @@ impl Plan {
         largest.sort_by(|a, b| b.bytes.total_cmp(&a.bytes));
         let shares: Vec<String> = largest.iter().take(3).map(|t| format!("{} {:.0} %", t.name, 100.0 * t.bytes / self.total())).collect();
         let _ = writeln!(out, "largest terms: {}", shares.join(", "));
+        if self.host_total() > 0.0 {
+            let _ = writeln!(out, "host memory of the offloaded optimizer (optimizer.offload = \"cpu\"), besides the process:");
+            for t in self.host.iter().filter(|t| t.bytes > 0.0) {
+                term(&mut out, t);
+            }
+            let _ = writeln!(out, "  {:<22}{}", "host total", gib(self.host_total()));
+        }
         out
     }
 }
@@ -195,15 +210,47 @@ pub fn plan_of(loaded: &LoadedConfig, world: usize) -> Result<Plan> {
     let dtype = |bytes: usize| if bytes == 2 { "bf16" } else { "f32" };
     // In f32 on one rank the master values are the model's own weights (the update writes them
     // back as views of the slice); otherwise they are a copy.
-    let master_apart = p.master_apart() || world > 1;
+    // ZeRO-3: the trainable weights live in the master slices; the model holds them only while a
+    // segment runs (crate::zero3).
+    let zero3 = c.distributed.zero_stage == 3;
+    let recomputes = c.train.activation_checkpointing;
+    let master_apart = p.master_apart() || world > 1 || zero3;
+    // Trainable elements per segment of the checkpointed pass: the embeddings side (vision,
+    // projector, token embeddings), one decoder layer, the head.
+    let (embeddings_side, one_layer, head_part) = {
+        let l = &arch.llm;
+        let embed = l.vocab_size * l.hidden_size;
+        let head = if l.tie_word_embeddings { 0 } else { embed } + l.hidden_size;
+        let layers = l.num_hidden_layers.max(1);
+        let vision: usize = parts.iter().filter(|(n, _)| *n != "llm" && trains(n)).map(|(_, k)| k).sum();
+        if trains("llm") {
+            (vision + embed, (counts.llm - embed - head) / layers, head)
+        } else {
+            (vision, adapters / layers, 0)
+        }
+    };
+    // Offloaded, the master slice, the moments and the gradient slice live in host memory and the
+    // update runs there in place (the CPU's fused pass).
+    let offload = c.optimizer.offload == crate::config::Offload::Cpu;
+    let on_device = |bytes: f64| if offload { 0.0 } else { bytes };
+    let host = if offload {
+        vec![
+            Term { name: "master slice", bytes: slice * 4.0, note: format!("f32 values of the trainable parameters{this_slice}") },
+            Term { name: "optimizer state", bytes: slice * p.optimizer_bytes() as f64, note: format!("AdamW moments, f32{this_slice}") },
+            Term { name: "gradient slice", bytes: slice * 4.0, note: "f32 sum over micro-batches and ranks, the pieces added as they arrive".into() },
+        ]
+    } else {
+        Vec::new()
+    };
     let nf4_elements = nf4.as_ref().map_or(0, |q| q.elements);
     let resident = vec![
         Term {
             name: "weights",
-            bytes: ((counts.total() - nf4_elements + adapters) * p.weight_bytes()) as f64,
+            bytes: ((counts.total() - nf4_elements + adapters - if zero3 { trainable } else { 0 }) * p.weight_bytes()) as f64,
             note: format!(
-                "{}{}{}",
+                "{}{}{}{}",
                 dtype(p.weight_bytes()),
+                if zero3 { ", the frozen ones (the trainable ones are in the master slices)" } else { "" },
                 if lora { ", LoRA adapters included" } else { "" },
                 if nf4.is_some() { ", the LLM's projections apart (NF4)" } else { "" }
             ),
@@ -218,20 +265,47 @@ pub fn plan_of(loaded: &LoadedConfig, world: usize) -> Result<Plan> {
         },
         Term {
             name: "master slice",
-            bytes: if master_apart { slice * 4.0 } else { 0.0 },
+            bytes: on_device(if master_apart { slice * 4.0 } else { 0.0 }),
             note: format!("f32 values of the trainable parameters the optimizer owns{this_slice}"),
         },
-        Term { name: "optimizer state", bytes: slice * p.optimizer_bytes() as f64, note: format!("AdamW moments, f32{this_slice}") },
+        Term { name: "optimizer state", bytes: on_device(slice * p.optimizer_bytes() as f64), note: format!("AdamW moments, f32{this_slice}") },
     ];
-    let bucket = (crate::shard::BUCKET_ELEMENTS.min(trainable) * 4) as f64;
+    let bucket = (c.distributed.bucket_elements.min(trainable) * 4) as f64;
+    let wb = p.weight_bytes() as f64;
+    let (gathered, gathered_note) = match (zero3, recomputes) {
+        (false, _) => (0.0, String::new()),
+        (true, true) => (
+            embeddings_side as f64 * wb + (2 * one_layer).max(one_layer + head_part) as f64 * (wb + 4.0),
+            "the embeddings side's for the whole pass, two segments' (one running, the next one prefetched) with their f32 buckets".to_string(),
+        ),
+        (true, false) => (trainable as f64 * wb + bucket, "the whole model for the step (one graph without checkpointing) and one f32 bucket".to_string()),
+    };
+    // Under ZeRO-3 with checkpointing a segment's gradients leave as their buckets start: the
+    // largest segment's are alive at once.
+    let grad_elements = if zero3 && recomputes { embeddings_side.max(one_layer).max(head_part) } else { trainable };
     let backward = vec![
-        Term { name: "gradients", bytes: (trainable * p.grad_bytes()) as f64, note: format!("one backward's, {}", dtype(p.grad_bytes())) },
+        Term { name: "gathered weights", bytes: gathered, note: gathered_note },
+        Term {
+            name: "gradients",
+            bytes: (grad_elements * p.grad_bytes()) as f64,
+            note: format!("{}, {}", if zero3 && recomputes { "the largest segment's" } else { "one backward's" }, dtype(p.grad_bytes())),
+        },
         Term {
             name: "gradient slice",
-            bytes: if c.batch.accumulation_steps > 1 { slice * 4.0 } else { 0.0 },
+            bytes: on_device(if c.batch.accumulation_steps > 1 { slice * 4.0 } else { 0.0 }),
             note: format!("f32 sum over micro-batches and ranks{this_slice}, made by the first micro-batch"),
         },
         activations,
+        Term {
+            name: "buckets in flight",
+            bytes: if world > 1 && c.distributed.overlap {
+                let buckets = trainable.div_ceil(c.distributed.bucket_elements.max(1)).min(crate::optim::IN_FLIGHT + 1);
+                buckets as f64 * bucket * (1.0 + 1.0 / world as f64)
+            } else {
+                0.0
+            },
+            note: format!("f32 gradient buckets and their pieces: {} being reduce-scattered while the pass goes on, one being built", crate::optim::IN_FLIGHT),
+        },
         Term {
             name: "de-quantised weights",
             bytes: nf4.as_ref().map_or(0.0, |q| q.buffer),
@@ -242,11 +316,11 @@ pub fn plan_of(loaded: &LoadedConfig, world: usize) -> Result<Plan> {
     // values and two temporaries before the old ones are freed. Then the slice is written back
     // bucket by bucket.
     let optimizer = vec![
-        Term { name: "gradient slice", bytes: slice * 4.0, note: "the step's sum".into() },
+        Term { name: "gradient slice", bytes: on_device(slice * 4.0), note: "the step's sum".into() },
         Term {
             name: "update temporaries",
-            bytes: if gpu { slice * 4.0 * 7.0 } else { 0.0 },
-            note: "GPU: new moments and values, the LR and decay factors, two temporaries".into(),
+            bytes: on_device(if gpu { slice.min(crate::optim::UPDATE_CHUNK as f64) * 4.0 * 10.0 } else { 0.0 }),
+            note: "GPU: one chunk's new moments and values, LR and decay factors and temporaries (the update runs in chunks, in place)".into(),
         },
         Term { name: "write-back bucket", bytes: bucket, note: "one f32 bucket while the slice is written into the weights".into() },
     ];
@@ -286,9 +360,13 @@ pub fn plan_of(loaded: &LoadedConfig, world: usize) -> Result<Plan> {
     header.push(if world == 1 {
         "memory per device (one device):".into()
     } else {
-        format!("memory per rank ({world} ranks, one GPU each; gradient sums, optimizer state and master values sharded {world} ways):")
+        format!(
+            "memory per rank ({world} ranks, one GPU each; {}gradient sums, optimizer state and master values sharded {world} ways{}):",
+            if zero3 { "trainable weights, " } else { "" },
+            if zero3 { ", ZeRO-3" } else { "" }
+        )
     });
-    Ok(Plan { header, resident, phase, other_phase, overhead })
+    Ok(Plan { header, resident, phase, other_phase, overhead, host })
 }
 
 /// The NF4 storage of a QLoRA run's language model: the seven projections of every decoder layer.
@@ -360,25 +438,35 @@ fn activations(loaded: &LoadedConfig, arch: &FilaConfig, trains: &dyn Fn(&str) -
     let feature_layer = arch.hybrid.feature_layer(arch.vision.num_hidden_layers);
     let first_tracked = if trains("vit") { 0 } else { arch.hybrid.fusion_layers.first().copied().unwrap_or(feature_layer) };
     let vit_layers = feature_layer.saturating_sub(first_tracked) as f64;
-    let vit_act = vit_layers * (1.0 + g * g) * b * views * vit_layer;
-    let convnext_act = if trains("convnext") && arch.hybrid.use_convnext {
-        let strides = arch.convnext.stage_strides();
-        (0..4)
-            .map(|k| {
-                let cells = (hires_side_w / strides[k] as f64) * (hires_side_h / strides[k] as f64);
-                12.0 * cells * arch.convnext.hidden_sizes[k] as f64 * arch.convnext.depths[k] as f64 * b
-            })
-            .sum::<f64>()
-            * 2.0 // bytes per element of an all-16-bit model, scaled like the other activations
-            * act_scale
+    let vit_tokens = (1.0 + g * g) * b * views;
+    let strides = arch.convnext.stage_strides();
+    let stage_cells = |k: usize| (hires_side_w / strides[k] as f64) * (hires_side_h / strides[k] as f64) * b;
+    // One ConvNeXt layer's saved activations, in bytes (12 values per pixel and channel).
+    let conv_layer = |k: usize| 12.0 * stage_cells(k) * arch.convnext.hidden_sizes[k] as f64 * 2.0 * act_scale;
+    let convnext = arch.hybrid.use_convnext;
+    let encoder_act = if recompute {
+        // Kept through the pass (crate::recompute::vision): each ViT layer's f32 input, each
+        // ConvNeXt piece's input where ConvNeXt trains (else the four stage maps the fusions
+        // read). One layer is recomputed at a time, after the LLM's segments, so its activations
+        // count against the LLM's rather than beside them.
+        let vit_stored = feature_layer as f64 * vit_tokens * arch.vision.hidden_size as f64 * 4.0;
+        let conv_stored: f64 = match (convnext, trains("convnext")) {
+            (false, _) => 0.0,
+            (true, true) => (0..4).map(|k| (arch.convnext.depths[k] + 1) as f64 * stage_cells(k) * arch.convnext.hidden_sizes[k] as f64 * 4.0).sum(),
+            (true, false) => (0..4).map(|k| stage_cells(k) * arch.convnext.hidden_sizes[k] as f64 * 4.0).sum(),
+        };
+        let vit_one = if vit_layers > 0.0 { vit_tokens * vit_layer } else { 0.0 };
+        let conv_one = if convnext && trains("convnext") { (0..4).map(conv_layer).fold(0.0, f64::max) } else { 0.0 };
+        vit_stored + conv_stored + (vit_one.max(conv_one) - llm_act).max(0.0)
     } else {
-        0.0
+        let conv_kept = if convnext && trains("convnext") { (0..4).map(|k| conv_layer(k) * arch.convnext.depths[k] as f64).sum() } else { 0.0 };
+        vit_layers * vit_tokens * vit_layer + conv_kept
     };
     Term {
         name: "activations",
-        bytes: llm_act + vit_act + convnext_act,
+        bytes: llm_act + encoder_act,
         note: format!(
-            "{views} views/image, ConvNeXt {hires_side_w}x{hires_side_h}, {vit_layers} tracked ViT layers, LLM layers {}",
+            "{views} views/image, ConvNeXt {hires_side_w}x{hires_side_h}, {vit_layers} tracked ViT layers, encoder and LLM layers {}",
             if recompute { "recomputed (train.activation_checkpointing)" } else { "kept" }
         ),
     }

@@ -12,8 +12,9 @@ use crate::trainable::TrainableSet;
 use burn::prelude::*;
 use burn::tensor::FloatDType;
 
-/// Elements per bucket (256 MiB of f32): bounds the extra memory of one collective.
-pub const BUCKET_ELEMENTS: usize = 1 << 26;
+/// Elements per bucket by default (128 MiB of f32; `distributed.bucket_elements`): bounds the
+/// extra memory of one collective and of the buckets in flight.
+pub const BUCKET_ELEMENTS: usize = 1 << 25;
 
 /// One rank's piece of one bucket.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,10 +61,19 @@ pub struct FlatLayout {
     pub segments: Vec<Segment>,
     /// Elements in this rank's slice (padding included).
     pub slice_len: usize,
+    /// The group of each bucket's parameters ([`FlatLayout::with_groups`]; all 0 otherwise).
+    pub bucket_groups: Vec<u32>,
 }
 
 impl FlatLayout {
     pub fn new(set: &TrainableSet, world: usize, rank: usize, bucket_elements: usize) -> Self {
+        Self::with_groups(set, world, rank, bucket_elements, &|_| 0)
+    }
+
+    /// [`FlatLayout::new`] with no bucket spanning two groups (`group(name)`; parameters of a
+    /// group are contiguous in name order or not, each bucket holds one group's parameters only):
+    /// ZeRO-3 gathers one group's buckets at a time.
+    pub fn with_groups(set: &TrainableSet, world: usize, rank: usize, bucket_elements: usize, group: &dyn Fn(&str) -> u32) -> Self {
         assert!(rank < world && bucket_elements > 0);
         let names: Vec<String> = set.params.keys().cloned().collect();
         let shapes: Vec<Vec<usize>> = set.params.values().map(|p| p.shape.clone()).collect();
@@ -73,10 +83,17 @@ impl FlatLayout {
             offsets.push(total);
             total += s.iter().product::<usize>();
         }
-        let mut layout = Self { names, shapes, offsets, total, world, rank, buckets: Vec::new(), segments: Vec::new(), slice_len: 0 };
+        let groups: Vec<u32> = names.iter().map(|n| group(n)).collect();
+        // The flat offsets where the group changes, then the end: no bucket crosses one.
+        let mut breaks: Vec<usize> = (1..names.len()).filter(|&q| groups[q] != groups[q - 1]).map(|q| offsets[q]).collect();
+        breaks.push(total);
+        let mut layout =
+            Self { names, shapes, offsets, total, world, rank, buckets: Vec::new(), segments: Vec::new(), slice_len: 0, bucket_groups: Vec::new() };
         let mut start = 0;
         while start < total {
-            let len = bucket_elements.min(total - start);
+            let len = bucket_elements.min(breaks[breaks.partition_point(|&b| b <= start)] - start);
+            let group = groups[layout.offsets.partition_point(|&o| o <= start) - 1];
+            layout.bucket_groups.push(group);
             let padded = len.div_ceil(world) * world;
             let piece = padded / world;
             layout.buckets.push(Bucket { start, len, padded, at: layout.slice_len });
@@ -155,46 +172,61 @@ impl FlatLayout {
         Tensor::cat(parts, 0)
     }
 
-    /// Whole flat parameters from the gathered buckets, one bucket at a time: `gather(b)` gives
-    /// bucket `b` in full (f32), whose runs are cast to the parameter's `dtypes` entry at once,
-    /// so at most one f32 bucket is alive besides the result (the parameters in their own
-    /// dtypes). A parameter split over buckets is joined when its last run arrives.
+    /// Whole flat parameters from the gathered buckets `buckets` (in that order), one bucket at a
+    /// time: `gather(b)` gives bucket `b` in full (f32), whose runs are cast to the parameter's
+    /// `dtypes` entry at once, so at most one f32 bucket is alive besides the result (the
+    /// parameters in their own dtypes). A parameter split over buckets is joined when its last
+    /// run arrives; one with runs outside `buckets` stays `None`.
     pub fn params_from_buckets<I: Backend, E>(
         &self,
         dtypes: &[FloatDType],
+        buckets: &[usize],
         mut gather: impl FnMut(usize) -> Result<Tensor<I, 1>, E>,
-    ) -> Result<Vec<Tensor<I, 1>>, E> {
+    ) -> Result<Vec<Option<Tensor<I, 1>>>, E> {
         let mut done: Vec<Option<Tensor<I, 1>>> = vec![None; self.names.len()];
-        let mut partial: Vec<Vec<Tensor<I, 1>>> = vec![Vec::new(); self.names.len()];
-        for (b, bucket) in self.buckets.iter().enumerate() {
+        let mut partial: Vec<Vec<(usize, Tensor<I, 1>)>> = vec![Vec::new(); self.names.len()];
+        for &b in buckets {
+            let bucket = &self.buckets[b];
             let full = gather(b)?;
             for (p, start, n, off) in self.runs(bucket.start, bucket.len) {
                 let run = full.clone().slice(off..off + n).cast(dtypes[p]);
                 if start == 0 && n == self.numel(p) {
                     done[p] = Some(run);
                 } else {
-                    partial[p].push(run);
-                    if start + n == self.numel(p) {
-                        done[p] = Some(Tensor::cat(std::mem::take(&mut partial[p]), 0));
+                    partial[p].push((start, run));
+                    if partial[p].iter().map(|(_, r)| r.dims()[0]).sum::<usize>() == self.numel(p) {
+                        let mut runs = std::mem::take(&mut partial[p]);
+                        runs.sort_by_key(|(s, _)| *s);
+                        done[p] = Some(Tensor::cat(runs.into_iter().map(|(_, r)| r).collect(), 0));
                     }
                 }
             }
         }
-        Ok(done.into_iter().map(|t| t.expect("every parameter lies in the buckets")).collect())
+        Ok(done)
     }
 
     /// A per-element vector of the slice from a per-parameter value (padding gets `pad`), filled
     /// on the device run by run (runs of one value merged): no host copy of the slice is made.
     pub fn per_element<I: Backend>(&self, value: impl Fn(usize) -> f32, pad: f32, device: &I::Device) -> Tensor<I, 1> {
+        self.per_element_in(0..self.slice_len, value, pad, device)
+    }
+
+    /// [`FlatLayout::per_element`] for the elements `range` of the slice.
+    pub fn per_element_in<I: Backend>(&self, range: std::ops::Range<usize>, value: impl Fn(usize) -> f32, pad: f32, device: &I::Device) -> Tensor<I, 1> {
         let mut runs: Vec<(std::ops::Range<usize>, f32)> = Vec::new();
         for s in &self.segments {
+            let (lo, hi) = (s.at.max(range.start), (s.at + s.len).min(range.end));
+            if lo >= hi {
+                continue;
+            }
             let v = value(s.param);
+            let (lo, hi) = (lo - range.start, hi - range.start);
             match runs.last_mut() {
-                Some((run, w)) if run.end == s.at && w.to_bits() == v.to_bits() => run.end = s.at + s.len,
-                _ => runs.push((s.at..s.at + s.len, v)),
+                Some((run, w)) if run.end == lo && w.to_bits() == v.to_bits() => run.end = hi,
+                _ => runs.push((lo..hi, v)),
             }
         }
-        let mut out = Tensor::full([self.slice_len], pad, device);
+        let mut out = Tensor::full([range.len()], pad, device);
         for (run, v) in runs.into_iter().filter(|(_, v)| v.to_bits() != pad.to_bits()) {
             out = out.slice_fill(run, v);
         }
@@ -241,6 +273,17 @@ mod tests {
     }
 
     #[test]
+    fn no_bucket_spans_two_groups() {
+        // a, b in group 0 (10 elements), c in group 1: buckets of 6 are cut at b's end.
+        let s = set(&[("a", 3), ("b", 7), ("c", 4)]);
+        let l = FlatLayout::with_groups(&s, 2, 0, 6, &|n| u32::from(n == "c"));
+        let cuts: Vec<(usize, usize)> = l.buckets.iter().map(|b| (b.start, b.len)).collect();
+        assert_eq!(cuts, vec![(0, 6), (6, 4), (10, 4)]);
+        assert_eq!(l.bucket_groups, vec![0, 0, 1]);
+        assert_eq!(FlatLayout::new(&s, 2, 0, 6).bucket_groups, vec![0, 0, 0]);
+    }
+
+    #[test]
     fn buckets_round_trip_to_parameters() {
         use burn::backend::Flex;
         let s = set(&[("a", 3), ("b", 7), ("c", 4)]);
@@ -254,15 +297,20 @@ mod tests {
         assert_eq!(buckets.iter().map(|b| b.dims()[0]).collect::<Vec<_>>(), vec![6, 6, 3]);
         let mut asked = Vec::new();
         let params = l
-            .params_from_buckets(&[FloatDType::F32; 3], |b| {
+            .params_from_buckets(&[FloatDType::F32; 3], &[0, 1, 2], |b| {
                 asked.push(b);
                 Ok::<_, ()>(buckets[b].clone())
             })
             .unwrap();
         assert_eq!(asked, vec![0, 1, 2]);
         for (p, t) in params.into_iter().enumerate() {
-            assert_eq!(t.into_data().to_vec::<f32>().unwrap(), value(p).unwrap().into_data().to_vec::<f32>().unwrap());
+            assert_eq!(t.unwrap().into_data().to_vec::<f32>().unwrap(), value(p).unwrap().into_data().to_vec::<f32>().unwrap());
         }
+        // Buckets 1 and 2 only, in another order: `c` (elements 10..14) is whole, `b` (3..10)
+        // is not, `a` (0..3) absent.
+        let params = l.params_from_buckets(&[FloatDType::F32; 3], &[2, 1], |b| Ok::<_, ()>(buckets[b].clone())).unwrap();
+        assert!(params[0].is_none() && params[1].is_none());
+        assert_eq!(params[2].clone().unwrap().into_data().to_vec::<f32>().unwrap(), vec![200.0, 201.0, 202.0, 203.0]);
         // Rank 0's slice: bucket pieces of 2, 2, 1: a0 a1 | b3 b4 | c2.
         let slice: Vec<f32> = l.own_slice(&value, &dev).into_data().to_vec().unwrap();
         assert_eq!(slice, vec![0.0, 1.0, 103.0, 104.0, 202.0]);

@@ -8,17 +8,17 @@
 use crate::alloc;
 use crate::batch::{scored_tokens, to_input};
 use crate::checkpoint::{self, CheckpointReason, CheckpointWriter, TrainState};
-use crate::config::{geometry_difference, LoadedConfig, TrainConfig};
+use crate::config::{geometry_difference, LoadedConfig, Offload, TrainConfig};
 use crate::dist::{Comm, World};
 use crate::kernel_events::{self, KernelCounts};
 use crate::logging::{Logger, Reporter, StepMetrics};
 use crate::lora;
 use crate::optim::{AdamW, Schedule};
-use crate::shard::{FlatLayout, BUCKET_ELEMENTS};
+use crate::shard::FlatLayout;
 use crate::step::{MicroBatch, StepOutcome, TrainStep};
 use crate::trainable::{apply_trainable, TrainableSet};
 use anyhow::{anyhow, bail, Context, Result};
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use fila_data::{BadRecordCounts, Batch, DataCursor, DataLoader, LoaderOptions, Pipeline, RecordSet};
 use fila_model::fila::{Fila, FilaConfig};
 use std::path::{Path, PathBuf};
@@ -179,8 +179,16 @@ pub enum StopReason {
 
 /// Trains one stage: one process, or one rank of many talking through `comm`.
 pub fn run<B: AutodiffBackend>(loaded: LoadedConfig, options: RunOptions, device: &B::Device, comm: &Comm) -> Result<RunOutcome> {
+    match loaded.config.optimizer.offload {
+        Offload::None => run_with::<B, B::InnerBackend>(loaded, options, device, comm),
+        Offload::Cpu => run_with::<B, burn::backend::Flex>(loaded, options, device, comm),
+    }
+}
+
+/// [`run`] with the optimizer's state on backend `S` (the model's, or the CPU's when offloaded).
+fn run_with<B: AutodiffBackend, S: Backend>(loaded: LoadedConfig, options: RunOptions, device: &B::Device, comm: &Comm) -> Result<RunOutcome> {
     let resume = resume_point(&loaded, &options.resume, comm.world().size)?;
-    let mut t = Training::<B>::start(loaded, resume.as_deref(), device, comm)?;
+    let mut t = Training::<B, S>::start(loaded, resume.as_deref(), device, comm)?;
     let started_at = t.state.step;
     let reason = loop {
         if t.state.step >= t.state.total_steps {
@@ -242,7 +250,7 @@ struct StepResult {
 }
 
 /// A run in progress: the model, its optimizer slice, this rank's data and the run's state.
-struct Training<'a, B: AutodiffBackend> {
+struct Training<'a, B: AutodiffBackend, S: Backend> {
     loaded: LoadedConfig,
     c: TrainConfig,
     comm: &'a Comm,
@@ -250,7 +258,7 @@ struct Training<'a, B: AutodiffBackend> {
     model: Fila<B>,
     fila_config: FilaConfig,
     set: TrainableSet,
-    optimizer: AdamW<B::InnerBackend>,
+    optimizer: AdamW<B::InnerBackend, S>,
     schedule: Schedule,
     loader: DataLoader,
     records: usize,
@@ -263,9 +271,21 @@ struct Training<'a, B: AutodiffBackend> {
     kernels_after_warmup: Option<KernelCounts>,
 }
 
+/// What [`restore`] gives: the run's state, the model and the optimizer.
+type Restored<B, S> = (TrainState, Fila<B>, AdamW<<B as AutodiffBackend>::InnerBackend, S>);
+
+/// Where the optimizer's state lives: the model's device, or the CPU (`optimizer.offload`).
+fn state_device<B: AutodiffBackend, S: Backend>(device: &B::Device) -> S::Device {
+    if std::any::TypeId::of::<S>() == std::any::TypeId::of::<B::InnerBackend>() {
+        fila_model::probe::same_type(device.clone())
+    } else {
+        S::Device::default()
+    }
+}
+
 /// The run's state, the model's trainable weights and the optimizer: fresh for a new run over
 /// `records`, or read from the checkpoint `resume` (written at any world size).
-fn restore<B: AutodiffBackend>(
+fn restore<B: AutodiffBackend, S: Backend>(
     loaded: &LoadedConfig,
     resume: Option<&Path>,
     mut model: Fila<B>,
@@ -273,7 +293,7 @@ fn restore<B: AutodiffBackend>(
     records: &RecordSet,
     device: &B::Device,
     world: &World,
-) -> Result<(TrainState, Fila<B>, AdamW<B::InnerBackend>)> {
+) -> Result<Restored<B, S>> {
     let c = &loaded.config;
     let total = total_steps(loaded, records.records.len(), world.size);
     let mut state = TrainState {
@@ -296,9 +316,17 @@ fn restore<B: AutodiffBackend>(
         state.world_size = world.size;
         model = checkpoint::load_trainable(model, set, dir)?;
     }
-    let layout = FlatLayout::new(set, world.size, world.rank, BUCKET_ELEMENTS);
-    let mut optimizer = AdamW::new(c.optimizer.clone(), set, layout, &model, device);
+    let layout = if c.distributed.zero_stage == 3 {
+        // ZeRO-3 gathers a segment's buckets at a time: no bucket spans two.
+        let layers = model.llm.model.layers.len();
+        FlatLayout::with_groups(set, world.size, world.rank, c.distributed.bucket_elements, &|name| crate::recompute::segment_of(name, layers))
+    } else {
+        FlatLayout::new(set, world.size, world.rank, c.distributed.bucket_elements)
+    };
+    let mut optimizer = AdamW::with_state_on::<B, _>(c.optimizer.clone(), set, layout, &model, device, &state_device::<B, S>(device));
     optimizer.master_in_checkpoint = c.precision.master_apart();
+    optimizer.set_overlap(c.distributed.overlap);
+    optimizer.shard_weights = c.distributed.zero_stage == 3;
     if let Some(dir) = resume {
         optimizer.load(dir)?;
         let say = Reporter::of(world);
@@ -341,7 +369,7 @@ fn open_logs<'a>(loaded: &LoadedConfig, state: &TrainState, comm: &'a Comm) -> R
 /// seen at least once is typical), for the kernel-count report.
 const WARMUP_STEPS: u64 = 10;
 
-impl<'a, B: AutodiffBackend> Training<'a, B> {
+impl<'a, B: AutodiffBackend, S: Backend> Training<'a, B, S> {
     /// Builds the model, restores `resume` if given, and starts this rank's shard of the data.
     fn start(loaded: LoadedConfig, resume: Option<&Path>, device: &B::Device, comm: &'a Comm) -> Result<Self> {
         let c = loaded.config.clone();
@@ -362,14 +390,20 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
                 set.params.len(),
                 set.total_params,
                 set.num_elements(),
-                if world.size > 1 { format!("; {} ranks, optimizer state sharded", world.size) } else { String::new() }
+                match (world.size, c.distributed.zero_stage) {
+                    (1, _) => String::new(),
+                    (n, 3) => format!("; {n} ranks, weights and optimizer state sharded (ZeRO-3)"),
+                    (n, _) => format!("; {n} ranks, optimizer state sharded"),
+                }
             )
         });
         let records = Arc::new(RecordSet::load(&loaded.data)?);
         let pipeline = Arc::new(Pipeline::new(loaded.data.clone())?);
-        let (state, model, optimizer) = restore::<B>(&loaded, resume, model, &set, &records, device, world)?;
-        // The optimizer holds the f32 values now; the model may keep a lower-precision copy.
+        let (state, model, optimizer) = restore::<B, S>(&loaded, resume, model, &set, &records, device, world)?;
+        // The optimizer holds the f32 values now; the model may keep a lower-precision copy, or
+        // (ZeRO-3) placeholders only.
         let model = c.precision.store_trainable(model, &set);
+        let model = if optimizer.shard_weights { crate::zero3::strip(model, &optimizer.layout) } else { model };
         let schedule = Schedule::new(c.optimizer.lr, &c.schedule, state.total_steps);
         let loader = start_data(&loaded, records.clone(), pipeline, &state, world)?;
         let (logger, writer) = open_logs(&loaded, &state, comm)?;
@@ -510,13 +544,23 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
         Ok(None)
     }
 
-    /// Writes `final/`: the model with any LoRA adapters merged into its weights, and the adapters
-    /// on their own beside it.
-    fn export_final(&self) -> Result<PathBuf> {
-        let adapters = |dir: &Path| lora::write_adapters(dir, &self.model, &self.c.lora, &self.set);
+    /// The model with all its weights: under ZeRO-3 gathered from every rank's slice (a
+    /// collective: every rank calls it), otherwise the model itself.
+    fn whole_model(&self) -> Result<Fila<B>> {
+        if self.optimizer.shard_weights {
+            self.optimizer.write_back(self.model.clone(), self.comm)
+        } else {
+            Ok(self.model.clone())
+        }
+    }
+
+    /// Writes `final/` from `model` (all weights present): the model with any LoRA adapters
+    /// merged into its weights, and the adapters on their own beside it.
+    fn export_final(&self, model: &Fila<B>) -> Result<PathBuf> {
+        let adapters = |dir: &Path| lora::write_adapters(dir, model, &self.c.lora, &self.set);
         checkpoint::export_model_to(
             &self.writer.output_dir.join("final"),
-            &self.model,
+            model,
             &self.fila_config,
             &self.loaded.data.tokenizer,
             &self.loaded.to_toml(),
@@ -525,8 +569,14 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
     }
 
     fn save(&mut self, reason: CheckpointReason) -> Result<PathBuf> {
+        let model = self.whole_model()?;
+        self.save_model(&model, reason)
+    }
+
+    /// [`Training::save`] of `model`, the whole model already at hand.
+    fn save_model(&mut self, model: &Fila<B>, reason: CheckpointReason) -> Result<PathBuf> {
         self.state.reason = reason;
-        self.writer.save(&self.model, &self.set, &self.optimizer, &self.state)
+        self.writer.save(model, &self.set, &self.optimizer, &self.state)
     }
 
     /// The last checkpoint, and at the end of the run the `final/` export (rank 0).
@@ -578,9 +628,11 @@ impl<'a, B: AutodiffBackend> Training<'a, B> {
                 format!("GPU kernels: {} compiled, {} from the compilation cache, {} autotune runs{later}", kernels.compiled, kernels.from_cache, kernels.tuned)
             });
         }
-        let dir = self.save(CheckpointReason::End)?;
+        // One gather of the whole model (ZeRO-3) for the last checkpoint and `final/`.
+        let model = self.whole_model()?;
+        let dir = self.save_model(&model, CheckpointReason::End)?;
         let out = &self.writer.output_dir;
-        let final_dir = if root { Some(self.export_final()?) } else { None };
+        let final_dir = if root { Some(self.export_final(&model)?) } else { None };
         self.comm.barrier()?;
         self.logger.flush();
         say.line(|| format!("done: {} steps; final model in {}", self.state.step, out.join("final").display()));

@@ -83,3 +83,46 @@ fn the_reference_recipe_plans_within_80_gb_gpus() {
     assert!(planned_total("configs/stage2.toml", 8, &["train.activation_checkpointing=false"]) > gpu);
     assert!(planned_total("configs/stage2.toml", 1, &[]) > gpu);
 }
+
+/// ZeRO-3 (`distributed.zero_stage = 3`) shards the trainable weights too: full stage 2 plans
+/// within an 80 GB card on 4 ranks (ZeRO-2 needs 8) and within a 40 GB card on 8, and below
+/// ZeRO-2 on 8 ranks by more than the weights' and gradients' share it removes less what it
+/// gathers.
+#[test]
+fn zero_3_plans_stage_2_on_four_80_gb_or_eight_40_gb_gpus() {
+    let gpu = 80e9 / (1u64 << 30) as f64;
+    let zero3 = |world| planned_total("configs/stage2.toml", world, &["distributed.zero_stage=3"]);
+    assert!(zero3(4) < gpu, "ZeRO-3 on 4 ranks plans {} GiB", zero3(4));
+    assert!(zero3(8) <= 37.0, "ZeRO-3 on 8 ranks plans {} GiB, over a 40 GB card", zero3(8));
+    assert!(planned_total("configs/stage2.toml", 4, &[]) > gpu);
+    // ZeRO-2 on 8 ranks holds 16 GiB of bf16 weights and 16 GiB of gradients; ZeRO-3 gathers
+    // about 8 GiB of them and keeps the largest segment's 2 GiB of gradients.
+    let saved = planned_total("configs/stage2.toml", 8, &[]) - zero3(8);
+    assert!(saved > 20.0, "ZeRO-3 saves {saved} GiB on 8 ranks");
+    let e = LoadedConfig::load(&repo().join("configs/stage2.toml"), &["distributed.zero_stage=4".to_string()]).unwrap_err();
+    assert!(format!("{e:#}").contains("zero_stage"), "{e:#}");
+}
+
+/// `optimizer.offload = "cpu"` moves the f32 master slice, both moments and the gradient slice
+/// (16 bytes per trainable element, sharded over the ranks) to host memory: full stage 2 then
+/// fits one 80 GB GPU, with 128 GiB of host memory for the optimizer (64 GiB per rank on two).
+#[test]
+fn an_offloaded_optimizer_is_planned_in_host_memory() {
+    let gpu = 80e9 / (1u64 << 30) as f64;
+    let gib = (1u64 << 30) as f64;
+    let overrides = vec!["optimizer.offload=cpu".to_string()];
+    let loaded = LoadedConfig::load(&repo().join("configs/stage2.toml"), &overrides).unwrap();
+    for world in [1usize, 2] {
+        let plan = fila_train::plan::plan_of(&loaded, world).unwrap();
+        let host = 16.0 * 8_571_778_688f64 / world as f64;
+        assert!((plan.host_total() - host).abs() < 1e-6 * host, "{world} ranks: host {} GiB", plan.host_total() / gib);
+        assert!(plan.total() / gib < gpu, "{world} ranks: {} GiB on the GPU", plan.total() / gib);
+        // The device keeps the weights, a backward's gradients and the activations, not the state.
+        let device_terms: Vec<&str> = plan.resident.iter().chain(&plan.phase.1).filter(|t| t.bytes > 0.0).map(|t| t.name).collect();
+        assert!(!device_terms.contains(&"optimizer state") && !device_terms.contains(&"master slice"), "{device_terms:?}");
+        assert!(plan.render().contains("host total"));
+    }
+    let plain = fila_train::plan::plan_of(&LoadedConfig::load(&repo().join("configs/stage2.toml"), &[]).unwrap(), 1).unwrap();
+    assert_eq!(plain.host_total(), 0.0);
+    assert!(!plain.render().contains("host total"));
+}

@@ -22,16 +22,10 @@ fn lora_sets(init: &Path) -> Vec<String> {
         .collect()
 }
 
-fn stage1(dir: &Path) -> std::path::PathBuf {
-    let s1 = dir.join("s1");
-    ok(&fila_train(&tiny(1), &s1, &["train.max_steps=1"], &[]));
-    s1.join("final")
-}
-
 #[test]
 fn a_lora_stage_2_trains_adapters_resumes_exactly_and_exports_the_merged_model() {
     let tmp = tempfile::tempdir().unwrap();
-    let init = stage1(tmp.path());
+    let init = stage1_export(tmp.path());
     let sets = lora_sets(&init);
     let straight = tmp.path().join("straight");
     let text = ok(&fila_train(&tiny(2), &straight, &refs(&sets), &[]));
@@ -101,7 +95,7 @@ fn a_lora_stage_2_trains_adapters_resumes_exactly_and_exports_the_merged_model()
 #[test]
 fn two_ranks_with_lora_train_like_one_process() {
     let tmp = tempfile::tempdir().unwrap();
-    let init = stage1(tmp.path());
+    let init = stage1_export(tmp.path());
     assert_two_ranks_train_adapters_like_one(tmp.path(), &lora_sets(&init));
 }
 
@@ -133,7 +127,7 @@ fn the_lora_recipe_plans_within_one_80_gb_gpu() {
 fn a_lora_run_trains_adapters_and_the_named_parts_of_the_language_model() {
     let _lock = autodiff_lock();
     let tmp = tempfile::tempdir().unwrap();
-    let init = stage1(tmp.path());
+    let init = stage1_export(tmp.path());
     let set_of = |modules: &str| {
         let overrides = vec![format!("model.checkpoint={}", init.display()), "lora.r=4".into(), format!("trainable.modules={modules}")];
         let loaded = LoadedConfig::load(&tiny(2), &overrides).unwrap();

@@ -142,7 +142,7 @@ fn the_slice_is_built_and_written_back_bucket_by_bucket() {
             std::thread::spawn(move || {
                 let world = World { rank, size: WORLD, local_rank: rank, master_addr: "127.0.0.1".into(), master_port: port, launcher: Launcher::Torchrun };
                 let comm = Comm::connect(world, &Fingerprint { binary: 0, config: 0 }, Duration::from_secs(30)).unwrap();
-                let config = OptimizerConfig { lr: 1e-3, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.0 };
+                let config = OptimizerConfig { lr: 1e-3, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.0, offload: Default::default() };
                 let opt = AdamW::new(config, &set, FlatLayout::new(&set, WORLD, rank, BUCKET), &model, &Default::default());
                 drop(opt.write_back(model.clone(), &comm).unwrap()); // warm-up
                 gate.wait(); // measured from here

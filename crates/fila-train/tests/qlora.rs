@@ -38,9 +38,7 @@ fn qlora_sets(init: &Path) -> Vec<String> {
 #[test]
 fn a_qlora_stage_2_trains_on_nf4_weights_resumes_exactly_and_exports_the_merged_model() {
     let tmp = tempfile::tempdir().unwrap();
-    let s1 = tmp.path().join("s1");
-    ok(&fila_train(&tiny(1), &s1, &["train.max_steps=1"], &[]));
-    let init = s1.join("final");
+    let init = stage1_export(tmp.path());
     let sets = qlora_sets(&init);
     let straight = tmp.path().join("straight");
     let text = ok(&fila_train(&tiny(2), &straight, &refs(&sets), &[]));
@@ -129,9 +127,7 @@ fn a_qlora_stage_2_trains_on_nf4_weights_resumes_exactly_and_exports_the_merged_
 #[test]
 fn two_ranks_with_qlora_train_like_one_process() {
     let tmp = tempfile::tempdir().unwrap();
-    let s1 = tmp.path().join("s1");
-    ok(&fila_train(&tiny(1), &s1, &["train.max_steps=1"], &[]));
-    assert_two_ranks_train_adapters_like_one(tmp.path(), &qlora_sets(&s1.join("final")));
+    assert_two_ranks_train_adapters_like_one(tmp.path(), &qlora_sets(&stage1_export(tmp.path())));
 }
 
 #[test]
@@ -145,9 +141,7 @@ fn qlora_settings_are_checked() {
     let err = failed(&fila_train(&tiny(2), &out, &["lora.r=8", "lora.base_bits=8"], &["--check"]));
     assert!(err.contains("`lora.base_bits` = 8"), "{err}");
     // A part of the language model trained in full must not be an NF4 projection.
-    let s1 = tmp.path().join("s1");
-    ok(&fila_train(&tiny(1), &s1, &["train.max_steps=1"], &[]));
-    let mut sets = qlora_sets(&s1.join("final"));
+    let mut sets = qlora_sets(&stage1_export(tmp.path()));
     sets.push(r#"trainable.modules=["projector", "llm.model.layers.0.mlp.up_proj"]"#.into());
     let err = failed(&fila_train(&tiny(2), &out, &refs(&sets), &[]));
     assert!(err.contains("trains `llm.model.layers.0.mlp.up_proj.weight`") && err.contains("NF4"), "{err}");

@@ -35,6 +35,19 @@ fn assert_close(what: &str, cpu: &BTreeMap<u64, f64>, gpu: &BTreeMap<u64, f64>) 
     }
 }
 
+/// Two wgpu runs that differ only in where AdamW runs: losses within 1e-5 relative, final weights
+/// within 2e-5.
+fn assert_same_run(what: &str, a: &std::path::Path, b: &std::path::Path) {
+    let (la, lb) = (losses(a), losses(b));
+    assert_eq!(la.keys().collect::<Vec<_>>(), lb.keys().collect::<Vec<_>>(), "{what}: steps");
+    for (step, x) in &la {
+        assert!((x - lb[step]).abs() <= 1e-5 * x.abs(), "{what} step {step}: {x} against {}", lb[step]);
+    }
+    let (wa, wb) = (tensors(&a.join("final/model.safetensors")), tensors(&b.join("final/model.safetensors")));
+    let worst = wa.iter().map(|(name, (_, v))| max_abs_diff(v, &wb[name].1)).fold(0.0f32, f32::max);
+    assert!(worst <= 2e-5, "{what}: largest weight difference {worst}");
+}
+
 /// `configs/tiny/stage1.toml` starting from the FILA checkpoint `init` instead of fresh
 /// parameters (each backend draws its own from the seed), with its paths made absolute.
 fn stage1_from(init: &std::path::Path, dir: &std::path::Path) -> std::path::PathBuf {
@@ -74,6 +87,16 @@ fn tiny_stages_on_wgpu_follow_the_cpu_and_resume() {
     let text = run1(&dir("split"), &gpu, &["--resume"]);
     assert!(text.contains("resumed from") && text.contains("at step 2"), "{text}");
     assert_close("stage 1 resumed", &gpu1, &losses(&dir("split")));
+
+    // The optimizer offloaded to the CPU (`optimizer.offload = "cpu"`): the model and gradients
+    // on wgpu, the state and the update (the fused CPU pass) in host memory. The same run as on
+    // the device up to the update's float rounding; and its checkpoint resumes without offload.
+    let offload = with(&gpu.iter().map(String::as_str).collect::<Vec<_>>(), &["optimizer.offload=cpu"]);
+    run1(&dir("offload"), &offload, &[]);
+    assert_same_run("stage 1, optimizer on the CPU", &dir("gpu1"), &dir("offload"));
+    run1(&dir("offload-split"), &offload, &["--stop-after", "2"]);
+    run1(&dir("offload-split"), &gpu, &["--resume"]);
+    assert_same_run("stage 1, offloaded then resumed on the device", &dir("gpu1"), &dir("offload-split"));
 
     // Stage 2 (everything trained, tiled images) from the same export, on both backends.
     let init = format!("model.checkpoint={}", dir("init").join("final").display());

@@ -538,9 +538,22 @@ mod tests {
 
     type A = Autodiff<Flex>;
 
+    /// Uniform values in [-2, 2) from `seed`, drawn from a generator of its own: the backend's
+    /// global one is shared with the other tests of this binary running at the same time.
     fn random<const D: usize>(shape: [usize; D], seed: u64) -> Tensor<A, D> {
-        A::seed(&Default::default(), seed);
-        Tensor::random(shape, Distribution::Uniform(-2.0, 2.0), &Default::default())
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = (0..n)
+            .map(|_| {
+                // xorshift64*
+                state ^= state >> 12;
+                state ^= state << 25;
+                state ^= state >> 27;
+                let bits = state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40;
+                bits as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+            })
+            .collect();
+        Tensor::from_data(TensorData::new(values, shape), &Default::default())
     }
 
     /// Largest absolute difference, relative to the largest value when that exceeds 1.

@@ -1,88 +1,70 @@
 //! The collectives the trainer uses, behind one type: [`Comm`].
 //!
 //! One process is a world of one and every collective is the identity. Several processes meet at
-//! `MASTER_ADDR:MASTER_PORT`: rank 0 listens, the others connect (a star over TCP). Tensor
-//! collectives on the CPU backend go through that star: rank 0 sums in rank order, so every
-//! rank gets the same bits and a run is deterministic for a given world size. Small host values
-//! (losses, token counts, cursors, flags) always travel over TCP.
+//! the rendezvous ([`super::rendezvous`]) and talk over a TCP star ([`super::tcp`]): small host
+//! values (losses, token counts, cursors, flags) always, and the tensor collectives unless a
+//! device engine took them over. With the `cuda` feature, a run on CUDA with several ranks (or
+//! `FILA_NCCL=1`) runs the tensor collectives on NCCL ([`super::nccl`]), on the GPU memory
+//! itself; a tensor NCCL cannot reach is then an error, never a silent fall back to TCP.
 //!
-//! With the `cuda` feature, a run on CUDA with several ranks (or `FILA_NCCL=1`) runs the tensor
-//! collectives on NCCL instead ([`super::nccl`]), on the GPU memory itself; a tensor NCCL cannot
-//! reach is then an error, never a silent fall back to TCP.
+//! Tensor collectives can be started and waited for later ([`Comm::start`], [`Pending`]): the
+//! communication runs on its own thread (TCP) or stream (NCCL) while the caller computes, which
+//! is how the optimizer overlaps the gradients' reduce-scatter with the backward pass. Every
+//! rank starts the same collectives in the same order; results do not depend on when they are
+//! waited for.
 //!
 //! Faults never hang: a rank that exits is seen at once (its socket closes), one that stops
 //! answering after the timeout (`FILA_DIST_TIMEOUT`, seconds), and the first rank to see a
 //! failure tells the others, so every rank ends with an error naming the rank at fault.
 
+use super::engine::{Engine, InFlight, Op};
+pub use super::rendezvous::Fingerprint;
+use super::rendezvous::{accept_ranks, join_root};
+use super::tcp::{Star, Tcp};
 use super::world::World;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use burn::prelude::*;
-use burn::tensor::TensorData;
 use fila_data::{BadRecordCounts, DataCursor};
-use std::io::{ErrorKind, Read, Write};
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::marker::PhantomData;
 use std::time::{Duration, Instant};
 
 /// How long a rank waits for another before giving up, unless `FILA_DIST_TIMEOUT` says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(900);
 
-/// What every rank must agree on before training: the same program and the same run.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Fingerprint {
-    pub binary: u64,
-    pub config: u64,
-}
-
-impl Fingerprint {
-    /// Hashes this executable's bytes and the resolved config text.
-    pub fn of_this_process(config_text: &str) -> Result<Self> {
-        let exe = std::env::current_exe().context("locating this executable")?;
-        let bytes = std::fs::read(&exe).with_context(|| format!("reading {} to compare binaries across ranks", exe.display()))?;
-        Ok(Self { binary: hash(&bytes), config: hash(config_text.as_bytes()) })
-    }
-
-    fn to_bytes(&self) -> Vec<u8> {
-        [self.binary.to_le_bytes(), self.config.to_le_bytes()].concat()
-    }
-
-    fn from_bytes(b: &[u8]) -> Option<Self> {
-        (b.len() == 16).then(|| Self { binary: u64::from_le_bytes(b[..8].try_into().unwrap()), config: u64::from_le_bytes(b[8..].try_into().unwrap()) })
-    }
-}
-
-/// FNV-1a: fixed, so every rank computes the same value for the same bytes.
-fn hash(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
-}
-
-const DATA: u8 = 1;
-const ABORT: u8 = 2;
-
 /// The collective engine of this process.
 pub struct Comm {
     world: World,
+    /// How long a collective may wait for another rank (the NCCL engine's too).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     timeout: Duration,
-    /// Rank 0: the link to rank r at index r − 1. Other ranks: the link to rank 0.
-    links: Vec<TcpStream>,
-    /// Tensor collectives on CUDA tensors, once [`Comm::use_gpu`] set them up.
-    #[cfg(feature = "cuda")]
-    nccl: Option<super::nccl::Nccl>,
+    /// The star: host values always, tensors unless `device_engine` is set.
+    tcp: Tcp,
+    /// The tensor collectives' engine on the run's device (NCCL), once [`Comm::use_gpu`] set it up.
+    device_engine: Option<Box<dyn Engine>>,
+}
+
+/// A tensor collective started by [`Comm::start`]; [`Pending::wait`] gives its result.
+pub struct Pending<I: Backend> {
+    op: Box<dyn InFlight>,
+    _backend: PhantomData<I>,
+}
+
+impl<I: Backend> Pending<I> {
+    pub fn wait(self) -> Result<Tensor<I, 1>> {
+        let flat = self.op.wait()?;
+        Ok(*flat.into_any().downcast::<Tensor<I, 1>>().expect("an engine answers on the backend it was given"))
+    }
 }
 
 impl Comm {
     /// A world of one: every collective returns its input.
     pub fn single() -> Self {
-        Self::new(World::single(), DEFAULT_TIMEOUT, Vec::new())
+        Self::with_links(World::single(), DEFAULT_TIMEOUT, Vec::new(), Duration::ZERO).expect("a world of one starts no thread")
     }
 
-    fn new(world: World, timeout: Duration, links: Vec<TcpStream>) -> Self {
-        Self {
-            world,
-            timeout,
-            links,
-            #[cfg(feature = "cuda")]
-            nccl: None,
-        }
+    fn with_links(world: World, timeout: Duration, links: Vec<std::net::TcpStream>, delay: Duration) -> Result<Self> {
+        let star = Star { rank: world.rank, size: world.size, timeout, links, delay };
+        Ok(Self { tcp: Tcp::start(star)?, world, timeout, device_engine: None })
     }
 
     /// Moves the tensor collectives of a run on `device` to NCCL: always with several ranks on
@@ -100,7 +82,7 @@ impl Comm {
             // names what is missing (cudarc panics on a missing driver library).
             crate::backend::cuda_preflight(ordinal)?;
             let nccl = super::nccl::Nccl::connect(self.world.rank, self.world.size, ordinal, self.timeout, |mine| Ok(self.exchange(&mine)?.swap_remove(0)))?;
-            self.nccl = Some(nccl);
+            self.device_engine = Some(Box::new(std::rc::Rc::new(nccl)));
         }
         #[cfg(not(feature = "cuda"))]
         let _ = ordinal;
@@ -113,20 +95,24 @@ impl Comm {
 
     /// The timeout from `FILA_DIST_TIMEOUT` (seconds) or [`DEFAULT_TIMEOUT`].
     pub fn timeout_from_env() -> Result<Duration> {
-        match std::env::var("FILA_DIST_TIMEOUT") {
-            Ok(s) => {
-                let secs: f64 =
-                    s.trim().parse().ok().filter(|v: &f64| *v > 0.0).with_context(|| format!("FILA_DIST_TIMEOUT={s:?}: expected seconds above 0"))?;
-                Ok(Duration::from_secs_f64(secs))
-            }
-            Err(_) => Ok(DEFAULT_TIMEOUT),
-        }
+        duration_from_env("FILA_DIST_TIMEOUT", 1.0, "seconds above 0", |v| v > 0.0).map(|d| d.unwrap_or(DEFAULT_TIMEOUT))
+    }
+
+    /// `FILA_DIST_DELAY_MS`: milliseconds the TCP engine waits before each tensor collective, as
+    /// a slow network would (to measure how much communication the overlap hides); 0 when unset.
+    pub fn delay_from_env() -> Result<Duration> {
+        duration_from_env("FILA_DIST_DELAY_MS", 1e-3, "milliseconds, 0 or more", |v| v >= 0.0).map(Option::unwrap_or_default)
     }
 
     /// Meets the other ranks of `world` and checks that they run the same binary and config.
     pub fn connect(world: World, fingerprint: &Fingerprint, timeout: Duration) -> Result<Self> {
+        Self::connect_with_delay(world, fingerprint, timeout, Duration::ZERO)
+    }
+
+    /// [`Comm::connect`] with `delay` before every tensor collective over TCP ([`Comm::delay_from_env`]).
+    pub fn connect_with_delay(world: World, fingerprint: &Fingerprint, timeout: Duration, delay: Duration) -> Result<Self> {
         if world.size == 1 {
-            return Ok(Self::new(world, timeout, Vec::new()));
+            return Self::with_links(world, timeout, Vec::new(), delay);
         }
         let deadline = Instant::now() + timeout;
         let links = if world.is_root() { accept_ranks(&world, fingerprint, deadline)? } else { vec![join_root(&world, fingerprint, deadline)?] };
@@ -134,7 +120,7 @@ impl Comm {
             l.set_read_timeout(Some(timeout))?;
             l.set_nodelay(true)?;
         }
-        Ok(Self::new(world, timeout, links))
+        Self::with_links(world, timeout, links, delay)
     }
 
     /// The run-wide data position, agreed in one exchange: the earliest of the ranks' cursors
@@ -157,23 +143,8 @@ impl Comm {
 
     /// Every rank's `bytes`, in rank order, on every rank.
     pub fn exchange(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
-        if self.world.size == 1 {
-            return Ok(vec![bytes.to_vec()]);
-        }
-        if self.world.is_root() {
-            let mut all = vec![bytes.to_vec()];
-            for r in 1..self.world.size {
-                all.push(self.recv_from(r)?);
-            }
-            let packed = pack(&all);
-            for r in 1..self.world.size {
-                self.send_to(r, DATA, &packed)?;
-            }
-            Ok(all)
-        } else {
-            self.send_to(0, DATA, bytes)?;
-            unpack(&self.recv_from(0)?, self.world.size)
-        }
+        let bytes = bytes.to_vec();
+        self.tcp.call(move |star| star.exchange(&bytes))
     }
 
     /// Waits until every rank gets here.
@@ -207,358 +178,66 @@ impl Comm {
         Ok(out)
     }
 
+    /// Starts the tensor collective `op` on the flat f32 tensor `t`; the caller may compute while
+    /// it runs and takes the result with [`Pending::wait`]. A reduce-scatter's length must be a
+    /// multiple of the world size (NCCL would drop the tail silently; checked before either
+    /// engine sees it), a broadcast's root a rank.
+    pub fn start<I: Backend>(&self, op: Op, t: Tensor<I, 1>) -> Result<Pending<I>> {
+        let (n, w) = (t.dims()[0], self.world.size);
+        match op {
+            Op::ReduceScatter => assert_eq!(n % w, 0, "reduce_scatter of {n} elements over {w} ranks"),
+            Op::Broadcast { root } => assert!(root < w, "broadcast from rank {root} in a world of {w}"),
+            Op::AllReduce | Op::AllGather => {}
+        }
+        let engine: &dyn Engine = self.device_engine.as_deref().unwrap_or(&self.tcp);
+        Ok(Pending { op: engine.start(op, Box::new(t))?, _backend: PhantomData })
+    }
+
     /// The sum over ranks of a flat tensor, on every rank.
     pub fn all_reduce<I: Backend>(&self, t: Tensor<I, 1>) -> Result<Tensor<I, 1>> {
-        #[cfg(feature = "cuda")]
-        if let Some(nccl) = &self.nccl {
-            return nccl.all_reduce(&t);
-        }
-        let n = t.dims()[0];
-        self.reduce_and_share(t, |_| 0..n)
+        self.start(Op::AllReduce, t)?.wait()
     }
 
     /// Sums a flat tensor over ranks and keeps this rank's slice: rank r gets elements
     /// `[r·n/W, (r+1)·n/W)`. `n` must be a multiple of the world size.
     pub fn reduce_scatter<I: Backend>(&self, t: Tensor<I, 1>) -> Result<Tensor<I, 1>> {
-        let (n, w) = (t.dims()[0], self.world.size);
-        // NCCL would drop the tail silently.
-        assert_eq!(n % w, 0, "reduce_scatter of {n} elements over {w} ranks");
-        #[cfg(feature = "cuda")]
-        if let Some(nccl) = &self.nccl {
-            return nccl.reduce_scatter(&t);
-        }
-        let k = n / w;
-        self.reduce_and_share(t, |r| r * k..(r + 1) * k)
-    }
-
-    /// The TCP path of both reductions: rank 0 sums in rank order and sends rank r the elements
-    /// `part(r)` of the sum.
-    fn reduce_and_share<I: Backend>(&self, t: Tensor<I, 1>, part: impl Fn(usize) -> std::ops::Range<usize>) -> Result<Tensor<I, 1>> {
-        if self.world.size == 1 {
-            return Ok(t);
-        }
-        let device = t.device();
-        let summed = self.reduce_at_root(&t)?;
-        let mine = if self.world.is_root() {
-            for r in 1..self.world.size {
-                self.send_to(r, DATA, &f32_bytes(&summed[part(r)]))?;
-            }
-            summed[part(0)].to_vec()
-        } else {
-            bytes_f32(&self.recv_from(0)?, part(self.world.rank).len(), 0)?
-        };
-        let k = mine.len();
-        Ok(Tensor::from_data(TensorData::new(mine, [k]), &device))
+        self.start(Op::ReduceScatter, t)?.wait()
     }
 
     /// Every rank's equal-length slice, concatenated in rank order, on every rank.
     pub fn all_gather<I: Backend>(&self, t: Tensor<I, 1>) -> Result<Tensor<I, 1>> {
-        let w = self.world.size;
-        #[cfg(feature = "cuda")]
-        if let Some(nccl) = &self.nccl {
-            return nccl.all_gather(&t);
-        }
-        if w == 1 {
-            return Ok(t);
-        }
-        let device = t.device();
-        let k = t.dims()[0];
-        let all = self.exchange(&f32_bytes(&t.into_data().to_vec::<f32>().map_err(|e| anyhow!("{e:?}"))?))?;
-        let mut out = Vec::with_capacity(k * w);
-        for (r, b) in all.iter().enumerate() {
-            out.extend(bytes_f32(b, k, r)?);
-        }
-        Ok(Tensor::from_data(TensorData::new(out, [k * w]), &device))
+        self.start(Op::AllGather, t)?.wait()
     }
 
     /// Rank `root`'s flat tensor on every rank (`t` is only read on `root`; the others pass any
     /// tensor of the same length).
     pub fn broadcast<I: Backend>(&self, t: Tensor<I, 1>, root: usize) -> Result<Tensor<I, 1>> {
-        let (w, me) = (self.world.size, self.world.rank);
-        assert!(root < w, "broadcast from rank {root} in a world of {w}");
-        #[cfg(feature = "cuda")]
-        if let Some(nccl) = &self.nccl {
-            return nccl.broadcast(&t, root);
-        }
-        if w == 1 {
-            return Ok(t);
-        }
-        let device = t.device();
-        let n = t.dims()[0];
-        let values = if me == root { t.into_data().to_vec::<f32>().map_err(|e| anyhow!("{e:?}"))? } else { Vec::new() };
-        // Through rank 0, the centre of the star.
-        let at_centre = match (me, root) {
-            (0, 0) => values.clone(),
-            (0, _) => bytes_f32(&self.recv_from(root)?, n, root)?,
-            (_, _) if me == root => {
-                self.send_to(0, DATA, &f32_bytes(&values))?;
-                Vec::new()
-            }
-            _ => Vec::new(),
-        };
-        if me == 0 {
-            for r in (1..w).filter(|&r| r != root) {
-                self.send_to(r, DATA, &f32_bytes(&at_centre))?;
-            }
-        }
-        let mine = if me == root {
-            values
-        } else if me == 0 {
-            at_centre
-        } else {
-            bytes_f32(&self.recv_from(0)?, n, 0)?
-        };
-        Ok(Tensor::from_data(TensorData::new(mine, [n]), &device))
+        self.start(Op::Broadcast { root }, t)?.wait()
     }
 
     /// Tells the other ranks that this one fails with `message` (best effort: called on the way
     /// out, so they stop at once instead of waiting for the timeout).
     pub fn abort(&self, message: &str) {
-        let text = format!("rank {} failed: {message}", self.world.rank);
-        for l in &self.links {
-            let _ = write_frame(l, ABORT, text.as_bytes());
-        }
-        linger(&self.links.iter().collect::<Vec<_>>());
-    }
-
-    /// Rank 0 receives every rank's vector and sums them in rank order; other ranks send theirs
-    /// and get an empty vector back.
-    fn reduce_at_root<I: Backend>(&self, t: &Tensor<I, 1>) -> Result<Vec<f32>> {
-        let n = t.dims()[0];
-        let mine: Vec<f32> = t.to_data().convert::<f32>().to_vec().map_err(|e| anyhow!("{e:?}"))?;
-        if !self.world.is_root() {
-            self.send_to(0, DATA, &f32_bytes(&mine))?;
-            return Ok(Vec::new());
-        }
-        let mut acc = mine;
-        for r in 1..self.world.size {
-            let theirs = bytes_f32(&self.recv_from(r)?, n, r)?;
-            for (a, b) in acc.iter_mut().zip(theirs) {
-                *a += b;
-            }
-        }
-        Ok(acc)
-    }
-
-    fn link(&self, rank: usize) -> &TcpStream {
-        if self.world.is_root() {
-            &self.links[rank - 1]
-        } else {
-            &self.links[0]
-        }
-    }
-
-    fn send_to(&self, rank: usize, tag: u8, payload: &[u8]) -> Result<()> {
-        write_frame(self.link(rank), tag, payload).map_err(|e| self.fail(rank, link_error(rank, &e, self.timeout)))
-    }
-
-    fn recv_from(&self, rank: usize) -> Result<Vec<u8>> {
-        match read_frame(self.link(rank)) {
-            Ok((DATA, payload)) => Ok(payload),
-            Ok((_, payload)) => {
-                let message = String::from_utf8_lossy(&payload).into_owned();
-                Err(self.fail(rank, anyhow!("{message}")))
-            }
-            Err(e) => Err(self.fail(rank, link_error(rank, &e, self.timeout))),
-        }
-    }
-
-    /// On rank 0, a failure seen on one link is passed on to every other rank before returning.
-    fn fail(&self, from: usize, error: anyhow::Error) -> anyhow::Error {
-        if self.world.is_root() {
-            let text = format!("{error:#}");
-            let others: Vec<&TcpStream> = (1..self.world.size).filter(|&r| r != from).map(|r| self.link(r)).collect();
-            for l in &others {
-                let _ = write_frame(l, ABORT, text.as_bytes());
-            }
-            linger(&others);
-        }
-        error
+        self.tcp.abort(message);
     }
 }
 
-/// Before this process exits: ends its side of `links` and reads what the peers still send until
-/// they close (at most 2 s). Closing a socket with unread data would reset the connection and
-/// could discard the abort message the peer has not read yet.
-fn linger(links: &[&TcpStream]) {
-    let deadline = Instant::now() + Duration::from_secs(2);
-    for l in links {
-        let _ = l.shutdown(std::net::Shutdown::Write);
-    }
-    for mut l in links.iter().copied() {
-        let mut sink = [0u8; 65536];
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || l.set_read_timeout(Some(left)).is_err() {
-                break;
-            }
-            match l.read(&mut sink) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-    }
-}
-
-fn link_error(rank: usize, e: &std::io::Error, timeout: Duration) -> anyhow::Error {
-    match e.kind() {
-        ErrorKind::WouldBlock | ErrorKind::TimedOut => anyhow!(
-            "rank {rank} did not answer within {} s: it is stuck or much slower than the others (raise FILA_DIST_TIMEOUT if it is only slow)",
-            timeout.as_secs_f64()
-        ),
-        ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted => {
-            anyhow!("rank {rank} closed its connection: it exited or was killed (see its own output)")
-        }
-        _ => anyhow!("talking to rank {rank}: {e}"),
-    }
-}
-
-fn write_frame(mut s: &TcpStream, tag: u8, payload: &[u8]) -> std::io::Result<()> {
-    let mut head = [0u8; 9];
-    head[0] = tag;
-    head[1..].copy_from_slice(&(payload.len() as u64).to_le_bytes());
-    s.write_all(&head)?;
-    s.write_all(payload)?;
-    s.flush()
-}
-
-fn read_frame(mut s: &TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
-    let mut head = [0u8; 9];
-    s.read_exact(&mut head)?;
-    let len = u64::from_le_bytes(head[1..].try_into().unwrap()) as usize;
-    let mut payload = vec![0u8; len];
-    s.read_exact(&mut payload)?;
-    Ok((head[0], payload))
-}
-
-fn pack(parts: &[Vec<u8>]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(parts.iter().map(|p| p.len() + 8).sum());
-    for p in parts {
-        out.extend((p.len() as u64).to_le_bytes());
-        out.extend(p);
-    }
-    out
-}
-
-fn unpack(mut bytes: &[u8], count: usize) -> Result<Vec<Vec<u8>>> {
-    let mut out = Vec::with_capacity(count);
-    for _ in 0..count {
-        if bytes.len() < 8 {
-            bail!("a truncated message from rank 0");
-        }
-        let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-        let body = bytes.get(8..8 + len).context("a truncated message from rank 0")?;
-        out.push(body.to_vec());
-        bytes = &bytes[8 + len..];
-    }
-    Ok(out)
-}
-
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-fn bytes_f32(b: &[u8], n: usize, rank: usize) -> Result<Vec<f32>> {
-    if b.len() != 4 * n {
-        bail!("rank {rank} sent {} values where {n} were expected: the ranks are out of step", b.len() / 4);
-    }
-    Ok(b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
-}
-
-/// Rank 0: accepts the other ranks until the deadline, checks their fingerprints, answers each.
-/// A refusal waits for every rank to join (or the deadline) so each of them hears the reason.
-fn accept_ranks(world: &World, fingerprint: &Fingerprint, deadline: Instant) -> Result<Vec<TcpStream>> {
-    let listener = TcpListener::bind(("0.0.0.0", world.master_port))
-        .with_context(|| format!("rank 0 cannot listen on port {} (in use by another run? set MASTER_PORT to a free port)", world.master_port))?;
-    listener.set_nonblocking(true)?;
-    let mut links: Vec<Option<TcpStream>> = (1..world.size).map(|_| None).collect();
-    // Connections that cannot take a rank's place (a duplicate or out-of-range rank).
-    let mut strays: Vec<TcpStream> = Vec::new();
-    let mut refusal: Option<String> = None;
-    while links.iter().any(Option::is_none) {
-        match listener.accept() {
-            Ok((s, _)) => {
-                s.set_nonblocking(false)?;
-                s.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))))?;
-                let (_, hello) = read_frame(&s).context("reading a joining rank's greeting")?;
-                let rank = u32::from_le_bytes(hello.get(..4).context("a short greeting")?.try_into().unwrap()) as usize;
-                let theirs = Fingerprint::from_bytes(&hello[4..]).context("a malformed greeting")?;
-                if rank == 0 || rank >= world.size || links[rank - 1].is_some() {
-                    refusal.get_or_insert(format!("rank 0 refused a process calling itself rank {rank}: ranks must be 1..{} and unique", world.size - 1));
-                    strays.push(s);
-                    continue;
-                }
-                if theirs.binary != fingerprint.binary {
-                    refusal.get_or_insert(format!("rank {rank} runs a different fila-train binary than rank 0: install the same build on every node"));
-                } else if theirs.config != fingerprint.config {
-                    refusal.get_or_insert(format!(
-                        "rank {rank} resolved a different config than rank 0: give every rank the same config file, overrides and checkpoint folder"
-                    ));
-                }
-                links[rank - 1] = Some(s);
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                if Instant::now() >= deadline {
-                    let missing: Vec<String> = links.iter().enumerate().filter(|(_, l)| l.is_none()).map(|(i, _)| (i + 1).to_string()).collect();
-                    refusal.get_or_insert(format!(
-                        "rank 0 waited at port {} for ranks {} that never joined: start all {} processes (and check MASTER_ADDR / firewall)",
-                        world.master_port,
-                        missing.join(", "),
-                        world.size
-                    ));
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => return Err(e).context("accepting a rank"),
-        }
-    }
-    if let Some(text) = refusal {
-        let joined: Vec<&TcpStream> = links.iter().flatten().chain(&strays).collect();
-        for l in &joined {
-            let _ = write_frame(l, ABORT, text.as_bytes());
-        }
-        linger(&joined);
-        bail!("{text}");
-    }
-    let links: Vec<TcpStream> = links.into_iter().map(Option::unwrap).collect();
-    for l in &links {
-        write_frame(l, DATA, b"ok")?;
-    }
-    Ok(links)
-}
-
-/// Other ranks: connects to rank 0 (retrying until the deadline: it may start later) and greets it.
-fn join_root(world: &World, fingerprint: &Fingerprint, deadline: Instant) -> Result<TcpStream> {
-    let target = format!("{}:{}", world.master_addr, world.master_port);
-    let stream = loop {
-        let attempt = target.to_socket_addrs().map_err(anyhow::Error::from).and_then(|mut addrs| {
-            let addr = addrs.next().ok_or_else(|| anyhow!("no address"))?;
-            TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(anyhow::Error::from)
-        });
-        match attempt {
-            Ok(s) => break s,
-            Err(e) if Instant::now() >= deadline => {
-                bail!("rank {} could not reach rank 0 at {target} before the timeout ({e}): is rank 0 running, and MASTER_ADDR/MASTER_PORT right?", world.rank)
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
+/// Environment variable `key` as a duration of `unit` seconds per unit, `None` when unset; a value
+/// that is not a number or fails `valid` is an error saying what was `expected`.
+fn duration_from_env(key: &str, unit: f64, expected: &str, valid: impl Fn(f64) -> bool) -> Result<Option<Duration>> {
+    let Ok(s) = std::env::var(key) else {
+        return Ok(None);
     };
-    stream.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))))?;
-    let mut hello = (world.rank as u32).to_le_bytes().to_vec();
-    hello.extend(fingerprint.to_bytes());
-    write_frame(&stream, DATA, &hello)?;
-    match read_frame(&stream) {
-        Ok((DATA, _)) => Ok(stream),
-        Ok((_, why)) => bail!("{}", String::from_utf8_lossy(&why)),
-        Err(e) => Err(link_error(0, &e, deadline.saturating_duration_since(Instant::now()))),
-    }
+    let v: f64 = s.trim().parse().ok().filter(|v| valid(*v)).with_context(|| format!("{key}={s:?}: expected {expected}"))?;
+    Ok(Some(Duration::from_secs_f64(v * unit)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use burn::backend::Flex;
+    use burn::tensor::TensorData;
+    use std::net::TcpListener;
 
     /// Runs `f` on `n` ranks (threads) meeting on a free loopback port.
     fn ranks<T: Send + 'static>(n: usize, fingerprints: Vec<Fingerprint>, f: impl Fn(Result<Comm>) -> T + Send + Sync + Copy + 'static) -> Vec<T> {

@@ -10,16 +10,15 @@
 //! forever. A collective runs on a stream of its own in Burn's (primary) context: Burn's queued
 //! work is synchronised before it, the stream after it.
 
+use super::engine::{Engine, Flat, InFlight, Op};
 use crate::dylib::Library;
 use anyhow::{anyhow, bail, Result};
-use burn::prelude::*;
-use burn::tensor::TensorPrimitive;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::cuda::CudaRuntime;
 use cudarc::driver::{CudaContext, CudaStream, DevicePtr};
-use std::any::Any;
 use std::cell::Cell;
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
+use std::rc::Rc;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -224,17 +223,15 @@ impl Drop for Communicator {
 /// The CubeCL CUDA tensor behind `t`; an error when the backend is another one (Burn's
 /// `fusion` wraps CubeCL's tensors, the CPU backend has none): NCCL was asked for, so falling
 /// back to the host path would hide that it is not used.
-fn cuda_tensor<I: Backend>(t: &Tensor<I, 1>) -> Result<CubeTensor<CudaRuntime>> {
+fn cuda_tensor(t: &dyn Flat) -> Result<CubeTensor<CudaRuntime>> {
     let not_cuda = || {
         anyhow!(
             "NCCL collectives need CubeCL's CUDA tensors, and this run's backend is {} (Burn's `fusion` feature wraps them; build fila without it)",
-            std::any::type_name::<I>()
+            t.backend_name()
         )
     };
-    let TensorPrimitive::Float(primitive) = t.clone().into_primitive() else {
-        return Err(not_cuda());
-    };
-    let cube = (&primitive as &dyn Any).downcast_ref::<CubeTensor<CudaRuntime>>().ok_or_else(not_cuda)?.clone();
+    let primitive = t.primitive();
+    let cube = primitive.downcast_ref::<CubeTensor<CudaRuntime>>().ok_or_else(not_cuda)?.clone();
     if cube.dtype != burn::tensor::DType::F32 || cube.meta.strides().first().is_some_and(|&s| s != 1) {
         bail!("NCCL collectives take contiguous f32 tensors (got {:?})", cube.dtype);
     }
@@ -322,57 +319,37 @@ impl Nccl {
         Ok(())
     }
 
-    /// Sum over ranks.
-    pub fn all_reduce<I: Backend>(&self, t: &Tensor<I, 1>) -> Result<Tensor<I, 1>> {
-        let n = t.dims()[0];
-        let (comm, lib) = (self.comm.comm, self.comm.lib);
-        self.run(t, n, "all-reduce", |src, dst, stream| unsafe { (lib.all_reduce)(src, dst, n, FLOAT32, SUM, comm, stream) })
-    }
-
-    /// Sum over ranks, this rank's `1/size` slice kept; `t`'s length is a multiple of the
-    /// world size ([`super::Comm::reduce_scatter`] checks).
-    pub fn reduce_scatter<I: Backend>(&self, t: &Tensor<I, 1>) -> Result<Tensor<I, 1>> {
-        let k = t.dims()[0] / self.size;
-        let (comm, lib) = (self.comm.comm, self.comm.lib);
-        self.run(t, k, "reduce-scatter", |src, dst, stream| unsafe { (lib.reduce_scatter)(src, dst, k, FLOAT32, SUM, comm, stream) })
-    }
-
-    /// Every rank's slice, in rank order.
-    pub fn all_gather<I: Backend>(&self, t: &Tensor<I, 1>) -> Result<Tensor<I, 1>> {
-        let k = t.dims()[0];
-        let (comm, lib) = (self.comm.comm, self.comm.lib);
-        self.run(t, k * self.size, "all-gather", |src, dst, stream| unsafe { (lib.all_gather)(src, dst, k, FLOAT32, comm, stream) })
-    }
-
-    /// Rank `root`'s values on every rank.
-    pub fn broadcast<I: Backend>(&self, t: &Tensor<I, 1>, root: usize) -> Result<Tensor<I, 1>> {
-        let n = t.dims()[0];
-        let (comm, lib) = (self.comm.comm, self.comm.lib);
-        self.run(t, n, "broadcast", |src, dst, stream| unsafe { (lib.broadcast)(src, dst, n, FLOAT32, root as c_int, comm, stream) })
-    }
-
-    /// Runs one collective from `input` into a new tensor of `out_len` elements.
-    fn run<I: Backend>(
-        &self,
-        input: &Tensor<I, 1>,
-        out_len: usize,
-        name: &str,
-        op: impl FnOnce(*const c_void, *mut c_void, Stream) -> Status,
-    ) -> Result<Tensor<I, 1>> {
-        let what = || format!("NCCL {name} of {} elements on rank {}", input.dims()[0], self.rank);
-        let device = input.device();
-        let output = Tensor::<I, 1>::empty([out_len], &device);
-        let (src, dst) = (cuda_tensor(input)?, cuda_tensor(&output)?);
-        // Burn's queued kernels that write `input` finish before NCCL reads it.
-        I::sync(&device).map_err(|e| anyhow!("synchronising the device before a collective: {e:?}"))?;
+    /// Enqueues `op` on this communicator's stream, reading `input` and writing a new tensor;
+    /// the collective runs while the caller goes on, and [`NcclInFlight::wait`] waits for the
+    /// stream. Burn's queued kernels that write `input` finish before NCCL reads it; the input
+    /// and output stay allocated (held by the operation) until it has been waited for.
+    fn enqueue(self: &Rc<Self>, op: Op, input: Box<dyn Flat>) -> Result<NcclInFlight> {
+        let n = input.len();
+        let what = format!("NCCL {} of {n} elements on rank {}", op.name(), self.rank);
+        let out_len = op.out_len(n, self.size);
+        let output = input.empty_like(out_len);
+        let (src, dst) = (cuda_tensor(input.as_ref())?, cuda_tensor(output.as_ref())?);
+        input.sync()?;
         let stream = self.stream.cu_stream() as Stream;
+        let (comm, lib) = (self.comm.comm, self.comm.lib);
+        let per_rank = n / self.size;
         with_device_ptr(&src, |src| {
             with_device_ptr(&dst, |dst| {
-                self.comm.check(op(src as *const c_void, dst as *mut c_void, stream), &what)?;
-                self.wait_stream(&what)
+                let (src, dst) = (src as *const c_void, dst as *mut c_void);
+                // SAFETY: both buffers are live CUDA allocations of the lengths NCCL is told
+                // (`out_len` for the output), held until the stream has run the collective.
+                let status = unsafe {
+                    match op {
+                        Op::AllReduce => (lib.all_reduce)(src, dst, n, FLOAT32, SUM, comm, stream),
+                        Op::ReduceScatter => (lib.reduce_scatter)(src, dst, per_rank, FLOAT32, SUM, comm, stream),
+                        Op::AllGather => (lib.all_gather)(src, dst, n, FLOAT32, comm, stream),
+                        Op::Broadcast { root } => (lib.broadcast)(src, dst, n, FLOAT32, root as c_int, comm, stream),
+                    }
+                };
+                self.comm.check(status, &|| what.clone())
             })
         })?;
-        Ok(output)
+        Ok(NcclInFlight { nccl: self.clone(), what, _input: input, _buffers: (src, dst), output })
     }
 
     /// Waits until NCCL has enqueued its work and the stream has run it.
@@ -389,9 +366,35 @@ impl Nccl {
     }
 }
 
+/// The engine is shared with its collectives in flight, which wait on its stream.
+impl Engine for Rc<Nccl> {
+    fn start(&self, op: Op, t: Box<dyn Flat>) -> Result<Box<dyn InFlight>> {
+        Ok(Box::new(self.enqueue(op, t)?))
+    }
+}
+
+/// An NCCL collective enqueued on the communicator's stream.
+struct NcclInFlight {
+    nccl: Rc<Nccl>,
+    what: String,
+    _input: Box<dyn Flat>,
+    _buffers: (CubeTensor<CudaRuntime>, CubeTensor<CudaRuntime>),
+    output: Box<dyn Flat>,
+}
+
+impl InFlight for NcclInFlight {
+    /// Waits for the stream (and with it for every collective enqueued before this one).
+    fn wait(self: Box<Self>) -> Result<Box<dyn Flat>> {
+        let what = self.what.clone();
+        self.nccl.wait_stream(&move || what.clone())?;
+        Ok(self.output)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::prelude::Tensor;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[test]
@@ -411,7 +414,7 @@ mod tests {
     #[test]
     fn a_cpu_tensor_is_refused_rather_than_sent_over_tcp() {
         let t = Tensor::<burn::backend::Flex, 1>::zeros([4], &Default::default());
-        let e = cuda_tensor(&t).err().unwrap().to_string();
+        let e = cuda_tensor(&t as &dyn Flat).err().unwrap().to_string();
         assert!(e.contains("need CubeCL's CUDA tensors") && e.contains("Flex"), "{e}");
     }
 

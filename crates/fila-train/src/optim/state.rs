@@ -44,7 +44,7 @@ fn shard_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     Ok(found.into_values().map(|(_, p)| p).collect())
 }
 
-impl<I: Backend> AdamW<I> {
+impl<I: Backend, S: Backend> AdamW<I, S> {
     /// Writes this rank's shard ([`shard_file`]) into `dir`: `exp_avg.<path>` and
     /// `exp_avg_sq.<path>` (and `master.<path>` when [`AdamW::master_in_checkpoint`]) for each
     /// parameter run of the slice (`…@<start>` when the run is part of the parameter), the step

@@ -160,3 +160,39 @@ pub fn llm_logits<B: burn::prelude::Backend>(model: &fila_model::fila::Fila<B>, 
     let ids = Tensor::<B, 2, Int>::from_data(burn::tensor::TensorData::new(vec![1i64, 17, 30, 5, 9, 44, 2, 12], [1, 8]), device);
     model.llm.forward_embeds(model.llm.embed(ids), None, false).logits.into_data().convert::<f32>().to_vec().unwrap()
 }
+
+/// `fila-train --nproc-per-node n`.
+pub fn launched(n: usize, config: &Path, out: &Path, sets: &[&str], extra: &[&str]) -> Output {
+    let n = n.to_string();
+    let mut args = vec!["--nproc-per-node", n.as_str()];
+    args.extend(extra);
+    fila_train(config, out, sets, &args)
+}
+
+/// Losses agree to 1e-5 relative and final weights to 2e-5 absolute: only float summation order
+/// differs (micro-batches padded differently, gradients summed across ranks in rank order), as in
+/// the accumulation test of `cli.rs`.
+pub fn assert_same_run(a: &Path, b: &Path, what: &str) {
+    assert_same_losses(a, b, what);
+    let (wa, wb) = (tensors(&a.join("final/model.safetensors")), tensors(&b.join("final/model.safetensors")));
+    assert_eq!(wa.len(), wb.len());
+    let worst = wa.iter().map(|(name, (_, va))| max_abs_diff(va, &wb[name].1)).fold(0.0f32, f32::max);
+    assert!(worst <= 2e-5, "{what}: largest weight difference {worst}");
+}
+
+pub fn assert_same_losses(a: &Path, b: &Path, what: &str) {
+    let (la, lb) = (losses(a), losses(b));
+    assert_eq!(la.keys().collect::<Vec<_>>(), lb.keys().collect::<Vec<_>>(), "{what}: steps differ");
+    for (step, x) in &la {
+        let y = lb[step];
+        assert!((x - y).abs() <= 1e-5 * x.abs(), "{what}: step {step}: loss {x} vs {y}");
+    }
+}
+
+/// One step of the tiny stage 1 in `dir/s1`, exported: `dir/s1/final`, the model a tiny stage 2
+/// starts from.
+pub fn stage1_export(dir: &Path) -> PathBuf {
+    let s1 = dir.join("s1");
+    ok(&fila_train(&tiny(1), &s1, &["train.max_steps=1"], &[]));
+    s1.join("final")
+}
