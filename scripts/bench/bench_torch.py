@@ -12,8 +12,10 @@ stage 2 FILA's five canvases in turn at micro-batch 1. Each sample is its visual
 text tokens (all scored), right-padded to the longest sample.
 
 Step: forward and backward with the loss on the scored positions only (the LM head projects
-those rows, as ours does), activation checkpointing of the LLM decoder layers when set
-(transformers' gradient checkpointing, non-reentrant: each layer's forward again in the backward),
+those rows, as ours does), activation checkpointing when set: the LLM decoder layers through
+transformers' gradient checkpointing (non-reentrant: each layer's forward again in the backward),
+and the encoder's pieces as fila_train::recompute cuts them (each ConvNeXt stem, downsampling and
+block, each ViT layer with its fusion) through torch.utils.checkpoint, non-reentrant,
 and with --optimizer AdamW over the stage's trainable set after global-norm clipping at 1. With
 --optimizer-world W (default 8 for real stage 2, like ours) AdamW covers whole parameters in order
 up to 1/W of the trainable elements: one rank's update work, without collectives.
@@ -44,6 +46,7 @@ import time
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch.utils.checkpoint import checkpoint  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
@@ -134,11 +137,23 @@ class ConvNext(nn.Module):
             down = [] if i == 0 else [LayerNorm2d(dims[i - 1], eps=1e-6), nn.Conv2d(dims[i - 1], c, 2, stride=2)]
             self.stages.append(nn.Sequential(*down, *[ConvNextBlock(c) for _ in range(depth)]))
 
+    checkpointed = False
+
+    def piece(self, module, x):
+        return checkpoint(module, x, use_reentrant=False) if self.checkpointed else module(x)
+
     def forward(self, x):
-        x = self.stem(x)
+        x = self.piece(self.stem, x)
         maps = []
         for stage in self.stages:
-            x = stage(x)
+            for i, module in enumerate(stage):
+                if isinstance(module, nn.Conv2d):
+                    continue  # runs with the LayerNorm before it: one downsampling piece
+                if isinstance(module, LayerNorm2d):
+                    down = nn.Sequential(module, stage[i + 1])
+                    x = self.piece(down, x)
+                else:
+                    x = self.piece(module, x)
             maps.append(x)
         return maps
 
@@ -226,7 +241,8 @@ class FilaTwin(nn.Module):
             maps = [self.convnext(x) for x in hires]
         vit = self.vit.vision_model if hasattr(self.vit, "vision_model") else self.vit
         h = vit.pre_layrnorm(vit.embeddings(views))
-        for index, layer in enumerate(vit.encoder.layers[: self.p["feature_layer"]]):
+
+        def unit(index, layer, h):
             h = layer(h, None)
             if isinstance(h, tuple):
                 h = h[0]
@@ -234,6 +250,13 @@ class FilaTwin(nn.Module):
                 k = self.p["fusion_layers"].index(index + 1)
                 conv = [self.cvfm[k].view_features(m[k], grid, g) for m, grid in zip(maps, grids)]
                 h = self.cvfm[k](h, torch.cat(conv, 0))
+            return h
+
+        for index, layer in enumerate(vit.encoder.layers[: self.p["feature_layer"]]):
+            if self.convnext.checkpointed:
+                h = checkpoint(unit, index, layer, h, use_reentrant=False)
+            else:
+                h = unit(index, layer, h)
         return h[:, 1:].reshape(-1, h.shape[-1])
 
     def forward(self, views, hires, grids, ids, mask, labels):
@@ -304,6 +327,8 @@ def step_flops(p, grids, seq_len, scored, trains, recompute):
     views = sum(num_views(grid) for grid in grids)
     s = g * g + 1
     dims, strides = p["conv_dims"], [4, 8, 16, 32]
+    again = 0
+    before = fwd
     for rows, cols, _ in grids:
         h, w = rows * g * 32, cols * g * 32
         cells = lambda stride: (h // stride) * (w // stride)  # noqa: E731
@@ -316,9 +341,14 @@ def step_flops(p, grids, seq_len, scored, trains, recompute):
                 weight_op(2 * n * c * 49, trains["convnext"], trains["convnext"])
                 weight_op(2 * n * c * 4 * c, trains["convnext"], trains["convnext"])
                 weight_op(2 * n * 4 * c * c, trains["convnext"], trains["convnext"])
+    if recompute and trains["convnext"]:
+        again += fwd - before
     weight_op(2 * views * g * g * 3 * 14 * 14 * d, trains["vit"], False)
+    if recompute and trains["vit"]:
+        again += 2 * views * g * g * 3 * 14 * 14 * d
     tracked = trains["vit"]
     for layer in range(1, p["feature_layer"] + 1):
+        before = fwd
         weight_op(2 * views * s * d * 3 * d, trains["vit"], tracked)
         activation_op(2 * views * s * s * d, tracked)
         activation_op(2 * views * s * s * d, tracked)
@@ -334,6 +364,8 @@ def step_flops(p, grids, seq_len, scored, trains, recompute):
             weight_op(2 * views * g * g * (d + c) * d, trains["cvfm"], fused_in)
             weight_op(2 * views * g * g * d * d, trains["cvfm"], fused_in)
             tracked = fused_in
+        if recompute and tracked:
+            again += fwd - before
     visual, dl = views * g * g, p["llm_dim"]
     for i in range(2):
         weight_op(2 * visual * (d if i == 0 else dl) * dl, trains["projector"], tracked)
@@ -350,7 +382,7 @@ def step_flops(p, grids, seq_len, scored, trains, recompute):
         weight_op(2 * rows * q * dl, trains["llm"], tracked)
         weight_op(2 * 2 * rows * dl * inter, trains["llm"], tracked)
         weight_op(2 * rows * inter * dl, trains["llm"], tracked)
-    again = fwd - before if recompute else 0
+    again += fwd - before if recompute else 0
     weight_op(2 * scored * dl * p["vocab"], trains["llm"], tracked)
     return fwd, bwd, again
 
@@ -487,6 +519,8 @@ class TorchSide:
                 llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             else:
                 llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            # The encoder's pieces likewise (ConvNext.checkpointed also switches the ViT layers).
+            self.model.convnext.checkpointed = True
         self.trainable = [q for q in self.model.parameters() if q.requires_grad]
         self.optimizer = None
         if o.optimizer:

@@ -9,7 +9,10 @@
 //!   trains, and once more for the input gradient when anything upstream of the input trains;
 //!   a product of two activations (attention) costs twice its forward when a gradient flows.
 //! - Recomputation: with activation checkpointing the decoder layers' forward runs again in the
-//!   backward pass (`fila_train::recompute`), counted as that extra forward. The utilisation
+//!   backward pass (`fila_train::recompute`), and so do the vision encoder's pieces a gradient
+//!   passes: every ConvNeXt piece when ConvNeXt trains, the patch embedding when the ViT trains,
+//!   each ViT layer (with its fusion) once something at or below it trains; counted as that extra
+//!   forward. The utilisation
 //!   therefore includes it (what the hardware did), and [`StepFlops::model`] leaves it out.
 //!
 //! Norms, activations, softmax, pooling and the optimizer are not counted.
@@ -82,7 +85,7 @@ impl StepFlops {
 }
 
 /// FLOPs of one micro-batch's forward and backward: `samples` padded to `seq_len` tokens,
-/// `scored` positions in the loss, `recompute` for activation checkpointing of the LLM layers.
+/// `scored` positions in the loss, `recompute` for activation checkpointing.
 pub fn step_flops(config: &FilaConfig, samples: &[SampleShape], seq_len: usize, scored: usize, trains: Trains, recompute: bool) -> StepFlops {
     let u = |x: usize| x as u64;
     let mut f = StepFlops::default();
@@ -97,6 +100,7 @@ pub fn step_flops(config: &FilaConfig, samples: &[SampleShape], seq_len: usize, 
     let conv = &config.convnext;
     let strides = conv.stage_strides();
     if use_convnext {
+        let before = f.forward;
         for sample in samples {
             let (h, w) = (u(sample.grid.rows) * g * 32, u(sample.grid.cols) * g * 32);
             let cells = |stride: usize| (h / u(stride)) * (w / u(stride));
@@ -115,13 +119,20 @@ pub fn step_flops(config: &FilaConfig, samples: &[SampleShape], seq_len: usize, 
                 }
             }
         }
+        if recompute && trains.convnext {
+            f.recompute += f.forward - before;
+        }
     }
 
     // ViT: patch embedding, then the layers up to the feature layer with CVFM after the fusion layers.
     let p = u(vit.patch_size);
     f.weight_op(2 * views * g * g * u(vit.num_channels) * p * p * d, trains.vit, false);
+    if recompute && trains.vit {
+        f.recompute += 2 * views * g * g * u(vit.num_channels) * p * p * d;
+    }
     let mut tracked = trains.vit; // whether the ViT states carry a gradient
     for layer in 1..=config.hybrid.feature_layer(vit.num_hidden_layers) {
+        let before = f.forward;
         let rows = views * s;
         f.weight_op(2 * rows * d * 3 * d, trains.vit, tracked); // q, k, v
         f.activation_op(2 * views * s * s * d, tracked); // scores, all heads
@@ -142,6 +153,9 @@ pub fn step_flops(config: &FilaConfig, samples: &[SampleShape], seq_len: usize, 
             f.weight_op(2 * views * g * g * (d + c) * d, trains.cvfm, fused_in);
             f.weight_op(2 * views * g * g * d * d, trains.cvfm, fused_in);
             tracked = fused_in;
+        }
+        if recompute && tracked {
+            f.recompute += f.forward - before;
         }
     }
 
@@ -281,9 +295,13 @@ mod tests {
         // Every product computes both gradients, except the stem and the patch embedding,
         // whose inputs are pixels (weight gradient only).
         assert_eq!(f.backward, 2 * forward_total() - 24576 - VIT_EMBED);
-        assert_eq!(f.recompute, LLM_LAYER);
-        assert_eq!(f.total(), 3 * forward_total() - 24576 - VIT_EMBED + LLM_LAYER);
-        assert_eq!(f.model(), f.total() - LLM_LAYER);
+        // Checkpointing recomputes everything but the projector and the head: the decoder layer
+        // and every piece of both towers.
+        let recomputed = forward_total() - PROJECTOR.iter().sum::<u64>() - HEAD;
+        assert_eq!(recomputed, LLM_LAYER + CONVNEXT + VIT_EMBED + 4 * VIT_LAYER + 1440 + 2688 + 2048);
+        assert_eq!(f.recompute, recomputed);
+        assert_eq!(f.total(), 3 * forward_total() - 24576 - VIT_EMBED + recomputed);
+        assert_eq!(f.model(), f.total() - recomputed);
     }
 
     #[test]
@@ -302,7 +320,9 @@ mod tests {
         let llm = (LLM_LAYER - LLM_ACTIVATION_PRODUCTS) + 2 * LLM_ACTIVATION_PRODUCTS + HEAD;
         assert_eq!(f.backward, cvfm + vit + projector + llm);
         assert_eq!(f.backward, 1440 + 5376 + 4096 + 20160 + 768 + 1680 + 1568 + 240);
-        assert_eq!(f.recompute, LLM_LAYER);
+        // Recomputed: the decoder layer and the four ViT layers with their fusions (a gradient
+        // reaches CVFM 1 after layer 1), not the frozen ConvNeXt or the patch embedding.
+        assert_eq!(f.recompute, LLM_LAYER + 4 * VIT_LAYER + ALIGN.iter().sum::<u64>() + FC_IN.iter().sum::<u64>() + 4 * FC_OUT);
     }
 
     #[test]

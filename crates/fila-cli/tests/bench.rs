@@ -49,7 +49,7 @@ fn stage_two_recipe_cycles_the_canvases_with_a_sharded_optimizer() {
 
     let flops = &v["flops_per_step"];
     let (fwd, bwd, rec, total) = (f(flops, "forward"), f(flops, "backward"), f(flops, "recompute"), f(flops, "total"));
-    assert!(rec > 0.0 && rec < fwd, "the LLM layers' second forward is part of the forward");
+    assert!(rec > 0.0 && rec < fwd, "the second forward of the decoder layers and the encoder is part of the forward");
     assert!(bwd > 1.9 * fwd && bwd < 2.0 * fwd, "everything trains: backward is 2× forward but the pixel inputs' gradients");
     assert!((total - (fwd + bwd + rec)).abs() <= 2.0);
     let achieved = f(&v, "achieved_tflops") * 1e12;
