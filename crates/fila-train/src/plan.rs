@@ -444,7 +444,10 @@ fn activations(loaded: &LoadedConfig, arch: &FilaConfig, trains: &dyn Fn(&str) -
     // One ConvNeXt layer's saved activations, in bytes (12 values per pixel and channel).
     let conv_layer = |k: usize| 12.0 * stage_cells(k) * arch.convnext.hidden_sizes[k] as f64 * 2.0 * act_scale;
     let convnext = arch.hybrid.use_convnext;
-    let encoder_act = if recompute {
+    let encoder_trains = trains("vit") || trains("cvfm") || (convnext && trains("convnext"));
+    let encoder_act = if recompute && !encoder_trains {
+        0.0
+    } else if recompute {
         // Kept through the pass (crate::recompute::vision): each ViT layer's f32 input, each
         // ConvNeXt piece's input where ConvNeXt trains (else the four stage maps the fusions
         // read). One layer is recomputed at a time, after the LLM's segments, so its activations

@@ -250,7 +250,7 @@ fn recomputed<B: AutodiffBackend>(
     } else {
         let (features, stored) = vision::forward(&with_embeddings.encoder, &input.images, precision);
         let features = Tensor::<B, 2>::from_inner(features);
-        let features = if trains(&with_embeddings.encoder) { features.require_grad() } else { features };
+        let features = if stored.needs_grad() { features.require_grad() } else { features };
         (Some(precision.forward(|| with_embeddings.projector.forward(features.clone()))), Some((features, stored)))
     };
     let embeds = precision.forward(|| with_embeddings.splice(input.input_ids, visual));

@@ -27,6 +27,14 @@ pub struct Stored<I: Backend> {
     depends: Depends,
 }
 
+impl<I: Backend> Stored<I> {
+    /// Whether the features depend on a trainable parameter of the encoder: only then does
+    /// [`backward`] have anything to do.
+    pub fn needs_grad(&self) -> bool {
+        self.depends.vit.last().copied().unwrap_or(false)
+    }
+}
+
 /// Which stored values depend on a trainable parameter: those need a gradient.
 struct Depends {
     /// Per value of a ConvNeXt batch (the pixels, then each piece's output).
@@ -103,7 +111,13 @@ pub fn forward<B: AutodiffBackend>(
         vit.push(precision.forward(|| encoder.layer(index, h, &images, &maps)));
     }
     let last = vit.pop().expect("the feature layer's output");
-    (HybridEncoder::features(last), Stored { images, conv, vit, depends })
+    let features = HybridEncoder::features(last);
+    let stored = Stored { images, conv, vit, depends };
+    if !stored.needs_grad() {
+        // Nothing in the encoder trains: no backward pass will read them.
+        return (features, Stored { images: Vec::new(), conv: Vec::new(), vit: Vec::new(), ..stored });
+    }
+    (features, stored)
 }
 
 /// The backward pass of [`forward`] given the features' gradient `grad`: recomputes each piece
