@@ -320,9 +320,8 @@ fn recomputed<B: AutodiffBackend>(
         let g = (embeds * Tensor::from_inner(grad)).sum().backward();
         take(&with_embeddings, &g, grads);
         alloc::mark("projector and embeddings backward");
-        if let Some(grad) = vision.and_then(|(features, stored)| features.grad(&g).map(|grad| (grad, stored))) {
+        if let Some((Some(grad), stored)) = vision.map(|(features, stored)| (features.grad(&g), stored)) {
             drop(g);
-            let (grad, stored) = grad;
             vision::backward(&with_embeddings.encoder, stored, grad, precision, &mut |g| take(&with_embeddings, g, grads));
             alloc::mark("encoder recomputed and backward");
         }

@@ -67,6 +67,11 @@ impl Depends {
         Self { conv, vit, ends }
     }
 
+    /// Stage `k`'s map among a ConvNeXt batch's stored `values`.
+    fn stage_map<I: Backend>(&self, values: &[Option<Tensor<I, 4>>], k: usize) -> Tensor<I, 4> {
+        values[self.ends[k]].clone().expect("stage maps are kept")
+    }
+
     /// Whether the backward pass reads ConvNeXt value `v`: the input of a recomputed piece, or a
     /// stage map.
     fn keeps_conv(&self, v: usize) -> bool {
@@ -103,8 +108,7 @@ pub fn forward<B: AutodiffBackend>(
             })
             .collect(),
     };
-    let map = |values: &Vec<Option<Tensor<B::InnerBackend, 4>>>, k: usize| values[depends.ends[k]].clone().expect("stage maps are kept");
-    let maps = |k: usize| -> Vec<Tensor<B::InnerBackend, 4>> { conv.iter().map(|values| map(values, k)).collect() };
+    let maps = |k: usize| -> Vec<Tensor<B::InnerBackend, 4>> { conv.iter().map(|values| depends.stage_map(values, k)).collect() };
     let mut vit = vec![precision.forward(|| encoder.vit_input(&images))];
     for index in 0..encoder.feature_layer {
         let h = vit.last().expect("the embeddings come first").clone();
@@ -133,7 +137,6 @@ pub fn backward<B: AutodiffBackend>(
     let Depends { conv: conv_depends, vit: vit_depends, ends } = &depends;
     let images: Vec<ImageInput<B>> =
         images.into_iter().map(|im| ImageInput { views: Tensor::from_inner(im.views), hires: im.hires.map(Tensor::from_inner), grid: im.grid }).collect();
-    let stored_map = |values: &Vec<Option<Tensor<B::InnerBackend, 4>>>, k: usize| values[ends[k]].clone().expect("stage maps are kept");
 
     // The ViT layers from the feature layer down; the fused stage maps' gradients per stage and
     // ConvNeXt batch.
@@ -148,7 +151,7 @@ pub fn backward<B: AutodiffBackend>(
         let x = leaf::<B, 3>(x, vit_depends[index]);
         let fused = encoder.fused_stage(index);
         let leaves: Vec<Tensor<B, 4>> = match fused {
-            Some(k) => conv.iter().map(|values| leaf(stored_map(values, k), conv_depends[ends[k]])).collect(),
+            Some(k) => conv.iter().map(|values| leaf(depends.stage_map(values, k), conv_depends[ends[k]])).collect(),
             None => Vec::new(),
         };
         let out = precision.forward(|| encoder.layer(index, x.clone(), &images, &|_| leaves.clone()));
